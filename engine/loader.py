@@ -1,0 +1,64 @@
+"""`engine.load`: a folder on disk -> a ready Model."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import kernels
+
+from .checkpoint import Checkpoint
+from .errors import EngineError
+from .experts import ExpertSource, InMemoryExperts
+from .model import Model
+from .sizes import parse_size
+from .spec import load_spec
+
+QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
+IO_BACKENDS = ("auto", "uring", "pread", "mmap")
+POLICIES = ("lru", "lfu", "lfu-decay")
+
+Progress = Callable[[str, int, int], None]
+
+
+def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str = "auto",
+         policy: str = "lru", prefetch: bool = True, quant: str | None = None, quant_dense: bool = False,
+         threads: int | None = None, progress: Progress | None = None) -> Model:
+    """Open a Hugging Face checkpoint folder (or an expert store) and return a Model.
+
+    `progress(stage, done, total)` is called while weights load, for a UI to show.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise EngineError(f"{folder}: no such model folder")
+    if not folder.is_dir():
+        raise EngineError(f"{folder}: not a folder (expected a checkpoint folder with config.json)")
+    if quant is not None and quant not in QUANTS:
+        raise EngineError(f"quant: unknown format {quant!r} (choose from {', '.join(QUANTS)})")
+    if io not in IO_BACKENDS:
+        raise EngineError(f"io: unknown reader {io!r} (choose from {', '.join(IO_BACKENDS)})")
+    if policy not in POLICIES:
+        raise EngineError(f"policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    budget = parse_size(ram_cache, "ram_cache")
+    if threads is not None:
+        if threads < 1:
+            raise EngineError(f"threads: must be >= 1, got {threads}")
+        kernels.set_threads(threads)
+
+    spec = load_spec(folder)
+    ckpt = Checkpoint(folder)
+    from .weights import load_resident
+
+    dense_quant = quant if quant_dense else None
+    weights = load_resident(ckpt, spec, dense_quant)
+    experts: ExpertSource | None = None
+    if spec.is_moe:
+        report = (lambda d, t: progress("experts", d, t)) if progress else None
+        experts = InMemoryExperts(ckpt, spec, quant, progress=report)
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(folder)
+    del budget  # the RAM-tier cache arrives with the streaming sources
+    return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch, quant=quant)

@@ -1,0 +1,253 @@
+"""The forward pass: one code path for every architecture, steered by the ModelSpec."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+import kernels
+
+from .errors import EngineError
+from .experts import ExpertSource
+from .kv_cache import KVCache
+from .rope import Rope
+from .sampling import Sampler
+from .spec import ModelSpec
+from .telemetry import Telemetry
+from .weights import ResidentWeights
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x / np.sqrt(var + eps)) * w
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T).
+PREFILL_CHUNK = 256
+
+
+class Model:
+    """A loaded model.  forward/generate may be called from one thread at a time (a lock enforces it);
+    telemetry() and the settings methods may be called from any thread at any time."""
+
+    def __init__(self, spec: ModelSpec, weights: ResidentWeights, experts: ExpertSource | None,
+                 tokenizer=None, path: str = "", prefetch: bool = True, quant: str | None = None):
+        self.spec = spec
+        self.weights = weights
+        self.experts = experts
+        self.tokenizer = tokenizer
+        self.path = path
+        self.quant = quant
+        self.prefetch_enabled = prefetch
+        self.rope = Rope(spec)
+        self.scale = spec.head_dim ** -0.5
+        self.moe_layer_ids = [i for i in range(spec.num_layers) if spec.moe_layers[i]]
+        self._next_moe = {a: b for a, b in zip(self.moe_layer_ids, self.moe_layer_ids[1:])}
+        self._telemetry = Telemetry(spec.num_layers, spec.num_experts)
+        self._run_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- layers
+    def _attention(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        s, lw = self.spec, self.weights.layers[i]
+        n = x.shape[0]
+        h = rms_norm(x, lw.attn_norm, s.rms_norm_eps)
+        q, k, v = lw.q.matmul(h), lw.k.matmul(h), lw.v.matmul(h)
+        if lw.q_bias is not None:
+            q, k, v = q + lw.q_bias, k + lw.k_bias, v + lw.v_bias
+        if s.qk_norm == "full":
+            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (np.clip(t, -s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q = q.reshape(n, s.num_heads, s.head_dim)
+        k = k.reshape(n, s.num_kv_heads, s.head_dim)
+        v = v.reshape(n, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+        K, V = cache.append(i, k, v)                       # (kv, T, d)
+        T, start = K.shape[1], cache.length
+        group = s.num_heads // s.num_kv_heads
+        qg = q.transpose(1, 0, 2).reshape(s.num_kv_heads, group, n, s.head_dim)
+        scores = (qg @ K[:, None].transpose(0, 1, 3, 2)) * self.scale   # (kv, group, n, T)
+        qpos = np.arange(start, start + n)[:, None]
+        kpos = np.arange(T)[None, :]
+        allowed = kpos <= qpos
+        window = s.sliding_window[i]
+        if window:
+            allowed &= kpos > qpos - window
+        if not allowed.all():
+            scores = np.where(allowed, scores, -np.inf)
+        out = softmax(scores) @ V[:, None]                  # (kv, group, n, d)
+        out = out.reshape(s.num_heads, n, s.head_dim).transpose(1, 0, 2).reshape(n, s.q_size)
+        y = lw.o.matmul(out)
+        return y + lw.o_bias if lw.o_bias is not None else y
+
+    def _moe(self, i: int, h: np.ndarray) -> np.ndarray:
+        s, lw = self.spec, self.weights.layers[i]
+        probs = softmax(lw.router.matmul(h).astype(np.float32))
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, : s.top_k]
+        w = np.take_along_axis(probs, top, axis=-1)
+        if s.norm_topk_prob:
+            w = w / w.sum(axis=-1, keepdims=True)
+        self._telemetry.routed(i, top)
+        chosen = np.unique(top)
+        nxt = self._next_moe.get(i)
+        if self.prefetch_enabled and nxt is not None:
+            self._prefetch(nxt, h)
+        bundles = self.experts.get(i, chosen.tolist())
+        out = np.zeros_like(h)
+        for e in chosen:
+            rows, slot = np.nonzero(top == e)
+            b = bundles[int(e)]
+            y = kernels.expert_ffn(b.gate, b.up, b.down, h[rows])
+            out[rows] += w[rows, slot][:, None] * y
+        if lw.shared is not None:
+            y = kernels.expert_ffn(*lw.shared, h)
+            if lw.shared_gate is not None:
+                y = y / (1.0 + np.exp(-lw.shared_gate.matmul(h)))
+            out += y
+        return out
+
+    def _prefetch(self, layer: int, h: np.ndarray) -> None:
+        """Guess the next MoE layer's experts from the current hidden state and start reading them.
+
+        The next layer's input differs from `h` only by one residual update, so its router applied
+        to `h` usually picks the same experts; a wrong guess costs a wasted read, never a wrong result.
+        """
+        lw = self.weights.layers[layer]
+        hn = rms_norm(h, lw.mlp_norm, self.spec.rms_norm_eps)
+        logits = lw.router.matmul(hn)
+        guess = np.unique(np.argsort(-logits, axis=-1)[:, : self.spec.top_k])
+        self.experts.prefetch(layer, guess.tolist())
+
+    def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
+        """Run `ids` through the model after what `cache` holds; return logits."""
+        s, W = self.spec, self.weights
+        x = W.embed.rows_f32(ids)
+        cos, sin = self.rope.tables(np.arange(cache.length, cache.length + len(ids)))
+        for i, lw in enumerate(W.layers):
+            x = x + self._attention(i, x, cache, cos, sin)
+            h = rms_norm(x, lw.mlp_norm, s.rms_norm_eps)
+            x = x + (self._moe(i, h) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
+        cache.advance(len(ids))
+        if last_only:
+            x = x[-1:]
+        return W.lm_head.matmul(rms_norm(x, W.final_norm, s.rms_norm_eps))
+
+    def _prefill(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
+        chunks = [ids[a:a + PREFILL_CHUNK] for a in range(0, len(ids), PREFILL_CHUNK)]
+        outs = [self._step(c, cache, last_only) for c in chunks]
+        return outs[-1] if last_only else np.concatenate(outs).astype(np.float32, copy=False)
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(list(ids), dtype=np.int64)
+        if arr.ndim != 1 or arr.size == 0:
+            raise EngineError("ids: expected a non-empty sequence of token ids")
+        bad = arr[(arr < 0) | (arr >= self.spec.vocab_size)]
+        if bad.size:
+            raise EngineError(f"ids: token id {int(bad[0])} is outside the vocabulary (size {self.spec.vocab_size})")
+        return arr
+
+    def _new_cache(self) -> KVCache:
+        s = self.spec
+        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim)
+
+    # ----------------------------------------------------------------- public
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits (len(ids), vocab) for a fresh sequence."""
+        arr = self._check_ids(ids)
+        with self._run_lock:
+            return self._prefill(arr, self._new_cache(), last_only=False)
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] | None = None) -> Iterator[int]:
+        """Yield new token ids until max_new_tokens, an eos id (not yielded) or a stop string (yielded)."""
+        arr = self._check_ids(ids)
+        if max_new_tokens < 0:
+            raise EngineError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+        stops = [st for st in (stop or []) if st]
+        if stops and self.tokenizer is None:
+            raise EngineError("stop: stop strings need a tokenizer, and this model has none")
+        return self._generate(arr, max_new_tokens, sampler, stops)
+
+    def _generate(self, arr: np.ndarray, max_new: int, sampler: Sampler, stops: list[str]) -> Iterator[int]:
+        eos = set(self.spec.eos_token_ids)
+        with self._run_lock:
+            t0 = time.perf_counter()
+            self._telemetry.generation_started()
+            cache = self._new_cache()
+            logits = self._prefill(arr, cache, last_only=True)[-1]
+            self._telemetry.prefill_done(len(arr), time.perf_counter() - t0)
+            history = arr.tolist()
+            new: list[int] = []
+            for n in range(max_new):
+                tok = sampler.sample(logits, history)
+                if tok in eos:
+                    return
+                if n == 0:
+                    self._telemetry.first_token(time.perf_counter() - t0)
+                self._telemetry.token()
+                history.append(tok)
+                new.append(tok)
+                yield tok
+                if stops:
+                    # Decode only a short tail: enough to see any stop string end at this token.
+                    tail = self.tokenizer.decode(new[-(max(map(len, stops)) + 8):])
+                    if any(st in tail for st in stops):
+                        return
+                if n + 1 < max_new:
+                    logits = self._step(np.array([tok]), cache, last_only=True)[-1]
+
+    # ----------------------------------------------------------------- telemetry and settings
+    def telemetry(self) -> dict:
+        snap = self._telemetry.snapshot()
+        src = self.experts.stats() if self.experts is not None else {}
+        snap.update(src)
+        snap.setdefault("prefetch", {"enabled": False, "issued": 0, "useful": 0})
+        snap["prefetch"]["enabled"] = self.prefetch_enabled
+        snap["policy"] = src.get("policy", getattr(self.experts, "policy_name", "resident"))
+        return snap
+
+    def set_prefetch(self, enabled: bool) -> None:
+        self.prefetch_enabled = bool(enabled)
+        if self.experts is not None:
+            self.experts.configure(prefetch=self.prefetch_enabled)
+
+    def configure(self, **settings) -> None:
+        """Change cache settings while running: ram_cache, policy, prefetch."""
+        if "prefetch" in settings:
+            self.prefetch_enabled = bool(settings["prefetch"])
+        if self.experts is not None:
+            self.experts.configure(**settings)
+
+    def reset_telemetry(self) -> None:
+        self._telemetry.reset()
+        if self.experts is not None:
+            self.experts.reset_stats()
+
+    def hottest_experts(self, n: int) -> list[tuple[int, int]]:
+        """The n (layer, expert) pairs with the highest decayed activation counts."""
+        counts = np.asarray(self._telemetry.snapshot()["experts"]["counts"])
+        order = np.argsort(-counts, axis=None)[:n]
+        return [(int(i // counts.shape[1]), int(i % counts.shape[1])) for i in order if counts.flat[i] > 0]
+
+    def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

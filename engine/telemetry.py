@@ -1,0 +1,75 @@
+"""Counters the model keeps while it runs, and the snapshot the UI polls (schema in DESIGN.md).
+
+Writers are the generation thread; readers poll at about 10 Hz from another thread.  One lock
+guards everything, held only for a few arithmetic operations on each side.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+# Activation counts decay by this factor per routed token: a half-life of about 70 tokens,
+# long enough to show which experts a topic prefers, short enough to follow a change of topic.
+DECAY_PER_TOKEN = 0.99
+
+
+class Telemetry:
+    def __init__(self, layers: int, experts: int):
+        self._lock = threading.Lock()
+        self.layers, self.experts = layers, experts
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.tokens = 0
+            self.ttft_s = 0.0
+            self.prefill_tokens_per_s = 0.0
+            self._decode_times: deque[float] = deque(maxlen=32)
+            self.counts = np.zeros((self.layers, max(self.experts, 1)), dtype=np.float64)
+            self._last_decay_layer = -1
+
+    def prefill_done(self, n_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.prefill_tokens_per_s = n_tokens / seconds if seconds > 0 else 0.0
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft_s = seconds
+
+    def token(self) -> None:
+        with self._lock:
+            self.tokens += 1
+            self._decode_times.append(time.perf_counter())
+
+    def generation_started(self) -> None:
+        with self._lock:
+            self._decode_times.clear()
+
+    def routed(self, layer: int, experts: np.ndarray) -> None:
+        """Record the experts chosen at `layer` for a batch of tokens (shape (n, k))."""
+        n = experts.shape[0]
+        with self._lock:
+            if layer <= self._last_decay_layer:  # a new forward step began: age the counts
+                self.counts *= DECAY_PER_TOKEN ** n
+            self._last_decay_layer = layer
+            np.add.at(self.counts[layer], experts.ravel(), 1.0)
+
+    def tokens_per_s(self) -> float:
+        t = self._decode_times
+        if len(t) < 2:
+            return 0.0
+        return (len(t) - 1) / (t[-1] - t[0]) if t[-1] > t[0] else 0.0
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "tokens_per_s": self.tokens_per_s(),
+                "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "ttft_s": self.ttft_s,
+                "tokens": self.tokens,
+                "experts": {"layers": self.layers, "experts": self.experts, "counts": self.counts.tolist()},
+                "time": time.time(),
+            }
