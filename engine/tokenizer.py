@@ -160,6 +160,12 @@ class TextStream:
         return text[:len(text) - keep]
 
     def flush(self) -> str:
-        """Whatever is still held back, at the end of generation."""
-        out, self.pending = ("" if self.stopped else self.pending), ""
+        """Everything still held back, at the end of generation (an incomplete character included)."""
+        if self.stopped:
+            return ""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        self.pending += self.tok.decode(self.ids[self.prefix:])[len(before):]
+        self.prefix = self.read = len(self.ids)
+        out = self._release()
+        out, self.pending = out + ("" if self.stopped else self.pending), ""
         return out

@@ -1,0 +1,115 @@
+"""`mer-tui` command line: launch, generate, convert, bench.
+
+Bad input (a missing file, a broken checkpoint, a bad option) ends with one line on stderr
+naming what is wrong and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+USAGE_ERROR = 2
+
+
+class CliError(Exception):
+    """Bad input found by the CLI itself (the engine raises EngineError)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        self.exit(USAGE_ERROR, f"mer-tui: error: {message}\n")
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram-cache", metavar="SIZE", help="RAM budget for cached experts, e.g. 512MiB, 4GiB")
+    p.add_argument("--io", default="auto", choices=["auto", "uring", "pread", "mmap"], help="expert reader")
+    p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfu-decay")
+    p.add_argument("--quant", help="quantize experts at load: q4_0, q8_0, q4_k, bf16")
+    p.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's experts ahead")
+    p.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mer-tui", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("launch", help="the live terminal app (default model: the embedded demo)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder or expert store")
+    p.add_argument("--demo", choices=["chat", "stress"], default="chat",
+                   help="embedded model when --model is not given: the trained chat demo, or a large "
+                        "random MoE for I/O-heavy runs")
+    p.add_argument("--export-dir", metavar="DIR", default=".", help="where ctrl+s writes screenshots and telemetry")
+    _add_cache_options(p)
+
+    p = sub.add_parser("generate", help="generate text headlessly, streaming to stdout")
+    p.add_argument("--model", metavar="PATH", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: ids, text, timings")
+    _add_cache_options(p)
+
+    p = sub.add_parser("convert", help="write an expert store from a Hugging Face checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--quant", choices=["q4_0", "q8_0", "q4_k", "bf16", "f16", "f32"])
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+    p = sub.add_parser("bench", help="measure prefill/decode speed against this machine's roofline "
+                                     "(`mer-tui bench kernels` for the kernel benchmark)")
+    p.add_argument("--model", metavar="PATH")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    _add_cache_options(p)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        from .generate import run_generate
+
+        return run_generate(args)
+    if args.command == "convert":
+        from .convert import run_convert
+
+        return run_convert(args)
+    if args.command == "launch":
+        from .launch import run_launch
+
+        return run_launch(args)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(args)
+    raise CliError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "kernels"]:
+        # The kernel benchmark has options of its own; hand them over untouched.
+        from .bench_kernels import main as bench_kernels
+
+        return bench_kernels(argv[2:])
+    args = build_parser().parse_args(argv)
+    from engine import EngineError
+
+    try:
+        return _run(args)
+    except (EngineError, CliError) as e:
+        print(f"mer-tui: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("mer-tui: interrupted", file=sys.stderr)
+        return 130

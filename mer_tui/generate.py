@@ -1,0 +1,77 @@
+"""`mer-tui generate`: headless generation that streams text to stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import engine
+
+from .cli import CliError
+
+
+def load_from_args(args: argparse.Namespace) -> engine.Model:
+    """The model named by --model with the cache options shared by generate, bench and launch."""
+    return engine.load(args.model, ram_cache=args.ram_cache, io=args.io, policy=args.policy,
+                       prefetch=not args.no_prefetch, quant=args.quant, threads=args.threads)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    t_load = time.perf_counter()
+    model = load_from_args(args)
+    load_s = time.perf_counter() - t_load
+    tok = model.tokenizer
+    if tok is None:
+        raise CliError(f"{args.model}: no tokenizer.json, so text prompts cannot be encoded")
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        ids = tok.encode_chat(messages)
+    else:
+        ids = tok.encode(args.prompt)
+    if not ids:
+        raise CliError("--prompt: encodes to no tokens")
+
+    stream = tok.stream(stop=args.stop)
+    out: list[int] = []
+    parts: list[str] = []
+    t0 = time.perf_counter()
+    t_first = None
+    gen = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    for token in gen:
+        if t_first is None:
+            t_first = time.perf_counter()
+        out.append(token)
+        piece = stream.push(token)
+        parts.append(piece)
+        if piece and not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    tail = stream.flush()
+    parts.append(tail)
+    t_end = time.perf_counter()
+    text = "".join(parts)
+    if args.json:
+        decode_s = (t_end - t_first) if t_first is not None else 0.0
+        snap = model.telemetry()
+        print(json.dumps({
+            "prompt_ids": ids,
+            "ids": out,
+            "text": text,
+            "timings": {
+                "load_s": round(load_s, 4),
+                "ttft_s": round((t_first - t0) if t_first is not None else 0.0, 4),
+                "total_s": round(t_end - t0, 4),
+                "prefill_tokens_per_s": round(snap["prefill_tokens_per_s"], 2),
+                "decode_tokens_per_s": round((len(out) - 1) / decode_s, 2) if len(out) > 1 and decode_s > 0 else 0.0,
+            },
+        }))
+    else:
+        sys.stdout.write(tail + "\n")
+    model.close()
+    return 0

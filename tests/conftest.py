@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random checkpoints of every architecture, built with transformers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import VARIANTS, build_checkpoint, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """build(variant, dtype="float32") -> folder of a saved random checkpoint (cached per session)."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def build(variant: str, dtype: str = "float32") -> Path:
+        key = (variant, dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{variant}-{dtype}")
+            build_checkpoint(variant, out, dtype)
+            made[key] = out
+        return made[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny Mixtral with a byte-level BPE tokenizer and a chat template."""
+    out = tmp_path_factory.mktemp("chat-model")
+    tok = build_tokenizer(out)
+    build_checkpoint("mixtral", out, "float32", vocab_size=tok.get_vocab_size(),
+                     eos_token_id=tok.token_to_id("<|end|>"))
+    return out
+
+
+def pytest_report_header(config):
+    return f"checkpoint variants: {', '.join(VARIANTS)}"
+
+
+__all__ = ["json"]

@@ -1,0 +1,41 @@
+"""`mer-tui generate` end to end, in a subprocess as a user runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import engine
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mer_tui", "generate", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_generate_prints_the_models_text(chat_model_dir):
+    r = _run("--model", str(chat_model_dir), "--prompt", "the cat", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    model = engine.load(chat_model_dir)
+    ids = list(model.generate(model.tokenizer.encode("the cat"), max_new_tokens=8))
+    assert r.stdout == model.tokenizer.decode(ids) + "\n"
+    assert r.stdout.strip()
+
+
+def test_generate_json_chat(chat_model_dir):
+    r = _run("--model", str(chat_model_dir), "--prompt", "hello", "--chat", "--json", "--max-new-tokens", "6",
+             "--temperature", "0.8", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    model = engine.load(chat_model_dir)
+    prompt = model.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+    assert out["prompt_ids"] == prompt
+    assert out["ids"] == list(model.generate(prompt, max_new_tokens=6, temperature=0.8, seed=7))
+    assert out["text"] == model.tokenizer.decode(out["ids"])
+    assert set(out["timings"]) >= {"ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "total_s"}
+    assert out["timings"]["total_s"] > 0
+
+
+def test_generate_needs_a_tokenizer(checkpoint_dir):
+    r = _run("--model", str(checkpoint_dir("mixtral")), "--prompt", "x")
+    assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
