@@ -169,8 +169,10 @@ class Model:
     def generate(self, ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
-                 stop: Sequence[str] | None = None) -> Iterator[int]:
-        """Yield new token ids until max_new_tokens, an eos id (not yielded) or a stop string (yielded)."""
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[int]:
+        """Yield new token ids until max_new_tokens, an eos id (not yielded) or a stop string (yielded).
+
+        ignore_eos decodes exactly max_new_tokens tokens (benchmarks)."""
         arr = self._check_ids(ids)
         if max_new_tokens < 0:
             raise EngineError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
@@ -179,10 +181,11 @@ class Model:
         stops = [st for st in (stop or []) if st]
         if stops and self.tokenizer is None:
             raise EngineError("stop: stop strings need a tokenizer, and this model has none")
-        return self._generate(arr, max_new_tokens, sampler, stops)
+        eos = set() if ignore_eos else set(self.spec.eos_token_ids)
+        return self._generate(arr, max_new_tokens, sampler, stops, eos)
 
-    def _generate(self, arr: np.ndarray, max_new: int, sampler: Sampler, stops: list[str]) -> Iterator[int]:
-        eos = set(self.spec.eos_token_ids)
+    def _generate(self, arr: np.ndarray, max_new: int, sampler: Sampler, stops: list[str],
+                  eos: set[int]) -> Iterator[int]:
         with self._run_lock:
             t0 = time.perf_counter()
             self._telemetry.generation_started()

@@ -1,0 +1,160 @@
+"""`mer-tui bench`: prefill and decode speed of a model, set against this machine's roofline.
+
+The roofline says how fast decoding could be if it were bound only by moving bytes: every
+decoded token reads its active weights once, the cached part from DRAM and the missed experts
+from the SSD, so  best tokens/s = 1 / (cached_bytes / DRAM_bw + missed_bytes / SSD_bw).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import engine
+from engine import format_size
+
+from .cli import CliError
+from .generate import load_from_args
+from .machine import direct_read_bandwidth, dram_read_bandwidth
+
+
+def _resident_bytes_per_token(model: engine.Model) -> int:
+    """Bytes of non-expert weights one decoded token reads (the embedding only one row of)."""
+    w = model.weights
+    row = w.embed.nbytes // max(w.embed.rows, 1)
+    total = w.nbytes - w.embed.nbytes + row
+    if w.lm_head is w.embed:   # tied: lm_head reads the whole matrix
+        total += w.embed.nbytes
+    return total
+
+
+def _expert_bytes_per_token(model: engine.Model) -> int:
+    s = model.spec
+    if not s.is_moe:
+        return 0
+    layer = model.moe_layer_ids[0]
+    bundle = model.experts.get(layer, [0])[0]
+    return bundle.nbytes * s.top_k * len(model.moe_layer_ids)
+
+
+def _largest_weight_file(folder: Path) -> Path:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".experts")]
+    files = files or [p for p in folder.iterdir() if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _tier(snap: dict, name: str) -> dict:
+    return snap.get("tiers", {}).get(name, {})
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not args.model:
+        raise CliError("bench: --model PATH is required (or `mer-tui bench kernels`)")
+    for opt in ("prompt_tokens", "decode_tokens", "repeats"):
+        if getattr(args, opt) < 1:
+            raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    model = load_from_args(args)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, model.spec.vocab_size, args.prompt_tokens).tolist()
+    expert_bpt = _expert_bytes_per_token(model)
+    resident_bpt = _resident_bytes_per_token(model)
+    model.reset_telemetry()
+
+    runs = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=None, transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("benchmark", total=args.repeats * args.decode_tokens)
+        for r in range(args.repeats):
+            bar.update(task, description=f"run {r + 1}/{args.repeats}")
+            t0 = time.perf_counter()
+            t_first = None
+            n = 0
+            start_snap = None
+            for _ in model.generate(prompt, max_new_tokens=args.decode_tokens, ignore_eos=True):
+                n += 1
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    start_snap = model.telemetry()
+                bar.advance(task)
+            t_end = time.perf_counter()
+            end_snap = model.telemetry()
+            ssd0 = _tier(start_snap, "ssd").get("bytes_read", 0)
+            ssd1 = _tier(end_snap, "ssd").get("bytes_read", 0)
+            runs.append({
+                "ttft_s": t_first - t0,
+                "prefill_tokens_per_s": args.prompt_tokens / (t_first - t0),
+                "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+                "missed_bytes_per_token": (ssd1 - ssd0) / max(n - 1, 1),
+            })
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    snap = model.telemetry()
+    model.close()
+
+    dram_bw = dram_read_bandwidth()
+    disk_bw, disk_how = direct_read_bandwidth(_largest_weight_file(Path(args.model)))
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    active = resident_bpt + expert_bpt
+    missed = min(med["missed_bytes_per_token"], expert_bpt)
+    best_s = (active - missed) / dram_bw + missed / disk_bw
+    best = 1.0 / best_s if best_s > 0 else float("inf")
+    ram = _tier(snap, "ram")
+    result = {
+        "model": str(args.model),
+        "io": snap.get("io", {}).get("backend"),
+        "policy": snap.get("policy"),
+        "ram_cache": ram.get("bytes_budget"),
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        **{k: round(v, 4) for k, v in med.items()},
+        "runs": runs,
+        "hit_rate": {name: t.get("hit_rate") for name, t in snap.get("tiers", {}).items() if "hit_rate" in t},
+        "read_mb_s": _tier(snap, "ssd").get("read_mb_s", 0.0),
+        "queue_depth_max": snap.get("io", {}).get("queue_depth_max", 0),
+        "peak_rss_bytes": peak_rss,
+        "roofline": {
+            "dram_read_bytes_per_s": dram_bw,
+            "disk_read_bytes_per_s": disk_bw,
+            "disk_read_mode": disk_how,
+            "resident_bytes_per_token": resident_bpt,
+            "expert_bytes_per_token": expert_bpt,
+            "best_decode_tokens_per_s": best,
+            "fraction_reached": med["decode_tokens_per_s"] / best if best else 0.0,
+        },
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_report(result)
+    return 0
+
+
+def _print_report(r: dict) -> None:
+    roof = r["roofline"]
+    gb = 1e9
+    lines = [
+        f"model            {r['model']}  (io={r['io']}, policy={r['policy']}, "
+        f"ram cache={format_size(r['ram_cache'])})",
+        f"prompt/decode    {r['prompt_tokens']} / {r['decode_tokens']} tokens, median of {r['repeats']} runs",
+        f"prefill          {r['prefill_tokens_per_s']:.1f} tokens/s   (time to first token {r['ttft_s']:.3f} s)",
+        f"decode           {r['decode_tokens_per_s']:.2f} tokens/s",
+        "hit rate         " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items() if v is not None),
+        f"missed bytes     {format_size(r['missed_bytes_per_token'])} per token, read {r['read_mb_s']:.0f} MB/s, "
+        f"queue depth max {r['queue_depth_max']}",
+        f"peak RSS         {format_size(r['peak_rss_bytes'])}",
+        f"DRAM read        {roof['dram_read_bytes_per_s'] / gb:.2f} GB/s",
+        f"disk read        {roof['disk_read_bytes_per_s'] / gb:.2f} GB/s ({roof['disk_read_mode']})",
+        f"bytes per token  {format_size(roof['resident_bytes_per_token'])} resident + "
+        f"{format_size(roof['expert_bytes_per_token'])} experts",
+        f"roofline         {roof['best_decode_tokens_per_s']:.2f} tokens/s best; "
+        f"reached {roof['fraction_reached']:.0%}",
+    ]
+    print("\n".join(lines))
