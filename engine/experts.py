@@ -10,9 +10,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kernels import QMatrix
+from kernels import FormatError, QMatrix, row_bytes
 
 from .checkpoint import Checkpoint
+from .errors import EngineError
 from .spec import ModelSpec
 
 
@@ -68,6 +69,10 @@ def load_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int], quant: str 
     q = QMatrix(raw.view("uint8").reshape(shape[0], -1), fmt, shape[0], shape[1])
     if quant is None or quant == fmt:
         return q
+    try:
+        row_bytes(quant, shape[1])
+    except FormatError as e:
+        raise EngineError(f"{ckpt.path_of(name + '.weight')}: tensor {name}.weight: {e}") from None
     return QMatrix.from_float(q.to_float(), quant)
 
 

@@ -28,12 +28,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2": ("qwen2", dict(tie_word_embeddings=False)),
     "qwen3": ("qwen3", dict(head_dim=12, tie_word_embeddings=True)),
 }
+# Rows of 256 weights, so that every block format (q4_k's super-blocks included) can hold them.
+QUANT_VARIANT = ("mixtral", dict(hidden_size=256, intermediate_size=256, num_local_experts=4,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
 
 
 def _config(variant: str, **extra):
     import transformers
 
-    model_type, kw = VARIANTS[variant]
+    model_type, kw = QUANT_VARIANT if variant == "quant" else VARIANTS[variant]
     kw = {**_COMMON, **(_MOE if "moe" in model_type or model_type == "mixtral" else {}), **kw, **extra}
     if model_type in ("llama", "mistral", "qwen2", "qwen3"):
         kw["intermediate_size"] = 56

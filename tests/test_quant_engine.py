@@ -1,0 +1,50 @@
+"""Quantized experts in the engine: the cost in quality against float32, bounded."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+
+IDS = list(range(3, 120, 7))
+# Relative RMS error of the logits allowed per format (issue 3's budget).
+BUDGET = {"q8_0": 0.01, "q4_0": 0.10, "q4_k": 0.10}
+
+
+def _rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+
+
+@pytest.fixture(scope="module")
+def quant_model(checkpoint_dir):
+    folder = checkpoint_dir("quant")
+    return folder, engine.load(folder).forward(IDS)
+
+
+@pytest.mark.parametrize("fmt", list(BUDGET))
+@pytest.mark.parametrize("dense", [False, True])
+def test_quantized_logits_stay_close(quant_model, fmt, dense):
+    folder, ref = quant_model
+    model = engine.load(folder, quant=fmt, quant_dense=dense)
+    bundle = model.experts.get(0, [0])[0]
+    assert bundle.gate.fmt == fmt and bundle.down.fmt == fmt
+    assert (model.weights.layers[0].q.fmt == fmt) == dense
+    logits = model.forward(IDS)
+    err = _rel_rms(logits, ref)
+    agree = float(np.mean(logits.argmax(-1) == ref.argmax(-1)))
+    print(f"{fmt} dense={dense}: relative RMS {err:.4f}, top-1 agreement {agree:.0%}")
+    assert err < BUDGET[fmt] * (1.5 if dense else 1.0)
+
+
+def test_bf16_checkpoint_keeps_bf16_without_a_float32_copy(checkpoint_dir):
+    model = engine.load(checkpoint_dir("mixtral", "bfloat16"))
+    b = model.experts.get(0, [0])[0]
+    assert b.gate.fmt == "bf16" and b.gate.data.dtype == np.uint8
+    assert b.gate.nbytes == b.gate.rows * b.gate.cols * 2
+    assert model.weights.layers[0].q.fmt == "bf16"
+
+
+def test_a_shape_the_format_cannot_hold_is_named(checkpoint_dir):
+    # hidden 32 is not a multiple of q4_k's 256-weight super-block
+    with pytest.raises(engine.EngineError, match=r"q4_k.*experts\.0\.w1|experts\.0\.w1.*q4_k"):
+        engine.load(checkpoint_dir("mixtral"), quant="q4_k")
