@@ -2,90 +2,218 @@
 
 Every weight matrix is held as uint8 bytes of shape (rows, row_bytes) plus a format name;
 float formats are the same bytes viewed as their dtype.  This module's public API is the
-contract the engine relies on; the implementations behind it may be replaced by faster ones.
+contract the engine relies on; the implementations behind it live in submodules:
+
+- formats.py: the layouts and the numpy reference codecs (byte-exact with gguf-py);
+- kquant.py: the q4_k / q6_k quantizers (numba, ggml's reference algorithms);
+- cpu_c.py + qkernels.c: C kernels (AVX2/FMA/F16C or portable), built once per machine;
+- matvec_numba.py: numba kernels, the portable fallback.
+
+Which products run where is the *backend*: "c" (default where a C compiler works; the variant
+follows the CPU's flags), "numba", or "numpy" (dequantize, then BLAS; the slow reference).  Pick
+one with the MER_TUI_KERNELS environment variable (auto, c, c-avx2, c-generic, numba, numpy) or
+`set_backend`.  Every function here is thread-safe: the engine calls from a worker thread and a
+prefetch thread at once.
 """
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-# format -> (weights per block, bytes per block)
-BLOCK = {
-    "f32": (1, 4),
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_k": (256, 144),
-    "q6_k": (256, 210),
-}
-FORMATS = tuple(BLOCK)
+from .formats import BLOCK, FLOAT_FORMATS, FORMATS, FormatError, check_bytes, dequantize_ref, quantize_ref, row_bytes
+
+__all__ = [
+    "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "dequantize", "expert_ffn", "matmul",
+    "matvec", "quantize", "row_bytes", "set_backend", "set_threads", "threads", "warmup",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
+# Up to this many vectors a product runs the matrix-vector kernels once per vector (the weights
+# stay in L1/L2 between vectors); above it, tiles of rows are dequantized to float32 and
+# multiplied by BLAS, whose matrix-matrix kernels win once there are enough vectors to reuse
+# each dequantized weight.  Measured with mer_tui/bench_kernels.py --batch.
+SMALL_N = {"c": 6, "numba": 2, "numpy": 0}
+# Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
+TILE_BYTES = 4 << 20
+
+_lock = threading.Lock()
+_init_lock = threading.Lock()
+_backend: str | None = None  # resolved lazily: importing kernels must not start a compiler
+_ck = None                   # the loaded cpu_c.CKernels when the backend is c
+_threads: int = 0            # 0: every core this process may run on
 
 
-class FormatError(ValueError):
-    """A format name or a shape the format cannot hold."""
-
-
-def row_bytes(fmt: str, cols: int) -> int:
-    """Bytes one row of `cols` weights takes in `fmt`."""
+def _default_threads() -> int:
     try:
-        per_block, nbytes = BLOCK[fmt]
-    except KeyError:
-        raise FormatError(f"unknown weight format {fmt!r} (known: {', '.join(FORMATS)})") from None
-    if cols % per_block:
-        raise FormatError(f"format {fmt} needs a row length divisible by {per_block}, got {cols}")
-    return cols // per_block * nbytes
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
-def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    return (u16.astype(np.uint32) << 16).view(np.float32)
+def set_threads(n: int | None) -> None:
+    """Threads the kernels may use (None: all cores).  BLAS (f32, prefill tiles) keeps its own."""
+    global _threads
+    if n is not None and int(n) < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {n}")
+    _threads = 0 if n is None else int(n)
 
 
-def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    # Round to nearest even, NaNs kept quiet: the rule gguf-py and torch use.
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    return np.where(nan, ((u >> 16) | 64).astype(np.uint16), rounded)
+def threads() -> int:
+    """Threads the kernels use now."""
+    return _threads or _default_threads()
 
+
+def _resolve(name: str) -> tuple[str, object]:
+    """(backend name, C kernels or None) for a requested backend, falling back as needed."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r} (known: {', '.join(BACKENDS)})")
+    if name in ("auto", "c", "c-avx2", "c-generic"):
+        from . import cpu_c
+        variant = {"c-avx2": "avx2", "c-generic": "generic"}.get(name)
+        try:
+            ck = cpu_c.load(variant)
+            return f"c-{ck.variant}", ck
+        except Exception as e:  # any build/load failure: the numba path still works
+            if name in ("c-avx2", "c-generic"):
+                raise
+            log.warning("C kernels unavailable (%s); using numba", e)
+            name = "numba"
+    return name, None
+
+
+def set_backend(name: str | None = None) -> str:
+    """Choose the kernel backend (None: MER_TUI_KERNELS, else auto); returns the one in use.
+
+    "auto" and "c" fall back to numba when the C kernels cannot be built; "c-avx2" and
+    "c-generic" raise instead, so that tests can insist on a path.
+    """
+    global _backend, _ck
+    name = name or os.environ.get("MER_TUI_KERNELS", "auto").strip().lower() or "auto"
+    resolved, ck = _resolve(name)
+    with _lock:
+        _backend, _ck = resolved, ck
+    return resolved
+
+
+def backend() -> str:
+    """The backend in use ("c-avx2", "c-generic", "numba" or "numpy"), resolving it if needed."""
+    if _backend is None:
+        with _init_lock:
+            if _backend is None:
+                set_backend()
+    return _backend  # type: ignore[return-value]
+
+
+def _state() -> tuple[str, object]:
+    b = backend()
+    return b, _ck if b.startswith("c-") else None
+
+
+def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
+    # The C kernels take a row stride, so a view of whole rows need not be copied.
+    rb = row_bytes(fmt, cols)
+    if (isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 2 and q.shape[1] == rb
+            and q.strides[1] == 1 and q.strides[0] >= rb):
+        return q
+    return check_bytes(q, fmt, cols)
+
+
+def _vectors(X: np.ndarray, cols: int) -> tuple[np.ndarray, bool]:
+    X = np.asarray(X)
+    one = X.ndim == 1
+    X = np.ascontiguousarray(X.reshape(1, -1) if one else X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[1] != cols:
+        raise FormatError(f"activations of shape {X.shape} do not fit a matrix with {cols} columns")
+    return X, one
+
+
+# ---------------------------------------------------------------- quantize / dequantize
 
 def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 (rows, cols) -> uint8 (rows, row_bytes(fmt, cols))."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise FormatError(f"quantize expects a 2-D matrix, got shape {x.shape}")
-    row_bytes(fmt, x.shape[1])
+    """float32 (rows, cols) -> uint8 (rows, row_bytes(fmt, cols)).
+
+    f16, bf16, q8_0 and q4_0 give the same bytes as gguf-py (ggml's reference quantizers);
+    q4_k and q6_k follow ggml's reference algorithms (gguf-py has no quantizer for them).
+    """
+    if fmt in ("q4_k", "q6_k"):
+        from .kquant import quantize_k
+        return quantize_k(x, fmt)
+    return quantize_ref(x, fmt)
+
+
+def _dequant_fast(q: np.ndarray, fmt: str, cols: int, b: str, ck) -> np.ndarray:
     if fmt == "f32":
-        return x.view(np.uint8).reshape(x.shape[0], -1)
-    if fmt == "f16":
-        return x.astype(np.float16).view(np.uint8).reshape(x.shape[0], -1)
-    if fmt == "bf16":
-        return _f32_to_bf16(x).view(np.uint8).reshape(x.shape[0], -1)
-    raise FormatError(f"quantize to {fmt} is not implemented yet")
+        return np.ascontiguousarray(q).view(np.float32).reshape(q.shape[0], cols)
+    if ck is not None:
+        return ck.dequantize(q, fmt, cols, threads())
+    if b == "numba":
+        from . import matvec_numba
+        q = np.ascontiguousarray(q)
+        return matvec_numba.dequantize(q, fmt, cols, threads())
+    return dequantize_ref(q, fmt, cols)
 
 
 def dequantize(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
-    """uint8 (rows, row_bytes) -> float32 (rows, cols)."""
-    q = np.ascontiguousarray(q)
+    """uint8 (rows, row_bytes) -> float32 (rows, cols), bit-identical to gguf-py on every backend."""
+    q = _rows(q, fmt, cols)
+    b, ck = _state()
+    return _dequant_fast(q, fmt, cols, b, ck)
+
+
+# ---------------------------------------------------------------- products
+
+def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.ndarray:
+    # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
+    # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.
     rows = q.shape[0]
-    if fmt == "f32":
-        return q.view(np.float32).reshape(rows, cols)
-    if fmt == "f16":
-        return q.view(np.float16).reshape(rows, cols).astype(np.float32)
-    if fmt == "bf16":
-        return _bf16_to_f32(q.view(np.uint16).reshape(rows, cols))
-    raise FormatError(f"dequantize from {fmt} is not implemented yet")
+    step = max(16, TILE_BYTES // (4 * max(cols, 1)))
+    Yt = np.empty((rows, X.shape[0]), dtype=np.float32)
+    for r0 in range(0, rows, step):
+        W = _dequant_fast(q[r0:r0 + step], fmt, cols, b, ck)
+        np.matmul(W, X.T, out=Yt[r0:r0 + step])
+    return np.ascontiguousarray(Yt.T)
 
 
 def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
-    """W @ X.T for X of shape (n, cols): returns float32 (n, rows)."""
-    return np.asarray(X, dtype=np.float32) @ dequantize(q, fmt, cols).T
+    """W @ X.T for X of shape (n, cols): returns float32 (n, rows).  (A 1-D x gives (rows,).)
+
+    n up to a few vectors runs the matrix-vector kernels (n=1 is decode); more vectors
+    (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
+    activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most.
+    """
+    q = _rows(q, fmt, cols)
+    X, one = _vectors(X, cols)
+    n, rows = X.shape[0], q.shape[0]
+    if n == 0 or rows == 0:
+        Y = np.zeros((n, rows), dtype=np.float32)
+    elif fmt == "f32":
+        # numpy's own float32 product: the engine's parity tests rely on exactly this.
+        Y = X @ np.ascontiguousarray(q).view(np.float32).reshape(rows, cols).T
+    else:
+        b, ck = _state()
+        kind = "c" if ck is not None else b
+        if n > SMALL_N[kind]:
+            Y = _tiled(q, fmt, cols, X, b, ck)
+        elif ck is not None:
+            Y = ck.matmul(q, fmt, cols, X, threads())
+        else:
+            from . import matvec_numba
+            Y = matvec_numba.matmul(np.ascontiguousarray(q), fmt, X, threads())
+    return Y[0] if one else Y
 
 
 def matvec(q: np.ndarray, fmt: str, cols: int, x: np.ndarray) -> np.ndarray:
     """W @ x for x of shape (cols,): returns float32 (rows,)."""
-    return matmul(q, fmt, cols, np.asarray(x, dtype=np.float32)[None, :])[0]
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise FormatError(f"matvec expects a vector, got shape {x.shape}")
+    return matmul(q, fmt, cols, x)
 
 
 @dataclass(frozen=True)
@@ -97,9 +225,19 @@ class QMatrix:
     rows: int
     cols: int
 
+    def __post_init__(self) -> None:
+        rb = row_bytes(self.fmt, self.cols)
+        if self.data.shape != (self.rows, rb):
+            raise FormatError(
+                f"{self.fmt} matrix {self.rows}x{self.cols} needs data of shape {(self.rows, rb)}, "
+                f"got {self.data.shape}")
+
     @classmethod
     def from_float(cls, w: np.ndarray, fmt: str = "f32") -> QMatrix:
+        """Quantize a float matrix (rows, cols) to `fmt` (any format in FORMATS)."""
         w = np.asarray(w, dtype=np.float32)
+        if w.ndim != 2:
+            raise FormatError(f"QMatrix.from_float expects a 2-D matrix, got shape {w.shape}")
         return cls(quantize(w, fmt), fmt, w.shape[0], w.shape[1])
 
     @property
@@ -107,24 +245,82 @@ class QMatrix:
         return int(self.data.nbytes)
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
-        """(n, cols) -> (n, rows)."""
+        """(n, cols) -> (n, rows); n=1 takes the matrix-vector fast path."""
         return matmul(self.data, self.fmt, self.cols, X)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """(cols,) -> (rows,)."""
+        return matvec(self.data, self.fmt, self.cols, x)
 
     def rows_f32(self, idx: np.ndarray) -> np.ndarray:
         """Dequantized rows `idx` (an embedding lookup) as float32 (len(idx), cols)."""
-        return dequantize(self.data[np.asarray(idx)], self.fmt, self.cols)
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        return dequantize(self.data[idx], self.fmt, self.cols)
 
     def to_float(self) -> np.ndarray:
         return dequantize(self.data, self.fmt, self.cols)
 
 
+def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp overflow for very negative g is silu -> 0, as wanted
+        return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
 def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.ndarray:
-    """down(silu(gate X) * (up X)) for X of shape (n, hidden): returns float32 (n, hidden)."""
-    g = gate.matmul(X)
-    u = up.matmul(X)
-    h = g / (1.0 + np.exp(-g)) * u
-    return down.matmul(h)
+    """down(silu(gate X) * (up X)) for X of shape (n, hidden): returns float32 (n, hidden).
+
+    On the C backend a few tokens run as one fused call (gate and up rows share the thread
+    team, then the down projection); otherwise three products.
+    """
+    hidden, inter = gate.cols, gate.rows
+    if (up.rows, up.cols) != (inter, hidden) or (down.rows, down.cols) != (hidden, inter):
+        raise FormatError(
+            f"expert shapes do not fit: gate {gate.rows}x{gate.cols}, up {up.rows}x{up.cols}, "
+            f"down {down.rows}x{down.cols}")
+    X, one = _vectors(X, hidden)
+    b, ck = _state()
+    if (ck is not None and 0 < X.shape[0] <= SMALL_N["c"] and gate.fmt == up.fmt
+            and gate.fmt != "f32" and down.fmt != "f32"):
+        g = _rows(gate.data, gate.fmt, hidden)
+        u = _rows(up.data, up.fmt, hidden)
+        if g.strides[0] == u.strides[0]:
+            Y = ck.ffn(g, u, gate.fmt, _rows(down.data, down.fmt, inter), down.fmt, hidden, inter, X,
+                       threads())
+            return Y[0] if one else Y
+    Y = down.matmul(_silu_mul(gate.matmul(X), up.matmul(X)))
+    return Y[0] if one else Y
 
 
-def set_threads(n: int | None) -> None:
-    """Threads the kernels may use (None: all cores)."""
+def warmup(background: bool = True) -> threading.Thread | None:
+    """Build/load the kernels of the active backend (numba compiles, the C library) ahead of use.
+
+    Compiling is paid once per machine (numba's cache, the C library cache); loading still takes
+    a moment per process, so a UI calls this at start with background=True and never stalls.
+    Returns the thread (background) or None.
+    """
+    def run() -> None:
+        try:
+            b, ck = _state()
+            rng = np.random.default_rng(0)
+            w = rng.standard_normal((8, 256)).astype(np.float32)
+            x = rng.standard_normal((2, 256)).astype(np.float32)
+            for fmt in FORMATS:
+                if fmt in ("q4_k", "q6_k"):
+                    # a valid block without compiling the quantizers: one scale, mins zero
+                    q = np.zeros((8, row_bytes(fmt, 256)), dtype=np.uint8)
+                else:
+                    q = quantize_ref(w, fmt)
+                dequantize(q, fmt, 256)
+                matmul(q, fmt, 256, x[:1])
+                if b == "numba":
+                    matmul(q, fmt, 256, x)
+        except Exception:  # warmup is best effort: the real call reports the error
+            log.exception("kernel warmup failed")
+
+    if not background:
+        run()
+        return None
+    t = threading.Thread(target=run, name="kernels-warmup", daemon=True)
+    t.start()
+    return t
+

@@ -1,0 +1,196 @@
+"""The C kernels (qkernels.c): compiled once per machine at first use, loaded with cffi (ABI mode).
+
+ABI mode needs neither Python headers nor setuptools, only a C compiler; the shared library goes to
+a per-user cache directory keyed by a hash of the source, the flags and the compiler, so every later
+process just dlopens it.  The variant is chosen from /proc/cpuinfo: "avx2" (AVX2 + FMA + F16C
+kernels) where the CPU has those flags, else "generic" (portable C).  Any failure (no compiler, no
+OpenMP, a sandbox that forbids exec) is reported by `load` as an exception the caller turns into a
+fallback to numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("qkernels.c")
+FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6}
+ABI_VERSION = 3
+
+CDEF = """
+int mk_version(void);
+int mk_simd(void);
+int mk_dequant(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, float *out, int nthreads);
+int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, const float *X,
+              int64_t n, float *Y, int nthreads);
+int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fmt_d, const uint8_t *dn,
+           int64_t rb_d, int64_t hidden, int64_t inter, const float *X, int64_t n, float *Y, int nthreads);
+double mk_read_sum(const float *buf, int64_t n, int nthreads);
+"""
+
+FLAGS = {
+    "generic": ["-O3"],
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c"],
+}
+COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+OPENMP_FLAGS = ["-fopenmp"]
+
+
+class CompileError(RuntimeError):
+    """The C kernels could not be built or loaded on this machine."""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def best_variant() -> str:
+    """"avx2" where the CPU has AVX2, FMA and F16C, else "generic"."""
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "generic"
+
+
+def cache_dir() -> Path:
+    """Per-user directory for the compiled libraries (MER_TUI_CACHE_DIR overrides it)."""
+    env = os.environ.get("MER_TUI_CACHE_DIR")
+    if env:
+        return Path(env)
+    try:
+        from platformdirs import user_cache_dir
+        return Path(user_cache_dir("mer-tui"))
+    except ImportError:  # platformdirs is a dependency, but a missing one should not cost the kernels
+        return Path.home() / ".cache" / "mer-tui"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise CompileError("no C compiler found (set CC, or install gcc)")
+    return cc
+
+
+def _compiler_id(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else cc
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CompileError(f"C compiler {cc} does not run: {e}") from e
+
+
+def _build(variant: str) -> Path:
+    cc = _compiler()
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([src, " ".join(FLAGS[variant] + COMMON_FLAGS).encode(), _compiler_id(cc).encode(),
+                    sys.platform.encode()])).hexdigest()[:16]
+    out_dir = cache_dir() / f"kernels-{key}"
+    lib = out_dir / f"libmerk_{variant}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_err = ""
+    # OpenMP first; a compiler without it still gives working (single-threaded) kernels.
+    for extra in (OPENMP_FLAGS, []):
+        fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        cmd = [cc, *FLAGS[variant], *COMMON_FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            os.unlink(tmp)
+            raise CompileError(f"running {cc} failed: {e}") from e
+        if res.returncode == 0:
+            # Atomic: a concurrent process either sees no library or a complete one.
+            os.replace(tmp, lib)
+            return lib
+        os.unlink(tmp)
+        last_err = res.stderr.strip()[-2000:]
+    raise CompileError(f"compiling {SOURCE.name} ({variant}) failed:\n{last_err}")
+
+
+class CKernels:
+    """One loaded variant of the C library, with numpy-friendly wrappers."""
+
+    def __init__(self, variant: str):
+        import cffi
+
+        self.variant = variant
+        self.path = _build(variant)
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(CDEF)
+        try:
+            self.lib = self.ffi.dlopen(str(self.path))
+        except OSError as e:
+            raise CompileError(f"cannot load {self.path}: {e}") from e
+        if self.lib.mk_version() != ABI_VERSION:
+            raise CompileError(f"{self.path} has ABI {self.lib.mk_version()}, expected {ABI_VERSION}")
+        if variant == "avx2" and not self.lib.mk_simd():
+            raise CompileError(f"{self.path} was built without its SIMD paths")
+
+    def _p(self, a: np.ndarray, ctype: str):
+        # The array's address; callers keep `a` alive for the duration of the call.
+        return self.ffi.cast(ctype, a.__array_interface__["data"][0])
+
+    def dequantize(self, q: np.ndarray, fmt: str, cols: int, threads: int) -> np.ndarray:
+        rows = q.shape[0]
+        out = np.empty((rows, cols), dtype=np.float32)
+        rc = self.lib.mk_dequant(FMT_CODE[fmt], self._p(q, "uint8_t *"), q.strides[0], rows, cols,
+                                 self._p(out, "float *"), threads)
+        if rc:
+            raise RuntimeError(f"mk_dequant({fmt}) failed with {rc}")
+        return out
+
+    def matmul(self, q: np.ndarray, fmt: str, cols: int, X: np.ndarray, threads: int) -> np.ndarray:
+        rows, n = q.shape[0], X.shape[0]
+        Y = np.empty((n, rows), dtype=np.float32)
+        rc = self.lib.mk_matmul(FMT_CODE[fmt], self._p(q, "uint8_t *"), q.strides[0], rows, cols,
+                                self._p(X, "float *"), n, self._p(Y, "float *"), threads)
+        if rc:
+            raise RuntimeError(f"mk_matmul({fmt}) failed with {rc}")
+        return Y
+
+    def ffn(self, g: np.ndarray, u: np.ndarray, fmt_gu: str, d: np.ndarray, fmt_d: str, hidden: int,
+            inter: int, X: np.ndarray, threads: int) -> np.ndarray:
+        n = X.shape[0]
+        Y = np.empty((n, hidden), dtype=np.float32)
+        rc = self.lib.mk_ffn(FMT_CODE[fmt_gu], self._p(g, "uint8_t *"), self._p(u, "uint8_t *"),
+                             g.strides[0], FMT_CODE[fmt_d], self._p(d, "uint8_t *"), d.strides[0],
+                             hidden, inter, self._p(X, "float *"), n, self._p(Y, "float *"), threads)
+        if rc:
+            raise RuntimeError(f"mk_ffn failed with {rc}")
+        return Y
+
+    def read_sum(self, buf: np.ndarray, threads: int) -> float:
+        buf = np.ascontiguousarray(buf, dtype=np.float32)
+        return float(self.lib.mk_read_sum(self._p(buf, "float *"), buf.size, threads))
+
+
+_loaded: dict[str, CKernels] = {}
+_lock = threading.Lock()
+
+
+def load(variant: str | None = None) -> CKernels:
+    """The C kernels for `variant` ("avx2", "generic"; None: the best this CPU runs), built if need be."""
+    variant = variant or best_variant()
+    if variant not in FLAGS:
+        raise CompileError(f"unknown C kernel variant {variant!r} (known: {', '.join(FLAGS)})")
+    if variant == "avx2" and best_variant() != "avx2":
+        raise CompileError("this CPU lacks AVX2/FMA/F16C; the avx2 kernels cannot run here")
+    with _lock:  # one build per process even when warmup and a first call race
+        if variant not in _loaded:
+            _loaded[variant] = CKernels(variant)
+        return _loaded[variant]

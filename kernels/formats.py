@@ -1,0 +1,194 @@
+"""Block formats (GGUF/ggml layouts) and their portable numpy reference codecs.
+
+Everything here is plain numpy and defines the bytes: the faster numba and C paths must agree
+with `dequantize_ref` bit for bit, and `quantize_ref` reproduces ggml's reference quantizers
+(and so gguf-py's) byte for byte for f16, bf16, q8_0 and q4_0.  The q4_k and q6_k quantizers are
+iterative searches that numpy cannot vectorize well; they live in `kquant.py` (numba).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# format -> (weights per block, bytes per block)
+BLOCK: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_k": (256, 144),
+    "q6_k": (256, 210),
+}
+FORMATS: tuple[str, ...] = tuple(BLOCK)
+FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
+QK_K = 256
+
+# Rows per numpy chunk when (de)quantizing: bounds the temporaries numpy creates (several copies
+# of the chunk in float32) whatever the matrix size.
+_CHUNK_WEIGHTS = 1 << 22
+
+
+class FormatError(ValueError):
+    """A format name or a shape the format cannot hold."""
+
+
+def row_bytes(fmt: str, cols: int) -> int:
+    """Bytes one row of `cols` weights takes in `fmt`."""
+    try:
+        per_block, nbytes = BLOCK[fmt]
+    except KeyError:
+        raise FormatError(f"unknown weight format {fmt!r} (known: {', '.join(FORMATS)})") from None
+    if cols % per_block:
+        raise FormatError(f"format {fmt} needs a row length divisible by {per_block}, got {cols}")
+    return cols // per_block * nbytes
+
+
+def check_bytes(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
+    """`q` as a C-contiguous uint8 (rows, row_bytes) matrix, or FormatError naming the mismatch."""
+    rb = row_bytes(fmt, cols)
+    q = np.asarray(q)
+    if q.dtype != np.uint8:
+        q = q.view(np.uint8) if q.flags.c_contiguous else np.ascontiguousarray(q).view(np.uint8)
+    if q.ndim == 1:
+        q = q.reshape(-1, rb) if q.size % rb == 0 else q
+    if q.ndim != 2 or q.shape[1] != rb:
+        raise FormatError(
+            f"{fmt} data with {cols} columns needs shape (rows, {rb}) of uint8, got {q.shape}")
+    return np.ascontiguousarray(q)
+
+
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    """bfloat16 bits -> float32, exact (bf16 is the top half of a float32)."""
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even, NaNs kept quiet: ggml's (and gguf-py's) rule."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    # uint64 so that the rounding add cannot wrap for values just below 0xFFFFFFFF (NaNs, handled below).
+    rounded = ((u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, ((u >> 16) | 64).astype(np.uint16), rounded)
+
+
+def _round_away(n: np.ndarray) -> np.ndarray:
+    # ggml's roundf: halves away from zero (np.round would round halves to even).
+    a = np.abs(n)
+    floored = np.floor(a)
+    return np.sign(n) * (floored + np.floor(2 * (a - floored)))
+
+
+def _quant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    # Same operations, in the same float32 order, as ggml's quantize_row_q8_0_ref: byte-exact.
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        qs = _round_away(blocks * inv).astype(np.int8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+
+
+def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    # ggml's quantize_row_q4_0_ref: the signed value of largest magnitude maps to -8.
+    n = blocks.shape[0]
+    imax = np.abs(blocks).argmax(axis=-1, keepdims=True)
+    vmax = np.take_along_axis(blocks, imax, axis=-1)
+    d = vmax / np.float32(-8)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        qs = np.trunc(blocks * inv + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+    qs = qs.reshape(n, 2, 16)
+    packed = qs[:, 0, :] | (qs[:, 1, :] << np.uint8(4))
+    return np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
+
+
+def quantize_ref(x: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 (rows, cols) -> uint8 (rows, row_bytes) for the float formats, q8_0 and q4_0."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise FormatError(f"quantize expects a 2-D matrix, got shape {x.shape}")
+    rows, cols = x.shape
+    rb = row_bytes(fmt, cols)
+    if fmt == "f32":
+        return x.view(np.uint8).reshape(rows, rb)
+    if fmt == "f16":
+        return x.astype(np.float16).view(np.uint8).reshape(rows, rb)
+    if fmt == "bf16":
+        return f32_to_bf16(x).view(np.uint8).reshape(rows, rb)
+    fn = {"q8_0": _quant_q8_0, "q4_0": _quant_q4_0}.get(fmt)
+    if fn is None:
+        raise FormatError(f"no numpy quantizer for {fmt}")
+    out = np.empty((rows, rb), dtype=np.uint8)
+    step = max(1, _CHUNK_WEIGHTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        chunk = x[r0:r0 + step]
+        out[r0:r0 + step] = fn(chunk.reshape(-1, 32)).reshape(chunk.shape[0], rb)
+    return out
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _deq_q8_0(b: np.ndarray) -> np.ndarray:
+    return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
+
+
+def _deq_q4_0(b: np.ndarray) -> np.ndarray:
+    qs = b[:, 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8) - np.int8(8)
+    return _f16(b[:, :2]) * q.astype(np.float32)
+
+
+def q4_k_scales_mins(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 packed bytes of q4_k super-blocks -> (scales, mins) as uint8 (n, 8), 6 bits each."""
+    s = sc12.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc, mn
+
+
+def _deq_q4_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = q4_k_scales_mins(b[:, 4:16])
+    # float32 products first, then one multiply and one subtract per weight, as ggml does.
+    ds = (d * sc.astype(np.float32)).reshape(n, 8, 1)
+    dm = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+    qs = b[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(n, 8, 32).astype(np.float32)
+    return (ds * q - dm).reshape(n, QK_K)
+
+
+def _deq_q6_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
+    d = (_f16(b[:, 208:210]) * sc.view(np.int8).astype(np.float32)).reshape(n, 16, 1)
+    lo = ql.reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    lo = (lo & 0x0F).reshape(n, 2, 4, 32)
+    hi = qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    hi = (hi & 0x03).reshape(n, 2, 4, 32)
+    q = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+    return (d * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+_DEQ = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k}
+
+
+def dequantize_ref(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
+    """uint8 (rows, row_bytes) -> float32 (rows, cols), bit-identical to gguf-py and ggml."""
+    q = check_bytes(q, fmt, cols)
+    rows = q.shape[0]
+    if fmt == "f32":
+        return q.view(np.float32).reshape(rows, cols)
+    if fmt == "f16":
+        return q.view(np.float16).reshape(rows, cols).astype(np.float32)
+    if fmt == "bf16":
+        return bf16_to_f32(q.view(np.uint16).reshape(rows, cols))
+    per_block, nbytes = BLOCK[fmt]
+    out = np.empty((rows, cols), dtype=np.float32)
+    step = max(1, _CHUNK_WEIGHTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        chunk = q[r0:r0 + step]
+        out[r0:r0 + step] = _DEQ[fmt](chunk.reshape(-1, nbytes)).reshape(chunk.shape[0], cols)
+    return out

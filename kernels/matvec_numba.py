@@ -1,0 +1,341 @@
+"""numba kernels: dequantization (bit-exact with formats.dequantize_ref) and matrix-vector products.
+
+The portable fast path: it runs wherever numba does, and it is the fallback when the C kernels
+cannot be built.  Each kernel works on a range of rows and releases the GIL (nogil), and
+`_run` spreads row ranges over a thread pool.  That, rather than parallel=True/prange, because
+parfor compilation takes 2-3x longer (seconds per kernel, paid on every machine's first run and
+by the test suite), and because numba's workqueue threading layer, where it is the only one,
+aborts on concurrent calls while the engine calls from two threads.  Dot products use fastmath
+(LLVM may reorder and vectorize the float32 sums: float32-level rounding only); dequantization
+does not, so that every value rounds exactly as ggml's.  f16 scales are read through a
+65536-entry table, because numba has no float16 arithmetic.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+# float16 bit pattern -> float32 value, exact for every pattern (NaNs and infinities included).
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+F0 = np.float32(0.0)
+
+
+@njit(cache=True)
+def _h(tab, q, r, o):
+    return tab[np.int64(q[r, o]) | (np.int64(q[r, o + 1]) << 8)]
+
+
+# ---------------------------------------------------------------- dequantization (exact)
+
+@njit(nogil=True, cache=True)
+def deq_f16(q, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for i in range(cols):
+            out[r, i] = _h(tab, q, r, 2 * i)
+
+
+@njit(nogil=True, cache=True)
+def deq_bf16(q, out, r0, r1):
+    cols = out.shape[1]
+    u = q.view(np.uint16)
+    o32 = out.view(np.uint32)
+    for r in range(r0, r1):
+        for i in range(cols):
+            o32[r, i] = np.uint32(u[r, i]) << np.uint32(16)
+
+
+@njit(nogil=True, cache=True)
+def deq_q8_0(q, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for b in range(cols // 32):
+            o = 34 * b
+            d = _h(tab, q, r, o)
+            for i in range(32):
+                out[r, 32 * b + i] = np.float32(np.int8(q[r, o + 2 + i])) * d
+
+
+@njit(nogil=True, cache=True)
+def deq_q4_0(q, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for b in range(cols // 32):
+            o = 18 * b
+            d = _h(tab, q, r, o)
+            for i in range(16):
+                v = np.int32(q[r, o + 2 + i])
+                out[r, 32 * b + i] = d * np.float32((v & 15) - 8)
+                out[r, 32 * b + 16 + i] = d * np.float32((v >> 4) - 8)
+
+
+@njit(cache=True)
+def _q4k_sm(q, r, o, j):
+    # ggml get_scale_min_k4: 6-bit scale and min of sub-block j from the 12 packed bytes at o+4.
+    s = o + 4
+    if j < 4:
+        return q[r, s + j] & 63, q[r, s + j + 4] & 63
+    sc = (q[r, s + j + 4] & 0xF) | ((q[r, s + j - 4] >> 6) << 4)
+    mn = (q[r, s + j + 4] >> 4) | ((q[r, s + j] >> 6) << 4)
+    return sc, mn
+
+
+@njit(nogil=True, cache=True)
+def deq_q4_k(q, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for s in range(cols // 256):
+            o = 144 * s
+            d = _h(tab, q, r, o)
+            dmin = _h(tab, q, r, o + 2)
+            for c in range(4):
+                sc1, m1 = _q4k_sm(q, r, o, 2 * c)
+                sc2, m2 = _q4k_sm(q, r, o, 2 * c + 1)
+                d1 = d * np.float32(sc1)
+                dm1 = dmin * np.float32(m1)
+                d2 = d * np.float32(sc2)
+                dm2 = dmin * np.float32(m2)
+                base = 256 * s + 64 * c
+                for l in range(32):
+                    v = q[r, o + 16 + 32 * c + l]
+                    out[r, base + l] = d1 * np.float32(v & 0xF) - dm1
+                    out[r, base + 32 + l] = d2 * np.float32(v >> 4) - dm2
+
+
+@njit(nogil=True, cache=True)
+def deq_q6_k(q, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for s in range(cols // 256):
+            o = 210 * s
+            d = _h(tab, q, r, o + 208)
+            for h in range(2):
+                ql = o + 64 * h
+                qh = o + 128 + 32 * h
+                sc = o + 192 + 8 * h
+                base = 256 * s + 128 * h
+                for l in range(32):
+                    i = l // 16
+                    a = np.int32(q[r, ql + l])
+                    b = np.int32(q[r, ql + l + 32])
+                    hh = np.int32(q[r, qh + l])
+                    out[r, base + l] = (d * np.float32(np.int8(q[r, sc + i]))) * np.float32(
+                        ((a & 0xF) | ((hh & 3) << 4)) - 32)
+                    out[r, base + l + 32] = (d * np.float32(np.int8(q[r, sc + i + 2]))) * np.float32(
+                        ((b & 0xF) | (((hh >> 2) & 3) << 4)) - 32)
+                    out[r, base + l + 64] = (d * np.float32(np.int8(q[r, sc + i + 4]))) * np.float32(
+                        ((a >> 4) | (((hh >> 4) & 3) << 4)) - 32)
+                    out[r, base + l + 96] = (d * np.float32(np.int8(q[r, sc + i + 6]))) * np.float32(
+                        ((b >> 4) | (((hh >> 6) & 3) << 4)) - 32)
+
+
+# ---------------------------------------------------------------- products: Y (n, rows) = X W^T
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_f16(q, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    for r in range(r0, r1):
+        w = np.empty(cols, np.float32)
+        for i in range(cols):
+            w[i] = _h(tab, q, r, 2 * i)
+        for j in range(n):
+            acc = F0
+            for i in range(cols):
+                acc += w[i] * X[j, i]
+            Y[j, r] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_bf16(q, X, Y, r0, r1):
+    n, cols = X.shape
+    u = q.view(np.uint16)
+    for r in range(r0, r1):
+        w = np.empty(cols, np.uint32)
+        for i in range(cols):
+            w[i] = np.uint32(u[r, i]) << np.uint32(16)
+        wf = w.view(np.float32)
+        for j in range(n):
+            acc = F0
+            for i in range(cols):
+                acc += wf[i] * X[j, i]
+            Y[j, r] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_q8_0(q, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = F0
+            for b in range(cols // 32):
+                o = 34 * b
+                s = F0
+                for i in range(32):
+                    s += np.float32(np.int8(q[r, o + 2 + i])) * X[j, 32 * b + i]
+                acc += _h(tab, q, r, o) * s
+            Y[j, r] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_q4_0(q, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = F0
+            for b in range(cols // 32):
+                o = 18 * b
+                s = F0
+                for i in range(16):
+                    v = np.int32(q[r, o + 2 + i])
+                    s += np.float32((v & 15) - 8) * X[j, 32 * b + i] + np.float32((v >> 4) - 8) * X[j, 32 * b + 16 + i]
+                acc += _h(tab, q, r, o) * s
+            Y[j, r] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_q4_k(q, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = F0
+            for s in range(cols // 256):
+                o = 144 * s
+                d = _h(tab, q, r, o)
+                dmin = _h(tab, q, r, o + 2)
+                for c in range(4):
+                    sc1, m1 = _q4k_sm(q, r, o, 2 * c)
+                    sc2, m2 = _q4k_sm(q, r, o, 2 * c + 1)
+                    base = 256 * s + 64 * c
+                    s1 = F0
+                    s2 = F0
+                    x1 = F0
+                    x2 = F0
+                    for l in range(32):
+                        v = q[r, o + 16 + 32 * c + l]
+                        xa = X[j, base + l]
+                        xb = X[j, base + 32 + l]
+                        s1 += np.float32(v & 0xF) * xa
+                        s2 += np.float32(v >> 4) * xb
+                        x1 += xa
+                        x2 += xb
+                    acc += d * (np.float32(sc1) * s1 + np.float32(sc2) * s2) - dmin * (
+                        np.float32(m1) * x1 + np.float32(m2) * x2)
+            Y[j, r] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_q6_k(q, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = F0
+            for s in range(cols // 256):
+                o = 210 * s
+                d = _h(tab, q, r, o + 208)
+                for h in range(2):
+                    ql = o + 64 * h
+                    qh = o + 128 + 32 * h
+                    sc = o + 192 + 8 * h
+                    base = 256 * s + 128 * h
+                    for i in range(2):  # 16-weight groups: each has its own int8 scale
+                        s1 = F0
+                        s2 = F0
+                        s3 = F0
+                        s4 = F0
+                        for l in range(16 * i, 16 * i + 16):
+                            a = np.int32(q[r, ql + l])
+                            b = np.int32(q[r, ql + l + 32])
+                            hh = np.int32(q[r, qh + l])
+                            s1 += np.float32(((a & 0xF) | ((hh & 3) << 4)) - 32) * X[j, base + l]
+                            s2 += np.float32(((b & 0xF) | (((hh >> 2) & 3) << 4)) - 32) * X[j, base + l + 32]
+                            s3 += np.float32(((a >> 4) | (((hh >> 4) & 3) << 4)) - 32) * X[j, base + l + 64]
+                            s4 += np.float32(((b >> 4) | (((hh >> 6) & 3) << 4)) - 32) * X[j, base + l + 96]
+                        acc += d * (np.float32(np.int8(q[r, sc + i])) * s1
+                                    + np.float32(np.int8(q[r, sc + i + 2])) * s2
+                                    + np.float32(np.int8(q[r, sc + i + 4])) * s3
+                                    + np.float32(np.int8(q[r, sc + i + 6])) * s4)
+            Y[j, r] = acc
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def sum_range(buf, out, r0, r1):
+    """Adds the sum of buf[r0:r1] to out[0]: one stream of the benchmark's DRAM read probe."""
+    s = F0
+    for i in range(r0, r1):
+        s += buf[i]
+    out[0] += s
+
+
+# Below this many weight bytes a call runs on the calling thread: a pool round trip costs more.
+SERIAL_BYTES = 256 * 1024
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="kernels-numba")
+        return _pool
+
+
+def run_rows(fn, rows: int, nbytes: int, threads: int, *args) -> None:
+    """fn(*args, r0, r1) over `rows` rows, split into `threads` ranges when the work is big enough."""
+    nt = max(1, min(threads, rows)) if nbytes >= SERIAL_BYTES else 1
+    if nt == 1:
+        fn(*args, 0, rows)
+        return
+    bounds = [rows * i // nt for i in range(nt + 1)]
+    futures = [_get_pool(nt - 1).submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, nt)]
+    fn(*args, bounds[0], bounds[1])  # the caller does the first range itself
+    for f in futures:
+        f.result()
+
+
+def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1) -> np.ndarray:
+    """uint8 (rows, row_bytes), C-contiguous -> float32 (rows, cols)."""
+    out = np.empty((q.shape[0], cols), dtype=np.float32)
+    if fmt == "f32":
+        out[:] = q.view(np.float32).reshape(out.shape)
+    elif fmt == "bf16":
+        run_rows(deq_bf16, q.shape[0], q.nbytes, threads, q, out)
+    else:
+        fn = {"f16": deq_f16, "q8_0": deq_q8_0, "q4_0": deq_q4_0, "q4_k": deq_q4_k, "q6_k": deq_q6_k}[fmt]
+        run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
+    return out
+
+
+def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Y (n, rows) = X W^T for C-contiguous uint8 q and float32 X (n, cols); not for f32."""
+    Y = np.empty((X.shape[0], q.shape[0]), dtype=np.float32)
+    work = q.nbytes * X.shape[0]
+    if fmt == "bf16":
+        run_rows(mm_bf16, q.shape[0], work, threads, q, X, Y)
+    else:
+        fn = {"f16": mm_f16, "q8_0": mm_q8_0, "q4_0": mm_q4_0, "q4_k": mm_q4_k, "q6_k": mm_q6_k}[fmt]
+        run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)
+    return Y
+
+
+def read_sum(buf: np.ndarray, threads: int) -> float:
+    """Sum of a float32 buffer read by `threads` streams at once."""
+    parts = np.zeros((threads, 1), dtype=np.float32)
+    bounds = [buf.size * i // threads for i in range(threads + 1)]
+
+    def one(i: int, a: int, b: int) -> None:
+        sum_range(buf, parts[i], a, b)
+
+    if threads == 1:
+        one(0, 0, buf.size)
+    else:
+        futures = [_get_pool(threads - 1).submit(one, i, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+        one(0, bounds[0], bounds[1])
+        for f in futures:
+            f.result()
+    return float(parts.sum())

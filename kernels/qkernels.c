@@ -1,0 +1,649 @@
+/* Matrix-vector kernels over GGUF (ggml) block formats, for kernels/cpu_c.py.
+ *
+ * Built at first use by cpu_c.py (cffi ABI mode, no Python headers needed) in one of two
+ * variants: with -mavx2 -mfma -mf16c on CPUs that have them (the SIMD paths below), or plain
+ * (portable scalar code that gcc may auto-vectorize).  Always compiled with -ffp-contract=off:
+ * dequantization must round exactly like ggml/gguf-py (a multiply, then a subtract), and only the
+ * explicit _mm256_fmadd_ps intrinsics below fuse.
+ *
+ * Weights: `rows` rows of `rb` bytes each (rb is the row stride; a row is row_bytes(fmt, cols)).
+ * Activations: X is float32 (n, cols), row-major; results Y are float32 (n, rows), row-major.
+ *
+ * SIMD dot products quantize each activation vector to int16 per 32-weight block (scale = the
+ * block's max |x| / 32767) and multiply in integers with _mm256_madd_epi16.  llama.cpp uses int8
+ * activations (q8_0/q8_K) instead; that costs ~0.5% relative error on a dot product, which is
+ * above what the engine may lose (3e-3), while int16 loses ~2e-5 at the same instruction count
+ * for 4-bit weights.  Block sums that undo the formats' offsets (q4_0's -8, q6_k's -32, q4_k's
+ * mins) use the float activations, so they add no quantization error.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MK_SIMD 1
+#else
+#define MK_SIMD 0
+#endif
+
+#define MK_API __attribute__((visibility("default")))
+#define INLINE static inline __attribute__((always_inline))
+
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6 };
+
+/* Bytes of weights one thread takes at a time: large enough to amortize scheduling, small
+ * enough that a core slowed by another process gets fewer chunks (dynamic schedule). */
+#define CHUNK_BYTES (48 * 1024)
+/* Below this many weight bytes a call runs on one thread: waking a team costs more. */
+#define SERIAL_BYTES (96 * 1024)
+
+MK_API int mk_version(void) { return 3; }
+MK_API int mk_simd(void) { return MK_SIMD; }
+
+/* ---------- half precision ---------- */
+
+INLINE uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+static float half_to_float_soft(uint16_t h) {
+    /* Exact IEEE binary16 -> binary32, subnormals, infinities and NaNs included. */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000 | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE float h2f(const uint8_t *p) {
+#if MK_SIMD
+    return _cvtsh_ss(rd16(p));
+#else
+    return half_to_float_soft(rd16(p));
+#endif
+}
+
+INLINE float bf2f(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* q4_k packs 8 six-bit scales and 8 six-bit mins in 12 bytes. */
+INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+/* ---------- dequantization: bit-exact with ggml's dequantize_row_* ---------- */
+
+static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
+    switch (fmt) {
+    case F32:
+        memcpy(y, w, (size_t)cols * 4);
+        break;
+    case F16:
+        for (int64_t i = 0; i < cols; i++) y[i] = h2f(w + 2 * i);
+        break;
+    case BF16:
+        for (int64_t i = 0; i < cols; i++) y[i] = bf2f(rd16(w + 2 * i));
+        break;
+    case Q8_0:
+        for (int64_t b = 0; b < cols / 32; b++) {
+            const uint8_t *p = w + 34 * b;
+            const float d = h2f(p);
+            for (int i = 0; i < 32; i++) y[32 * b + i] = (float)(int8_t)p[2 + i] * d;
+        }
+        break;
+    case Q4_0:
+        for (int64_t b = 0; b < cols / 32; b++) {
+            const uint8_t *p = w + 18 * b;
+            const float d = h2f(p);
+            for (int i = 0; i < 16; i++) {
+                y[32 * b + i] = d * (float)((p[2 + i] & 0xF) - 8);
+                y[32 * b + 16 + i] = d * (float)((p[2 + i] >> 4) - 8);
+            }
+        }
+        break;
+    case Q4_K:
+        for (int64_t s = 0; s < cols / 256; s++) {
+            const uint8_t *p = w + 144 * s;
+            const float d = h2f(p), dmin = h2f(p + 2);
+            uint8_t sc[8], mn[8];
+            q4k_scales(p + 4, sc, mn);
+            float *o = y + 256 * s;
+            for (int c = 0; c < 4; c++) {
+                const float d1 = d * sc[2 * c], m1 = dmin * mn[2 * c];
+                const float d2 = d * sc[2 * c + 1], m2 = dmin * mn[2 * c + 1];
+                const uint8_t *q = p + 16 + 32 * c;
+                for (int l = 0; l < 32; l++) o[64 * c + l] = d1 * (float)(q[l] & 0xF) - m1;
+                for (int l = 0; l < 32; l++) o[64 * c + 32 + l] = d2 * (float)(q[l] >> 4) - m2;
+            }
+        }
+        break;
+    case Q6_K:
+        for (int64_t s = 0; s < cols / 256; s++) {
+            const uint8_t *p = w + 210 * s;
+            const float d = h2f(p + 208);
+            const int8_t *sc = (const int8_t *)(p + 192);
+            float *o = y + 256 * s;
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = p + 64 * h, *qh = p + 128 + 32 * h;
+                const int8_t *s8 = sc + 8 * h;
+                float *oh = o + 128 * h;
+                for (int l = 0; l < 32; l++) {
+                    const int is = l / 16;
+                    const int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                    const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                    const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                    const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    oh[l] = (d * (float)s8[is]) * (float)q1;
+                    oh[l + 32] = (d * (float)s8[is + 2]) * (float)q2;
+                    oh[l + 64] = (d * (float)s8[is + 4]) * (float)q3;
+                    oh[l + 96] = (d * (float)s8[is + 6]) * (float)q4;
+                }
+            }
+        }
+        break;
+    }
+}
+
+static int64_t fmt_row_bytes(int fmt, int64_t cols) {
+    switch (fmt) {
+    case F32: return 4 * cols;
+    case F16: case BF16: return 2 * cols;
+    case Q8_0: return cols / 32 * 34;
+    case Q4_0: return cols / 32 * 18;
+    case Q4_K: return cols / 256 * 144;
+    case Q6_K: return cols / 256 * 210;
+    }
+    return -1;
+}
+
+static int pick_threads(int nt, int64_t bytes) {
+    if (nt < 1) nt = 1;
+    return bytes < SERIAL_BYTES ? 1 : nt;
+}
+
+static int64_t chunk_rows(int64_t rb, int64_t align) {
+    int64_t c = CHUNK_BYTES / (rb > 0 ? rb : 1);
+    if (c < align) c = align;
+    return c / align * align;
+}
+
+MK_API int mk_dequant(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, float *out,
+                      int nthreads) {
+    if (fmt_row_bytes(fmt, cols) < 0) return -1;
+    const int nt = pick_threads(nthreads, rows * rb);
+    const int64_t ch = chunk_rows(rb, 1), nchunks = (rows + ch - 1) / ch;
+    (void)nt;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t r1 = (c + 1) * ch < rows ? (c + 1) * ch : rows;
+        for (int64_t r = c * ch; r < r1; r++) deq_row(fmt, w + r * rb, cols, out + r * cols);
+    }
+    return 0;
+}
+
+/* ---------- prepared activations ---------- */
+
+typedef struct {
+    int64_t n, cols, nb;  /* vectors, length, 32-blocks per vector */
+    const float *xf;      /* the float activations, (n, cols) */
+    int16_t *xq;          /* int16 activations, (n, cols), 32-byte aligned */
+    float *xd;            /* per 32-block scale, (n, nb) */
+    float *xs;            /* per 32-block sum of the float activations, (n, nb) */
+    float *xs16;          /* per 16-group sum, (n, 2 nb), for q6_k */
+    float *xd16;          /* per 16-group scale (xd repeated), (n, 2 nb), for q6_k */
+    int32_t *xc;          /* q4_0: 8 * madd lanes of the block, (n, nb, 8) */
+} xprep;
+
+static void xprep_free(xprep *p) {
+    free(p->xq);
+    free(p->xd);
+    free(p->xs);
+    free(p->xs16);
+    free(p->xd16);
+    free(p->xc);
+    memset(p, 0, sizeof(*p));
+}
+
+static void *alloc32(size_t bytes) {
+    bytes = (bytes + 31) / 32 * 32;
+    return aligned_alloc(32, bytes ? bytes : 32);
+}
+
+/* Allocates the buffers; xprep_fill then fills vectors [j0, j1). */
+static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
+    memset(p, 0, sizeof(*p));
+    p->n = n;
+    p->cols = cols;
+    p->nb = cols / 32;
+    p->xf = X;
+#if MK_SIMD
+    if (cols % 32 == 0) {
+        const size_t nb = (size_t)(n * p->nb);
+        p->xq = alloc32((size_t)(n * cols) * 2);
+        p->xd = alloc32(nb * 4);
+        p->xs = alloc32(nb * 4);
+        p->xs16 = alloc32(nb * 8);
+        p->xd16 = alloc32(nb * 8);
+        p->xc = alloc32(nb * 32);
+        if (!p->xq || !p->xd || !p->xs || !p->xs16 || !p->xd16 || !p->xc) {
+            xprep_free(p);
+            return -2;
+        }
+    }
+#endif
+    return 0;
+}
+
+static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
+    if (!p->xq) return;
+    for (int64_t j = j0; j < j1; j++) {
+        const float *x = p->xf + j * p->cols;
+        for (int64_t b = 0; b < p->nb; b++) {
+            const float *xb = x + 32 * b;
+            int16_t *q = p->xq + j * p->cols + 32 * b;
+            float amax = 0.0f, s0 = 0.0f, s1 = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float a = fabsf(xb[i]);
+                amax = a > amax ? a : amax;
+            }
+            for (int i = 0; i < 16; i++) s0 += xb[i];
+            for (int i = 16; i < 32; i++) s1 += xb[i];
+            const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int i = 0; i < 32; i++) q[i] = (int16_t)lrintf(xb[i] * id);
+            const int64_t k = j * p->nb + b;
+            p->xd[k] = d;
+            p->xs[k] = s0 + s1;
+            p->xs16[2 * k] = s0;
+            p->xs16[2 * k + 1] = s1;
+            p->xd16[2 * k] = d;
+            p->xd16[2 * k + 1] = d;
+            /* _mm256_madd_epi16 lane l sums elements 2l and 2l+1 of each 16-element half. */
+            for (int l = 0; l < 8; l++)
+                p->xc[8 * k + l] = 8 * ((int32_t)q[2 * l] + q[2 * l + 1] + q[16 + 2 * l] + q[17 + 2 * l]);
+        }
+    }
+}
+
+/* ---------- dot products: R rows (R <= 4) against one prepared vector j ---------- */
+
+#if MK_SIMD
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE __m256i ld16(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+
+INLINE void dot_f16(const uint8_t *w, int64_t rb, int R, const float *x, int64_t cols, float *out) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= cols; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w + r * rb + 2 * i;
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16))), x1,
+                                        acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t k = i; k < cols; k++) s += h2f(w + r * rb + 2 * k) * x[k];
+        out[r] = s;
+    }
+}
+
+INLINE __m256 bf8(const uint8_t *p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+INLINE void dot_bf16(const uint8_t *w, int64_t rb, int R, const float *x, int64_t cols, float *out) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= cols; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w + r * rb + 2 * i;
+            acc[r][0] = _mm256_fmadd_ps(bf8(p), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(bf8(p + 16), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t k = i; k < cols; k++) s += bf2f(rd16(w + r * rb + 2 * k)) * x[k];
+        out[r] = s;
+    }
+}
+
+INLINE void dot_q8_0(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
+    const int16_t *xq = p->xq + j * p->cols;
+    const float *xd = p->xd + j * p->nb;
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p->nb; b++) {
+        const __m256i xa = _mm256_load_si256((const __m256i *)(xq + 32 * b));
+        const __m256i xb = _mm256_load_si256((const __m256i *)(xq + 32 * b + 16));
+        const float dx = xd[b];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + 34 * b;
+            const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 2)));
+            const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 18)));
+            const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(v0, xa), _mm256_madd_epi16(v1, xb));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(q) * dx), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+}
+
+INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
+    const int16_t *xq = p->xq + j * p->cols;
+    const float *xd = p->xd + j * p->nb;
+    const int32_t *xc = p->xc + 8 * j * p->nb;
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p->nb; b++) {
+        const __m256i xa = _mm256_load_si256((const __m256i *)(xq + 32 * b));
+        const __m256i xb = _mm256_load_si256((const __m256i *)(xq + 32 * b + 16));
+        const __m256i c = _mm256_load_si256((const __m256i *)(xc + 8 * b));
+        const float dx = xd[b];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + 18 * b;
+            /* One byte per int16 lane: the low nibble is weight i, the high nibble weight 16+i. */
+            const __m256i v = ld16(q + 2);
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+            __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb));
+            s = _mm256_sub_epi32(s, c); /* the -8 offset of every weight */
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(q) * dx), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+}
+
+/* Lane k of v, in every lane: vpermps with a constant index (no store/reload through memory,
+ * which would stall on store forwarding). */
+INLINE __m256 lane(__m256 v, int k) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k)); }
+
+/* q4_k's 8 scales (bytes 0-7) and 8 mins (bytes 8-15) from the 12 packed bytes, in registers. */
+INLINE __m128i q4k_unpack(const uint8_t *s) {
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    const uint32_t sc_lo = u[0] & 0x3f3f3f3f;
+    const uint32_t sc_hi = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    const uint32_t mn_lo = u[1] & 0x3f3f3f3f;
+    const uint32_t mn_hi = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    return _mm_set_epi32((int)mn_hi, (int)mn_lo, (int)sc_hi, (int)sc_lo);
+}
+
+INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
+    const int16_t *xq = p->xq + j * p->cols;
+    const float *xd = p->xd + j * p->nb, *xs = p->xs + j * p->nb;
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
+    __m256 acc[4], accm[4];
+    for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < p->nb / 8; sb++) {
+        const int16_t *x = xq + 256 * sb;
+        const __m256 xdv = _mm256_loadu_ps(xd + 8 * sb), xsv = _mm256_loadu_ps(xs + 8 * sb);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + 144 * sb;
+            const __m128i smv = q4k_unpack(q + 4);
+            const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv));
+            const __m256 mnf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
+            /* min term: dmin * sum_j m_j * (sum of x over sub-block j) */
+            accm[r] = _mm256_fmadd_ps(_mm256_mul_ps(mnf, xsv), _mm256_set1_ps(h2f(q + 2)), accm[r]);
+            const __m256 sv = _mm256_mul_ps(_mm256_mul_ps(scf, _mm256_set1_ps(h2f(q))), xdv);
+            for (int c = 0; c < 4; c++) {
+                const int16_t *xc0 = x + 64 * c;
+                const __m256i v0 = ld16(q + 16 + 32 * c), v1 = ld16(q + 32 + 32 * c);
+                const __m256i sa = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_and_si256(v0, m4), _mm256_load_si256((const __m256i *)xc0)),
+                    _mm256_madd_epi16(_mm256_and_si256(v1, m4), _mm256_load_si256((const __m256i *)(xc0 + 16))));
+                const __m256i sb2 = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_srli_epi16(v0, 4), _mm256_load_si256((const __m256i *)(xc0 + 32))),
+                    _mm256_madd_epi16(_mm256_srli_epi16(v1, 4), _mm256_load_si256((const __m256i *)(xc0 + 48))));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sa), lane(sv, 2 * c), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sb2), lane(sv, 2 * c + 1), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) - hsum(accm[r]);
+}
+
+INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
+    const int16_t *xq = p->xq + j * p->cols;
+    const float *xd16 = p->xd16 + 2 * j * p->nb, *xs16 = p->xs16 + 2 * j * p->nb;
+    const __m256i m4 = _mm256_set1_epi16(0x0F), m30 = _mm256_set1_epi16(0x30);
+    __m256 acc[4], acco[4];
+    for (int r = 0; r < R; r++) acc[r] = acco[r] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < p->nb / 8; sb++) {
+        const int16_t *x = xq + 256 * sb;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + 210 * sb;
+            const __m256 d = _mm256_set1_ps(h2f(q + 208));
+            const __m128i s8 = _mm_loadu_si128((const __m128i *)(q + 192));
+            const __m256 sc[2] = {
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))),
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))))};
+            for (int h = 0; h < 2; h++) {
+                /* offset term: 32 * sum_g d*sc_g * (sum of x over group g) */
+                acco[r] = _mm256_fmadd_ps(sc[h], _mm256_loadu_ps(xs16 + 16 * sb + 8 * h), acco[r]);
+                const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(xd16 + 16 * sb + 8 * h));
+                const uint8_t *ql = q + 64 * h, *qh = q + 128 + 32 * h;
+                const int16_t *xh = x + 128 * h;
+                __m256i qv[8];
+                for (int t = 0; t < 2; t++) {
+                    const __m256i A = ld16(ql + 16 * t), B = ld16(ql + 32 + 16 * t), H = ld16(qh + 16 * t);
+                    qv[0 + t] = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30));
+                    qv[2 + t] = _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30));
+                    qv[4 + t] = _mm256_or_si256(_mm256_srli_epi16(A, 4), _mm256_and_si256(H, m30));
+                    qv[6 + t] = _mm256_or_si256(_mm256_srli_epi16(B, 4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
+                }
+                for (int g = 0; g < 8; g++) {
+                    const __m256i s = _mm256_madd_epi16(qv[g], _mm256_load_si256((const __m256i *)(xh + 16 * g)));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), lane(sv, g), acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) - 32.0f * hsum(acco[r]);
+}
+#endif /* MK_SIMD */
+
+/* Portable dots on the float activations: 8 independent partial sums so that gcc can
+ * vectorize without reassociating (we never pass -ffast-math). */
+static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float tail = 0.0f;
+    float buf[256];
+    switch (fmt) {
+    case F32: case F16: case BF16: {
+        const int64_t step = 256;
+        for (int64_t i = 0; i < cols; i += step) {
+            const int64_t m = cols - i < step ? cols - i : step;
+            deq_row(fmt, w + (fmt == F32 ? 4 : 2) * i, m, buf);
+            int64_t k = 0;
+            for (; k + 8 <= m; k += 8)
+                for (int l = 0; l < 8; l++) lane[l] += buf[k + l] * x[i + k + l];
+            for (; k < m; k++) tail += buf[k] * x[i + k];
+        }
+        break;
+    }
+    case Q8_0: case Q4_0: {
+        const int64_t bs = fmt == Q8_0 ? 34 : 18;
+        for (int64_t b = 0; b < cols / 32; b++) {
+            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            deq_row(fmt, w + bs * b, 32, buf);
+            for (int k = 0; k < 32; k += 8)
+                for (int l = 0; l < 8; l++) part[l] += buf[k + l] * x[32 * b + k + l];
+            for (int l = 0; l < 8; l++) lane[l] += part[l];
+        }
+        break;
+    }
+    case Q4_K: case Q6_K: {
+        const int64_t bs = fmt == Q4_K ? 144 : 210;
+        for (int64_t s = 0; s < cols / 256; s++) {
+            deq_row(fmt, w + bs * s, 256, buf);
+            for (int k = 0; k < 256; k += 8)
+                for (int l = 0; l < 8; l++) lane[l] += buf[k + l] * x[256 * s + k + l];
+        }
+        break;
+    }
+    }
+    float s = tail;
+    for (int l = 0; l < 8; l++) s += lane[l];
+    return s;
+}
+
+/* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r]. */
+static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
+                     float *Y, int64_t ldy) {
+#if MK_SIMD
+    if (fmt != F32 && (p->xq || fmt == F16 || fmt == BF16)) {
+        float o[4];
+        int64_t r = r0;
+#define MK_RUN(R)                                                                            \
+    for (int64_t j = 0; j < p->n; j++) {                                                     \
+        const uint8_t *wr = w + r * rb;                                                      \
+        switch (fmt) {                                                                       \
+        case F16: dot_f16(wr, rb, R, p->xf + j * p->cols, p->cols, o); break;                \
+        case BF16: dot_bf16(wr, rb, R, p->xf + j * p->cols, p->cols, o); break;              \
+        case Q8_0: dot_q8_0(wr, rb, R, p, j, o); break;                                      \
+        case Q4_0: dot_q4_0(wr, rb, R, p, j, o); break;                                      \
+        case Q4_K: dot_q4_k(wr, rb, R, p, j, o); break;                                      \
+        case Q6_K: dot_q6_k(wr, rb, R, p, j, o); break;                                      \
+        }                                                                                    \
+        for (int k = 0; k < R; k++) Y[j * ldy + r + k] = o[k];                               \
+    }
+        for (; r + 4 <= r1; r += 4) { MK_RUN(4) }
+        for (; r < r1; r++) { MK_RUN(1) }
+#undef MK_RUN
+        return;
+    }
+#endif
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t j = 0; j < p->n; j++)
+            Y[j * ldy + r] = dot_generic(fmt, w + r * rb, p->xf + j * p->cols, p->cols);
+}
+
+MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, const float *X,
+                     int64_t n, float *Y, int nthreads) {
+    if (fmt_row_bytes(fmt, cols) < 0) return -1;
+    xprep p;
+    if (xprep_init(&p, X, n, cols)) return -2;
+    xprep_fill(&p, 0, n);
+    const int nt = pick_threads(nthreads, rows * rb * (n < 4 ? n : 4));
+    const int64_t ch = chunk_rows(rb, 4), nchunks = (rows + ch - 1) / ch;
+    (void)nt;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t r1 = (c + 1) * ch < rows ? (c + 1) * ch : rows;
+        rows_dot(fmt, w, rb, c * ch, r1, &p, Y, rows);
+    }
+    xprep_free(&p);
+    return 0;
+}
+
+/* One expert's FFN, down(silu(gate x) * (up x)), for n vectors: one call, one thread team.
+ * gate and up are (inter, hidden) in fmt_gu; down is (hidden, inter) in fmt_d. */
+MK_API int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fmt_d,
+                  const uint8_t *dn, int64_t rb_d, int64_t hidden, int64_t inter, const float *X,
+                  int64_t n, float *Y, int nthreads) {
+    if (fmt_row_bytes(fmt_gu, hidden) < 0 || fmt_row_bytes(fmt_d, inter) < 0) return -1;
+    float *G = malloc((size_t)(2 * n * inter) * 4);
+    if (!G) return -2;
+    float *U = G + n * inter;
+    xprep px, ph;
+    if (xprep_init(&px, X, n, hidden)) {
+        free(G);
+        return -2;
+    }
+    if (xprep_init(&ph, G, n, inter)) {
+        xprep_free(&px);
+        free(G);
+        return -2;
+    }
+    xprep_fill(&px, 0, n);
+    const int nt = pick_threads(nthreads, 3 * inter * rb_gu);
+    const int64_t ch_gu = chunk_rows(rb_gu, 4), nc_gu = (inter + ch_gu - 1) / ch_gu;
+    const int64_t ch_d = chunk_rows(rb_d, 4), nc_d = (hidden + ch_d - 1) / ch_d;
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < 2 * nc_gu; c++) {
+            const int64_t k = c / 2, r1 = (k + 1) * ch_gu < inter ? (k + 1) * ch_gu : inter;
+            if (c % 2 == 0)
+                rows_dot(fmt_gu, g, rb_gu, k * ch_gu, r1, &px, G, inter);
+            else
+                rows_dot(fmt_gu, u, rb_gu, k * ch_gu, r1, &px, U, inter);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            float *gj = G + j * inter;
+            const float *uj = U + j * inter;
+            for (int64_t i = 0; i < inter; i++) gj[i] = gj[i] / (1.0f + expf(-gj[i])) * uj[i];
+            xprep_fill(&ph, j, j + 1);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nc_d; c++) {
+            const int64_t r1 = (c + 1) * ch_d < hidden ? (c + 1) * ch_d : hidden;
+            rows_dot(fmt_d, dn, rb_d, c * ch_d, r1, &ph, Y, hidden);
+        }
+    }
+    xprep_free(&px);
+    xprep_free(&ph);
+    free(G);
+    return 0;
+}
+
+/* Sums a float buffer with every thread streaming its own part: a DRAM read-bandwidth probe
+ * for the benchmark (the work per byte is far below what a core can do). */
+MK_API double mk_read_sum(const float *buf, int64_t n, int nthreads) {
+    double total = 0.0;
+    const int64_t ch = 1 << 16, nchunks = (n + ch - 1) / ch;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(nthreads > 0 ? nthreads : 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t i1 = (c + 1) * ch < n ? (c + 1) * ch : n;
+        float lane[16] = {0};
+        int64_t i = c * ch;
+        for (; i + 16 <= i1; i += 16)
+            for (int l = 0; l < 16; l++) lane[l] += buf[i + l];
+        for (; i < i1; i++) lane[0] += buf[i];
+        float s = 0.0f;
+        for (int l = 0; l < 16; l++) s += lane[l];
+        total += s;
+    }
+    return total;
+}

@@ -1,0 +1,415 @@
+"""kernels: byte-exactness with gguf-py, accuracy of every product path, the public API contract."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import QMatrix, cpu_c, formats
+
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+GT = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
+      "q6_k": T.Q6_K}
+QUANT = ("q8_0", "q4_0", "q4_k", "q6_k")
+NOT_F32 = ("f16", "bf16", *QUANT)
+
+
+def _backends() -> list[str]:
+    out = ["numpy", "numba", "c-generic"]
+    if cpu_c.best_variant() == "avx2":
+        out.append("c-avx2")
+    return out
+
+
+BACKENDS = _backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs a test on one kernel path, restoring the previous one afterwards."""
+    before = kernels.backend()
+    assert kernels.set_backend(request.param) == request.param
+    yield request.param
+    kernels.set_backend(before)
+
+
+def gguf_bytes(x: np.ndarray, fmt: str) -> np.ndarray:
+    q = gguf_quants.quantize(x, GT[fmt])
+    return np.ascontiguousarray(q).view(np.uint8).reshape(x.shape[0], -1)
+
+
+def gguf_deq(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
+    return np.asarray(gguf_quants.dequantize(q, GT[fmt]), dtype=np.float32).reshape(q.shape[0], cols)
+
+
+def same_floats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-identical, except that NaNs only need to be NaNs (F16C quiets signalling NaNs)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.shape != b.shape or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return False
+    ok = ~np.isnan(a)
+    return np.array_equal(a[ok].view(np.uint32), b[ok].view(np.uint32))
+
+
+def hard_matrix(cols: int = 64) -> np.ndarray:
+    """Rows meant to break quantizers: zeros, -0.0, huge, tiny, denormal, mixed, ties."""
+    rng = np.random.default_rng(7)
+    rows = [
+        np.zeros(cols),
+        np.full(cols, -0.0),
+        np.where(np.arange(cols) % 2, -0.0, 0.0),
+        rng.standard_normal(cols) * 1e30,
+        np.full(cols, 3e38) * np.where(np.arange(cols) % 3, 1, -1),
+        rng.standard_normal(cols) * 1e-30,
+        rng.standard_normal(cols) * 1e-40,   # float32 denormals: 1/d overflows in q8_0/q4_0
+        np.full(cols, 1e-45),
+        np.concatenate([np.full(cols // 2, 1e-38), np.full(cols - cols // 2, 5e4)]),
+        rng.standard_normal(cols) * 7e4,     # f16 overflow
+        rng.standard_normal(cols) * 6e-8,    # f16 subnormals
+        (np.arange(cols) - cols / 2) / 8.0,  # exact halves: rounding ties
+        np.where(np.arange(cols) == 5, 1.0, 0.0),
+        rng.standard_normal(cols),
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid random bytes in `fmt`: random payload, finite f16 scales."""
+    rng = np.random.default_rng(seed)
+    rb = formats.row_bytes(fmt, cols)
+    if fmt == "f16":
+        v = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(100)
+        v.ravel()[::7] = np.float32(3e-6)  # f16 subnormals
+        v.ravel()[::11] = -0.0
+        return v.astype(np.float16).view(np.uint8)
+    if fmt == "bf16":  # any bit pattern is a bf16 value; include inf, NaN and denormals
+        return rng.integers(0, 1 << 16, (rows, cols), dtype=np.uint32).astype(np.uint16).view(np.uint8)
+    q = rng.integers(0, 256, (rows, rb), dtype=np.uint8)
+    per, nbytes = formats.BLOCK[fmt]
+    blocks = q.reshape(-1, nbytes)
+
+    def put(off: int, scale: float) -> None:
+        d = (rng.standard_normal(blocks.shape[0]) * scale).astype(np.float16)
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+
+    if fmt in ("q8_0", "q4_0"):
+        put(0, 0.02)
+    elif fmt == "q4_k":
+        put(0, 0.002)
+        put(2, 0.002)
+    elif fmt == "q6_k":
+        put(208, 0.001)
+    return q
+
+
+# ---------------------------------------------------------------- bytes: quantize == gguf-py
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "q8_0", "q4_0"])
+def test_quantize_bytes_match_gguf(fmt):
+    rng = np.random.default_rng(1)
+    x = np.concatenate([hard_matrix(64), rng.standard_normal((9, 64)).astype(np.float32)])
+    with np.errstate(all="ignore"):
+        want = gguf_bytes(x, fmt)
+        got = kernels.quantize(x, fmt)
+    assert got.dtype == np.uint8 and got.shape == (x.shape[0], formats.row_bytes(fmt, 64))
+    assert np.array_equal(got, want)
+
+
+def test_bf16_quantize_specials_match_gguf():
+    x = np.array([[np.inf, -np.inf, np.nan, -np.nan, 1e-45, -0.0, 3.3895314e38, 1.0000001]],
+                 dtype=np.float32)
+    x = np.repeat(x, 4, axis=1)
+    assert np.array_equal(kernels.quantize(x, "bf16"), gguf_bytes(x, "bf16"))
+
+
+def test_quantize_large_matrix_in_chunks_matches_gguf():
+    # more rows than one numpy chunk: the chunking must not change a byte
+    x = np.random.default_rng(2).standard_normal((2100, 2048)).astype(np.float32)
+    for fmt in ("q8_0", "q4_0"):
+        assert np.array_equal(kernels.quantize(x, fmt), gguf_bytes(x, fmt))
+
+
+# ---------------------------------------------------------------- values: dequantize == gguf-py
+
+@pytest.mark.parametrize("fmt", NOT_F32)
+def test_dequantize_matches_gguf(backend, fmt):
+    cols = 512
+    q = random_blocks(fmt, 13, cols, seed=3)
+    got = kernels.dequantize(q, fmt, cols)
+    assert got.dtype == np.float32 and got.shape == (13, cols)
+    assert same_floats(got, gguf_deq(q, fmt, cols))
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_k_quant_bytes_read_back_by_gguf(fmt):
+    x = np.concatenate([hard_matrix(256)[[0, 1, 5, 11, 12, 13]],
+                        np.random.default_rng(4).standard_normal((8, 256)).astype(np.float32)])
+    q = kernels.quantize(x, fmt)
+    assert q.shape == (x.shape[0], formats.row_bytes(fmt, 256))
+    back = gguf_deq(q, fmt, 256)
+    assert same_floats(kernels.dequantize(q, fmt, 256), back)
+    assert np.all(back[:2] == 0)  # all-zero rows stay zero
+    # rows of ordinary magnitude come back close
+    err = np.sqrt(np.mean((back[-8:] - x[-8:]) ** 2))
+    assert err < (0.12 if fmt == "q4_k" else 0.03)
+
+
+def test_q4_k_rms_no_worse_than_q4_0():
+    x = np.random.default_rng(5).standard_normal((64, 2048)).astype(np.float32)
+    rms = {}
+    for fmt in ("q4_0", "q4_k", "q6_k"):
+        q = kernels.quantize(x, fmt)
+        rms[fmt] = float(np.sqrt(np.mean((gguf_deq(q, fmt, 2048) - x) ** 2)))
+    assert rms["q4_k"] <= rms["q4_0"]
+    assert rms["q6_k"] < rms["q4_k"] / 2
+
+
+def test_f16_rounding_of_k_quant_scales():
+    # the f16 rounding inside the k-quantizers (numba) agrees with numpy's float16 cast
+    from kernels.kquant import _f16_round
+    vals = np.array([0.1, 1 / 3, 65504.0, 65519.0, 65520.0, 6.1e-5, 5.96e-8, 2.98e-8, 3e-8, 1e-9,
+                     -2.5e-6, 1234.567], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        want = vals.astype(np.float16).astype(np.float32)
+    got = np.array([_f16_round(v) for v in vals], dtype=np.float32)
+    assert same_floats(got, want)
+
+
+# ---------------------------------------------------------------- products
+
+def _ref(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
+    W = gguf_deq(q, fmt, cols).astype(np.float64)
+    return X.astype(np.float64) @ W.T
+
+
+def _rel(Y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(Y - ref) / np.linalg.norm(ref))
+
+
+def llm_like(n: int, cols: int, seed: int) -> np.ndarray:
+    """Activations with a few outlier channels, as LLM hidden states have."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[:, rng.choice(cols, 3, replace=False)] *= 60
+    return X
+
+
+@pytest.mark.parametrize("fmt", NOT_F32)
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_matmul_matches_dequantized_product(backend, fmt, n):
+    rows, cols = 37, 512  # rows not a multiple of 4: the kernels' remainder path
+    q = random_blocks(fmt, rows, cols, seed=6) if fmt != "bf16" else kernels.quantize(
+        np.random.default_rng(6).standard_normal((rows, cols)).astype(np.float32), "bf16")
+    X = llm_like(n, cols, seed=n)
+    Y = kernels.matmul(q, fmt, cols, X)
+    assert Y.dtype == np.float32 and Y.shape == (n, rows)
+    ref = _ref(q, fmt, cols, X)
+    assert _rel(Y, ref) < 3e-3
+    assert np.max(np.abs(Y - ref)) < 3e-3 * np.max(np.abs(ref))
+    if fmt in ("f16", "bf16"):  # float formats: as accurate as float32 arithmetic
+        assert _rel(Y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+def test_matvec_and_qmatrix(backend, fmt):
+    rows, cols = 21, 256
+    w = np.random.default_rng(8).standard_normal((rows, cols)).astype(np.float32)
+    m = QMatrix.from_float(w, fmt)
+    assert (m.rows, m.cols, m.fmt) == (rows, cols, fmt)
+    assert m.nbytes == rows * formats.row_bytes(fmt, cols)
+    x = llm_like(1, cols, seed=9)[0]
+    y = m.matvec(x)
+    assert y.shape == (rows,)
+    assert np.array_equal(y, kernels.matvec(m.data, fmt, cols, x))
+    assert np.array_equal(y, m.matmul(x[None, :])[0])  # n=1 is the matvec path
+    ref = x.astype(np.float64) @ m.to_float().astype(np.float64).T
+    assert _rel(y, ref) < 3e-3
+    idx = np.array([3, 0, 20, 3])
+    assert same_floats(m.rows_f32(idx), m.to_float()[idx])
+    assert m.rows_f32(5).shape == (1, cols)
+
+
+def test_f32_matmul_is_numpy_exactly(backend):
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((19, 200)).astype(np.float32)
+    X = rng.standard_normal((5, 200)).astype(np.float32)
+    m = QMatrix.from_float(w, "f32")
+    assert np.array_equal(m.matmul(X), X @ w.T)
+    assert np.array_equal(m.matmul(X[:1]), X[:1] @ w.T)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_float_formats_any_length(backend, fmt):
+    # f16/bf16 rows need not be a multiple of the SIMD width
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((9, 75)).astype(np.float32)
+    m = QMatrix.from_float(w, fmt)
+    X = rng.standard_normal((2, 75)).astype(np.float32)
+    ref = X.astype(np.float64) @ m.to_float().astype(np.float64).T
+    assert _rel(m.matmul(X), ref) < 1e-5
+    assert _rel(m.matmul(X[:1]), ref[:1]) < 1e-5
+
+
+def test_large_batch_uses_tiles_and_stays_accurate(backend):
+    rows, cols = 300, 256
+    q = random_blocks("q4_k", rows, cols, seed=12)
+    X = llm_like(40, cols, seed=13)
+    assert _rel(kernels.matmul(q, "q4_k", cols, X), _ref(q, "q4_k", cols, X)) < 1e-5
+
+
+def test_empty_and_strided_inputs(backend):
+    cols = 64
+    q = random_blocks("q8_0", 10, cols, seed=14)
+    assert kernels.matmul(q, "q8_0", cols, np.zeros((0, cols), np.float32)).shape == (0, 10)
+    X = llm_like(1, cols, seed=15)
+    view = q[::2]  # every other row: a row stride of two rows
+    assert np.array_equal(kernels.matmul(view, "q8_0", cols, X),
+                          kernels.matmul(np.ascontiguousarray(view), "q8_0", cols, X))
+    X64 = X.astype(np.float64)  # other dtypes are converted
+    assert np.array_equal(kernels.matmul(q, "q8_0", cols, X64), kernels.matmul(q, "q8_0", cols, X))
+
+
+def _ffn_ref(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.ndarray:
+    X = X.astype(np.float64)
+    g = X @ gate.to_float().astype(np.float64).T
+    u = X @ up.to_float().astype(np.float64).T
+    return (g / (1 + np.exp(-g)) * u) @ down.to_float().astype(np.float64).T
+
+
+@pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16"),
+                                  ("q8_0", "q4_k")])
+@pytest.mark.parametrize("n", [1, 4, 12])
+def test_expert_ffn(backend, fmts, n):
+    hidden, inter = 256, 512
+    rng = np.random.default_rng(16)
+    gate = QMatrix.from_float(rng.standard_normal((inter, hidden)).astype(np.float32) * 0.1, fmts[0])
+    up = QMatrix.from_float(rng.standard_normal((inter, hidden)).astype(np.float32) * 0.1, fmts[0])
+    down = QMatrix.from_float(rng.standard_normal((hidden, inter)).astype(np.float32) * 0.1, fmts[1])
+    X = llm_like(n, hidden, seed=17)
+    Y = kernels.expert_ffn(gate, up, down, X)
+    assert Y.shape == (n, hidden) and Y.dtype == np.float32
+    assert _rel(Y, _ffn_ref(gate, up, down, X)) < 3e-3
+    assert kernels.expert_ffn(gate, up, down, X[0]).shape == (hidden,)
+
+
+def test_expert_ffn_shape_mismatch():
+    a = QMatrix.from_float(np.ones((64, 32), np.float32), "f32")
+    with pytest.raises(kernels.FormatError):
+        kernels.expert_ffn(a, a, a, np.ones((1, 32), np.float32))
+
+
+# ---------------------------------------------------------------- threads, backends, errors
+
+def test_concurrent_calls_agree_with_serial(backend):
+    cols = 512
+    mats = [QMatrix(random_blocks(f, 64, cols, seed=i), f, 64, cols) for i, f in enumerate(QUANT)]
+    Xs = [llm_like(1 + i % 3, cols, seed=20 + i) for i in range(8)]
+    want = [[m.matmul(X) for m in mats] for X in Xs]
+    got: list = [None] * len(Xs)
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            got[i] = [m.matmul(Xs[i]) for m in mats for _ in range(3)][::3]
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(len(Xs))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for g, w in zip(got, want, strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(g, w, strict=True))
+
+
+def test_thread_count_does_not_change_results(backend):
+    q = random_blocks("q4_0", 256, 1024, seed=30)  # big enough to split across threads
+    X = llm_like(1, 1024, seed=31)
+    try:
+        kernels.set_threads(1)
+        one = kernels.matmul(q, "q4_0", 1024, X)
+        kernels.set_threads(2)
+        two = kernels.matmul(q, "q4_0", 1024, X)
+    finally:
+        kernels.set_threads(None)
+    assert np.array_equal(one, two)
+    assert kernels.threads() == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError):
+        kernels.set_threads(0)
+
+
+def test_backend_from_environment(monkeypatch):
+    before = kernels.backend()
+    try:
+        monkeypatch.setenv("MER_TUI_KERNELS", "numpy")
+        assert kernels.set_backend() == "numpy" == kernels.backend()
+        monkeypatch.setenv("MER_TUI_KERNELS", "numba")
+        assert kernels.set_backend() == "numba"
+        with pytest.raises(ValueError):
+            kernels.set_backend("cuda")
+    finally:
+        kernels.set_backend(before)
+
+
+def test_c_build_failure_falls_back_to_numba(monkeypatch, tmp_path):
+    before = kernels.backend()
+    monkeypatch.setattr(cpu_c, "_loaded", {})
+    monkeypatch.setenv("MER_TUI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    try:
+        assert kernels.set_backend("c") == "numba"
+        with pytest.raises(cpu_c.CompileError):
+            kernels.set_backend("c-generic")
+    finally:
+        monkeypatch.undo()
+        kernels.set_backend(before)
+
+
+def test_c_library_is_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("MER_TUI_CACHE_DIR", str(tmp_path))
+    lib = cpu_c._build("generic")
+    assert lib.parent.parent == tmp_path and lib.name.endswith(".so")
+    mtime = lib.stat().st_mtime_ns
+    assert cpu_c._build("generic") == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def test_warmup_runs_in_background(backend):
+    t = kernels.warmup(background=True)
+    assert isinstance(t, threading.Thread)
+    t.join(timeout=120)
+    assert not t.is_alive()
+    assert kernels.warmup(background=False) is None
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(kernels.FormatError, match="unknown weight format"):
+        kernels.quantize(np.ones((2, 32), np.float32), "q3_x")
+    with pytest.raises(kernels.FormatError, match="divisible by 256"):
+        kernels.quantize(np.ones((2, 32), np.float32), "q4_k")
+    with pytest.raises(kernels.FormatError, match="2-D"):
+        kernels.quantize(np.ones(32, np.float32), "q8_0")
+    q = kernels.quantize(np.ones((2, 32), np.float32), "q8_0")
+    with pytest.raises(kernels.FormatError, match="columns"):
+        kernels.matmul(q, "q8_0", 32, np.ones((1, 64), np.float32))
+    with pytest.raises(kernels.FormatError, match="shape"):
+        kernels.dequantize(q[:, :10], "q8_0", 32)
+    with pytest.raises(kernels.FormatError):
+        QMatrix(q, "q8_0", 3, 32)
+
+
+def test_kernels_import_without_ui():
+    import subprocess
+    import sys
+    code = "import sys, kernels; assert 'textual' not in sys.modules and 'mer_tui' not in sys.modules; " \
+           "assert 'torch' not in sys.modules"
+    env = dict(os.environ)
+    env.pop("MER_TUI_KERNELS", None)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                   env=env)
