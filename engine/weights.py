@@ -101,6 +101,9 @@ def load_resident(ckpt: Checkpoint, spec: ModelSpec, quant: str | None = None) -
     if spec.tie_word_embeddings:
         lm_head = embed
     else:
-        lm_head = load_matrix(ckpt, "lm_head", (spec.vocab_size, H), quant)
+        # As llama.cpp does for its 4-bit types: the output projection keeps more bits, since its
+        # error lands on the logits directly with no later layer to average it out.
+        head_quant = "q8_0" if quant in ("q4_0", "q4_k") else quant
+        lm_head = load_matrix(ckpt, "lm_head", (spec.vocab_size, H), head_quant)
     final_norm = _vector(ckpt, "model.norm.weight", H)
     return ResidentWeights(embed, layers, final_norm, lm_head)

@@ -43,8 +43,14 @@ def _config(variant: str, **extra):
     return transformers.AutoConfig.for_model(model_type, **kw)
 
 
-def build_checkpoint(variant: str, out: Path, dtype: str = "float32", seed: int = 0, **extra) -> Path:
-    """Save a randomly initialised model of `variant` into `out` with weights in `dtype`."""
+def build_checkpoint(variant: str, out: Path, dtype: str = "float32", seed: int = 0, decisive: bool = True,
+                     **extra) -> Path:
+    """Save a randomly initialised model of `variant` into `out` with weights in `dtype`.
+
+    decisive=False keeps transformers' own initialisation (std 0.02), whose gentle attention and
+    routing respond to small weight errors about as trained models do; quality-vs-quantization
+    tests use it, since the decisive init deliberately amplifies every difference.
+    """
     import torch
     import transformers
 
@@ -54,7 +60,7 @@ def build_checkpoint(variant: str, out: Path, dtype: str = "float32", seed: int 
     # Default init (std 0.02) gives near-uniform logits; a wider spread makes top-k routing and
     # greedy choices decisive, so a mismatch in any component shows up in the comparison.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters() if decisive else ():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif p.ndim == 2:

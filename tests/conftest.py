@@ -18,7 +18,8 @@ def checkpoint_dir(tmp_path_factory):
         key = (variant, dtype)
         if key not in made:
             out = tmp_path_factory.mktemp(f"{variant}-{dtype}")
-            build_checkpoint(variant, out, dtype)
+            # the quantization-quality checkpoint keeps transformers' own init (see build_checkpoint)
+            build_checkpoint(variant, out, dtype, decisive=variant != "quant")
             made[key] = out
         return made[key]
 
