@@ -12,7 +12,8 @@ from .errors import EngineError
 from .experts import ExpertSource, InMemoryExperts
 from .model import Model
 from .sizes import parse_size
-from .spec import load_spec
+from .spec import ModelSpec, load_spec
+from .store import checkpoint_layout, is_store, open_store
 
 QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
 IO_BACKENDS = ("auto", "uring", "pread", "mmap")
@@ -24,7 +25,20 @@ Progress = Callable[[str, int, int], None]
 def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str = "auto",
          policy: str = "lru", prefetch: bool = True, quant: str | None = None, quant_dense: bool = False,
          threads: int | None = None, progress: Progress | None = None) -> Model:
-    """Open a Hugging Face checkpoint folder (or an expert store) and return a Model.
+    """Open a Hugging Face checkpoint folder or an expert store (`mer-tui convert`) and return a Model.
+
+    Where experts come from:
+      * an expert store always streams (StreamingExperts): bundles are read on demand into a RAM
+        cache of `ram_cache` bytes (None: no limit, the cache grows to hold what was asked for);
+      * a Hugging Face folder streams too, straight from its shards without converting, when
+        `ram_cache` is given or `io` is not "auto";
+      * otherwise (a Hugging Face folder, ram_cache=None, io="auto") every expert is read into RAM at
+        load (InMemoryExperts), as before.
+    `io` picks the reader: "uring" (io_uring, O_DIRECT), "pread" (thread pool, O_DIRECT), "mmap"
+    (page cache), or "auto" (uring, else pread; buffered where O_DIRECT is refused; the reason is
+    logged and shown in telemetry as io.backend_reason).  `policy` is lru, lfu or lfu-decay;
+    `prefetch` reads the next layer's likely experts in the background.  Budget, policy, prefetch and
+    pins can change while the model runs (Model.configure, Model.experts.pin).
 
     `progress(stage, done, total)` is called while weights load, for a UI to show.
     """
@@ -46,6 +60,7 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         kernels.set_threads(threads)
 
     spec = load_spec(folder)
+    store = is_store(folder)
     ckpt = Checkpoint(folder)
     from .weights import load_resident
 
@@ -54,11 +69,28 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     experts: ExpertSource | None = None
     if spec.is_moe:
         report = (lambda d, t: progress("experts", d, t)) if progress else None
-        experts = InMemoryExperts(ckpt, spec, quant, progress=report)
+        if store or budget is not None or io != "auto":
+            experts = _streaming(folder, ckpt, spec, store, budget=budget, io=io, policy=policy,
+                                 prefetch=prefetch, quant=quant)
+        else:
+            experts = InMemoryExperts(ckpt, spec, quant, progress=report)
     tokenizer = None
     if (folder / "tokenizer.json").exists():
         from .tokenizer import Tokenizer
 
         tokenizer = Tokenizer(folder)
-    del budget  # the RAM-tier cache arrives with the streaming sources
     return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch, quant=quant)
+
+
+def _streaming(folder: Path, ckpt: Checkpoint, spec: ModelSpec, store: bool, *, budget: int | None, io: str,
+               policy: str, prefetch: bool, quant: str | None) -> ExpertSource:
+    from .io import open_reader
+    from .streaming import StreamingExperts
+
+    layout = open_store(folder, spec) if store else checkpoint_layout(ckpt, spec)
+    reader = open_reader(io, layout.files)
+    try:
+        return StreamingExperts(layout, reader, budget=budget, policy=policy, prefetch=prefetch, quant=quant)
+    except BaseException:
+        reader.close()
+        raise

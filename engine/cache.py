@@ -1,0 +1,304 @@
+"""The RAM tier: expert bundles under a byte budget, evicted by policy, with pins and a hot set.
+
+Policies rank resident bundles; the lowest rank is evicted first:
+  lru        last access
+  lfu        access count (kept for every bundle ever seen, so a re-read bundle keeps its history)
+  lfu-decay  access count with exponential decay per forward step (half-life HALF_LIFE steps): the
+             activation-aware frequency of the MoE expert-caching literature, which follows a change of
+             topic that plain LFU would take thousands of tokens to notice
+
+Each rank only grows when its bundle is used, so a heap with lazy invalidation finds the victim in
+O(log n): lfu-decay is kept as log(sum d^-t) — the same order as the decayed sum at any instant,
+because every bundle decays by the same factor — so ranks never need refreshing as time passes.
+
+Not thread-safe by itself: StreamingExperts holds its lock around every call.
+"""
+from __future__ import annotations
+
+import heapq
+import importlib.util
+import math
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from .errors import EngineError
+
+POLICIES = ("lru", "lfu", "lfu-decay")
+#: lfu-decay: an access counts half as much after this many forward steps (tokens in decode)
+HALF_LIFE = 64.0
+
+
+@dataclass
+class _Entry:
+    value: object
+    nbytes: int
+    pending: bool = False       # reserved for a read in flight; not evictable, not visible
+    prefetched: bool = False    # brought in by prefetch and not yet asked for
+    version: int = 0
+
+
+@dataclass
+class _History:
+    seq: int = 0                # global access number of the last access
+    count: int = 0
+    log_score: float = -math.inf
+
+
+class Tier(ABC):
+    """One level of the memory hierarchy holding bundles under a byte budget.
+
+    The RAM tier is the one implemented.  A VRAM tier (CuPy or torch CUDA, see detect_vram) would
+    sit in front of it with the same interface and appear in telemetry as tiers.vram.
+    """
+
+    name: str
+
+    @abstractmethod
+    def lookup(self, key: Hashable) -> object | None:
+        """The resident value, or None."""
+
+    @abstractmethod
+    def insert(self, key: Hashable, value: object, nbytes: int, prefetched: bool = False) -> bool:
+        """Keep `value` if it fits (evicting by policy); False when it cannot fit."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """hits/misses are counted by the source; this gives bytes_used, bytes_budget, entries, pinned."""
+
+
+def detect_vram() -> str | None:
+    """The library a VRAM tier could use (CuPy, or torch with CUDA), or None.
+
+    torch is looked at only when already imported: importing it costs seconds.
+    """
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return "cupy"
+        except Exception:  # CuPy without a driver raises its own error types
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "cuda", None) is not None and torch.cuda.is_available():
+        return "torch"
+    return None
+
+
+class RamCache(Tier):
+    name = "ram"
+
+    def __init__(self, budget: int | None = None, policy: str = "lru", half_life: float = HALF_LIFE,
+                 hot_fraction: float = 0.0):
+        self._check_policy(policy)
+        self.budget = budget
+        self.policy = policy
+        self.half_life = half_life
+        self.hot_fraction = hot_fraction
+        self.entries: dict[Hashable, _Entry] = {}
+        self.history: dict[Hashable, _History] = {}
+        self.pins: dict[Hashable, None] = {}      # insertion-ordered set: newest pins dropped first
+        self.hot: set[Hashable] = set()
+        self.used = 0
+        self.step_no = 0
+        self._seq = 0
+        self._heap: list[tuple[tuple[float, int], int, Hashable]] = []
+        self.evictions = 0
+        self.prefetch_wasted = 0
+
+    # ------------------------------------------------------------------ ranking
+    @staticmethod
+    def _check_policy(policy: str) -> None:
+        if policy not in POLICIES:
+            raise EngineError(f"policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+
+    def _rank(self, key: Hashable) -> tuple[float, int]:
+        h = self.history.get(key) or _History()
+        if self.policy == "lru":
+            return (float(h.seq), h.seq)
+        if self.policy == "lfu":
+            return (float(h.count), h.seq)
+        return (h.log_score, h.seq)
+
+    def _push(self, key: Hashable, e: _Entry) -> None:
+        e.version += 1
+        heapq.heappush(self._heap, (self._rank(key), e.version, key))
+        if len(self._heap) > 2 * len(self.entries) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._heap = [(self._rank(k), e.version, k) for k, e in self.entries.items() if not e.pending]
+        heapq.heapify(self._heap)
+
+    def touch(self, key: Hashable) -> None:
+        """Record a demand access to `key` (resident or not): the policies rank by these."""
+        self._seq += 1
+        h = self.history.setdefault(key, _History())
+        h.seq = self._seq
+        h.count += 1
+        # log(S + d^-t) with d = 2^(-1/half_life): the decayed count scaled by d^-t, see the module doc
+        term = self.step_no * math.log(2.0) / self.half_life
+        h.log_score = term if h.log_score == -math.inf else max(h.log_score, term) + math.log1p(
+            math.exp(-abs(h.log_score - term)))
+        e = self.entries.get(key)
+        if e is not None and not e.pending:
+            self._push(key, e)
+
+    def step(self) -> None:
+        """A new forward step began (decay clock); refresh the automatic hot set."""
+        self.step_no += 1
+        if self.hot_fraction > 0 and self.budget:
+            self._refresh_hot()
+
+    def score(self, key: Hashable) -> float:
+        """The decayed activation count of `key` now."""
+        h = self.history.get(key)
+        if h is None or h.log_score == -math.inf:
+            return 0.0
+        return math.exp(h.log_score - self.step_no * math.log(2.0) / self.half_life)
+
+    def _refresh_hot(self) -> None:
+        limit = self.hot_fraction * (self.budget or 0)
+        ranked = sorted((k for k, e in self.entries.items() if not e.pending),
+                        key=lambda k: self.history[k].log_score if k in self.history else -math.inf, reverse=True)
+        hot, total = set(), 0
+        for k in ranked:
+            if total + self.entries[k].nbytes > limit:
+                break
+            hot.add(k)
+            total += self.entries[k].nbytes
+        self.hot = hot
+
+    # ------------------------------------------------------------------ contents
+    def lookup(self, key: Hashable) -> object | None:
+        e = self.entries.get(key)
+        return None if e is None or e.pending else e.value
+
+    def take_prefetched(self, key: Hashable) -> bool:
+        """Whether `key` came in by prefetch and this is its first use (clears the mark)."""
+        e = self.entries.get(key)
+        if e is None or not e.prefetched:
+            return False
+        e.prefetched = False
+        return True
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.entries
+
+    def _protected(self, key: Hashable) -> bool:
+        return key in self.pins or key in self.hot
+
+    def _evictable_bytes(self) -> int:
+        locked = sum(e.nbytes for k, e in self.entries.items() if e.pending or self._protected(k))
+        return self.used - locked
+
+    def _make_room(self, need: int) -> bool:
+        """Evict by policy until `need` more bytes fit under the budget; False (evicting nothing) if they cannot."""
+        if self.budget is None:
+            return True
+        over = self.used + need - self.budget
+        if over <= 0:
+            return True
+        if need > self.budget or self._evictable_bytes() < over:
+            return False
+        aside = []
+        while self.used + need > self.budget and self._heap:
+            item = heapq.heappop(self._heap)
+            _, version, key = item
+            e = self.entries.get(key)
+            if e is None or e.pending or e.version != version:
+                continue   # a stale heap item
+            if self._protected(key):
+                aside.append(item)
+                continue
+            self._drop(key)
+        for item in aside:
+            heapq.heappush(self._heap, item)
+        return self.used + need <= self.budget
+
+    def _drop(self, key: Hashable) -> None:
+        e = self.entries.pop(key)
+        self.used -= e.nbytes
+        self.evictions += 1
+        if e.prefetched:
+            self.prefetch_wasted += 1
+        self.hot.discard(key)
+
+    def reserve(self, key: Hashable, nbytes: int) -> bool:
+        """Hold room for a read in flight, so buffers being filled count against the budget."""
+        if key in self.entries or not self._make_room(nbytes):
+            return False
+        self.entries[key] = _Entry(None, nbytes, pending=True)
+        self.used += nbytes
+        return True
+
+    def fill(self, key: Hashable, value: object, nbytes: int, prefetched: bool = False) -> bool:
+        """The read for a reservation finished: make it visible (its size may differ after conversion)."""
+        e = self.entries.get(key)
+        if e is None or not e.pending:
+            return self.insert(key, value, nbytes, prefetched)
+        delta = nbytes - e.nbytes
+        if delta > 0 and not self._make_room(delta):
+            self.cancel(key)
+            return False
+        self.used += delta
+        e.value, e.nbytes, e.pending, e.prefetched = value, nbytes, False, prefetched
+        self._push(key, e)
+        if self.budget is not None and self.used > self.budget:   # the budget shrank while it was read
+            self._make_room(0)
+        return key in self.entries
+
+    def cancel(self, key: Hashable) -> None:
+        """The read for a reservation failed: forget it (nothing half-read stays)."""
+        e = self.entries.get(key)
+        if e is not None and e.pending:
+            del self.entries[key]
+            self.used -= e.nbytes
+
+    def insert(self, key: Hashable, value: object, nbytes: int, prefetched: bool = False) -> bool:
+        if key in self.entries:
+            return False
+        if not self._make_room(nbytes):
+            return False
+        self.entries[key] = e = _Entry(value, nbytes, prefetched=prefetched)
+        self.used += nbytes
+        self._push(key, e)
+        return True
+
+    # ------------------------------------------------------------------ settings
+    def set_budget(self, budget: int | None) -> None:
+        """Change the budget; shrinking evicts at once (pins that no longer fit are dropped, newest first)."""
+        self.budget = budget
+        if budget is None:
+            return
+        while self.used > budget and self._evictable_bytes() < self.used - budget and (self.pins or self.hot):
+            if self.hot:
+                self.hot.clear()
+            else:
+                self.pins.pop(next(reversed(self.pins)))
+        self._make_room(0)
+
+    def set_policy(self, policy: str) -> None:
+        self._check_policy(policy)
+        if policy != self.policy:
+            self.policy = policy
+            self._rebuild()
+
+    def pin(self, keys: Iterable[Hashable]) -> None:
+        for k in keys:
+            self.pins[k] = None
+
+    def unpin_all(self) -> None:
+        self.pins.clear()
+
+    def stats(self) -> dict:
+        resident = [k for k, e in self.entries.items() if not e.pending]
+        return {
+            "bytes_used": self.used,
+            "bytes_budget": self.budget,
+            "entries": len(resident),
+            "pinned": sum(1 for k in resident if self._protected(k)),
+            "evictions": self.evictions,
+        }

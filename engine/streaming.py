@@ -1,0 +1,462 @@
+"""StreamingExperts: expert bundles read from storage on demand into the RAM tier.
+
+get(layer, experts): hits come from the cache; the misses of the whole layer go to the reader as one
+batch (each bundle one or a few aligned requests), are checked, kept if the budget allows, and handed
+to the caller, who holds them only while computing the layer.  So memory stays within the budget
+plus one layer's bundles, even when the budget is smaller than one layer's experts.
+
+Single-flight: a bundle being read (by the model thread or the prefetch thread) is never read
+twice; a second asker waits for the first read.  A read that fails is retried, then raised as
+ExpertReadError naming the layer, expert and file; nothing of it stays cached.
+
+Prefetch runs on a background thread: a hint for the next layer is read while the current layer
+computes.  It waits while demand reads are in flight (they are on the critical path) and reserves
+budget before reading (so prefetch never pushes memory past the budget).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels import QMatrix
+
+from .cache import RamCache, Tier, detect_vram
+from .errors import EngineError, ExpertReadError
+from .experts import ExpertBundle, ExpertSource
+from .io import Reader, ReadJob, Span, align_down, align_up, aligned_buffer
+from .sizes import parse_size
+from .store import BundleLoc, ExpertLayout
+
+log = logging.getLogger("engine.streaming")
+
+#: read attempts per bundle before giving up (transient I/O errors, a checksum failure in flight)
+ATTEMPTS = 3
+#: parts of a bundle closer than this in one file are read as one request, gap included
+MERGE_GAP = 256 << 10
+#: checksums are verified on a bundle's first read ("once"), on every read ("always"), or "never"
+VERIFY_MODES = ("once", "always", "never")
+#: prefetch hints kept waiting at most: older ones are for layers the model has already passed
+PREFETCH_BACKLOG = 2
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to read one bundle: aligned spans into one buffer, and where each part lands in it."""
+
+    size: int
+    spans: tuple[tuple[int, int, int, int, int], ...]   # (file, offset, length, need, buffer offset)
+    parts: tuple[int, int, int]                          # buffer offset of gate, up, down
+    crc_at: int                                          # buffer offset of the checksummed extent
+
+
+def plan(b: BundleLoc) -> _Plan:
+    by_file: dict[int, list[int]] = {}
+    for i, p in enumerate(b.parts):
+        by_file.setdefault(p.file, []).append(i)
+    spans: list[tuple[int, int, int, int, int]] = []
+    part_at = [0, 0, 0]
+    pos = 0
+    for f, idx in by_file.items():
+        idx.sort(key=lambda i: b.parts[i].offset)
+        groups: list[list[int]] = []
+        for i in idx:
+            if groups and b.parts[i].offset <= b.parts[groups[-1][-1]].offset + b.parts[groups[-1][-1]].nbytes \
+                    + MERGE_GAP:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for g in groups:
+            start = align_down(b.parts[g[0]].offset)
+            end = max(b.parts[i].offset + b.parts[i].nbytes for i in g)
+            length = align_up(end) - start
+            for i in g:
+                part_at[i] = pos + b.parts[i].offset - start
+            spans.append((f, start, length, end - start, pos))
+            pos += length
+    return _Plan(pos, tuple(spans), tuple(part_at), part_at[0])  # type: ignore[arg-type]
+
+
+class _Flight:
+    """A read in progress; others asking for the same bundle wait on it."""
+
+    __slots__ = ("event", "bundle", "error", "prefetch", "claimed")
+
+    def __init__(self, prefetch: bool):
+        self.event = threading.Event()
+        self.bundle: ExpertBundle | None = None
+        self.error: BaseException | None = None
+        self.prefetch = prefetch
+        self.claimed = False
+
+
+class StreamingExperts(ExpertSource):
+    def __init__(self, layout: ExpertLayout, reader: Reader, *, budget: int | None = None, policy: str = "lru",
+                 prefetch: bool = True, quant: str | None = None, verify: str = "once",
+                 attempts: int = ATTEMPTS, hot_fraction: float = 0.0):
+        if verify not in VERIFY_MODES:
+            raise EngineError(f"verify: unknown mode {verify!r} (choose from {', '.join(VERIFY_MODES)})")
+        self.layout = layout
+        self.reader = reader
+        self.backend = reader.name
+        self.quant = quant
+        self.verify = verify
+        self.attempts = max(1, attempts)
+        self.cache = RamCache(budget, policy, hot_fraction=hot_fraction)
+        # A VRAM tier (cache.Tier, in front of the RAM tier) belongs here when detect_vram() finds a GPU;
+        # none is implemented yet, so telemetry shows no vram tier rather than an empty one.
+        self.vram_tier: Tier | None = None
+        self.gpu = detect_vram()
+        self.prefetch_enabled = prefetch
+        self._plans = {k: plan(b) for k, b in layout.bundles.items()}
+        self._verified: set[Key] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._flights: dict[Key, _Flight] = {}
+        self._demand = 0
+        self._queue: list[tuple[int, list[int], bool]] = []   # (layer, experts, counts as prefetch)
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._last_layer = -1
+        self._guess: dict[int, set[int]] = {}
+        self._trace = None
+        self.reset_stats()
+
+    @property
+    def policy_name(self) -> str:
+        return self.cache.policy
+
+    # ------------------------------------------------------------------ demand
+    def get(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertBundle]:
+        out: dict[int, ExpertBundle] = {}
+        mine: list[tuple[Key, _Flight]] = []
+        theirs: list[tuple[Key, _Flight]] = []
+        with self._lock:
+            if self._closed:
+                raise EngineError("experts: the model was closed")
+            self._new_step_if(layer)
+            self._score_guess(layer, experts)
+            if self._trace is not None:
+                self._trace.write(json.dumps({"step": self.cache.step_no, "layer": layer,
+                                              "experts": [int(e) for e in experts]}) + "\n")
+            self._demand += 1
+            for e in experts:
+                key = (layer, int(e))
+                if key not in self._plans:
+                    self._demand -= 1
+                    raise EngineError(f"experts: layer {layer} has no expert {e}")
+                self.cache.touch(key)
+                b = self.cache.lookup(key)
+                if b is not None:
+                    out[key[1]] = b  # type: ignore[assignment]
+                    self.hits += 1
+                    if self.cache.take_prefetched(key):
+                        self.pf_useful += 1
+                elif key in self._flights:
+                    fl = self._flights[key]
+                    if fl.prefetch and not fl.claimed:
+                        self.pf_useful += 1
+                        self.pf_late += 1
+                    fl.claimed = True
+                    theirs.append((key, fl))
+                    self.hits += 1
+                else:
+                    fl = _Flight(prefetch=False)
+                    self._flights[key] = fl
+                    mine.append((key, fl))
+                    self.misses += 1
+        final = dict(mine + theirs)
+        try:
+            if mine:
+                self._read(mine, demand=True)
+            retry = []
+            for key, fl in theirs:
+                fl.event.wait()
+                if fl.bundle is None:   # that read failed or was skipped: read it again, as demand
+                    with self._lock:
+                        fl2 = self._flights.get(key)
+                        if fl2 is None:
+                            fl2 = self._flights[key] = _Flight(prefetch=False)
+                            retry.append((key, fl2))
+                        else:
+                            theirs.append((key, fl2))   # someone else is at it already: wait for them
+                    final[key] = fl2
+            if retry:
+                self._read(retry, demand=True)
+        finally:
+            with self._lock:
+                self._demand -= 1
+                self._wake.notify_all()
+        for key, fl in final.items():
+            fl.event.wait()
+            if fl.bundle is None:
+                raise fl.error or ExpertReadError(f"layer {key[0]} expert {key[1]}: read failed")
+            out[key[1]] = fl.bundle
+        return out
+
+    def _new_step_if(self, layer: int) -> None:
+        if layer <= self._last_layer:
+            self.cache.step()
+        self._last_layer = layer
+
+    def _score_guess(self, layer: int, experts: Sequence[int]) -> None:
+        guess = self._guess.pop(layer, None)
+        if guess is None:
+            return
+        actual = {int(e) for e in experts}
+        self.guess_right += len(guess & actual)
+        self.guess_made += len(guess)
+        self.guess_needed += len(actual)
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, items: list[tuple[Key, _Flight]], demand: bool) -> None:
+        """Read `items` as one batch with retries; settle every flight (bundle or error)."""
+        reserved = {}
+        with self._lock:
+            for key, fl in list(items):
+                reserved[key] = self.cache.reserve(key, self._plans[key].size)
+                if not demand and not reserved[key]:
+                    # No room without going over the budget: a prefetch is not worth that.
+                    items.remove((key, fl))
+                    del self._flights[key]
+                    fl.event.set()
+                elif fl.prefetch:
+                    self.pf_issued += 1
+        if not items:
+            return
+        bufs = {key: aligned_buffer(self._plans[key].size) for key, _ in items}
+        errors: dict[Key, BaseException] = {}
+        done: dict[Key, tuple[ExpertBundle, int]] = {}
+        todo = [key for key, _ in items]
+        t0 = time.perf_counter()
+        for attempt in range(self.attempts):
+            jobs = [self._job(key, bufs[key]) for key in todo]
+            self.reader.read(jobs)
+            again = []
+            for job in jobs:
+                key = job.tag
+                try:
+                    if job.error is not None:
+                        raise job.error
+                    done[key] = self._bundle(key, bufs[key])  # type: ignore[index]
+                    errors.pop(key, None)  # type: ignore[arg-type]
+                except (OSError, _ChecksumError) as e:
+                    errors[key] = e  # type: ignore[index]
+                    again.append(key)
+            todo = again
+            if not todo:
+                break
+            with self._lock:
+                self.retries += len(todo)
+            log.warning("expert read failed (attempt %d of %d): %s", attempt + 1, self.attempts,
+                        "; ".join(self._describe(k, errors[k]) for k in todo))
+            time.sleep(0.005 * (attempt + 1))
+        seconds = time.perf_counter() - t0
+        with self._lock:
+            for key, fl in items:
+                if key in done:
+                    bundle, nbytes = done[key]
+                    keep = self.cache.fill if reserved[key] else self.cache.insert
+                    keep(key, bundle, nbytes, fl.prefetch and not fl.claimed)
+                    fl.bundle = bundle
+                    self.bundles_read += 1
+                else:
+                    if reserved[key]:
+                        self.cache.cancel(key)
+                    fl.error = ExpertReadError(self._describe(key, errors[key], final=True))
+                    self.read_errors += 1
+                if self._flights.get(key) is fl:
+                    del self._flights[key]
+                fl.event.set()
+            self.read_seconds += seconds
+            self._wake.notify_all()
+
+    def _job(self, key: Key, buf) -> ReadJob:
+        p = self._plans[key]
+        mv = memoryview(buf)
+        return ReadJob([Span(f, off, length, need, mv[at:at + length]) for f, off, length, need, at in p.spans],
+                       tag=key)
+
+    def _bundle(self, key: Key, buf) -> tuple[ExpertBundle, int]:
+        loc, p = self.layout.bundles[key], self._plans[key]
+        if loc.crc32 is not None and (self.verify == "always" or (self.verify == "once" and key not in self._verified)):
+            got = zlib.crc32(memoryview(buf)[p.crc_at:p.crc_at + loc.size])
+            if got != loc.crc32:
+                raise _ChecksumError(f"checksum mismatch (crc32 {got:#010x}, index.json says {loc.crc32:#010x})")
+            self._verified.add(key)
+        mats = []
+        for part, at in zip(loc.parts, p.parts):
+            data = np.frombuffer(buf, np.uint8, count=part.nbytes, offset=at).reshape(part.rows, -1)
+            q = QMatrix(data, part.fmt, part.rows, part.cols)
+            if self.quant is not None and self.quant != part.fmt:
+                q = QMatrix.from_float(q.to_float(), self.quant)   # as InMemoryExperts does: same bytes out
+            mats.append(q)
+        bundle = ExpertBundle(*mats)
+        converted = self.quant is not None and any(m.fmt != part.fmt for m, part in zip(mats, loc.parts))
+        return bundle, (bundle.nbytes if converted else p.size)
+
+    def _describe(self, key: Key, e: BaseException, final: bool = False) -> str:
+        loc = self.layout.bundles[key]
+        files = sorted({str(self.layout.files[p.file]) for p in loc.parts})
+        path = getattr(e, "filename", None) or ", ".join(files)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        tail = f" (after {self.attempts} attempts)" if final else ""
+        return f"{path}: layer {key[0]} expert {key[1]}: {why}{tail}"
+
+    # ------------------------------------------------------------------ prefetch and pins
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        if not self.prefetch_enabled or self._closed:
+            return
+        with self._lock:
+            self._guess[layer] = {int(e) for e in experts}
+            self._queue.append((layer, [int(e) for e in experts], True))
+            pf = [q for q in self._queue if q[2]]
+            if len(pf) > PREFETCH_BACKLOG:
+                stale = pf[0]
+                self._queue.remove(stale)
+            self._start_worker()
+            self._wake.notify_all()
+
+    def _start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="mer-prefetch", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and (not self._queue or self._demand):
+                    self._wake.wait(0.5)
+                if self._closed:
+                    return
+                batch, self._queue = self._queue, []
+                items: list[tuple[Key, _Flight]] = []
+                for layer, experts, is_prefetch in batch:
+                    for e in experts:
+                        key = (layer, e)
+                        if key not in self._plans or key in self.cache or key in self._flights:
+                            continue
+                        fl = _Flight(prefetch=is_prefetch)
+                        self._flights[key] = fl
+                        items.append((key, fl))
+            if items:
+                self._read(items, demand=False)   # errors are kept in the flights; a demand read retries
+
+    def pin(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Keep these bundles resident (read in the background if absent); pins beyond the budget are dropped."""
+        keys = [(int(layer), int(e)) for layer, e in pairs if (int(layer), int(e)) in self._plans]
+        with self._lock:
+            self.cache.pin(keys)
+            self.cache.set_budget(self.cache.budget)   # drops pins that cannot fit
+            missing = [k for k in keys if k in self.cache.pins and k not in self.cache]
+            by_layer: dict[int, list[int]] = {}
+            for layer, e in missing:
+                by_layer.setdefault(layer, []).append(e)
+            self._queue.extend((layer, es, False) for layer, es in by_layer.items())
+            if missing:
+                self._start_worker()
+                self._wake.notify_all()
+
+    def unpin_all(self) -> None:
+        with self._lock:
+            self.cache.unpin_all()
+
+    # ------------------------------------------------------------------ settings and telemetry
+    def configure(self, **settings) -> None:
+        """ram_cache (bytes or "512MiB"; None = no limit), policy, prefetch, hot_set (fraction of the
+        budget auto-pinned to the hottest bundles), queue_depth, verify, trace (a path for a JSONL
+        routing trace, None to stop).  Unknown settings are ignored."""
+        with self._lock:
+            if "ram_cache" in settings:
+                self.cache.set_budget(parse_size(settings["ram_cache"], "ram_cache"))
+            if "policy" in settings:
+                self.cache.set_policy(settings["policy"])
+            if "prefetch" in settings:
+                self.prefetch_enabled = bool(settings["prefetch"])
+                if not self.prefetch_enabled:
+                    self._queue = [q for q in self._queue if not q[2]]
+            if "hot_set" in settings:
+                frac = float(settings["hot_set"])
+                if not 0.0 <= frac <= 1.0:
+                    raise EngineError(f"hot_set: a fraction of the budget between 0 and 1, got {frac}")
+                self.cache.hot_fraction = frac
+                self.cache.hot.clear()
+            if "verify" in settings:
+                if settings["verify"] not in VERIFY_MODES:
+                    raise EngineError(f"verify: unknown mode {settings['verify']!r}")
+                self.verify = settings["verify"]
+            if "trace" in settings:
+                if self._trace is not None:
+                    self._trace.close()
+                self._trace = open(Path(settings["trace"]), "a") if settings["trace"] else None
+        if "queue_depth" in settings and hasattr(self.reader, "set_queue_depth"):
+            n = int(settings["queue_depth"])
+            if n < 1:
+                raise EngineError(f"queue_depth: must be >= 1, got {n}")
+            self.reader.set_queue_depth(n)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.hits = self.misses = 0
+            self.bundles_read = self.read_errors = self.retries = 0
+            self.read_seconds = 0.0
+            self.pf_issued = self.pf_useful = self.pf_late = 0
+            self.guess_right = self.guess_made = self.guess_needed = 0
+            self.cache.evictions = self.cache.prefetch_wasted = 0
+        self.reader.stats.reset()
+
+    def stats(self) -> dict:
+        io = self.reader.stats.snapshot()
+        with self._lock:
+            asked = self.hits + self.misses
+            ram = {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / asked if asked else 0.0,
+                   **self.cache.stats()}
+            pf = {"enabled": self.prefetch_enabled, "issued": self.pf_issued, "useful": self.pf_useful,
+                  "late": self.pf_late, "wasted": self.cache.prefetch_wasted,
+                  "precision": self.pf_useful / self.pf_issued if self.pf_issued else 0.0,
+                  "recall": self.pf_useful / (self.pf_useful + self.misses) if self.pf_useful + self.misses else 0.0,
+                  "guess_precision": self.guess_right / self.guess_made if self.guess_made else 0.0,
+                  "guess_recall": self.guess_right / self.guess_needed if self.guess_needed else 0.0}
+            ssd = {"reads": self.bundles_read, "bytes_read": io["bytes"], "read_mb_s": io["mb_s"],
+                   "errors": self.read_errors, "retries": self.retries}
+            policy = self.cache.policy
+        tiers = {"ram": ram, "ssd": ssd}
+        if self.vram_tier is not None:
+            tiers["vram"] = self.vram_tier.stats()
+        return {
+            "tiers": tiers,
+            "io": {"backend": self.reader.name, "backend_reason": self.reader.reason, "direct": self.reader.direct,
+                   "queue_depth": io["queue_depth"], "queue_depth_max": io["queue_depth_max"],
+                   "queue_depth_mean": io["queue_depth_mean"], "read_ms_p50": io["read_ms_p50"],
+                   "read_ms_p99": io["read_ms_p99"], "requests": io["requests"]},
+            "prefetch": pf,
+            "policy": policy,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout=10)
+        with self._lock:
+            if self._trace is not None:
+                self._trace.close()
+                self._trace = None
+        self.reader.close()
+
+
+class _ChecksumError(Exception):
+    pass

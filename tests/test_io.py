@@ -1,0 +1,208 @@
+"""The readers: identical bytes from every backend, chunking, fallbacks and their reasons, short reads."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine.io as eio
+from engine import EngineError
+from engine.io import ALIGN, ReadJob, ShortRead, Span, align_down, align_up, aligned_buffer, open_reader
+from engine.io.mmap_reader import MmapReader
+from engine.io.pread import PreadReader
+
+
+def _uring_ok() -> bool:
+    try:
+        from engine.io.uring_build import load_uring
+
+        load_uring()
+        return True
+    except OSError:
+        return False
+
+
+KINDS = ["pread", "mmap"] + (["uring"] if _uring_ok() else [])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[list[Path], list[np.ndarray]]:
+    rng = np.random.default_rng(7)
+    d = tmp_path_factory.mktemp("io")
+    sizes = [3 * (1 << 20) + 12345, 40000]   # neither a multiple of the alignment
+    paths, datas = [], []
+    for i, n in enumerate(sizes):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        p = d / f"f{i}.bin"
+        data.tofile(p)
+        paths.append(p)
+        datas.append(data)
+    return paths, datas
+
+
+# (file, start, nbytes): aligned and not, inside one page, crossing many chunks, running to EOF
+RANGES = [(0, 0, ALIGN), (0, 5000, 2 * (1 << 20) + 77), (0, 3 * (1 << 20) + 12000, 345), (1, 1, 39999),
+          (1, 8192, 100), (0, 123, 1)]
+
+
+def _jobs(ranges, datas):
+    jobs, expect = [], []
+    for f, start, n in ranges:
+        a, e = align_down(start), align_up(start + n)
+        buf = aligned_buffer(e - a)
+        jobs.append(ReadJob([Span(f, a, e - a, start + n - a, memoryview(buf))], tag=(f, start)))
+        expect.append((buf, start - a, n, datas[f][start:start + n].tobytes()))
+    return jobs, expect
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [8192, 1 << 20])
+def test_every_reader_returns_the_same_bytes(files, kind, chunk):
+    paths, datas = files
+    r = open_reader(kind, paths, queue_depth=4)
+    if hasattr(r, "chunk"):
+        r.chunk = chunk   # small chunks: one span becomes many requests in flight together
+    jobs, expect = _jobs(RANGES, datas)
+    r.read(jobs)
+    for job, (buf, rel, n, want) in zip(jobs, expect):
+        assert job.error is None, job.error
+        assert bytes(buf[rel:rel + n]) == want
+    snap = r.stats.snapshot()
+    assert snap["bytes"] >= sum(n for _, _, n in RANGES)
+    assert snap["requests"] >= len(RANGES)
+    r.close()
+
+
+def test_direct_readers_bypass_the_page_cache(files):
+    paths, _ = files
+    for kind in set(KINDS) - {"mmap"}:
+        r = open_reader(kind, paths)
+        assert r.direct, r.reason
+        r.close()
+    r = open_reader("mmap", paths)
+    assert not r.direct
+    r.close()
+
+
+@pytest.mark.skipif("uring" not in KINDS, reason="io_uring unavailable here")
+def test_uring_keeps_the_queue_full(files):
+    paths, datas = files
+    r = open_reader("uring", paths, queue_depth=4)
+    r.chunk = 64 << 10
+    jobs, _ = _jobs([(0, 0, 2 << 20)], datas)   # 32 requests of 64 KiB
+    r.read(jobs)
+    snap = r.stats.snapshot()
+    # Four requests go out before the first wait: the depth seen by the fourth is 4, never more.
+    assert snap["queue_depth_max"] == 4
+    assert 1.0 < snap["queue_depth_mean"] <= 4.0
+    assert snap["requests"] == 32
+    r.close()
+
+
+def test_auto_prefers_uring_and_says_why_not(files, monkeypatch):
+    paths, _ = files
+    r = open_reader("auto", paths)
+    assert r.name == ("uring" if "uring" in KINDS else "pread")
+    r.close()
+
+    def no_uring(*a, **k):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(eio, "_uring", no_uring)
+    r = open_reader("auto", paths)
+    assert r.name == "pread" and "io_uring unavailable" in r.reason and "no io_uring" in r.reason
+    r.close()
+    with pytest.raises(EngineError, match="io: uring is not available"):
+        open_reader("uring", paths)
+
+
+def test_a_filesystem_refusing_o_direct_falls_back_to_buffered(files, monkeypatch):
+    paths, datas = files
+    real_open = os.open
+
+    def refusing_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    for kind in set(KINDS) - {"mmap"}:
+        r = open_reader(kind, paths)
+        assert not r.direct
+        assert "O_DIRECT" in r.reason and "EINVAL" in r.reason
+        jobs, expect = _jobs(RANGES, datas)
+        r.read(jobs)
+        for job, (buf, rel, n, want) in zip(jobs, expect):
+            assert job.error is None and bytes(buf[rel:rel + n]) == want
+        r.close()
+
+
+def test_o_direct_refused_per_read_falls_back(files, monkeypatch):
+    """Some filesystems accept O_DIRECT at open and refuse the read itself (EINVAL)."""
+    paths, datas = files
+    real = os.preadv
+    direct_fds: set[int] = set()
+    real_open = os.open
+
+    def tracking_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_preadv(fd, bufs, offset, *a):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    r = PreadReader(paths)
+    jobs, expect = _jobs(RANGES, datas)
+    r.read(jobs)
+    for job, (buf, rel, n, want) in zip(jobs, expect):
+        assert job.error is None and bytes(buf[rel:rel + n]) == want
+    assert not r.direct and "EINVAL" in r.reason
+    r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_truncated_after_opening_gives_a_short_read(tmp_path, kind):
+    p = tmp_path / "t.bin"
+    data = np.arange(64 * ALIGN, dtype=np.uint8)
+    data.tofile(p)
+    r = open_reader(kind, [p])
+    os.truncate(p, 16 * ALIGN)
+    buf = aligned_buffer(8 * ALIGN)
+    job = ReadJob([Span(0, 32 * ALIGN, 8 * ALIGN, 8 * ALIGN, memoryview(buf))])
+    r.read([job])
+    assert isinstance(job.error, OSError)
+    if not isinstance(job.error, ShortRead):
+        assert job.error.errno is not None
+    else:
+        assert "truncated" in str(job.error) and str(p) in str(job.error)
+    r.close()
+
+
+def test_mmap_reader_of_empty_and_small_files(tmp_path):
+    p = tmp_path / "small.bin"
+    p.write_bytes(b"abc")
+    r = MmapReader([p])
+    buf = aligned_buffer(ALIGN)
+    job = ReadJob([Span(0, 0, ALIGN, 3, memoryview(buf))])
+    r.read([job])
+    assert job.error is None and bytes(buf[:3]) == b"abc"
+    r.close()
+
+
+def test_split_keeps_alignment():
+    buf = aligned_buffer(5 * ALIGN)
+    s = Span(0, 8 * ALIGN, 5 * ALIGN, 4 * ALIGN + 10, memoryview(buf))
+    parts = eio.split(s, 2 * ALIGN)
+    assert [p.length for p in parts] == [2 * ALIGN, 2 * ALIGN, ALIGN]
+    assert [p.offset for p in parts] == [8 * ALIGN, 10 * ALIGN, 12 * ALIGN]
+    assert [p.need for p in parts] == [2 * ALIGN, 2 * ALIGN, 10]
+    assert sum(len(p.dest) for p in parts) == 5 * ALIGN

@@ -1,0 +1,268 @@
+"""StreamingExperts: bit-identical results whatever the reader, budget, policy or prefetch; faults;
+single-flight; settings changed while running; pins; prefetch counters; telemetry."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import engine
+from engine import EngineError, ExpertReadError
+from engine.store import EXPERT_FILE, INDEX
+from engine.streaming import StreamingExperts
+from tests import streaming_fixtures as fx
+from tests.streaming_fixtures import IDS, FaultyReader
+from tests.test_io import KINDS
+
+# the shared fixtures, made visible to pytest in this module
+mixtral_bf16, reference, tiny_store = fx.mixtral_bf16, fx.reference, fx.tiny_store
+
+# One bundle of the tiny Mixtral is 3 x 48 x 32 bf16 = 9 KiB (12 KiB read, aligned); it has 6 experts
+# per layer and picks 2 per token, so 16KiB holds one bundle: less than one layer's chosen experts.
+BUDGETS = [None, "16KiB", "60KiB", 0]
+
+
+def _run(m) -> tuple[np.ndarray, list[int]]:
+    return m.forward(IDS), list(m.generate(IDS[:4], max_new_tokens=12))
+
+
+def _same(got, ref) -> bool:
+    return np.array_equal(got[0], ref[0]) and got[1] == ref[1]
+
+
+@pytest.mark.parametrize("io", KINDS)
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfu-decay"])
+def test_store_is_bit_identical(tiny_store, reference, io, budget, policy):
+    for prefetch in (True, False):
+        with engine.load(tiny_store, io=io, ram_cache=budget, policy=policy, prefetch=prefetch) as m:
+            assert isinstance(m.experts, StreamingExperts) and m.experts.backend == io
+            assert _same(_run(m), reference)
+            snap = m.telemetry()
+            ram = snap["tiers"]["ram"]
+            if budget is not None:
+                assert ram["bytes_used"] <= engine.parse_size(budget)
+            assert ram["hits"] + ram["misses"] > 0
+            if not prefetch:
+                assert snap["prefetch"]["issued"] == 0
+
+
+@pytest.mark.parametrize("io", ["auto", *KINDS])
+@pytest.mark.parametrize("budget", [None, "16KiB"])
+def test_checkpoint_folder_streams_without_converting(mixtral_bf16, reference, io, budget):
+    if io == "auto" and budget is None:
+        with engine.load(mixtral_bf16) as m:      # the rule: no budget, auto reader -> all in RAM
+            assert not isinstance(m.experts, StreamingExperts)
+        return
+    with engine.load(mixtral_bf16, io=io, ram_cache=budget, policy="lfu-decay") as m:
+        assert isinstance(m.experts, StreamingExperts)
+        assert m.experts.layout.kind == "checkpoint"
+        assert _same(_run(m), reference)
+
+
+def test_settings_change_while_running(tiny_store, reference):
+    with engine.load(tiny_store, ram_cache=None) as m:
+        gen = m.generate(IDS[:4], max_new_tokens=12)
+        out = [next(gen)]
+        assert m.telemetry()["tiers"]["ram"]["bytes_used"] > 16 << 10
+        m.configure(ram_cache="16KiB")             # shrinking evicts at once
+        assert m.telemetry()["tiers"]["ram"]["bytes_used"] <= 16 << 10
+        out.append(next(gen))
+        m.configure(policy="lfu", ram_cache="40KiB")
+        out.append(next(gen))
+        m.set_prefetch(False)
+        issued = m.telemetry()["prefetch"]["issued"]
+        out.append(next(gen))
+        assert m.telemetry()["prefetch"]["issued"] == issued and not m.telemetry()["prefetch"]["enabled"]
+        m.configure(policy="lfu-decay", prefetch=True, hot_set=0.5)
+        out += list(gen)
+        snap = m.telemetry()
+        assert snap["policy"] == "lfu-decay" and snap["prefetch"]["enabled"]
+    assert out == reference[1]
+
+
+def test_bad_settings_are_named(tiny_store):
+    with engine.load(tiny_store) as m:
+        with pytest.raises(EngineError, match="ram_cache"):
+            m.configure(ram_cache="lots")
+        with pytest.raises(EngineError, match="policy"):
+            m.configure(policy="mru")
+        with pytest.raises(EngineError, match="hot_set"):
+            m.configure(hot_set=2)
+        with pytest.raises(EngineError, match="queue_depth"):
+            m.configure(queue_depth=0)
+        m.configure(colour="blue")                  # unknown settings are ignored
+
+
+def test_single_flight(tiny_store):
+    """Threads asking at once for the same bundles read each bundle once."""
+    with engine.load(tiny_store, ram_cache=None, prefetch=False) as m:
+        src = m.experts
+        gate = threading.Barrier(4)
+        src.reader = FaultyReader(src.reader, delay=lambda: time.sleep(0.05))   # keep reads in flight
+        got = []
+
+        def ask():
+            gate.wait()
+            got.append(src.get(1, [0, 2, 4]))
+
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(v == 1 for v in src.reader.reads.values()) and len(src.reader.reads) == 3
+        first = got[0]
+        for g in got[1:]:
+            assert all(g[e] is first[e] for e in (0, 2, 4))
+        assert src.stats()["tiers"]["ssd"]["reads"] == 3
+
+
+def test_prefetch_and_demand_share_one_read(tiny_store):
+    with engine.load(tiny_store, ram_cache=None) as m:
+        src = m.experts
+        src.reader = FaultyReader(src.reader, delay=lambda: time.sleep(0.05))
+        src.prefetch(2, [1, 3])
+        deadline = time.time() + 5
+        while not src._flights and time.time() < deadline:   # wait until the prefetch read is out
+            time.sleep(0.001)
+        src.get(2, [1, 3])
+        assert src.reader.reads == {(2, 1): 1, (2, 3): 1}
+        pf = src.stats()["prefetch"]
+        assert pf["issued"] == 2 and pf["useful"] == 2 and pf["precision"] == 1.0
+
+
+def test_pins_stay_resident(tiny_store):
+    with engine.load(tiny_store, ram_cache="40KiB", prefetch=False) as m:
+        src = m.experts
+        src.pin([(0, 5), (2, 4)])
+        deadline = time.time() + 5
+        while ((0, 5) not in src.cache.entries or (2, 4) not in src.cache.entries) and time.time() < deadline:
+            time.sleep(0.005)
+        m.forward(IDS)
+        assert src.cache.lookup((0, 5)) is not None and src.cache.lookup((2, 4)) is not None
+        assert src.stats()["tiers"]["ram"]["pinned"] == 2
+        src.unpin_all()
+        assert src.stats()["tiers"]["ram"]["pinned"] == 0
+        hot = m.hottest_experts(3)
+        assert len(hot) == 3 and all(0 <= e < 6 for _, e in hot)
+
+
+# ------------------------------------------------------------------------------------------ faults
+def _faulty(m, fail: set, times: int | None) -> FaultyReader:
+    m.experts.reader = FaultyReader(m.experts.reader, fail=fail, times=times)
+    return m.experts.reader
+
+
+def test_a_transient_error_is_retried(tiny_store, reference):
+    with engine.load(tiny_store, ram_cache="60KiB", prefetch=False) as m:
+        r = _faulty(m, {(0, e) for e in range(6)}, times=1)   # every layer-0 bundle fails once
+        assert _same(_run(m), reference)
+        assert r.failed and m.telemetry()["tiers"]["ssd"]["retries"] >= len(r.failed)
+
+
+def test_a_persistent_error_ends_the_generation_and_the_model_recovers(tiny_store, reference):
+    with engine.load(tiny_store, ram_cache="60KiB", prefetch=False) as m:
+        r = _faulty(m, {(1, e) for e in range(6)}, times=None)   # layer 1 cannot be read
+        with pytest.raises(ExpertReadError) as info:
+            list(m.generate(IDS[:4], max_new_tokens=12))
+        msg = str(info.value)
+        assert "layer 1 expert" in msg and str(tiny_store / EXPERT_FILE) in msg and "after 3 attempts" in msg
+        assert all(n == 3 for n in r.failed.values())
+        # Nothing half-read was kept ...
+        assert not [k for k in m.experts.cache.entries if k[0] == 1]
+        assert m.telemetry()["tiers"]["ssd"]["errors"] >= 1
+        # ... so once the storage is healthy, the next request reads again and is exact.
+        r.fail.clear()
+        assert _same(_run(m), reference)
+
+
+def test_a_file_truncated_after_opening(tiny_store, reference, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    path = store / EXPERT_FILE
+    whole = path.read_bytes()
+    for io in KINDS:
+        with engine.load(store, io=io, ram_cache="16KiB", prefetch=False) as m:
+            os.truncate(path, len(whole) // 3)
+            with pytest.raises(ExpertReadError) as info:
+                m.forward(IDS)
+            msg = str(info.value)
+            assert str(path) in msg and "layer" in msg and "expert" in msg
+            path.write_bytes(whole)      # the file is back: the same model reads it again, exactly
+            assert _same(_run(m), reference)
+
+
+def test_a_checksum_mismatch_names_the_layer_and_expert(tiny_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    index = json.loads((store / INDEX).read_text())
+    b = next(b for b in index["bundles"] if (b["layer"], b["expert"]) == (1, 3))
+    with open(store / EXPERT_FILE, "r+b") as f:
+        f.seek(b["offset"] + 100)
+        byte = f.read(1)
+        f.seek(b["offset"] + 100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with engine.load(store, prefetch=False) as m:
+        m.experts.get(1, [2])                       # its neighbours are fine
+        with pytest.raises(ExpertReadError, match=r"layer 1 expert 3: checksum mismatch"):
+            m.experts.get(1, [3])
+        assert (1, 3) not in m.experts.cache.entries
+
+
+def test_an_unknown_expert_is_named(tiny_store):
+    with engine.load(tiny_store) as m:
+        with pytest.raises(EngineError, match="layer 0 has no expert 9"):
+            m.experts.get(0, [9])
+
+
+# --------------------------------------------------------------------------------------- telemetry
+def test_telemetry_schema_and_counters(tiny_store):
+    with engine.load(tiny_store, ram_cache="40KiB", policy="lfu-decay") as m:
+        snaps = []
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                snaps.append(m.telemetry())
+                time.sleep(0.002)
+
+        t = threading.Thread(target=poll)
+        t.start()
+        list(m.generate(IDS[:4], max_new_tokens=12))
+        stop.set()
+        t.join()
+        s = m.telemetry()
+    assert snaps
+    ram, ssd, io, pf = s["tiers"]["ram"], s["tiers"]["ssd"], s["io"], s["prefetch"]
+    assert set(ram) >= {"hits", "misses", "hit_rate", "bytes_used", "bytes_budget", "entries", "pinned"}
+    assert set(ssd) >= {"reads", "bytes_read", "read_mb_s"}
+    assert set(io) >= {"backend", "backend_reason", "queue_depth", "queue_depth_max", "queue_depth_mean",
+                       "read_ms_p50", "read_ms_p99"}
+    assert set(pf) >= {"enabled", "issued", "useful", "precision", "recall"}
+    assert "vram" not in s["tiers"]        # no GPU here: no tier pretends to be one
+    assert ram["hit_rate"] == pytest.approx(ram["hits"] / (ram["hits"] + ram["misses"]))
+    assert ssd["reads"] >= ram["misses"] and ssd["bytes_read"] >= ssd["reads"] * 9216
+    assert 0 <= pf["useful"] <= pf["issued"] and 0.0 <= pf["precision"] <= 1.0 and 0.0 <= pf["recall"] <= 1.0
+    assert 0.0 <= pf["guess_precision"] <= 1.0 and pf["guess_recall"] > 0
+    assert io["queue_depth_max"] >= 1 and io["read_ms_p99"] >= io["read_ms_p50"] > 0
+    assert s["policy"] == "lfu-decay" and ram["bytes_budget"] == 40 << 10
+    m.reset_telemetry()
+
+
+def test_routing_trace(tiny_store, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    with engine.load(tiny_store) as m:
+        m.configure(trace=str(trace))
+        list(m.generate(IDS[:4], max_new_tokens=3))
+        m.configure(trace=None)
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    layers = m.spec.num_layers
+    assert len(rows) == 3 * layers                   # the prompt step and two decode steps
+    assert [r["layer"] for r in rows[:layers]] == list(range(layers))
+    assert all(len(r["experts"]) == 2 for r in rows[layers:])
