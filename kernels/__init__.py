@@ -34,11 +34,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
-# Up to this many vectors a product runs the matrix-vector kernels once per vector (the weights
-# stay in L1/L2 between vectors); above it, tiles of rows are dequantized to float32 and
+# Up to this many vectors a product runs the matrix-vector kernels (the C ones decode each
+# weight block once per four vectors); above it, tiles of rows are dequantized to float32 and
 # multiplied by BLAS, whose matrix-matrix kernels win once there are enough vectors to reuse
-# each dequantized weight.  Measured with mer_tui/bench_kernels.py --batch.
-SMALL_N = {"c": 6, "numba": 2, "numpy": 0}
+# each dequantized weight.  Crossovers measured on one Zen 3 core (bench_kernels.py --batch):
+# ~16 vectors for the block formats, ~8 for f16/bf16 (whose dequantization is cheap).
+SMALL_N = {("c", "quant"): 16, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
+           ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
@@ -147,16 +149,21 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
     return quantize_ref(x, fmt)
 
 
-def _dequant_fast(q: np.ndarray, fmt: str, cols: int, b: str, ck) -> np.ndarray:
+def _dequant_fast(q: np.ndarray, fmt: str, cols: int, b: str, ck,
+                  out: np.ndarray | None = None) -> np.ndarray:
     if fmt == "f32":
-        return np.ascontiguousarray(q).view(np.float32).reshape(q.shape[0], cols)
-    if ck is not None:
-        return ck.dequantize(q, fmt, cols, threads())
-    if b == "numba":
+        W = np.ascontiguousarray(q).view(np.float32).reshape(q.shape[0], cols)
+    elif ck is not None:
+        return ck.dequantize(q, fmt, cols, threads(), out)
+    elif b == "numba":
         from . import matvec_numba
-        q = np.ascontiguousarray(q)
-        return matvec_numba.dequantize(q, fmt, cols, threads())
-    return dequantize_ref(q, fmt, cols)
+        return matvec_numba.dequantize(np.ascontiguousarray(q), fmt, cols, threads(), out)
+    else:
+        W = dequantize_ref(q, fmt, cols)
+    if out is None:
+        return W
+    out[...] = W
+    return out
 
 
 def dequantize(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
@@ -168,15 +175,29 @@ def dequantize(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- products
 
+_tls = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    # One reusable float32 buffer per thread for the dequantized tiles: a fresh multi-MB array
+    # per call is fresh pages from the kernel, and faulting them in costs as much as the work.
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _tls.buf = np.empty(n, dtype=np.float32)
+    return buf[:n]
+
+
 def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.ndarray:
     # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
     # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.
     rows = q.shape[0]
-    step = max(16, TILE_BYTES // (4 * max(cols, 1)))
+    step = min(rows, max(16, TILE_BYTES // (4 * max(cols, 1))))
+    buf = _scratch(step * cols)
     Yt = np.empty((rows, X.shape[0]), dtype=np.float32)
     for r0 in range(0, rows, step):
-        W = _dequant_fast(q[r0:r0 + step], fmt, cols, b, ck)
-        np.matmul(W, X.T, out=Yt[r0:r0 + step])
+        m = min(step, rows - r0)
+        W = _dequant_fast(q[r0:r0 + m], fmt, cols, b, ck, buf[:m * cols].reshape(m, cols))
+        np.matmul(W, X.T, out=Yt[r0:r0 + m])
     return np.ascontiguousarray(Yt.T)
 
 
@@ -197,7 +218,7 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
         Y = X @ np.ascontiguousarray(q).view(np.float32).reshape(rows, cols).T
     else:
         b, ck = _state()
-        kind = "c" if ck is not None else b
+        kind = ("c" if ck is not None else b, "half" if fmt in FLOAT_FORMATS else "quant")
         if n > SMALL_N[kind]:
             Y = _tiled(q, fmt, cols, X, b, ck)
         elif ck is not None:
@@ -279,7 +300,8 @@ def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.n
             f"down {down.rows}x{down.cols}")
     X, one = _vectors(X, hidden)
     b, ck = _state()
-    if (ck is not None and 0 < X.shape[0] <= SMALL_N["c"] and gate.fmt == up.fmt
+    kind = "half" if FLOAT_FORMATS.count(gate.fmt) or FLOAT_FORMATS.count(down.fmt) else "quant"
+    if (ck is not None and 0 < X.shape[0] <= SMALL_N["c", kind] and gate.fmt == up.fmt
             and gate.fmt != "f32" and down.fmt != "f32"):
         g = _rows(gate.data, gate.fmt, hidden)
         u = _rows(up.data, up.fmt, hidden)

@@ -3,8 +3,8 @@
 ABI mode needs neither Python headers nor setuptools, only a C compiler; the shared library goes to
 a per-user cache directory keyed by a hash of the source, the flags and the compiler, so every later
 process just dlopens it.  The variant is chosen from /proc/cpuinfo: "avx2" (AVX2 + FMA + F16C
-kernels) where the CPU has those flags, else "generic" (portable C).  Any failure (no compiler, no
-OpenMP, a sandbox that forbids exec) is reported by `load` as an exception the caller turns into a
+kernels) where the CPU has those flags, else "generic" (portable C).  Any failure (no compiler, a
+sandbox that forbids exec) is reported by `load` as an exception the caller turns into a
 fallback to numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("qkernels.c")
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6}
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 CDEF = """
 int mk_version(void);
@@ -39,8 +39,7 @@ FLAGS = {
     "generic": ["-O3"],
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c"],
 }
-COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
-OPENMP_FLAGS = ["-fopenmp"]
+COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 
 
 class CompileError(RuntimeError):
@@ -102,24 +101,20 @@ def _build(variant: str) -> Path:
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_err = ""
-    # OpenMP first; a compiler without it still gives working (single-threaded) kernels.
-    for extra in (OPENMP_FLAGS, []):
-        fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=out_dir)
-        os.close(fd)
-        cmd = [cc, *FLAGS[variant], *COMMON_FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            os.unlink(tmp)
-            raise CompileError(f"running {cc} failed: {e}") from e
-        if res.returncode == 0:
-            # Atomic: a concurrent process either sees no library or a complete one.
-            os.replace(tmp, lib)
-            return lib
+    fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    cmd = [cc, *FLAGS[variant], *COMMON_FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
         os.unlink(tmp)
-        last_err = res.stderr.strip()[-2000:]
-    raise CompileError(f"compiling {SOURCE.name} ({variant}) failed:\n{last_err}")
+        raise CompileError(f"running {cc} failed: {e}") from e
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise CompileError(f"compiling {SOURCE.name} ({variant}) failed:\n{res.stderr.strip()[-2000:]}")
+    # Atomic: a concurrent process either sees no library or a complete one.
+    os.replace(tmp, lib)
+    return lib
 
 
 class CKernels:
@@ -145,9 +140,12 @@ class CKernels:
         # The array's address; callers keep `a` alive for the duration of the call.
         return self.ffi.cast(ctype, a.__array_interface__["data"][0])
 
-    def dequantize(self, q: np.ndarray, fmt: str, cols: int, threads: int) -> np.ndarray:
+    def dequantize(self, q: np.ndarray, fmt: str, cols: int, threads: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
         rows = q.shape[0]
-        out = np.empty((rows, cols), dtype=np.float32)
+        if out is None:
+            out = np.empty((rows, cols), dtype=np.float32)
+        assert out.shape == (rows, cols) and out.dtype == np.float32 and out.flags.c_contiguous
         rc = self.lib.mk_dequant(FMT_CODE[fmt], self._p(q, "uint8_t *"), q.strides[0], rows, cols,
                                  self._p(out, "float *"), threads)
         if rc:

@@ -12,6 +12,7 @@ does not, so that every value rounds exactly as ggml's.  f16 scales are read thr
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -272,6 +273,8 @@ def sum_range(buf, out, r0, r1):
 
 # Below this many weight bytes a call runs on the calling thread: a pool round trip costs more.
 SERIAL_BYTES = 256 * 1024
+# Weight bytes per claimed chunk of rows.
+CHUNK_BYTES = 256 * 1024
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -286,21 +289,36 @@ def _get_pool(n: int) -> ThreadPoolExecutor:
 
 
 def run_rows(fn, rows: int, nbytes: int, threads: int, *args) -> None:
-    """fn(*args, r0, r1) over `rows` rows, split into `threads` ranges when the work is big enough."""
+    """fn(*args, r0, r1) over `rows` rows in chunks, on up to `threads` threads.
+
+    The caller claims chunks too, and helpers that have not started by the time the chunks are
+    gone are cancelled: on a busy machine a call never waits for a thread that is not running
+    (see the pool in qkernels.c for the same idea).
+    """
     nt = max(1, min(threads, rows)) if nbytes >= SERIAL_BYTES else 1
     if nt == 1:
         fn(*args, 0, rows)
         return
-    bounds = [rows * i // nt for i in range(nt + 1)]
-    futures = [_get_pool(nt - 1).submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, nt)]
-    fn(*args, bounds[0], bounds[1])  # the caller does the first range itself
+    step = max(1, min(rows // nt, max(1, rows * CHUNK_BYTES // max(nbytes, 1))))
+    nchunks = (rows + step - 1) // step
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def work() -> None:
+        while (c := next(counter)) < nchunks:
+            fn(*args, c * step, min(rows, (c + 1) * step))
+
+    futures = [_get_pool(nt - 1).submit(work) for _ in range(nt - 1)]
+    work()
     for f in futures:
-        f.result()
+        if not f.cancel():
+            f.result()
 
 
-def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1) -> np.ndarray:
-    """uint8 (rows, row_bytes), C-contiguous -> float32 (rows, cols)."""
-    out = np.empty((q.shape[0], cols), dtype=np.float32)
+def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (rows, row_bytes), C-contiguous -> float32 (rows, cols) (into `out` if given)."""
+    if out is None:
+        out = np.empty((q.shape[0], cols), dtype=np.float32)
     if fmt == "f32":
         out[:] = q.view(np.float32).reshape(out.shape)
     elif fmt == "bf16":

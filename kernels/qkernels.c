@@ -17,12 +17,12 @@
  * mins) use the float activations, so they add no quantization error.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MK_SIMD 1
@@ -35,13 +35,14 @@
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6 };
 
-/* Bytes of weights one thread takes at a time: large enough to amortize scheduling, small
- * enough that a core slowed by another process gets fewer chunks (dynamic schedule). */
-#define CHUNK_BYTES (48 * 1024)
-/* Below this many weight bytes a call runs on one thread: waking a team costs more. */
-#define SERIAL_BYTES (96 * 1024)
+/* Bytes of weights one thread claims at a time: large enough to amortize the claim, small
+ * enough that a core slowed by another process holds up the call for little (see the pool). */
+#define CHUNK_BYTES (32 * 1024)
+/* Below this many weight bytes a call runs on the calling thread alone. */
+#define SERIAL_BYTES (64 * 1024)
+#define MAX_HELPERS 255
 
-MK_API int mk_version(void) { return 3; }
+MK_API int mk_version(void) { return 4; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -52,7 +53,7 @@ INLINE uint16_t rd16(const uint8_t *p) {
     return v;
 }
 
-static float half_to_float_soft(uint16_t h) {
+static __attribute__((unused)) float half_to_float_soft(uint16_t h) {
     /* Exact IEEE binary16 -> binary32, subnormals, infinities and NaNs included. */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
@@ -104,9 +105,15 @@ static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
     case F32:
         memcpy(y, w, (size_t)cols * 4);
         break;
-    case F16:
-        for (int64_t i = 0; i < cols; i++) y[i] = h2f(w + 2 * i);
+    case F16: {
+        int64_t i = 0;
+#if MK_SIMD
+        for (; i + 8 <= cols; i += 8)
+            _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))));
+#endif
+        for (; i < cols; i++) y[i] = h2f(w + 2 * i);
         break;
+    }
     case BF16:
         for (int64_t i = 0; i < cols; i++) y[i] = bf2f(rd16(w + 2 * i));
         break;
@@ -153,16 +160,19 @@ static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
                 const uint8_t *ql = p + 64 * h, *qh = p + 128 + 32 * h;
                 const int8_t *s8 = sc + 8 * h;
                 float *oh = o + 128 * h;
-                for (int l = 0; l < 32; l++) {
-                    const int is = l / 16;
-                    const int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-                    const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                    const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                    const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                    oh[l] = (d * (float)s8[is]) * (float)q1;
-                    oh[l + 32] = (d * (float)s8[is + 2]) * (float)q2;
-                    oh[l + 64] = (d * (float)s8[is + 4]) * (float)q3;
-                    oh[l + 96] = (d * (float)s8[is + 6]) * (float)q4;
+                for (int is = 0; is < 2; is++) { /* a constant scale per 16: vectorizes */
+                    const float d1 = d * (float)s8[is], d2 = d * (float)s8[is + 2];
+                    const float d3 = d * (float)s8[is + 4], d4 = d * (float)s8[is + 6];
+                    for (int l = 16 * is; l < 16 * is + 16; l++) {
+                        const int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                        const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                        const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                        const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                        oh[l] = d1 * (float)q1;
+                        oh[l + 32] = d2 * (float)q2;
+                        oh[l + 64] = d3 * (float)q3;
+                        oh[l + 96] = d4 * (float)q4;
+                    }
                 }
             }
         }
@@ -182,6 +192,139 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     return -1;
 }
 
+
+/* ---------- the thread pool ----------
+ *
+ * Opportunistic fork-join.  The calling thread publishes a job (a function over chunk indices),
+ * wakes the helpers and starts claiming chunks itself from an atomic counter; helpers that are
+ * awake claim chunks too.  When no chunk is left the caller withdraws the job, so helpers that
+ * wake late never join, and it waits only for chunks already claimed.  OpenMP's fork-join instead
+ * waits for every team member to arrive: on a machine where other processes keep the cores busy a
+ * descheduled member costs a whole scheduler time slice (milliseconds) on every call, and a decode
+ * step makes thousands of calls.  Here a call is never much slower than running it alone.
+ * Jobs from several calling threads (the engine's worker and prefetch threads) can be open at
+ * once; helpers serve whichever has chunks left.  All pool state is behind one mutex except the
+ * per-job counters. */
+typedef void (*chunk_fn)(void *ctx, int64_t chunk);
+
+typedef struct mk_job {
+    chunk_fn fn;
+    void *ctx;
+    int64_t nchunks;
+    _Atomic int64_t next;   /* next chunk to claim */
+    _Atomic int helpers;    /* helpers inside run_chunks */
+    int max_helpers;
+    struct mk_job *prev, *nxt;
+} mk_job;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    mk_job *head;
+    _Atomic unsigned gen;   /* bumped whenever a job is published; helpers spin on it */
+    int started;
+    int atfork;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0};
+
+static void run_chunks(mk_job *j) {
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (c >= j->nchunks) return;
+        j->fn(j->ctx, c);
+    }
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *helper_main(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        mk_job *j = pool.head;
+        while (j && (atomic_load(&j->next) >= j->nchunks || atomic_load(&j->helpers) >= j->max_helpers))
+            j = j->nxt;
+        if (!j) {
+            const unsigned seen = atomic_load(&pool.gen);
+            pthread_mutex_unlock(&pool.mu);
+            /* Spin a little (tens of microseconds) before sleeping: decode issues products back
+             * to back, and a helper that is still awake joins the next one at once. */
+            for (int i = 0; i < 4000 && atomic_load_explicit(&pool.gen, memory_order_relaxed) == seen; i++)
+                cpu_relax();
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            continue;
+        }
+        atomic_fetch_add(&j->helpers, 1);
+        pthread_mutex_unlock(&pool.mu);
+        run_chunks(j);
+        atomic_fetch_sub(&j->helpers, 1); /* from here on the job may be gone */
+        pthread_mutex_lock(&pool.mu);
+    }
+    return NULL;
+}
+
+static void pool_child_after_fork(void) {
+    /* The helpers do not exist in a forked child; start afresh there. */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pool.head = NULL;
+    pool.started = 0;
+}
+
+/* Runs fn(ctx, c) for c in [0, nchunks) on up to nthreads threads (the caller included). */
+static void mk_parallel(chunk_fn fn, void *ctx, int64_t nchunks, int nthreads) {
+    if (nthreads > MAX_HELPERS + 1) nthreads = MAX_HELPERS + 1;
+    if (nthreads > nchunks) nthreads = (int)nchunks;
+    if (nthreads <= 1) {
+        for (int64_t c = 0; c < nchunks; c++) fn(ctx, c);
+        return;
+    }
+    mk_job j;
+    j.fn = fn;
+    j.ctx = ctx;
+    j.nchunks = nchunks;
+    atomic_init(&j.next, 0);
+    atomic_init(&j.helpers, 0);
+    j.max_helpers = nthreads - 1;
+    j.prev = NULL;
+    pthread_mutex_lock(&pool.mu);
+    if (!pool.atfork) {
+        pthread_atfork(NULL, NULL, pool_child_after_fork);
+        pool.atfork = 1;
+    }
+    while (pool.started < nthreads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&t, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc) break; /* fewer helpers: the caller still does all the work it must */
+        pool.started++;
+    }
+    j.nxt = pool.head;
+    if (pool.head) pool.head->prev = &j;
+    pool.head = &j;
+    atomic_fetch_add(&pool.gen, 1);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+
+    run_chunks(&j);
+
+    pthread_mutex_lock(&pool.mu);
+    if (j.prev) j.prev->nxt = j.nxt; else pool.head = j.nxt;
+    if (j.nxt) j.nxt->prev = j.prev;
+    pthread_mutex_unlock(&pool.mu);
+    /* Only helpers that joined before the withdrawal can be inside; each finishes its chunk. */
+    for (int i = 0; atomic_load(&j.helpers) > 0; i++) {
+        if (i < 2000) cpu_relax(); else sched_yield();
+    }
+}
+
 static int pick_threads(int nt, int64_t bytes) {
     if (nt < 1) nt = 1;
     return bytes < SERIAL_BYTES ? 1 : nt;
@@ -193,17 +336,24 @@ static int64_t chunk_rows(int64_t rb, int64_t align) {
     return c / align * align;
 }
 
+typedef struct {
+    int fmt;
+    const uint8_t *w;
+    int64_t rb, rows, cols, ch;
+    float *out;
+} deq_ctx;
+
+static void deq_chunk(void *vctx, int64_t c) {
+    const deq_ctx *x = vctx;
+    const int64_t r1 = (c + 1) * x->ch < x->rows ? (c + 1) * x->ch : x->rows;
+    for (int64_t r = c * x->ch; r < r1; r++) deq_row(x->fmt, x->w + r * x->rb, x->cols, x->out + r * x->cols);
+}
+
 MK_API int mk_dequant(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, float *out,
                       int nthreads) {
     if (fmt_row_bytes(fmt, cols) < 0) return -1;
-    const int nt = pick_threads(nthreads, rows * rb);
-    const int64_t ch = chunk_rows(rb, 1), nchunks = (rows + ch - 1) / ch;
-    (void)nt;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t r1 = (c + 1) * ch < rows ? (c + 1) * ch : rows;
-        for (int64_t r = c * ch; r < r1; r++) deq_row(fmt, w + r * rb, cols, out + r * cols);
-    }
+    deq_ctx x = {fmt, w, rb, rows, cols, chunk_rows(rb, 1), out};
+    mk_parallel(deq_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb));
     return 0;
 }
 
@@ -215,7 +365,7 @@ typedef struct {
     int16_t *xq;          /* int16 activations, (n, cols), 32-byte aligned */
     float *xd;            /* per 32-block scale, (n, nb) */
     float *xs;            /* per 32-block sum of the float activations, (n, nb) */
-    float *xs16;          /* per 16-group sum, (n, 2 nb), for q6_k */
+    float *xs16;          /* 32 * per 16-group sum (q6_k's offset), (n, 2 nb) */
     float *xd16;          /* per 16-group scale (xd repeated), (n, 2 nb), for q6_k */
     int32_t *xc;          /* q4_0: 8 * madd lanes of the block, (n, nb, 8) */
 } xprep;
@@ -230,7 +380,7 @@ static void xprep_free(xprep *p) {
     memset(p, 0, sizeof(*p));
 }
 
-static void *alloc32(size_t bytes) {
+static __attribute__((unused)) void *alloc32(size_t bytes) {
     bytes = (bytes + 31) / 32 * 32;
     return aligned_alloc(32, bytes ? bytes : 32);
 }
@@ -279,8 +429,8 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
             const int64_t k = j * p->nb + b;
             p->xd[k] = d;
             p->xs[k] = s0 + s1;
-            p->xs16[2 * k] = s0;
-            p->xs16[2 * k + 1] = s1;
+            p->xs16[2 * k] = 32.0f * s0; /* exact: a power of two */
+            p->xs16[2 * k + 1] = 32.0f * s1;
             p->xd16[2 * k] = d;
             p->xd16[2 * k + 1] = d;
             /* _mm256_madd_epi16 lane l sums elements 2l and 2l+1 of each 16-element half. */
@@ -293,6 +443,10 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
 /* ---------- dot products: R rows (R <= 4) against one prepared vector j ---------- */
 
 #if MK_SIMD
+/* Each dot_* below multiplies R rows (from w, stride rb) by J prepared vectors (from j0) and
+ * writes out[r * J + jj].  R * J <= 4: one accumulator per pair stays in a register.  A weight
+ * block is decoded once per row and used for all J vectors, so a few tokens (prefill routed to
+ * one expert) cost little more than one. */
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -302,98 +456,91 @@ INLINE float hsum(__m256 v) {
 
 INLINE __m256i ld16(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
 
-INLINE void dot_f16(const uint8_t *w, int64_t rb, int R, const float *x, int64_t cols, float *out) {
-    __m256 acc[4][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= cols; i += 16) {
-        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-        for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + r * rb + 2 * i;
-            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16))), x1,
-                                        acc[r][1]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t k = i; k < cols; k++) s += h2f(w + r * rb + 2 * k) * x[k];
-        out[r] = s;
-    }
-}
+INLINE __m256i ldx(const int16_t *p) { return _mm256_load_si256((const __m256i *)p); }
+
+/* Lane k of v, in every lane: vpermps with a constant index (no store/reload through memory,
+ * which would stall on store forwarding). */
+INLINE __m256 lane(__m256 v, int k) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k)); }
+
+#define ACC_INIT                                                                             \
+    __m256 acc[4][4];                                                                        \
+    for (int r = 0; r < R; r++)                                                              \
+        for (int jj = 0; jj < J; jj++) acc[r][jj] = _mm256_setzero_ps();
 
 INLINE __m256 bf8(const uint8_t *p) {
     return _mm256_castsi256_ps(
         _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-INLINE void dot_bf16(const uint8_t *w, int64_t rb, int R, const float *x, int64_t cols, float *out) {
-    __m256 acc[4][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+INLINE __m256 hf8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* f16 and bf16: exact conversion, float32 products and sums (no activation rounding). */
+INLINE void dot_half(int bf, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0,
+                     float *out) {
+    const int64_t cols = p->cols;
+    ACC_INIT
     int64_t i = 0;
-    for (; i + 16 <= cols; i += 16) {
-        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (; i + 8 <= cols; i += 8) {
         for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + r * rb + 2 * i;
-            acc[r][0] = _mm256_fmadd_ps(bf8(p), x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(bf8(p + 16), x1, acc[r][1]);
+            const __m256 wv = bf ? bf8(w + r * rb + 2 * i) : hf8(w + r * rb + 2 * i);
+            for (int jj = 0; jj < J; jj++)
+                acc[r][jj] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p->xf + (j0 + jj) * cols + i), acc[r][jj]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t k = i; k < cols; k++) s += bf2f(rd16(w + r * rb + 2 * k)) * x[k];
-        out[r] = s;
-    }
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) {
+            float s = hsum(acc[r][jj]);
+            const float *x = p->xf + (j0 + jj) * cols;
+            for (int64_t k = i; k < cols; k++)
+                s += (bf ? bf2f(rd16(w + r * rb + 2 * k)) : h2f(w + r * rb + 2 * k)) * x[k];
+            out[r * J + jj] = s;
+        }
 }
 
-INLINE void dot_q8_0(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
-    const int16_t *xq = p->xq + j * p->cols;
-    const float *xd = p->xd + j * p->nb;
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < p->nb; b++) {
-        const __m256i xa = _mm256_load_si256((const __m256i *)(xq + 32 * b));
-        const __m256i xb = _mm256_load_si256((const __m256i *)(xq + 32 * b + 16));
-        const float dx = xd[b];
+INLINE void dot_q8_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    ACC_INIT
+    for (int64_t b = 0; b < nb; b++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *q = w + r * rb + 34 * b;
             const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 2)));
             const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 18)));
-            const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(v0, xa), _mm256_madd_epi16(v1, xb));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(q) * dx), acc[r]);
+            const float dw = h2f(q);
+            for (int jj = 0; jj < J; jj++) {
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b;
+                const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(v0, ldx(x)), _mm256_madd_epi16(v1, ldx(x + 16)));
+                acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * p->xd[(j0 + jj) * nb + b]),
+                                             acc[r][jj]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
-INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
-    const int16_t *xq = p->xq + j * p->cols;
-    const float *xd = p->xd + j * p->nb;
-    const int32_t *xc = p->xc + 8 * j * p->nb;
+INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
     const __m256i m4 = _mm256_set1_epi16(0x0F);
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < p->nb; b++) {
-        const __m256i xa = _mm256_load_si256((const __m256i *)(xq + 32 * b));
-        const __m256i xb = _mm256_load_si256((const __m256i *)(xq + 32 * b + 16));
-        const __m256i c = _mm256_load_si256((const __m256i *)(xc + 8 * b));
-        const float dx = xd[b];
+    ACC_INIT
+    for (int64_t b = 0; b < nb; b++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *q = w + r * rb + 18 * b;
             /* One byte per int16 lane: the low nibble is weight i, the high nibble weight 16+i. */
             const __m256i v = ld16(q + 2);
             const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
-            __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb));
-            s = _mm256_sub_epi32(s, c); /* the -8 offset of every weight */
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(h2f(q) * dx), acc[r]);
+            const float dw = h2f(q);
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + b;
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b;
+                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo, ldx(x)), _mm256_madd_epi16(hi, ldx(x + 16)));
+                s = _mm256_sub_epi32(s, _mm256_load_si256((const __m256i *)(p->xc + 8 * k))); /* the -8 */
+                acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * p->xd[k]), acc[r][jj]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
-
-/* Lane k of v, in every lane: vpermps with a constant index (no store/reload through memory,
- * which would stall on store forwarding). */
-INLINE __m256 lane(__m256 v, int k) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k)); }
 
 /* q4_k's 8 scales (bytes 0-7) and 8 mins (bytes 8-15) from the 12 packed bytes, in registers. */
 INLINE __m128i q4k_unpack(const uint8_t *s) {
@@ -406,48 +553,47 @@ INLINE __m128i q4k_unpack(const uint8_t *s) {
     return _mm_set_epi32((int)mn_hi, (int)mn_lo, (int)sc_hi, (int)sc_lo);
 }
 
-INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
-    const int16_t *xq = p->xq + j * p->cols;
-    const float *xd = p->xd + j * p->nb, *xs = p->xs + j * p->nb;
+INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
     const __m256i m4 = _mm256_set1_epi16(0x0F);
-    __m256 acc[4], accm[4];
-    for (int r = 0; r < R; r++) acc[r] = accm[r] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < p->nb / 8; sb++) {
-        const int16_t *x = xq + 256 * sb;
-        const __m256 xdv = _mm256_loadu_ps(xd + 8 * sb), xsv = _mm256_loadu_ps(xs + 8 * sb);
+    ACC_INIT
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *q = w + r * rb + 144 * sb;
             const __m128i smv = q4k_unpack(q + 4);
-            const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv));
-            const __m256 mnf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
-            /* min term: dmin * sum_j m_j * (sum of x over sub-block j) */
-            accm[r] = _mm256_fmadd_ps(_mm256_mul_ps(mnf, xsv), _mm256_set1_ps(h2f(q + 2)), accm[r]);
-            const __m256 sv = _mm256_mul_ps(_mm256_mul_ps(scf, _mm256_set1_ps(h2f(q))), xdv);
+            const __m256 scd = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv)), _mm256_set1_ps(h2f(q)));
+            const __m256 mnd = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8))),
+                                             _mm256_set1_ps(h2f(q + 2)));
+            __m256 sv[4];
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + 8 * sb;
+                /* the mins: minus dmin * m_j * (sum of x over sub-block j) */
+                acc[r][jj] = _mm256_fnmadd_ps(mnd, _mm256_loadu_ps(p->xs + k), acc[r][jj]);
+                sv[jj] = _mm256_mul_ps(scd, _mm256_loadu_ps(p->xd + k));
+            }
             for (int c = 0; c < 4; c++) {
-                const int16_t *xc0 = x + 64 * c;
                 const __m256i v0 = ld16(q + 16 + 32 * c), v1 = ld16(q + 32 + 32 * c);
-                const __m256i sa = _mm256_add_epi32(
-                    _mm256_madd_epi16(_mm256_and_si256(v0, m4), _mm256_load_si256((const __m256i *)xc0)),
-                    _mm256_madd_epi16(_mm256_and_si256(v1, m4), _mm256_load_si256((const __m256i *)(xc0 + 16))));
-                const __m256i sb2 = _mm256_add_epi32(
-                    _mm256_madd_epi16(_mm256_srli_epi16(v0, 4), _mm256_load_si256((const __m256i *)(xc0 + 32))),
-                    _mm256_madd_epi16(_mm256_srli_epi16(v1, 4), _mm256_load_si256((const __m256i *)(xc0 + 48))));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sa), lane(sv, 2 * c), acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sb2), lane(sv, 2 * c + 1), acc[r]);
+                const __m256i l0 = _mm256_and_si256(v0, m4), l1 = _mm256_and_si256(v1, m4);
+                const __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
+                for (int jj = 0; jj < J; jj++) {
+                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c;
+                    const __m256i sa = _mm256_add_epi32(_mm256_madd_epi16(l0, ldx(x)), _mm256_madd_epi16(l1, ldx(x + 16)));
+                    const __m256i sh = _mm256_add_epi32(_mm256_madd_epi16(h0, ldx(x + 32)), _mm256_madd_epi16(h1, ldx(x + 48)));
+                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sa), lane(sv[jj], 2 * c), acc[r][jj]);
+                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), lane(sv[jj], 2 * c + 1), acc[r][jj]);
+                }
             }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) - hsum(accm[r]);
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
-INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_t j, float *out) {
-    const int16_t *xq = p->xq + j * p->cols;
-    const float *xd16 = p->xd16 + 2 * j * p->nb, *xs16 = p->xs16 + 2 * j * p->nb;
+INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
     const __m256i m4 = _mm256_set1_epi16(0x0F), m30 = _mm256_set1_epi16(0x30);
-    __m256 acc[4], acco[4];
-    for (int r = 0; r < R; r++) acc[r] = acco[r] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < p->nb / 8; sb++) {
-        const int16_t *x = xq + 256 * sb;
+    ACC_INIT
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *q = w + r * rb + 210 * sb;
             const __m256 d = _mm256_set1_ps(h2f(q + 208));
@@ -456,11 +602,7 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_
                 _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))),
                 _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))))};
             for (int h = 0; h < 2; h++) {
-                /* offset term: 32 * sum_g d*sc_g * (sum of x over group g) */
-                acco[r] = _mm256_fmadd_ps(sc[h], _mm256_loadu_ps(xs16 + 16 * sb + 8 * h), acco[r]);
-                const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(xd16 + 16 * sb + 8 * h));
                 const uint8_t *ql = q + 64 * h, *qh = q + 128 + 32 * h;
-                const int16_t *xh = x + 128 * h;
                 __m256i qv[8];
                 for (int t = 0; t < 2; t++) {
                     const __m256i A = ld16(ql + 16 * t), B = ld16(ql + 32 + 16 * t), H = ld16(qh + 16 * t);
@@ -469,15 +611,49 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, const xprep *p, int64_
                     qv[4 + t] = _mm256_or_si256(_mm256_srli_epi16(A, 4), _mm256_and_si256(H, m30));
                     qv[6 + t] = _mm256_or_si256(_mm256_srli_epi16(B, 4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
                 }
-                for (int g = 0; g < 8; g++) {
-                    const __m256i s = _mm256_madd_epi16(qv[g], _mm256_load_si256((const __m256i *)(xh + 16 * g)));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), lane(sv, g), acc[r]);
+                for (int jj = 0; jj < J; jj++) {
+                    const int64_t k = 2 * ((j0 + jj) * nb + 8 * sb) + 8 * h; /* 16-group index */
+                    /* the offset: minus d*sc_g * 32 * (sum of x over group g) */
+                    acc[r][jj] = _mm256_fnmadd_ps(sc[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
+                    const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
+                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
+                    for (int g = 0; g < 8; g++) {
+                        const __m256i s = _mm256_madd_epi16(qv[g], ldx(x + 16 * g));
+                        acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), lane(sv, g), acc[r][jj]);
+                    }
                 }
             }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum(acc[r]) - 32.0f * hsum(acco[r]);
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
+
+INLINE void dot_simd(int fmt, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0,
+                     float *out) {
+    switch (fmt) {
+    case F16: dot_half(0, w, rb, R, J, p, j0, out); break;
+    case BF16: dot_half(1, w, rb, R, J, p, j0, out); break;
+    case Q8_0: dot_q8_0(w, rb, R, J, p, j0, out); break;
+    case Q4_0: dot_q4_0(w, rb, R, J, p, j0, out); break;
+    case Q4_K: dot_q4_k(w, rb, R, J, p, j0, out); break;
+    case Q6_K: dot_q6_k(w, rb, R, J, p, j0, out); break;
+    }
+}
+
+/* Out-of-line instantiations with constant R and J, so each is fully unrolled. */
+#define MK_INST(R, J)                                                                         \
+    static void dot_##R##_##J(int fmt, const uint8_t *w, int64_t rb, const xprep *p, int64_t j0, \
+                              float *out) {                                                   \
+        dot_simd(fmt, w, rb, R, J, p, j0, out);                                               \
+    }
+MK_INST(4, 1)
+MK_INST(2, 2)
+MK_INST(1, 1)
+MK_INST(1, 2)
+MK_INST(1, 3)
+MK_INST(1, 4)
+#undef MK_INST
 #endif /* MK_SIMD */
 
 /* Portable dots on the float activations: 8 independent partial sums so that gcc can
@@ -531,23 +707,54 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
 #if MK_SIMD
     if (fmt != F32 && (p->xq || fmt == F16 || fmt == BF16)) {
         float o[4];
+        if (p->n == 1) { /* decode: four rows share each load of the vector */
+            int64_t r = r0;
+            for (; r + 4 <= r1; r += 4) {
+                dot_4_1(fmt, w + r * rb, rb, p, 0, o);
+                for (int k = 0; k < 4; k++) Y[r + k] = o[k];
+            }
+            for (; r < r1; r++) {
+                dot_1_1(fmt, w + r * rb, rb, p, 0, o);
+                Y[r] = o[0];
+            }
+            return;
+        }
+        /* Several vectors: each row is decoded once per group of up to four vectors, with
+         * four accumulators in flight (FMA latency would bound fewer). */
         int64_t r = r0;
-#define MK_RUN(R)                                                                            \
-    for (int64_t j = 0; j < p->n; j++) {                                                     \
-        const uint8_t *wr = w + r * rb;                                                      \
-        switch (fmt) {                                                                       \
-        case F16: dot_f16(wr, rb, R, p->xf + j * p->cols, p->cols, o); break;                \
-        case BF16: dot_bf16(wr, rb, R, p->xf + j * p->cols, p->cols, o); break;              \
-        case Q8_0: dot_q8_0(wr, rb, R, p, j, o); break;                                      \
-        case Q4_0: dot_q4_0(wr, rb, R, p, j, o); break;                                      \
-        case Q4_K: dot_q4_k(wr, rb, R, p, j, o); break;                                      \
-        case Q6_K: dot_q6_k(wr, rb, R, p, j, o); break;                                      \
-        }                                                                                    \
-        for (int k = 0; k < R; k++) Y[j * ldy + r + k] = o[k];                               \
-    }
-        for (; r + 4 <= r1; r += 4) { MK_RUN(4) }
-        for (; r < r1; r++) { MK_RUN(1) }
-#undef MK_RUN
+        for (; r + 4 <= r1; r += 4) {
+            for (int64_t j = 0; j < p->n; j += 4) {
+                const int64_t J = p->n - j < 4 ? p->n - j : 4;
+                for (int k = 0; k < 4; k += (J == 2 ? 2 : 1)) {
+                    if (J == 1) {
+                        dot_4_1(fmt, w + r * rb, rb, p, j, o);
+                        for (int i = 0; i < 4; i++) Y[j * ldy + r + i] = o[i];
+                        break;
+                    }
+                    if (J == 2) {
+                        dot_2_2(fmt, w + (r + k) * rb, rb, p, j, o);
+                        for (int i = 0; i < 2; i++)
+                            for (int jj = 0; jj < 2; jj++) Y[(j + jj) * ldy + r + k + i] = o[2 * i + jj];
+                        continue;
+                    }
+                    if (J == 3) dot_1_3(fmt, w + (r + k) * rb, rb, p, j, o);
+                    else dot_1_4(fmt, w + (r + k) * rb, rb, p, j, o);
+                    for (int64_t jj = 0; jj < J; jj++) Y[(j + jj) * ldy + r + k] = o[jj];
+                }
+            }
+        }
+        for (; r < r1; r++) {
+            for (int64_t j = 0; j < p->n; j += 4) {
+                const int64_t J = p->n - j < 4 ? p->n - j : 4;
+                switch (J) {
+                case 1: dot_1_1(fmt, w + r * rb, rb, p, j, o); break;
+                case 2: dot_1_2(fmt, w + r * rb, rb, p, j, o); break;
+                case 3: dot_1_3(fmt, w + r * rb, rb, p, j, o); break;
+                default: dot_1_4(fmt, w + r * rb, rb, p, j, o); break;
+                }
+                for (int64_t k = 0; k < J; k++) Y[(j + k) * ldy + r] = o[k];
+            }
+        }
         return;
     }
 #endif
@@ -556,25 +763,60 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
             Y[j * ldy + r] = dot_generic(fmt, w + r * rb, p->xf + j * p->cols, p->cols);
 }
 
+typedef struct {
+    int fmt;
+    const uint8_t *w;
+    int64_t rb, rows, ch;
+    const xprep *p;
+    float *Y;
+    int64_t ldy;
+} mm_ctx;
+
+static void mm_chunk(void *vctx, int64_t c) {
+    const mm_ctx *x = vctx;
+    const int64_t r1 = (c + 1) * x->ch < x->rows ? (c + 1) * x->ch : x->rows;
+    rows_dot(x->fmt, x->w, x->rb, c * x->ch, r1, x->p, x->Y, x->ldy);
+}
+
 MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, const float *X,
                      int64_t n, float *Y, int nthreads) {
     if (fmt_row_bytes(fmt, cols) < 0) return -1;
     xprep p;
     if (xprep_init(&p, X, n, cols)) return -2;
     xprep_fill(&p, 0, n);
-    const int nt = pick_threads(nthreads, rows * rb * (n < 4 ? n : 4));
-    const int64_t ch = chunk_rows(rb, 4), nchunks = (rows + ch - 1) / ch;
-    (void)nt;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t r1 = (c + 1) * ch < rows ? (c + 1) * ch : rows;
-        rows_dot(fmt, w, rb, c * ch, r1, &p, Y, rows);
-    }
+    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, 4), &p, Y, rows};
+    mk_parallel(mm_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb * (n < 4 ? n : 4)));
     xprep_free(&p);
     return 0;
 }
 
-/* One expert's FFN, down(silu(gate x) * (up x)), for n vectors: one call, one thread team.
+/* Phase one of the FFN: chunk 2k is gate rows of block k, chunk 2k+1 the same rows of up. */
+typedef struct {
+    mm_ctx g, u;
+} gu_ctx;
+
+static void gu_chunk(void *vctx, int64_t c) {
+    gu_ctx *x = vctx;
+    mm_chunk(c % 2 ? (void *)&x->u : (void *)&x->g, c / 2);
+}
+
+typedef struct {
+    float *G;
+    const float *U;
+    int64_t inter;
+    xprep *ph;
+} act_ctx;
+
+static void act_chunk(void *vctx, int64_t j) {
+    act_ctx *x = vctx;
+    float *gj = x->G + j * x->inter;
+    const float *uj = x->U + j * x->inter;
+    for (int64_t i = 0; i < x->inter; i++) gj[i] = gj[i] / (1.0f + expf(-gj[i])) * uj[i];
+    xprep_fill(x->ph, j, j + 1);
+}
+
+/* One expert's FFN, down(silu(gate x) * (up x)), for n vectors in one call: gate and up rows
+ * share the threads, then the activation, then the down projection.
  * gate and up are (inter, hidden) in fmt_gu; down is (hidden, inter) in fmt_d. */
 MK_API int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fmt_d,
                   const uint8_t *dn, int64_t rb_d, int64_t hidden, int64_t inter, const float *X,
@@ -588,62 +830,56 @@ MK_API int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu,
         free(G);
         return -2;
     }
-    if (xprep_init(&ph, G, n, inter)) {
+    if (xprep_init(&ph, NULL, n, inter)) {
         xprep_free(&px);
         free(G);
         return -2;
     }
+    ph.xf = G; /* filled (silu(gate) * up) before ph is quantized */
     xprep_fill(&px, 0, n);
-    const int nt = pick_threads(nthreads, 3 * inter * rb_gu);
-    const int64_t ch_gu = chunk_rows(rb_gu, 4), nc_gu = (inter + ch_gu - 1) / ch_gu;
-    const int64_t ch_d = chunk_rows(rb_d, 4), nc_d = (hidden + ch_d - 1) / ch_d;
-    (void)nt;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < 2 * nc_gu; c++) {
-            const int64_t k = c / 2, r1 = (k + 1) * ch_gu < inter ? (k + 1) * ch_gu : inter;
-            if (c % 2 == 0)
-                rows_dot(fmt_gu, g, rb_gu, k * ch_gu, r1, &px, G, inter);
-            else
-                rows_dot(fmt_gu, u, rb_gu, k * ch_gu, r1, &px, U, inter);
-        }
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < n; j++) {
-            float *gj = G + j * inter;
-            const float *uj = U + j * inter;
-            for (int64_t i = 0; i < inter; i++) gj[i] = gj[i] / (1.0f + expf(-gj[i])) * uj[i];
-            xprep_fill(&ph, j, j + 1);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < nc_d; c++) {
-            const int64_t r1 = (c + 1) * ch_d < hidden ? (c + 1) * ch_d : hidden;
-            rows_dot(fmt_d, dn, rb_d, c * ch_d, r1, &ph, Y, hidden);
-        }
-    }
+    const int64_t work = inter * rb_gu * (n < 4 ? n : 4);
+    gu_ctx gu = {{fmt_gu, g, rb_gu, inter, chunk_rows(rb_gu, 4), &px, G, inter},
+                 {fmt_gu, u, rb_gu, inter, chunk_rows(rb_gu, 4), &px, U, inter}};
+    mk_parallel(gu_chunk, &gu, 2 * ((inter + gu.g.ch - 1) / gu.g.ch), pick_threads(nthreads, 2 * work));
+    act_ctx act = {G, U, inter, &ph};
+    mk_parallel(act_chunk, &act, n, pick_threads(nthreads, n * inter * 64));
+    mm_ctx d = {fmt_d, dn, rb_d, hidden, chunk_rows(rb_d, 4), &ph, Y, hidden};
+    mk_parallel(mm_chunk, &d, (hidden + d.ch - 1) / d.ch, pick_threads(nthreads, work));
     xprep_free(&px);
     xprep_free(&ph);
     free(G);
     return 0;
 }
 
-/* Sums a float buffer with every thread streaming its own part: a DRAM read-bandwidth probe
+typedef struct {
+    const float *buf;
+    int64_t n, ch;
+    double *part;
+} sum_ctx;
+
+static void sum_chunk(void *vctx, int64_t c) {
+    sum_ctx *x = vctx;
+    const int64_t i1 = (c + 1) * x->ch < x->n ? (c + 1) * x->ch : x->n;
+    float lane[16] = {0};
+    int64_t i = c * x->ch;
+    for (; i + 16 <= i1; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += x->buf[i + l];
+    for (; i < i1; i++) lane[0] += x->buf[i];
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += lane[l];
+    x->part[c] = s;
+}
+
+/* Sums a float buffer with every thread streaming its own chunks: a DRAM read-bandwidth probe
  * for the benchmark (the work per byte is far below what a core can do). */
 MK_API double mk_read_sum(const float *buf, int64_t n, int nthreads) {
+    sum_ctx x = {buf, n, 1 << 16, NULL};
+    const int64_t nchunks = (n + x.ch - 1) / x.ch;
+    x.part = malloc((size_t)(nchunks > 0 ? nchunks : 1) * sizeof(double));
+    if (!x.part) return NAN;
+    mk_parallel(sum_chunk, &x, nchunks, nthreads);
     double total = 0.0;
-    const int64_t ch = 1 << 16, nchunks = (n + ch - 1) / ch;
-    (void)nthreads;
-#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(nthreads > 0 ? nthreads : 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t i1 = (c + 1) * ch < n ? (c + 1) * ch : n;
-        float lane[16] = {0};
-        int64_t i = c * ch;
-        for (; i + 16 <= i1; i += 16)
-            for (int l = 0; l < 16; l++) lane[l] += buf[i + l];
-        for (; i < i1; i++) lane[0] += buf[i];
-        float s = 0.0f;
-        for (int l = 0; l < 16; l++) s += lane[l];
-        total += s;
-    }
+    for (int64_t c = 0; c < nchunks; c++) total += x.part[c];
+    free(x.part);
     return total;
 }

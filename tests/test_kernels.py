@@ -200,7 +200,7 @@ def llm_like(n: int, cols: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", NOT_F32)
-@pytest.mark.parametrize("n", [1, 3, 9])
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 9, 20])
 def test_matmul_matches_dequantized_product(backend, fmt, n):
     rows, cols = 37, 512  # rows not a multiple of 4: the kernels' remainder path
     q = random_blocks(fmt, rows, cols, seed=6) if fmt != "bf16" else kernels.quantize(

@@ -1,0 +1,269 @@
+"""`mer-tui bench kernels`: matrix-vector speed of every weight format against numpy float32.
+
+Decoding reads every active weight once per token, so the figure of merit is weight bytes per
+second: a format that keeps up with DRAM turns its smaller size directly into more tokens/s.
+For each format and shape this prints the bytes/s of `kernels.matvec` (median of repeats),
+numpy's float32 matvec (BLAS sgemv) on the same shape as the baseline, their ratio, and how
+much faster a token's product is than float32's.  It also measures the machine's DRAM read
+bandwidth (all threads streaming a buffer far larger than the caches), the ceiling for both.
+
+By default every timed call reads weights that are not in any cache ("cold"): a ring of copies
+of the matrix, together several times the size of the last-level cache, is walked round, as a
+decode step walks through many matrices.  --hot times the same matrix over and over instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+import kernels
+from kernels import formats
+
+REAL_SHAPES = "4096x14336,2048x1024,8192x4096"  # rows x cols: Mixtral FFN, OLMoE expert, Mixtral attention
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2 (the CLI's convention)
+        raise _Usage(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mer-tui bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--formats", default=",".join(f for f in formats.FORMATS if f != "f32"),
+                   help="comma-separated weight formats (default: all quantized and half formats)")
+    p.add_argument("--shapes", default=REAL_SHAPES, help=f"comma-separated ROWSxCOLS (default {REAL_SHAPES})")
+    p.add_argument("--repeats", type=int, default=9, help="timed samples per measurement; the median counts")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--backend", default=None, help="kernel backend: auto, c, c-avx2, c-generic, numba, numpy")
+    p.add_argument("--hot", action="store_true", help="time one matrix repeatedly (cache-resident when it fits)")
+    p.add_argument("--batch", default="", help="also time matmul for these token counts, e.g. 1,2,4,8,16,64")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            r, c = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise _Usage(f"--shapes: {part!r} is not ROWSxCOLS") from None
+        if r < 1 or c < 1:
+            raise _Usage(f"--shapes: {part!r} must be positive")
+        out.append((r, c))
+    if not out:
+        raise _Usage("--shapes: no shape given")
+    return out
+
+
+def l3_bytes() -> int:
+    """Size of the largest cache (sysfs), or 32 MiB when unknown."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or 32 << 20
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synthetic_weights(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Bytes in `fmt` with realistic values: speed does not depend on them, but denormal or NaN
+    floats could (float formats come from Gaussian weights; block formats get random codes and
+    ordinary f16 scales)."""
+    if fmt in formats.FLOAT_FORMATS:
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+        return kernels.quantize(w, fmt)
+    q = rng.integers(0, 256, (rows, formats.row_bytes(fmt, cols)), dtype=np.uint8)
+    per, nbytes = formats.BLOCK[fmt]
+    blocks = q.reshape(-1, nbytes)
+    offsets = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}[fmt]
+    for off in offsets:
+        d = (np.abs(rng.standard_normal(blocks.shape[0])) * 1e-3 + 1e-4).astype(np.float16)
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return q
+
+
+def _ring(first: np.ndarray, ring_bytes: int, hot: bool) -> list[np.ndarray]:
+    """Copies of `first` whose total exceeds `ring_bytes`, so that no call finds its weights cached."""
+    if hot:
+        return [first]
+    n = max(1, math.ceil(ring_bytes / max(first.nbytes, 1)))
+    return [first] + [first.copy() for _ in range(n - 1)]
+
+
+def _time(call, items: list, repeats: int) -> float:
+    """Median seconds of one call, over `repeats` samples of >= ~20 ms each."""
+    for it in items:  # fault pages in, compile, warm the code
+        call(it)
+    t = time.perf_counter()
+    call(items[0])
+    one = max(time.perf_counter() - t, 1e-6)
+    per_sample = max(len(items), math.ceil(0.02 / one))
+    samples = []
+    k = 0
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        for _ in range(per_sample):
+            call(items[k % len(items)])
+            k += 1
+        samples.append((time.perf_counter() - t) / per_sample)
+    return float(np.median(samples))
+
+
+def dram_read_bandwidth(threads: int, repeats: int, nbytes: int) -> dict[str, float]:
+    """Read bandwidth of a buffer far larger than the caches: all threads, and one numpy stream."""
+    buf = np.ones(nbytes // 4, dtype=np.float32)
+    out: dict[str, float] = {}
+    b = kernels.backend()
+    if b.startswith("c-"):
+        from kernels import cpu_c
+        ck = cpu_c.load(b[2:])
+        t = _time(lambda _: ck.read_sum(buf, threads), [None], repeats)
+    else:
+        from kernels import matvec_numba
+        t = _time(lambda _: matvec_numba.read_sum(buf, threads), [None], repeats)
+    out["all_threads"] = buf.nbytes / t
+    out["numpy_1_thread"] = buf.nbytes / _time(lambda _: buf.sum(dtype=np.float64), [None], repeats)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    fmts = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for f in fmts:
+        if f not in formats.FORMATS:
+            raise _Usage(f"--formats: unknown format {f!r} (known: {', '.join(formats.FORMATS)})")
+    shapes = _shapes(args.shapes)
+    for f in fmts:
+        for r, c in shapes:
+            if c % formats.BLOCK[f][0]:
+                raise _Usage(f"--shapes: {r}x{c} has {c} columns, not a multiple of {f}'s block "
+                             f"({formats.BLOCK[f][0]})")
+    batch = [int(v) for v in args.batch.split(",") if v.strip()] if args.batch else []
+    if args.repeats < 1:
+        raise _Usage("--repeats must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise _Usage("--threads must be at least 1")
+    kernels.set_threads(args.threads)
+    try:
+        backend = kernels.set_backend(args.backend)
+    except ValueError as e:
+        raise _Usage(f"--backend: {e}") from None
+    threads = kernels.threads()
+    load_before = os.getloadavg()
+    ring_bytes = 4 * l3_bytes()
+    rng = np.random.default_rng(0)
+
+    result: dict = {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "l3_bytes": l3_bytes(),
+                    "python": platform.python_version(), "numpy": np.__version__},
+        "backend": backend, "threads": threads, "mode": "hot" if args.hot else "cold",
+        "command": "mer-tui bench kernels " + " ".join(args.argv),
+        "load_avg_before": list(load_before),
+    }
+    result["dram_read_bytes_per_s"] = dram_read_bandwidth(threads, args.repeats, max(512 << 20, ring_bytes))
+    rows_out = []
+    for rows, cols in shapes:
+        x = rng.standard_normal(cols, dtype=np.float32)
+        W = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+        ring = _ring(W, ring_bytes, args.hot)
+        t32 = _time(lambda w, x=x: w @ x, ring, args.repeats)
+        del ring, W
+        base = rows * cols * 4 / t32
+        for fmt in fmts:
+            q = synthetic_weights(fmt, rows, cols, rng)
+            ring = _ring(q, ring_bytes, args.hot)
+            t = _time(lambda m, fmt=fmt, cols=cols, x=x: kernels.matvec(m, fmt, cols, x), ring, args.repeats)
+            rows_out.append({
+                "shape": f"{rows}x{cols}", "format": fmt, "weight_bytes": int(q.nbytes),
+                "seconds": t, "bytes_per_s": q.nbytes / t, "weights_per_s": rows * cols / t,
+                "numpy_f32_seconds": t32, "numpy_f32_bytes_per_s": base,
+                "ratio": q.nbytes / t / base, "speedup_vs_f32": t32 / t,
+            })
+            del ring
+            for n in batch:
+                X = rng.standard_normal((n, cols), dtype=np.float32)
+                tb = _time(lambda m, fmt=fmt, cols=cols, X=X: kernels.matmul(m, fmt, cols, X), [q],
+                           args.repeats)
+                rows_out[-1].setdefault("batch", []).append(
+                    {"n": n, "seconds": tb, "tokens_per_s": n / tb, "bytes_per_s": q.nbytes / tb})
+    result["results"] = rows_out
+    result["load_avg_after"] = list(os.getloadavg())
+    return result
+
+
+def _gb(v: float) -> str:
+    return f"{v / 1e9:.1f}"
+
+
+def render(res: dict) -> str:
+    dram = res["dram_read_bytes_per_s"]
+    lines = [
+        f"kernels: backend {res['backend']}, {res['threads']} threads, {res['mode']} weights; "
+        f"{res['machine']['cpu']}, {res['machine']['cores']} cores",
+        f"DRAM read: {_gb(dram['all_threads'])} GB/s with {res['threads']} threads, "
+        f"{_gb(dram['numpy_1_thread'])} GB/s numpy one thread",
+        f"load average before/after: {res['load_avg_before'][0]:.2f} / {res['load_avg_after'][0]:.2f} "
+        f"(on {res['machine']['cores']} cores; above ~0.5 other processes were competing)",
+        "",
+        f"{'shape':>11} {'format':>6} {'MB':>7} {'GB/s':>6} {'Gw/s':>6} {'f32 GB/s':>8} {'ratio':>6} "
+        f"{'x f32':>6}",
+    ]
+    for r in res["results"]:
+        lines.append(
+            f"{r['shape']:>11} {r['format']:>6} {r['weight_bytes'] / 1e6:7.1f} {_gb(r['bytes_per_s']):>6} "
+            f"{r['weights_per_s'] / 1e9:6.1f} {_gb(r['numpy_f32_bytes_per_s']):>8} {r['ratio']:6.2f} "
+            f"{r['speedup_vs_f32']:6.2f}")
+        for b in r.get("batch", []):
+            lines.append(f"{'':>11} {'':>6}   n={b['n']:<4} {b['tokens_per_s']:10.0f} tokens/s "
+                         f"({_gb(b['bytes_per_s'])} GB/s of weights per call)")
+    lines += ["", "GB/s: weight bytes per second of kernels.matvec (median); f32 GB/s: numpy float32 "
+              "matvec on the same shape; ratio: the two; x f32: time per token of float32 / this format."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        res = run(args)
+    except _Usage as e:
+        print(f"mer-tui bench kernels: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
