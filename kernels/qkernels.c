@@ -368,6 +368,8 @@ typedef struct {
     float *xs16;          /* 32 * per 16-group sum (q6_k's offset), (n, 2 nb) */
     float *xd16;          /* per 16-group scale (xd repeated), (n, 2 nb), for q6_k */
     int32_t *xc;          /* q4_0: 8 * madd lanes of the block, (n, nb, 8) */
+    int32_t *xc4;         /* q4_0, groups of 4 blocks: xc summed in the hadd layout, (n, nb/4, 8) */
+    float *xd4;           /* groups of 4 blocks: [xd0..xd3, xd0..xd3], (n, nb/4, 8) */
 } xprep;
 
 static void xprep_free(xprep *p) {
@@ -377,6 +379,8 @@ static void xprep_free(xprep *p) {
     free(p->xs16);
     free(p->xd16);
     free(p->xc);
+    free(p->xc4);
+    free(p->xd4);
     memset(p, 0, sizeof(*p));
 }
 
@@ -401,7 +405,9 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
         p->xs16 = alloc32(nb * 8);
         p->xd16 = alloc32(nb * 8);
         p->xc = alloc32(nb * 32);
-        if (!p->xq || !p->xd || !p->xs || !p->xs16 || !p->xd16 || !p->xc) {
+        p->xc4 = alloc32((size_t)n * (size_t)(p->nb / 4) * 32 + 32);
+        p->xd4 = alloc32((size_t)n * (size_t)(p->nb / 4) * 32 + 32);
+        if (!p->xq || !p->xd || !p->xs || !p->xs16 || !p->xd16 || !p->xc || !p->xc4 || !p->xd4) {
             xprep_free(p);
             return -2;
         }
@@ -436,6 +442,18 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
             /* _mm256_madd_epi16 lane l sums elements 2l and 2l+1 of each 16-element half. */
             for (int l = 0; l < 8; l++)
                 p->xc[8 * k + l] = 8 * ((int32_t)q[2 * l] + q[2 * l + 1] + q[16 + 2 * l] + q[17 + 2 * l]);
+        }
+        /* Groups of four blocks in the layout of hadd(hadd(s0, s1), hadd(s2, s3)): lane k holds
+         * block k's madd lanes 0-3, lane 4+k its lanes 4-7. */
+        const int64_t ng = p->nb / 4;
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t k0 = j * p->nb + 4 * g, o = 8 * (j * ng + g);
+            for (int k = 0; k < 4; k++) {
+                const int32_t *c = p->xc + 8 * (k0 + k);
+                p->xc4[o + k] = c[0] + c[1] + c[2] + c[3];
+                p->xc4[o + 4 + k] = c[4] + c[5] + c[6] + c[7];
+                p->xd4[o + k] = p->xd4[o + 4 + k] = p->xd[k0 + k];
+            }
         }
     }
 }
@@ -518,11 +536,43 @@ INLINE void dot_q8_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
+INLINE __m256i q4_0_block(const uint8_t *q, const int16_t *x, __m256i m4) {
+    /* One byte per int16 lane: the low nibble is weight i, the high nibble weight 16+i. */
+    const __m256i v = ld16(q + 2);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v, m4), ldx(x)),
+                            _mm256_madd_epi16(_mm256_srli_epi16(v, 4), ldx(x + 16)));
+}
+
 INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
     const __m256i m4 = _mm256_set1_epi16(0x0F);
     ACC_INIT
-    for (int64_t b = 0; b < nb; b++) {
+    int64_t b = 0;
+    if (J == 1) {
+        /* Decode: four blocks per step.  Their eight-lane integer sums fold into one vector
+         * (three hadds), so the int->float conversion, the f16 scales and the FMA are paid once
+         * per four blocks instead of per block: the float side was half the work. */
+        const int64_t ng = nb / 4;
+        const int16_t *xq = p->xq + j0 * cols;
+        const int32_t *c4 = p->xc4 + 8 * j0 * ng;
+        const float *d4 = p->xd4 + 8 * j0 * ng;
+        for (int64_t g = 0; g < ng; g++) {
+            const int16_t *x = xq + 128 * g;
+            for (int r = 0; r < R; r++) {
+                const uint8_t *q = w + r * rb + 72 * g;
+                const __m256i s01 = _mm256_hadd_epi32(q4_0_block(q, x, m4), q4_0_block(q + 18, x + 32, m4));
+                const __m256i s23 = _mm256_hadd_epi32(q4_0_block(q + 36, x + 64, m4), q4_0_block(q + 54, x + 96, m4));
+                const __m256i t = _mm256_sub_epi32(_mm256_hadd_epi32(s01, s23),
+                                                   _mm256_load_si256((const __m256i *)(c4 + 8 * g)));
+                const __m128 d = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, (short)rd16(q + 54), (short)rd16(q + 36),
+                                                            (short)rd16(q + 18), (short)rd16(q)));
+                const __m256 sc = _mm256_mul_ps(_mm256_set_m128(d, d), _mm256_load_ps(d4 + 8 * g));
+                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[r][0]);
+            }
+        }
+        b = 4 * ng;
+    }
+    for (; b < nb; b++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *q = w + r * rb + 18 * b;
             /* One byte per int16 lane: the low nibble is weight i, the high nibble weight 16+i. */
