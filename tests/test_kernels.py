@@ -413,3 +413,33 @@ def test_kernels_import_without_ui():
     env.pop("MER_TUI_KERNELS", None)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                    env=env)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("cols", [32, 96, 160, 544])
+def test_block_counts_not_multiple_of_four(backend, fmt, cols):
+    # q4_0's decode path folds four blocks at a time; the rest go one by one
+    q = random_blocks(fmt, 9, cols, seed=cols)
+    for n in (1, 2, 5):
+        X = llm_like(n, cols, seed=n)
+        assert _rel(kernels.matmul(q, fmt, cols, X), _ref(q, fmt, cols, X)) < 3e-3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_c_kernels_work_in_a_forked_child():
+    before = kernels.backend()
+    try:
+        kernels.set_backend("c-generic")
+        kernels.set_threads(2)
+        q = random_blocks("q8_0", 512, 1024, seed=40)  # large enough to use the helper threads
+        X = llm_like(1, 1024, seed=41)
+        want = kernels.matmul(q, "q8_0", 1024, X)
+        pid = os.fork()
+        if pid == 0:  # the child: helpers do not survive fork; the pool must start afresh
+            ok = np.array_equal(kernels.matmul(q, "q8_0", 1024, X), want)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        kernels.set_threads(None)
+        kernels.set_backend(before)
