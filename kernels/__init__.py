@@ -52,10 +52,16 @@ _threads: int = 0            # 0: every core this process may run on
 
 
 def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    global _affinity
+    if not _affinity:  # asked once: the products ask on every call
+        try:
+            _affinity = max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            _affinity = max(1, os.cpu_count() or 1)
+    return _affinity
+
+
+_affinity = 0
 
 
 def set_threads(n: int | None) -> None:
@@ -208,7 +214,11 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
     (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
     activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most.
     """
-    q = _rows(q, fmt, cols)
+    return _matmul(_rows(q, fmt, cols), fmt, cols, X)
+
+
+def _matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
+    # matmul after the checks on q (a QMatrix has passed them at construction)
     X, one = _vectors(X, cols)
     n, rows = X.shape[0], q.shape[0]
     if n == 0 or rows == 0:
@@ -248,10 +258,16 @@ class QMatrix:
 
     def __post_init__(self) -> None:
         rb = row_bytes(self.fmt, self.cols)
-        if self.data.shape != (self.rows, rb):
+        data = self.data
+        if not isinstance(data, np.ndarray) or data.shape != (self.rows, rb):
             raise FormatError(
                 f"{self.fmt} matrix {self.rows}x{self.cols} needs data of shape {(self.rows, rb)}, "
-                f"got {self.data.shape}")
+                f"got {getattr(data, 'shape', type(data).__name__)}")
+        if data.dtype != np.uint8 or data.strides[1] != 1 or data.strides[0] < rb:
+            # Products take rows at any stride but bytes within a row contiguous: normalize once
+            # here, so that every product can skip the checks.
+            object.__setattr__(self, "data", check_bytes(data.view(np.uint8) if data.dtype.itemsize == 1
+                                                         else data, self.fmt, self.cols))
 
     @classmethod
     def from_float(cls, w: np.ndarray, fmt: str = "f32") -> QMatrix:
@@ -267,7 +283,7 @@ class QMatrix:
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
         """(n, cols) -> (n, rows); n=1 takes the matrix-vector fast path."""
-        return matmul(self.data, self.fmt, self.cols, X)
+        return _matmul(self.data, self.fmt, self.cols, X)
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """(cols,) -> (rows,)."""

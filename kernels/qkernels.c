@@ -370,26 +370,16 @@ typedef struct {
     int32_t *xc;          /* q4_0: 8 * madd lanes of the block, (n, nb, 8) */
     int32_t *xc4;         /* q4_0, groups of 4 blocks: xc summed in the hadd layout, (n, nb/4, 8) */
     float *xd4;           /* groups of 4 blocks: [xd0..xd3, xd0..xd3], (n, nb/4, 8) */
+    void *mem;            /* the one allocation behind all of the above */
 } xprep;
 
 static void xprep_free(xprep *p) {
-    free(p->xq);
-    free(p->xd);
-    free(p->xs);
-    free(p->xs16);
-    free(p->xd16);
-    free(p->xc);
-    free(p->xc4);
-    free(p->xd4);
+    free(p->mem);
     memset(p, 0, sizeof(*p));
 }
 
-static __attribute__((unused)) void *alloc32(size_t bytes) {
-    bytes = (bytes + 31) / 32 * 32;
-    return aligned_alloc(32, bytes ? bytes : 32);
-}
-
-/* Allocates the buffers; xprep_fill then fills vectors [j0, j1). */
+/* Allocates the buffers (one allocation, 32-byte aligned regions); xprep_fill then fills
+ * vectors [j0, j1). */
 static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
     memset(p, 0, sizeof(*p));
     p->n = n;
@@ -398,18 +388,18 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
     p->xf = X;
 #if MK_SIMD
     if (cols % 32 == 0) {
-        const size_t nb = (size_t)(n * p->nb);
-        p->xq = alloc32((size_t)(n * cols) * 2);
-        p->xd = alloc32(nb * 4);
-        p->xs = alloc32(nb * 4);
-        p->xs16 = alloc32(nb * 8);
-        p->xd16 = alloc32(nb * 8);
-        p->xc = alloc32(nb * 32);
-        p->xc4 = alloc32((size_t)n * (size_t)(p->nb / 4) * 32 + 32);
-        p->xd4 = alloc32((size_t)n * (size_t)(p->nb / 4) * 32 + 32);
-        if (!p->xq || !p->xd || !p->xs || !p->xs16 || !p->xd16 || !p->xc || !p->xc4 || !p->xd4) {
-            xprep_free(p);
-            return -2;
+        const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
+        const size_t sizes[8] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32};
+        size_t total = 0;
+        for (int i = 0; i < 8; i++) total += (sizes[i] + 31) / 32 * 32;
+        char *m = aligned_alloc(32, total ? total : 32);
+        if (!m) return -2;
+        p->mem = m;
+        void **dst[8] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
+                         (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4};
+        for (int i = 0; i < 8; i++) {
+            *dst[i] = m;
+            m += (sizes[i] + 31) / 32 * 32;
         }
     }
 #endif

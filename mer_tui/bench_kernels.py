@@ -122,23 +122,44 @@ def _ring(first: np.ndarray, ring_bytes: int, hot: bool) -> list[np.ndarray]:
     return [first] + [first.copy() for _ in range(n - 1)]
 
 
-def _time(call, items: list, repeats: int) -> float:
-    """Median seconds of one call, over `repeats` samples of >= ~20 ms each."""
-    for it in items:  # fault pages in, compile, warm the code
-        call(it)
-    t = time.perf_counter()
-    call(items[0])
-    one = max(time.perf_counter() - t, 1e-6)
-    per_sample = max(len(items), math.ceil(0.02 / one))
-    samples = []
-    k = 0
-    for _ in range(max(1, repeats)):
+class _Timer:
+    """Times one call over a ring of inputs: `sample()` is the mean seconds of one call over a
+    batch of >= ~20 ms, walking the ring round."""
+
+    def __init__(self, call, items: list):
+        self.call, self.items, self.k = call, items, 0
+        for it in items:  # fault pages in, compile, warm the code
+            call(it)
         t = time.perf_counter()
-        for _ in range(per_sample):
-            call(items[k % len(items)])
-            k += 1
-        samples.append((time.perf_counter() - t) / per_sample)
-    return float(np.median(samples))
+        call(items[0])
+        one = max(time.perf_counter() - t, 1e-6)
+        self.per_sample = max(len(items), math.ceil(0.02 / one))
+
+    def sample(self) -> float:
+        t = time.perf_counter()
+        for _ in range(self.per_sample):
+            self.call(self.items[self.k % len(self.items)])
+            self.k += 1
+        return (time.perf_counter() - t) / self.per_sample
+
+
+def _time(call, items: list, repeats: int) -> float:
+    """Median seconds of one call, over `repeats` samples."""
+    timer = _Timer(call, items)
+    return float(np.median([timer.sample() for _ in range(max(1, repeats))]))
+
+
+def _paired(a: _Timer, b: _Timer, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of a, of b, and median of the per-pair ratios a/b, samples interleaved.
+
+    Interleaving makes both sides of each pair see the same load: when other processes take the
+    cores, a ratio of two medians taken a minute apart measures the load as much as the code."""
+    ta, tb = [], []
+    for _ in range(max(1, repeats)):
+        ta.append(a.sample())
+        tb.append(b.sample())
+    ta_, tb_ = np.array(ta), np.array(tb)
+    return float(np.median(ta_)), float(np.median(tb_)), float(np.median(ta_ / tb_))
 
 
 def dram_read_bandwidth(threads: int, repeats: int, nbytes: int) -> dict[str, float]:
@@ -191,33 +212,37 @@ def run(args: argparse.Namespace) -> dict:
         "command": "mer-tui bench kernels " + " ".join(args.argv),
         "load_avg_before": list(load_before),
     }
-    result["dram_read_bytes_per_s"] = dram_read_bandwidth(threads, args.repeats, max(512 << 20, ring_bytes))
+    dram_bytes = max(512 << 20, ring_bytes)
+    result["dram_read_bytes_per_s"] = dram_read_bandwidth(threads, args.repeats, dram_bytes)
     rows_out = []
     for rows, cols in shapes:
         x = rng.standard_normal(cols, dtype=np.float32)
         W = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
-        ring = _ring(W, ring_bytes, args.hot)
-        t32 = _time(lambda w, x=x: w @ x, ring, args.repeats)
-        del ring, W
-        base = rows * cols * 4 / t32
+        base = _Timer(lambda w, x=x: w @ x, _ring(W, ring_bytes, args.hot))
+        del W
         for fmt in fmts:
             q = synthetic_weights(fmt, rows, cols, rng)
-            ring = _ring(q, ring_bytes, args.hot)
-            t = _time(lambda m, fmt=fmt, cols=cols, x=x: kernels.matvec(m, fmt, cols, x), ring, args.repeats)
+            timer = _Timer(lambda m, fmt=fmt, cols=cols, x=x: kernels.matvec(m, fmt, cols, x),
+                           _ring(q, ring_bytes, args.hot))
+            t, t32, speedup = _paired(timer, base, args.repeats)
+            t32_over_t = 1.0 / speedup  # median of per-pair t32 / t
             rows_out.append({
                 "shape": f"{rows}x{cols}", "format": fmt, "weight_bytes": int(q.nbytes),
                 "seconds": t, "bytes_per_s": q.nbytes / t, "weights_per_s": rows * cols / t,
-                "numpy_f32_seconds": t32, "numpy_f32_bytes_per_s": base,
-                "ratio": q.nbytes / t / base, "speedup_vs_f32": t32 / t,
+                "numpy_f32_seconds": t32, "numpy_f32_bytes_per_s": rows * cols * 4 / t32,
+                "ratio": q.nbytes / (rows * cols * 4) * t32_over_t, "speedup_vs_f32": t32_over_t,
             })
-            del ring
+            del timer
             for n in batch:
                 X = rng.standard_normal((n, cols), dtype=np.float32)
                 tb = _time(lambda m, fmt=fmt, cols=cols, X=X: kernels.matmul(m, fmt, cols, X), [q],
                            args.repeats)
                 rows_out[-1].setdefault("batch", []).append(
                     {"n": n, "seconds": tb, "tokens_per_s": n / tb, "bytes_per_s": q.nbytes / tb})
+        del base
     result["results"] = rows_out
+    # measured again at the end: a changed figure says the load changed during the run
+    result["dram_read_bytes_per_s_after"] = dram_read_bandwidth(threads, args.repeats, dram_bytes)
     result["load_avg_after"] = list(os.getloadavg())
     return result
 
@@ -232,7 +257,9 @@ def render(res: dict) -> str:
         f"kernels: backend {res['backend']}, {res['threads']} threads, {res['mode']} weights; "
         f"{res['machine']['cpu']}, {res['machine']['cores']} cores",
         f"DRAM read: {_gb(dram['all_threads'])} GB/s with {res['threads']} threads, "
-        f"{_gb(dram['numpy_1_thread'])} GB/s numpy one thread",
+        f"{_gb(dram['numpy_1_thread'])} GB/s numpy one thread (at the end: "
+        f"{_gb(res['dram_read_bytes_per_s_after']['all_threads'])} and "
+        f"{_gb(res['dram_read_bytes_per_s_after']['numpy_1_thread'])})",
         f"load average before/after: {res['load_avg_before'][0]:.2f} / {res['load_avg_after'][0]:.2f} "
         f"(on {res['machine']['cores']} cores; above ~0.5 other processes were competing)",
         "",
@@ -247,8 +274,9 @@ def render(res: dict) -> str:
         for b in r.get("batch", []):
             lines.append(f"{'':>11} {'':>6}   n={b['n']:<4} {b['tokens_per_s']:10.0f} tokens/s "
                          f"({_gb(b['bytes_per_s'])} GB/s of weights per call)")
-    lines += ["", "GB/s: weight bytes per second of kernels.matvec (median); f32 GB/s: numpy float32 "
-              "matvec on the same shape; ratio: the two; x f32: time per token of float32 / this format."]
+    lines += ["", "GB/s: weight bytes per second of kernels.matvec (median of samples); f32 GB/s: numpy "
+              "float32 matvec on the same shape, sampled in alternation with it; ratio: bytes/s over f32's "
+              "bytes/s (median of the per-pair ratios); x f32: f32's time per token over this format's."]
     return "\n".join(lines)
 
 
