@@ -96,11 +96,19 @@ def _build(variant: str) -> Path:
     key = hashlib.sha256(
         b"\0".join([src, " ".join(FLAGS[variant] + COMMON_FLAGS).encode(), _compiler_id(cc).encode(),
                     sys.platform.encode()])).hexdigest()[:16]
-    out_dir = cache_dir() / f"kernels-{key}"
-    lib = out_dir / f"libmerk_{variant}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = None
+    for base in (cache_dir(), Path(tempfile.gettempdir()) / f"mer-tui-{getattr(os, 'getuid', lambda: 0)()}"):
+        out_dir = base / f"kernels-{key}"
+        lib = out_dir / f"libmerk_{variant}.so"
+        if lib.exists():
+            return lib
+        try:  # an unwritable cache directory (read-only home, sandbox) falls back to /tmp
+            out_dir.mkdir(parents=True, exist_ok=True)
+            break
+        except OSError:
+            continue
+    else:
+        raise CompileError(f"no writable directory for the compiled kernels (tried {cache_dir()})")
     fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=out_dir)
     os.close(fd)
     cmd = [cc, *FLAGS[variant], *COMMON_FLAGS, "-o", tmp, str(SOURCE), "-lm"]

@@ -443,3 +443,11 @@ def test_c_kernels_work_in_a_forked_child():
     finally:
         kernels.set_threads(None)
         kernels.set_backend(before)
+
+
+def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MER_TUI_CACHE_DIR", str(blocker / "cache"))
+    lib = cpu_c._build("generic")
+    assert lib.exists() and not str(lib).startswith(str(blocker))
