@@ -20,7 +20,7 @@ import importlib.util
 import math
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from .errors import EngineError
@@ -107,6 +107,8 @@ class RamCache(Tier):
         self._heap: list[tuple[tuple[float, int], int, Hashable]] = []
         self.evictions = 0
         self.prefetch_wasted = 0
+        #: called with the key of a prefetched bundle evicted before anyone asked for it
+        self.on_wasted: Callable[[Hashable], None] | None = None
 
     # ------------------------------------------------------------------ ranking
     @staticmethod
@@ -114,8 +116,13 @@ class RamCache(Tier):
         if policy not in POLICIES:
             raise EngineError(f"policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
 
-    def _rank(self, key: Hashable) -> tuple[float, int]:
+    def _rank(self, key: Hashable, provisional: bool = False) -> tuple[float, int]:
         h = self.history.get(key) or _History()
+        if provisional:
+            # A prefetched bundle ranks as if used once now until it really is (then touch() re-ranks
+            # it): otherwise it would be the first victim of the very next reservation, often the
+            # prefetch of its neighbour; unused, it ages out like any bundle last used now.
+            h = _History(self._seq, h.count + 1, self._plus_now(h.log_score))
         if self.policy == "lru":
             return (float(h.seq), h.seq)
         if self.policy == "lfu":
@@ -124,12 +131,13 @@ class RamCache(Tier):
 
     def _push(self, key: Hashable, e: _Entry) -> None:
         e.version += 1
-        heapq.heappush(self._heap, (self._rank(key), e.version, key))
+        heapq.heappush(self._heap, (self._rank(key, provisional=e.prefetched), e.version, key))
         if len(self._heap) > 2 * len(self.entries) + 64:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        self._heap = [(self._rank(k), e.version, k) for k, e in self.entries.items() if not e.pending]
+        self._heap = [(self._rank(k, e.prefetched), e.version, k)
+                      for k, e in self.entries.items() if not e.pending]
         heapq.heapify(self._heap)
 
     def touch(self, key: Hashable) -> None:
@@ -138,13 +146,17 @@ class RamCache(Tier):
         h = self.history.setdefault(key, _History())
         h.seq = self._seq
         h.count += 1
-        # log(S + d^-t) with d = 2^(-1/half_life): the decayed count scaled by d^-t, see the module doc
-        term = self.step_no * math.log(2.0) / self.half_life
-        h.log_score = term if h.log_score == -math.inf else max(h.log_score, term) + math.log1p(
-            math.exp(-abs(h.log_score - term)))
+        h.log_score = self._plus_now(h.log_score)
         e = self.entries.get(key)
         if e is not None and not e.pending:
             self._push(key, e)
+
+    def _plus_now(self, log_score: float) -> float:
+        """log(S + d^-t) with d = 2^(-1/half_life): one more use now, in the scaled form of the module doc."""
+        term = self.step_no * math.log(2.0) / self.half_life
+        if log_score == -math.inf:
+            return term
+        return max(log_score, term) + math.log1p(math.exp(-abs(log_score - term)))
 
     def step(self) -> None:
         """A new forward step began (decay clock); refresh the automatic hot set."""
@@ -161,8 +173,10 @@ class RamCache(Tier):
 
     def _refresh_hot(self) -> None:
         limit = self.hot_fraction * (self.budget or 0)
-        ranked = sorted((k for k, e in self.entries.items() if not e.pending),
-                        key=lambda k: self.history[k].log_score if k in self.history else -math.inf, reverse=True)
+        def score(k: Hashable) -> float:
+            return self.history[k].log_score if k in self.history else -math.inf
+
+        ranked = sorted((k for k, e in self.entries.items() if not e.pending), key=score, reverse=True)
         hot, total = set(), 0
         for k in ranked:
             if total + self.entries[k].nbytes > limit:
@@ -195,7 +209,7 @@ class RamCache(Tier):
         return self.used - locked
 
     def _make_room(self, need: int) -> bool:
-        """Evict by policy until `need` more bytes fit under the budget; False (evicting nothing) if they cannot."""
+        """Evict by policy until `need` more bytes fit under the budget; False (evicting nothing) if not."""
         if self.budget is None:
             return True
         over = self.used + need - self.budget
@@ -224,6 +238,8 @@ class RamCache(Tier):
         self.evictions += 1
         if e.prefetched:
             self.prefetch_wasted += 1
+            if self.on_wasted is not None:
+                self.on_wasted(key)
         self.hot.discard(key)
 
     def reserve(self, key: Hashable, nbytes: int) -> bool:

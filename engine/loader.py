@@ -79,7 +79,8 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         from .tokenizer import Tokenizer
 
         tokenizer = Tokenizer(folder)
-    return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch, quant=quant)
+    return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch,
+                 quant=quant)
 
 
 def _streaming(folder: Path, ckpt: Checkpoint, spec: ModelSpec, store: bool, *, budget: int | None, io: str,

@@ -84,7 +84,8 @@ class ExpertLayout:
     def where(self, layer: int, expert: int) -> BundleLoc:
         b = self.bundles.get((layer, expert))
         if b is None:
-            raise EngineError(f"{self.files[0] if self.files else '?'}: no bundle for layer {layer} expert {expert}")
+            where = self.files[0] if self.files else "?"
+            raise EngineError(f"{where}: no bundle for layer {layer} expert {expert}")
         return b
 
 
@@ -241,7 +242,8 @@ class SafetensorsWriter:
     def write(self, data) -> None:
         n = memoryview(data).nbytes
         if n > self._left:
-            raise EngineError(f"{self.path}: tensor {self._order[self._next - 1][0]} gets more bytes than its shape")
+            name = self._order[self._next - 1][0]
+            raise EngineError(f"{self.path}: tensor {name} gets more bytes than its shape")
         self._f.write(data)
         self._left -= n
 
@@ -269,7 +271,8 @@ class ExpertFileWriter:
         self._since_flush = 0
 
     def begin_bundle(self, layer: int, expert: int) -> None:
-        self._bundle = {"layer": layer, "expert": expert, "offset": self.pos, "size": 0, "crc32": 0, "parts": []}
+        self._bundle = {"layer": layer, "expert": expert, "offset": self.pos, "size": 0, "crc32": 0,
+                        "parts": []}
 
     def begin_part(self, fmt: str, shape: tuple[int, int]) -> None:
         b = self._bundle

@@ -43,8 +43,9 @@ ATTEMPTS = 3
 MERGE_GAP = 256 << 10
 #: checksums are verified on a bundle's first read ("once"), on every read ("always"), or "never"
 VERIFY_MODES = ("once", "always", "never")
-#: prefetch hints kept waiting at most: older ones are for layers the model has already passed
-PREFETCH_BACKLOG = 2
+#: below this recent precision, prefetch guesses are mostly skipped (one in PROBE still read)
+MIN_PRECISION = 0.2
+PROBE = 4
 
 Key = tuple[int, int]
 
@@ -70,8 +71,8 @@ def plan(b: BundleLoc) -> _Plan:
         idx.sort(key=lambda i: b.parts[i].offset)
         groups: list[list[int]] = []
         for i in idx:
-            if groups and b.parts[i].offset <= b.parts[groups[-1][-1]].offset + b.parts[groups[-1][-1]].nbytes \
-                    + MERGE_GAP:
+            last = b.parts[groups[-1][-1]] if groups else None
+            if last is not None and b.parts[i].offset <= last.offset + last.nbytes + MERGE_GAP:
                 groups[-1].append(i)
             else:
                 groups.append([i])
@@ -100,8 +101,8 @@ class _Flight:
 
 
 class StreamingExperts(ExpertSource):
-    def __init__(self, layout: ExpertLayout, reader: Reader, *, budget: int | None = None, policy: str = "lru",
-                 prefetch: bool = True, quant: str | None = None, verify: str = "once",
+    def __init__(self, layout: ExpertLayout, reader: Reader, *, budget: int | None = None,
+                 policy: str = "lru", prefetch: bool = True, quant: str | None = None, verify: str = "once",
                  attempts: int = ATTEMPTS, hot_fraction: float = 0.0):
         if verify not in VERIFY_MODES:
             raise EngineError(f"verify: unknown mode {verify!r} (choose from {', '.join(VERIFY_MODES)})")
@@ -112,6 +113,7 @@ class StreamingExperts(ExpertSource):
         self.verify = verify
         self.attempts = max(1, attempts)
         self.cache = RamCache(budget, policy, hot_fraction=hot_fraction)
+        self.cache.on_wasted = lambda key: self._prefetch_outcome(False)
         # A VRAM tier (cache.Tier, in front of the RAM tier) belongs here when detect_vram() finds a GPU;
         # none is implemented yet, so telemetry shows no vram tier rather than an empty one.
         self.vram_tier: Tier | None = None
@@ -123,7 +125,9 @@ class StreamingExperts(ExpertSource):
         self._wake = threading.Condition(self._lock)
         self._flights: dict[Key, _Flight] = {}
         self._demand = 0
-        self._queue: list[tuple[int, list[int], bool]] = []   # (layer, experts, counts as prefetch)
+        self._pending: list[tuple[Key, bool]] = []   # bundles to read in the background; True: a prefetch
+        self._precision = 1.0     # recent prefetch precision, optimistic at first
+        self._probe = 0
         self._worker: threading.Thread | None = None
         self._closed = False
         self._last_layer = -1
@@ -154,17 +158,17 @@ class StreamingExperts(ExpertSource):
                 if key not in self._plans:
                     self._demand -= 1
                     raise EngineError(f"experts: layer {layer} has no expert {e}")
-                self.cache.touch(key)
                 b = self.cache.lookup(key)
+                if b is not None and self.cache.take_prefetched(key):
+                    self._prefetch_outcome(True)
+                self.cache.touch(key)
                 if b is not None:
                     out[key[1]] = b  # type: ignore[assignment]
                     self.hits += 1
-                    if self.cache.take_prefetched(key):
-                        self.pf_useful += 1
                 elif key in self._flights:
                     fl = self._flights[key]
                     if fl.prefetch and not fl.claimed:
-                        self.pf_useful += 1
+                        self._prefetch_outcome(True)
                         self.pf_late += 1
                     fl.claimed = True
                     theirs.append((key, fl))
@@ -283,15 +287,17 @@ class StreamingExperts(ExpertSource):
     def _job(self, key: Key, buf) -> ReadJob:
         p = self._plans[key]
         mv = memoryview(buf)
-        return ReadJob([Span(f, off, length, need, mv[at:at + length]) for f, off, length, need, at in p.spans],
-                       tag=key)
+        spans = [Span(f, off, length, need, mv[at:at + length]) for f, off, length, need, at in p.spans]
+        return ReadJob(spans, tag=key)
 
     def _bundle(self, key: Key, buf) -> tuple[ExpertBundle, int]:
         loc, p = self.layout.bundles[key], self._plans[key]
-        if loc.crc32 is not None and (self.verify == "always" or (self.verify == "once" and key not in self._verified)):
+        check = self.verify == "always" or (self.verify == "once" and key not in self._verified)
+        if loc.crc32 is not None and check:
             got = zlib.crc32(memoryview(buf)[p.crc_at:p.crc_at + loc.size])
             if got != loc.crc32:
-                raise _ChecksumError(f"checksum mismatch (crc32 {got:#010x}, index.json says {loc.crc32:#010x})")
+                raise _ChecksumError(f"checksum mismatch (crc32 {got:#010x}, index.json says "
+                                     f"{loc.crc32:#010x})")
             self._verified.add(key)
         mats = []
         for part, at in zip(loc.parts, p.parts):
@@ -318,13 +324,17 @@ class StreamingExperts(ExpertSource):
             return
         with self._lock:
             self._guess[layer] = {int(e) for e in experts}
-            self._queue.append((layer, [int(e) for e in experts], True))
-            pf = [q for q in self._queue if q[2]]
-            if len(pf) > PREFETCH_BACKLOG:
-                stale = pf[0]
-                self._queue.remove(stale)
+            # A new hint makes older ones stale: the model has moved past their layers (pins stay).
+            self._pending = [p for p in self._pending if not p[1]]
+            self._pending += [((layer, int(e)), True) for e in experts]
             self._start_worker()
             self._wake.notify_all()
+
+    def _prefetch_outcome(self, useful: bool) -> None:
+        """Track prefetch precision (caller holds the lock): an exponential average over ~32 outcomes."""
+        if useful:
+            self.pf_useful += 1
+        self._precision += (float(useful) - self._precision) / 32.0
 
     def _start_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -332,36 +342,39 @@ class StreamingExperts(ExpertSource):
             self._worker.start()
 
     def _work(self) -> None:
+        """Read pending bundles one at a time, only while no demand read is in flight: a demand read
+        then waits behind at most one prefetched bundle (whose requests still fill the queue)."""
         while True:
             with self._lock:
-                while not self._closed and (not self._queue or self._demand):
+                while not self._closed and (not self._pending or self._demand):
                     self._wake.wait(0.5)
                 if self._closed:
                     return
-                batch, self._queue = self._queue, []
-                items: list[tuple[Key, _Flight]] = []
-                for layer, experts, is_prefetch in batch:
-                    for e in experts:
-                        key = (layer, e)
-                        if key not in self._plans or key in self.cache or key in self._flights:
-                            continue
-                        fl = _Flight(prefetch=is_prefetch)
-                        self._flights[key] = fl
-                        items.append((key, fl))
-            if items:
-                self._read(items, demand=False)   # errors are kept in the flights; a demand read retries
+                key, is_prefetch = self._pending.pop(0)
+                if key not in self._plans or key in self.cache or key in self._flights:
+                    continue
+                if is_prefetch and key[0] <= self._last_layer:
+                    continue   # the model already asked for this layer: the guess was wrong, or it is read
+
+                if is_prefetch and self._precision < MIN_PRECISION:
+                    # Guesses have mostly been wrong lately: their reads would only compete with demand
+                    # reads and evict useful bundles.  Still try one in PROBE, to notice when they improve.
+                    self._probe += 1
+                    if self._probe % PROBE:
+                        self.pf_skipped += 1
+                        continue
+                fl = _Flight(prefetch=is_prefetch)
+                self._flights[key] = fl
+            self._read([(key, fl)], demand=False)   # errors stay in the flight; a demand read retries
 
     def pin(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Keep these bundles resident (read in the background if absent); pins beyond the budget are dropped."""
+        """Keep these bundles resident (read in the background if absent); pins past the budget are dropped"""
         keys = [(int(layer), int(e)) for layer, e in pairs if (int(layer), int(e)) in self._plans]
         with self._lock:
             self.cache.pin(keys)
             self.cache.set_budget(self.cache.budget)   # drops pins that cannot fit
             missing = [k for k in keys if k in self.cache.pins and k not in self.cache]
-            by_layer: dict[int, list[int]] = {}
-            for layer, e in missing:
-                by_layer.setdefault(layer, []).append(e)
-            self._queue.extend((layer, es, False) for layer, es in by_layer.items())
+            self._pending += [(k, False) for k in missing]
             if missing:
                 self._start_worker()
                 self._wake.notify_all()
@@ -383,7 +396,7 @@ class StreamingExperts(ExpertSource):
             if "prefetch" in settings:
                 self.prefetch_enabled = bool(settings["prefetch"])
                 if not self.prefetch_enabled:
-                    self._queue = [q for q in self._queue if not q[2]]
+                    self._pending = [p for p in self._pending if not p[1]]
             if "hot_set" in settings:
                 frac = float(settings["hot_set"])
                 if not 0.0 <= frac <= 1.0:
@@ -409,7 +422,7 @@ class StreamingExperts(ExpertSource):
             self.hits = self.misses = 0
             self.bundles_read = self.read_errors = self.retries = 0
             self.read_seconds = 0.0
-            self.pf_issued = self.pf_useful = self.pf_late = 0
+            self.pf_issued = self.pf_useful = self.pf_late = self.pf_skipped = 0
             self.guess_right = self.guess_made = self.guess_needed = 0
             self.cache.evictions = self.cache.prefetch_wasted = 0
         self.reader.stats.reset()
@@ -421,9 +434,11 @@ class StreamingExperts(ExpertSource):
             ram = {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / asked if asked else 0.0,
                    **self.cache.stats()}
             pf = {"enabled": self.prefetch_enabled, "issued": self.pf_issued, "useful": self.pf_useful,
-                  "late": self.pf_late, "wasted": self.cache.prefetch_wasted,
+                  "late": self.pf_late, "wasted": self.cache.prefetch_wasted, "skipped": self.pf_skipped,
+                  "recent_precision": self._precision,
                   "precision": self.pf_useful / self.pf_issued if self.pf_issued else 0.0,
-                  "recall": self.pf_useful / (self.pf_useful + self.misses) if self.pf_useful + self.misses else 0.0,
+                  "recall": self.pf_useful / (self.pf_useful + self.misses) if self.pf_useful + self.misses
+                  else 0.0,
                   "guess_precision": self.guess_right / self.guess_made if self.guess_made else 0.0,
                   "guess_recall": self.guess_right / self.guess_needed if self.guess_needed else 0.0}
             ssd = {"reads": self.bundles_read, "bytes_read": io["bytes"], "read_mb_s": io["mb_s"],
@@ -434,7 +449,8 @@ class StreamingExperts(ExpertSource):
             tiers["vram"] = self.vram_tier.stats()
         return {
             "tiers": tiers,
-            "io": {"backend": self.reader.name, "backend_reason": self.reader.reason, "direct": self.reader.direct,
+            "io": {"backend": self.reader.name, "backend_reason": self.reader.reason,
+                   "direct": self.reader.direct,
                    "queue_depth": io["queue_depth"], "queue_depth_max": io["queue_depth_max"],
                    "queue_depth_mean": io["queue_depth_mean"], "read_ms_p50": io["read_ms_p50"],
                    "read_ms_p99": io["read_ms_p99"], "requests": io["requests"]},

@@ -120,7 +120,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
                 rows_per = max(1, len(buf) // src_row)
                 rows = pieces(path, info.start, info.nbytes, memoryview(buf)[:rows_per * src_row])
                 for raw in rows:
-                    x = kernels.dequantize(np.frombuffer(raw, np.uint8).reshape(-1, src_row), info.fmt, shape[1])
+                    block = np.frombuffer(raw, np.uint8).reshape(-1, src_row)
+                    x = kernels.dequantize(block, info.fmt, shape[1])
                     ef.write(kernels.quantize(x, fmt))
                     advance(len(raw))
             ef.end_bundle()
@@ -133,7 +134,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """The convert command: a rich progress bar (bytes, speed, ETA) on a terminal, a summary line at the end."""
+    """The convert command: a rich progress bar (bytes, speed, ETA) on a terminal, then a summary line."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -145,7 +146,8 @@ def run_convert(args: argparse.Namespace) -> int:
     )
 
     console = Console(stderr=True)
-    columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("convert", total=None)
 

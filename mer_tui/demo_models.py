@@ -1,7 +1,8 @@
 """Demo models built on this machine: a large random MoE, written straight into the expert store format.
 
 `stress_model()` is what `mer-tui launch --demo stress` opens: 8 layers x 32 experts of hidden 512 and
-width 1024 in bf16 (768 MiB of experts, top-4 routing), built once into the user cache in seconds,
+width 1024 in bf16 (768 MiB of experts, top-4 routing), built once into the user cache in seconds
+(rebuilt when missing, incomplete, or of other parameters),
 so the UI has an I/O-heavy model to show without a download.  The weights are random (the text
 is gibberish); what matters is that the expert bytes are far larger than a small RAM budget.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,10 @@ class RandomMoE:
     heads: int = 8
     kv_heads: int = 4
     seed: int = 0
+    # Embeddings this many octaves louder than the other weights: the current token then steers the
+    # router, so routing spreads over the experts with some locality (at a quarter of the experts in
+    # RAM, LRU hits about 60%) instead of collapsing onto a few, as in a random net left alone.
+    embed_octaves: int = 3
 
     @property
     def vocab(self) -> int:
@@ -60,12 +65,12 @@ class RandomMoE:
         return self.layers * self.experts * self.bundle_bytes
 
 
-def _random_bf16(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    """Random bf16 weights of magnitude about 1/sqrt(cols), made from integer bits (fast: no float math).
+def _random_bf16(rng: np.random.Generator, rows: int, cols: int, octaves: int = 0) -> np.ndarray:
+    """Random bf16 weights of magnitude about 2^octaves/sqrt(cols), made from integer bits (no float math).
 
-    Sign and mantissa bits are random; the exponent spans four octaves just below 1/sqrt(cols).
+    Sign and mantissa bits are random; the exponent spans four octaves just below that magnitude.
     """
-    top = int(np.floor(np.log2(cols ** -0.5)))
+    top = int(np.floor(np.log2(cols ** -0.5))) + octaves
     u = rng.integers(0, 1 << 16, size=(rows, cols), dtype=np.uint16)
     exp = (127 + top - 3 + ((u >> 7) & 3)).astype(np.uint16)
     return (u & np.uint16(0x807F)) | (exp << np.uint16(7))
@@ -76,7 +81,8 @@ def _config(m: RandomMoE) -> dict:
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": m.vocab,
         "hidden_size": m.hidden, "intermediate_size": m.width, "num_hidden_layers": m.layers,
         "num_attention_heads": m.heads, "num_key_value_heads": m.kv_heads, "num_local_experts": m.experts,
-        "num_experts_per_tok": m.top_k, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096,
+        "num_experts_per_tok": m.top_k, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
         "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": 257, "torch_dtype": "bfloat16",
     }
 
@@ -141,14 +147,15 @@ def build_random_store(folder: str | Path, m: RandomMoE = RandomMoE(), force: bo
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 256, "eos_token_id": 257}))
         _tokenizer(tmp)
-        st = SafetensorsWriter(tmp / RESIDENT_FILE, [(n, "BF16", s, 2 * int(np.prod(s))) for n, s in resident])
+        entries = [(n, "BF16", s, 2 * int(np.prod(s))) for n, s in resident]
+        st = SafetensorsWriter(tmp / RESIDENT_FILE, entries)
         for name, shape in resident:
             st.begin(name)
             if len(shape) == 1:   # norms near 1
                 w = (np.float32(1.0) + rng.standard_normal(shape[0], np.float32) * 0.05).view(np.uint32)
                 st.write((w >> 16).astype(np.uint16))
             else:
-                st.write(_random_bf16(rng, *shape))
+                st.write(_random_bf16(rng, *shape, octaves=m.embed_octaves if "embed" in name else 0))
             advance(2 * int(np.prod(shape)))
         st.close()
         ef = ExpertFileWriter(tmp / EXPERT_FILE)
@@ -161,7 +168,7 @@ def build_random_store(folder: str | Path, m: RandomMoE = RandomMoE(), force: bo
                     advance(2 * shape[0] * shape[1])
                 ef.end_bundle()
         ef.close()
-        write_index(tmp, ef, spec, "bf16", None, {"random": True, "seed": m.seed})
+        write_index(tmp, ef, spec, "bf16", None, {"random": asdict(m)})
     return folder
 
 
@@ -190,6 +197,6 @@ def _complete(folder: Path) -> bool:
         index = json.loads((folder / INDEX).read_text())
         need = int(index["expert_file_bytes"])
         return (folder / EXPERT_FILE).stat().st_size == need and (folder / RESIDENT_FILE).is_file() \
-            and (folder / "tokenizer.json").is_file()
+            and (folder / "tokenizer.json").is_file() and index.get("random") == asdict(STRESS)
     except (OSError, ValueError, KeyError, TypeError):
         return False

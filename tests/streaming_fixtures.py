@@ -19,7 +19,7 @@ IDS = [3, 17, 5, 42, 8, 21, 1, 33, 12, 7, 60, 2]
 
 @pytest.fixture(scope="session")
 def mixtral_bf16(checkpoint_dir) -> Path:
-    """The tiny random Mixtral of tests/checkpoints.py, in bf16 (the common format of real MoE checkpoints)."""
+    """The tiny random Mixtral of tests/checkpoints.py in bf16 (the usual format of real MoE checkpoints)."""
     return checkpoint_dir("mixtral", "bfloat16")
 
 
@@ -94,7 +94,8 @@ def page_cache_pages(path: Path) -> tuple[int, int]:
     """(resident, total) pages of `path` in the page cache, by mincore on a fresh shared mapping."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     size = path.stat().st_size

@@ -171,13 +171,15 @@ def _edit_index(store: Path, edit) -> None:
 def test_a_store_of_another_version_is_refused(tiny_store, tmp_path):
     s = _copy_store(tiny_store, tmp_path / "s")
     _edit_index(s, lambda i: i.update(version=2))
-    with pytest.raises(EngineError, match=r"index.json: expert store format version 2; this engine reads version 1"):
+    with pytest.raises(EngineError, match=r"index.json: expert store format version 2; this engine reads "
+                                          r"version 1"):
         engine.load(s)
 
 
 def test_a_missing_bundle_is_named(tiny_store, tmp_path):
     s = _copy_store(tiny_store, tmp_path / "s")
-    _edit_index(s, lambda i: i.update(bundles=[b for b in i["bundles"] if (b["layer"], b["expert"]) != (2, 3)]))
+    _edit_index(s, lambda i: i.update(bundles=[b for b in i["bundles"]
+                                               if (b["layer"], b["expert"]) != (2, 3)]))
     with pytest.raises(EngineError, match="missing bundle for layer 2 expert 3"):
         engine.load(s)
 

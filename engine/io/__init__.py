@@ -86,5 +86,6 @@ def open_reader(kind: str, paths: Sequence[str | os.PathLike], queue_depth: int 
     return r
 
 
-__all__ = ["ALIGN", "CHUNK", "DEFAULT_QUEUE_DEPTH", "IoStats", "MmapReader", "PreadReader", "READERS", "Reader",
-           "ReadJob", "ShortRead", "Span", "align_down", "align_up", "aligned_buffer", "open_reader", "split"]
+__all__ = ["ALIGN", "CHUNK", "DEFAULT_QUEUE_DEPTH", "IoStats", "MmapReader", "PreadReader", "READERS",
+           "Reader", "ReadJob", "ShortRead", "Span", "align_down", "align_up", "aligned_buffer",
+           "open_reader", "split"]

@@ -1,4 +1,4 @@
-"""C source of the io_uring ring: raw syscalls, no liburing, compiled by cffi on first use (see uring_build.py).
+"""C source of the io_uring ring: raw syscalls, no liburing, compiled by cffi on first use (uring_build.py).
 
 Why C and not Python over ctypes/cffi-ABI: the SQ/CQ ring protocol needs acquire/release ordering on
 the shared head and tail words, which Python cannot express (it only happens to work on x86's strong
@@ -88,7 +88,8 @@ mer_ring *mer_ring_new(unsigned entries, unsigned flags, int *err) {
     if (single) {
         r->cq_ptr = r->sq_ptr;
     } else {
-        r->cq_ptr = mmap(0, r->cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+        r->cq_ptr = mmap(0, r->cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                         IORING_OFF_CQ_RING);
         if (r->cq_ptr == MAP_FAILED) goto fail;
     }
     r->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);

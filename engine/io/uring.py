@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Sequence
 
-from .base import CHUNK, FileSet, IoStats, Reader, ReadJob, ShortRead, Span, split
+from .base import CHUNK, FileSet, IoStats, Reader, ReadJob, ShortRead, Span, chunk_for, split
 from .buffers import aligned_buffer
 from .uring_build import load_uring
 
@@ -97,7 +97,8 @@ class UringReader(Reader):
         return self._new_ring()
 
     def read(self, jobs: Sequence[ReadJob]) -> None:
-        reqs: list[tuple[ReadJob, Span]] = [(j, p) for j in jobs for s in j.spans for p in split(s, self.chunk)]
+        chunk = chunk_for(jobs, self.queue_depth, self.chunk)
+        reqs: list[tuple[ReadJob, Span]] = [(j, p) for j in jobs for s in j.spans for p in split(s, chunk)]
         if not reqs:
             return
         results = self._submit([s for _, s in reqs])

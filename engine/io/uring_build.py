@@ -68,8 +68,9 @@ def load_uring() -> ModuleType:
             spec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
             spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        except Exception as e:  # compiler missing, headers missing, cffi/setuptools errors: all mean "no uring"
-            _error = f"cannot build the io_uring module ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})"
+        except Exception as e:  # compiler or headers missing, cffi/setuptools errors: all mean "no uring"
+            first = str(e).splitlines()[0] if str(e) else ""
+            _error = f"cannot build the io_uring module ({type(e).__name__}: {first})"
             raise OSError(_error) from None
         _module = mod
         return mod
