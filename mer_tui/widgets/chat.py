@@ -1,0 +1,92 @@
+"""The chat pane: the conversation as Markdown, an input line, and the reply streaming in.
+
+The app feeds text in batches (whatever the generation thread produced since the last tick), so
+one Markdown.append per tick however fast tokens come; the log is anchored to its end while a
+reply streams, until the user scrolls up to read.
+"""
+from __future__ import annotations
+
+import re
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Input, Markdown, Static
+
+# Model output may contain control characters (a random model emits any byte); the terminal must
+# only ever get printable text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    return _CONTROL.sub("\ufffd", text)
+
+
+class ChatPane(Vertical):
+    class Submitted(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._reply: Markdown | None = None
+        self._reply_text = ""
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(id="chat-log")
+        yield Input(placeholder="Message — Enter sends, Esc stops the reply", id="prompt")
+
+    @property
+    def chat_log(self) -> VerticalScroll:
+        return self.query_one("#chat-log", VerticalScroll)
+
+    @property
+    def input(self) -> Input:
+        return self.query_one("#prompt", Input)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        text = event.value.strip()
+        if text:
+            self.post_message(self.Submitted(text))
+
+    def _add(self, widget) -> None:
+        self.chat_log.mount(widget)
+        self.chat_log.anchor()
+
+    def add_note(self, markdown: str, kind: str = "note") -> None:
+        """A line from the app, not the model: the demo notice, an error, a stop."""
+        self._add(Markdown(markdown, classes=f"msg {kind}"))
+
+    def add_user(self, text: str) -> None:
+        self._add(Static(printable(text), classes="msg user", markup=False))
+
+    def add_assistant(self, text: str) -> None:
+        """A finished reply (e.g. from a recorded conversation)."""
+        self._add(Markdown(printable(text), classes="msg assistant"))
+
+    def begin_reply(self) -> None:
+        self._reply_text = ""
+        self._reply = Markdown("", classes="msg assistant streaming")
+        self._add(self._reply)
+
+    def append_reply(self, text: str) -> None:
+        if self._reply is None:
+            self.begin_reply()
+        text = printable(text)
+        self._reply_text += text
+        self._reply.append(text)
+
+    def end_reply(self, footer: str | None = None) -> None:
+        if self._reply is not None:
+            self._reply.remove_class("streaming")
+            if not self._reply_text.strip():
+                self._reply.update("*(no text)*")
+        if footer:
+            self._add(Static(footer, classes="msg meta", markup=False))
+        self._reply = None
+
+    @property
+    def reply_text(self) -> str:
+        return self._reply_text

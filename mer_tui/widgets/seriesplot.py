@@ -1,0 +1,80 @@
+"""The base of the time plots: two series of a TimeSeries over the last minute, left and right axes.
+
+Plots redraw from the series only when asked (`update_from`), and thin the samples to what the
+plot can show (braille gives two points per cell), which keeps a redraw to a few milliseconds.
+The series' names go in the panel's title, in their colours, instead of a plotext legend: a legend
+sits on top of the data and needs rows a short terminal does not have.
+"""
+from __future__ import annotations
+
+from textual_plotext import PlotextPlot
+
+from ..timeseries import TimeSeries
+
+# The x axis shows the last minute once there is a minute of data; before that the shortest of
+# these spans that holds it, so the ticks stay round numbers.
+SPANS = (10.0, 15.0, 20.0, 30.0, 45.0, 60.0)
+
+
+def thin(xs: list[float], ys: list[float], points: int) -> tuple[list[float], list[float]]:
+    """Every k-th sample so at most `points` remain; the newest sample is always kept."""
+    if len(xs) <= points or points < 2:
+        return xs, ys
+    k = -(-len(xs) // points)
+    idx = list(range(len(xs) - 1, -1, -k))[::-1]
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
+def hex_rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+class SeriesPlot(PlotextPlot):
+    # (column in the TimeSeries, name for the title, colour as #rrggbb); subclasses set these
+    LEFT: tuple[str, str, str] = ("", "", "#ffffff")
+    RIGHT: tuple[str, str, str] | None = None
+    UNIT = ""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._series: TimeSeries | None = None
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        # Arrows point at each series' axis: "◂ decode  prefill ▸ tok/s".
+        title = f"◂ [{self.LEFT[2]}]{self.LEFT[1]}[/]"
+        if self.RIGHT:
+            title += f"  [{self.RIGHT[2]}]{self.RIGHT[1]}[/] ▸"
+        self.border_title = title + (f" {self.UNIT}" if self.UNIT else "")
+        self.border_subtitle = "seconds ago"
+
+    def update_from(self, series: TimeSeries) -> None:
+        self._series = series
+        self.replot()
+
+    def on_resize(self) -> None:
+        self.replot()
+
+    def replot(self) -> None:
+        plt = self.plt
+        plt.clear_data()
+        s = self._series
+        if s is None or len(s) == 0:
+            self.refresh()
+            return
+        t = s.column("t")
+        now = t[-1]
+        x = [v - now for v in t]
+        span = next((sp for sp in SPANS if sp >= -x[0]), SPANS[-1])
+        for spec, side in ((self.LEFT, "left"), (self.RIGHT, "right")):
+            if spec is None:
+                continue
+            col, _name, colour = spec
+            xs, ys = thin(x, s.column(col), 2 * max(10, self.size.width))
+            if side == "right" and not any(ys):
+                continue   # nothing on the right axis: leave the room to the left series
+            plt.plot(xs, ys, color=hex_rgb(colour), marker="braille", yside=side)
+            top = max(ys)
+            plt.ylim(0, top * 1.15 if top > 0 else 1.0, yside=side)
+        plt.xlim(-span, 0)
+        self.refresh()

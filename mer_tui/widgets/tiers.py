@@ -1,0 +1,97 @@
+"""Cache tiers: hit rate per tier (RAM, VRAM when present), SSD reads, occupancy against the budget.
+
+Everything shown is read from the snapshot, including the budget, policy and prefetch state: the
+UI shows what the engine applies, not what was asked for (a source may ignore a setting; the
+requested value is shown beside it when they differ).
+"""
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from engine import format_size
+
+
+def bar(fraction: float | None, width: int, style: str) -> Text:
+    """A horizontal gauge: filled blocks (eighths for precision) on a dim track; None: no gauge."""
+    t = Text(no_wrap=True)
+    if fraction is None:
+        return t.append("╌" * width, style="dim")
+    f = min(1.0, max(0.0, fraction))
+    eighths = round(f * width * 8)
+    full, part = divmod(eighths, 8)
+    t.append("█" * full, style=style)
+    if part and full < width:
+        t.append(" ▏▎▍▌▋▊▉"[part], style=style)
+        full += 1
+    t.append("░" * (width - full), style="dim")
+    return t
+
+
+def render_tiers(snap: dict | None, width: int, requested_budget: int | None = None) -> Table | Text:
+    if not snap:
+        return Text("waiting for the engine…", style="dim")
+    tiers = snap.get("tiers") or {}
+    # label | gauge | value: labels and values keep their width, the gauge takes what is left.
+    label_w = 8
+    value_w = max(12, min(26, (width - label_w) // 2))
+    gauge_w = max(4, min(28, width - label_w - value_w - 2))
+    t = Table.grid(padding=(0, 1))
+    t.add_column(no_wrap=True, style="bold", width=label_w)
+    t.add_column(no_wrap=True, width=gauge_w)
+    t.add_column(no_wrap=True, overflow="ellipsis", width=max(8, width - label_w - gauge_w - 2))
+
+    for name in ("ram", "vram"):
+        tier = tiers.get(name)
+        if not tier:
+            continue
+        label = name.upper()
+        hit = tier.get("hit_rate")
+        seen = (tier.get("hits") or 0) + (tier.get("misses") or 0)
+        t.add_row(f"{label} hit", bar(hit if seen else None, gauge_w, "green"),
+                  Text(f"{100 * hit:.1f}%" if seen else "no reads yet", style="" if seen else "dim"))
+        used, budget = tier.get("bytes_used") or 0, tier.get("bytes_budget")
+        occ = Text(format_size(used) + " of " + (format_size(budget) if budget else "no limit"))
+        t.add_row(f"{label} use", bar(used / budget if budget else None, gauge_w, "cyan"), occ)
+        detail = Text(f"{tier.get('entries', 0)} experts", style="dim")
+        pins = Text(f"{tier.get('pinned', 0)} pinned", style="dim")
+        if name == "ram" and requested_budget is not None and requested_budget != budget:
+            pins = Text(f"asked {format_size(requested_budget)}", style="yellow")
+        t.add_row("", detail, pins)
+
+    ssd = tiers.get("ssd") or {}
+    t.add_row("SSD", Text(f"{ssd.get('reads') or 0} reads"),
+              Text(f"{format_size(ssd.get('bytes_read') or 0)}, {ssd.get('read_mb_s') or 0.0:.0f} MB/s"))
+    io = snap.get("io") or {}
+    reader = str(io.get("backend", "?")) + (" O_DIRECT" if io.get("direct") else "")
+    t.add_row("Reader", Text(reader),
+              Text(f"p50 {io.get('read_ms_p50') or 0.0:.2f} p99 {io.get('read_ms_p99') or 0.0:.2f} ms"))
+    pf = snap.get("prefetch") or {}
+    issued, useful = pf.get("issued") or 0, pf.get("useful") or 0
+    on = bool(pf.get("enabled"))
+    t.add_row("Prefetch", Text("on" if on else "off", style="green" if on else "yellow"),
+              Text(f"{100 * useful / issued:.0f}% of {issued} useful" if issued else ""))
+    t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
+    return t
+
+
+class TierGauges(Static):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._snap: dict | None = None
+        self._requested: int | None = None
+        self._shown: str | None = None
+
+    def update_from(self, snap: dict | None, requested_budget: int | None = None) -> None:
+        # Repaint only when what this panel shows changed (most ticks of an idle engine change nothing).
+        s = snap or {}
+        # repr, not the dicts: a snapshot's parts may be mutated in place between ticks.
+        shown = repr((s.get("tiers"), s.get("io"), s.get("prefetch"), s.get("policy"), requested_budget))
+        if self._snap is not None and shown == self._shown:
+            return
+        self._snap, self._requested, self._shown = snap, requested_budget, shown
+        self.update(render_tiers(snap, self.content_size.width or 60, requested_budget))
+
+    def on_resize(self) -> None:
+        self.update(render_tiers(self._snap, self.content_size.width or 60, self._requested))

@@ -1,0 +1,255 @@
+"""Pilot tests of the app with a real (tiny, random) engine model: keys reach the engine, prompts
+stream, errors leave the app usable, export writes files, quitting joins the threads."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+
+import pytest
+from textual.widgets import Markdown
+
+import engine
+from mer_tui.app import TUNING, MerApp
+from mer_tui.session import ModelInfo, Session
+from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader
+from tests.tui_fixtures import greedy_and_long, load_recording_model, tiny_model_dir
+
+SIZE = (160, 50)
+
+
+def aio(fn):
+    """Run an async test (no pytest-asyncio here); functools.wraps keeps the fixtures visible to pytest."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        asyncio.run(fn(*args, **kwargs))
+    return run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def model(model_dir):
+    m = load_recording_model(model_dir)
+    yield m
+    m.close()
+
+
+def make_app(model, tmp_path=None, **session_kw) -> MerApp:
+    session = Session(model=model, info=ModelInfo(name="tiny", path=str(model.path)), **session_kw)
+    return MerApp(session, export_dir=tmp_path or ".")
+
+
+async def until(pilot, cond, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def notes(app) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+async def send(pilot, text: str) -> None:
+    app = pilot.app
+    chat = app.main.query_one(ChatPane)
+    chat.input.focus()
+    chat.input.value = text
+    await pilot.press("enter")
+
+
+@aio
+async def test_prompt_streams_tokens_into_the_chat(model):
+    app = make_app(model)
+    model.experts.delay = 0.025                # ~50 ms a token: many ticks see a partial reply
+    app.session.settings.max_new_tokens = 40
+    seen: list[str] = []
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.main.query_one(ChatPane)
+        await send(pilot, "hello there")
+        assert chat.input.value == ""
+        end = time.monotonic() + 20
+        while len(app.session.messages) < 2 and time.monotonic() < end:
+            seen.append(chat.reply_text)
+            await pilot.pause(0.03)
+        await pilot.pause(0.3)          # the last tick drains the tail and the Markdown settles
+        reply = app.session.messages[-1]["content"]
+        assert reply and model.telemetry()["tokens"] > 0
+        # Streamed: the chat showed growing partial replies before the whole one.
+        partial = [s for s in dict.fromkeys(seen) if s and s != chat.reply_text]
+        assert len(partial) >= 2, (seen, reply, model.telemetry()["tokens"])
+        mds = [w for w in chat.query(Markdown) if "assistant" in w.classes]
+        assert mds and mds[-1].source.replace("\ufffd", "") == \
+            reply.translate({c: None for c in range(32) if c not in (9, 10)}).replace("\ufffd", "").replace(
+                "\x7f", "")
+        assert "tokens in" in str(chat.query(".meta").last().render())
+
+
+@aio
+async def test_keys_change_the_engines_settings(model, tmp_path):
+    app = make_app(model, tmp_path, policy="lru")
+    calls = model.experts.calls
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app._loaded, what="ready")
+        keys = {action: key for action, key, *_ in TUNING}
+
+        def budgets() -> list[int]:
+            return [c[1]["ram_cache"] for c in calls if c[0] == "configure" and "ram_cache" in c[1]]
+
+        await pilot.press(keys["budget_down"])
+        await until(pilot, lambda: budgets(), what="budget")
+        await pilot.press(keys["budget_up"])
+        await until(pilot, lambda: len(budgets()) == 2 and budgets()[1] > budgets()[0], what="budget up")
+
+        await pilot.press(keys["cycle_policy"])
+        await until(pilot, lambda: ("configure", {"policy": "lfu"}) in calls, what="policy")
+
+        await pilot.press(keys["toggle_prefetch"])
+        await until(pilot, lambda: model.prefetch_enabled is False, what="prefetch off")
+        # The screen shows what the engine reports, not what was asked.
+        await until(pilot, lambda: "prefetch off" in app.main.query_one(ModelHeader).render().plain,
+                    what="header shows prefetch off")
+
+        await send(pilot, "warm the experts up")
+        await until(pilot, lambda: len(app.session.messages) == 2, what="reply")
+        await pilot.press(keys["pin_hottest"])
+        await until(pilot, lambda: any(c[0] == "pin" for c in calls), what="pin")
+        assert [c for c in calls if c[0] == "pin"][-1][1] == model.hottest_experts(app.session.pin_count())
+        await pilot.press(keys["unpin_all"])
+        await until(pilot, lambda: ("unpin_all",) in calls, what="unpin")
+        await pilot.press(keys["reset_counters"])
+        await until(pilot, lambda: ("reset_stats",) in calls and model.telemetry()["tokens"] == 0, what="reset")
+        await until(pilot, lambda: any("Counters reset" in n for n in notes(app)), what="toast")
+        # Budget requests the in-memory source ignores are labelled as such.
+        assert any("ignores it" in n for n in notes(app))
+        assert app.session.requested_budget == budgets()[-1]
+
+
+@aio
+async def test_command_palette_runs_the_tuning_actions(model):
+    app = make_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app._loaded, what="ready")
+        names = [c.title for c in app.get_system_commands(app.screen)]
+        for *_, name, _help in TUNING:
+            assert name in names
+        assert "Export telemetry" in names and "Stop reply" in names
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"prefetch")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await until(pilot, lambda: model.prefetch_enabled is False, what="prefetch off from the palette")
+
+
+@aio
+async def test_escape_stops_generation_without_quitting(model):
+    app = make_app(model)
+    model.experts.delay = 0.02
+    greedy_and_long(app.session, 10_000)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "talk for a long time")
+        await until(pilot, lambda: model.telemetry()["tokens"] > 3, what="tokens")
+        await pilot.press("escape")
+        await until(pilot, lambda: not app.session.busy, timeout=3, what="stop")
+        await pilot.pause(0.3)
+        assert app.is_running
+        assert "stopped" in str(app.main.query_one(ChatPane).query(".meta").last().render())
+        assert model.telemetry()["tokens"] < 10_000
+        # ... and the chat carries on.
+        model.experts.delay = 0.0
+        app.session.settings.max_new_tokens = 4
+        await send(pilot, "again")
+        await until(pilot, lambda: len(app.session.messages) == 4, what="second reply")
+
+
+@aio
+async def test_engine_error_is_shown_and_the_app_stays_usable(model):
+    app = make_app(model)
+    app.session.settings.max_new_tokens = 4
+    async with app.run_test(size=SIZE) as pilot:
+        model.experts.fail = True
+        await send(pilot, "this read fails")
+        await until(pilot, lambda: any("EIO" in n for n in notes(app)), what="error toast")
+        assert [n.severity for n in app._notifications if "EIO" in str(n.message)] == ["error"]
+        chat = app.main.query_one(ChatPane)
+        assert chat.query(".error")
+        assert app.session.messages == []
+        model.experts.fail = False
+        await send(pilot, "now it works")
+        await until(pilot, lambda: len(app.session.messages) == 2, what="reply after the error")
+        assert app.is_running
+
+
+@aio
+async def test_ctrl_s_exports_svg_json_csv(model, tmp_path):
+    app = make_app(model, tmp_path / "exports")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: len(app.series) > 2, what="some telemetry")
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+        files = sorted(p.suffix for p in (tmp_path / "exports").iterdir())
+        assert files == [".csv", ".json", ".svg"]
+        svg = next((tmp_path / "exports").glob("*.svg")).read_text()
+        assert svg.startswith("<svg") and "Expert" in svg
+        assert any(".svg" in n and ".csv" in n for n in notes(app))
+
+
+@aio
+async def test_loading_screen_shows_progress_then_the_chat(model_dir):
+    gate = threading.Event()
+
+    def load(progress):
+        progress("experts", 3, 8)
+        gate.wait(10)
+        return engine.load(model_dir, progress=progress)
+
+    info = ModelInfo(name="tiny", path=str(model_dir), kind="demo-chat", note="**Tiny demo model.** trained here")
+    app = MerApp(Session(load, info=info))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, LoadingScreen), what="loading screen")
+        await until(pilot, lambda: "3/8" in str(app.screen.query_one("#loading-stage").render()), what="progress")
+        gate.set()
+        await until(pilot, lambda: app._loaded and not isinstance(app.screen, LoadingScreen), what="main screen")
+        await pilot.pause(0.2)
+        chat = app.main.query_one(ChatPane)
+        assert "Tiny demo model" in chat.query(".demo").first().source
+        app.session.settings.max_new_tokens = 3
+        await send(pilot, "hi")
+        await until(pilot, lambda: len(app.session.messages) == 2, what="reply")
+        app.session.close()
+
+
+@aio
+async def test_a_model_that_fails_to_load_is_reported_and_quit_works(tmp_path):
+    app = MerApp(Session(lambda progress: engine.load(tmp_path / "nope"), info=ModelInfo(name="nope")))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.session.status == "failed", what="failure")
+        await until(pilot, lambda: any("no such model folder" in n for n in notes(app)), what="toast")
+        assert "no such model folder" in str(app.screen.query_one("#loading-stage").render())
+        await pilot.press("f5")                 # keys do not crash while there is no model
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.1)
+    assert not app.is_running
+
+
+@aio
+async def test_ctrl_q_quits_promptly_while_generating(model):
+    app = make_app(model)
+    model.experts.delay = 0.02
+    greedy_and_long(app.session, 100_000)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "never stop")
+        await until(pilot, lambda: model.telemetry()["tokens"] > 2, what="tokens")
+        t0 = time.monotonic()
+        await pilot.press("ctrl+q")
+        await asyncio.sleep(0)
+    assert time.monotonic() - t0 < 3
+    assert not app.session.busy
+    assert not any(t.name == "mer-generate" and t.is_alive() for t in threading.enumerate())

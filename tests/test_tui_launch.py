@@ -1,0 +1,76 @@
+"""`mer-tui launch`: which model it opens, and bad input ending before the screen is taken."""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import engine
+from mer_tui import launch
+from mer_tui.cli import CliError, build_parser, main
+from tests.tui_fixtures import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+def args(*argv: str):
+    return build_parser().parse_args(["launch", *argv])
+
+
+def test_model_path_loads_with_the_options_and_reports_progress(model_dir):
+    loader, info, budget = launch.plan(args("--model", str(model_dir), "--policy", "lfu", "--no-prefetch"))
+    assert info.kind == "model" and info.name == model_dir.name and info.note is None and budget is None
+    seen = []
+    with loader(lambda *a: seen.append(a)) as model:
+        assert isinstance(model, engine.Model) and model.prefetch_enabled is False
+    assert seen and seen[-1][0] == "experts" and seen[-1][1] == seen[-1][2]
+
+
+def test_stress_demo_builds_through_demo_models_with_progress(model_dir, monkeypatch):
+    calls = []
+
+    def stress_model(progress):
+        progress(5, 10)
+        calls.append("built")
+        return model_dir
+
+    monkeypatch.setitem(sys.modules, "mer_tui.demo_models", types.SimpleNamespace(stress_model=stress_model))
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: object())
+    loader, info, _ = launch.plan(args("--demo", "stress"))
+    assert info.kind == "demo-stress" and "Random weights" in info.note and "--model PATH" in info.note
+    seen = []
+    with loader(lambda *a: seen.append(a)) as model:
+        # No --ram-cache: the demo gets a budget below its size, so the SSD has work to do.
+        budget = model.telemetry()["tiers"]["ram"]["bytes_budget"]
+        assert budget is not None and budget < sum(p.stat().st_size for p in Path(model_dir).iterdir())
+    assert calls == ["built"] and seen[0] == ("build", 5, 10)
+    assert info.path == str(model_dir)
+
+
+def test_chat_demo_is_found_or_named_missing(model_dir, monkeypatch):
+    monkeypatch.setattr(launch, "demo_chat_path", lambda: None)
+    with pytest.raises(CliError, match="chat demo model is not in this installation"):
+        launch.plan(args())
+    monkeypatch.setattr(launch, "demo_chat_path", lambda: Path(model_dir))
+    _, info, _ = launch.plan(args())
+    assert info.kind == "demo-chat" and "Tiny demo model" in info.note and "--model PATH" in info.note
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/no/such/folder"], "no such model folder"),
+    (["--ram-cache", "12 parsecs"], "ram-cache"),
+    (["--policy", "fifo"], "--policy: unknown policy 'fifo'"),
+    (["--quant", "q3_x"], "--quant: unknown format"),
+    (["--threads", "0"], "--threads: must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_the_app_starts(argv, message, capsys, model_dir):
+    if argv[0] != "--model":
+        argv = ["--model", str(model_dir), *argv]
+    assert main(["launch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

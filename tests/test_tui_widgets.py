@@ -1,0 +1,109 @@
+"""The panels render from plain snapshots: fed recorded or hand-made ones, they fit their box."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from mer_tui.session import ModelInfo, load_recording
+from mer_tui.widgets.chat import printable
+from mer_tui.widgets.header import render_header
+from mer_tui.widgets.heatmap import RAMP, colour, render_heatmap
+from mer_tui.widgets.seriesplot import thin
+from mer_tui.widgets.tiers import bar, render_tiers
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def lines(renderable, width: int) -> list[str]:
+    console = Console(width=width, color_system=None, legacy_windows=False)
+    with console.capture() as cap:
+        console.print(renderable, crop=False)
+    return cap.get().rstrip("\n").split("\n")
+
+
+@pytest.mark.parametrize("layers,experts", [(8, 8), (16, 64), (48, 128), (2, 4), (60, 256)])
+@pytest.mark.parametrize("width,height", [(30, 6), (60, 12), (90, 20), (150, 40)])
+def test_heatmap_fits_its_box_and_never_wraps(layers, experts, width, height):
+    counts = [[float((i * 7 + e * 13) % 11) for e in range(experts)] for i in range(layers)]
+    text = render_heatmap(counts, width, height)
+    rows = text.plain.split("\n")
+    assert len(rows) <= height
+    assert max(len(r) for r in rows) <= width
+
+
+def test_heatmap_binning_keeps_a_single_hot_expert_visible():
+    counts = [[0.0] * 128 for _ in range(48)]
+    counts[31][77] = 9.0
+    text = render_heatmap(counts, 50, 12)
+    hottest = colour(1.0)
+    styles = [str(span.style) for span in text.spans]
+    assert any(hottest in s for s in styles)              # max-binning: never averaged away
+    assert "48×128" in text.plain and "max of" in text.plain
+
+
+def test_heatmap_small_models_get_big_cells_and_labels():
+    counts = [[float(e) for e in range(8)] for _ in range(8)]
+    text = render_heatmap(counts, 80, 20)
+    rows = text.plain.split("\n")
+    assert rows[0].startswith("exp 0")
+    assert [r[:3].strip() for r in rows if r.startswith("L")] == [f"L{i}" for i in range(8)]
+    assert "8×8" in rows[-1] and "max of" not in rows[-1]
+
+
+def test_heatmap_without_counts():
+    assert "no expert activity" in render_heatmap([], 60, 10).plain
+
+
+def test_colour_ramp_ends():
+    assert colour(0.0) == "#{:02x}{:02x}{:02x}".format(*RAMP[0])
+    assert colour(1.0) == "#{:02x}{:02x}{:02x}".format(*RAMP[-1])
+    assert colour(2.0) == colour(1.0) and colour(-1.0) == colour(0.0)
+
+
+def test_bar_widths():
+    for f in (None, 0.0, 0.33, 0.5, 1.0, 1.5):
+        assert bar(f, 20, "green").cell_len == 20
+
+
+def test_tiers_show_what_the_engine_applies():
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    out = "\n".join(lines(render_tiers(snap, 54), 54))
+    assert "RAM hit" in out and "6.0 GiB of 6.0 GiB" in out and "uring" in out and "lfu-decay" in out
+    assert "VRAM" not in out
+    # A requested budget the source did not apply is shown beside the real one.
+    out = "\n".join(lines(render_tiers(snap, 54, requested_budget=1 << 30), 54))
+    assert "asked 1.0 GiB" in out
+
+
+def test_tiers_show_a_vram_tier_when_present():
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    snap = {**snap, "tiers": {**snap["tiers"], "vram": {"hits": 5, "misses": 5, "hit_rate": 0.5,
+                                                          "bytes_used": 1 << 30, "bytes_budget": 2 << 30,
+                                                          "entries": 10, "pinned": 0}}}
+    out = "\n".join(lines(render_tiers(snap, 54), 54))
+    assert "VRAM hit" in out and "50.0%" in out and "1.0 GiB of 2.0 GiB" in out
+
+
+@pytest.mark.parametrize("width", [60, 100, 160])
+def test_header_fits_and_keeps_model_reader_budget(width):
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    info = ModelInfo(name="stress demo", kind="demo-stress", io="uring", quant="q4_0")
+    text = render_header(info, snap, "generating", width, tokens_per_s=4.2)
+    assert text.cell_len <= width or width < 80
+    assert "stress demo" in text.plain and "random weights" in text.plain and "generating" in text.plain
+    if width >= 100:
+        assert "reader uring" in text.plain and "RAM 6.0 GiB/6.0 GiB" in text.plain
+    if width >= 160:
+        assert "policy lfu-decay" in text.plain and "4.2 tok/s" in text.plain
+
+
+def test_printable_replaces_control_characters():
+    assert printable("a\x00b\x1bc\nd\te\x7f") == "a\ufffdb\ufffdc\nd\te\ufffd"
+
+
+def test_thin_keeps_the_newest_sample():
+    xs = list(range(1000))
+    tx, ty = thin(xs, xs, 100)
+    assert len(tx) <= 100 and tx[-1] == 999 and ty == tx
