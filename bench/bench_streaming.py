@@ -90,12 +90,6 @@ def decode(store: Path, ids: list[int], *, io: str, budget: int | None, policy: 
             "p99": iox["read_ms_p99"], "backend": iox["backend"], "prefetch": pf}
 
 
-def median_run(repeats: int, **kw) -> dict:
-    runs = [decode(**kw) for _ in range(repeats)]
-    runs.sort(key=lambda r: r["s_per_token"])
-    return runs[len(runs) // 2]
-
-
 def table(rows: list[dict], roof: dict) -> str:
     head = ("| reader | prefetch | tok/s | roofline tok/s | x roofline | hit rate | MB/s | MiB/token "
             "| queue max / mean | read ms p50 / p99 | prefetch precision / recall |")
@@ -155,17 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok.encode(PROMPT) if tok is not None else list(range(1, 33))
     load0 = os.getloadavg()
 
-    bw = {k: statistics.median(disk_bandwidth(store, bundle, k) for _ in range(3))
-          for k in ("uring", "pread")}
-    bw_staging = statistics.median(disk_bandwidth(store, bundle, "uring", staging=True) for _ in range(3))
     common = dict(store=store, ids=ids, policy=args.policy, warm=args.warm, tokens=args.tokens)
-    # Compute alone: every expert resident (the warm-up reads them; greedy decoding repeats the routing).
-    compute = median_run(args.repeats, io="uring", budget=None, prefetch=False, prime=True, **common)
-    demand = median_run(args.repeats, io="uring", budget=budget, prefetch=False, **common)
+    readers = args.readers.split(",")
+    configs = {"compute": dict(io="uring", budget=None, prefetch=False, prime=True),   # every expert in RAM
+               "demand": dict(io="uring", budget=budget, prefetch=False),
+               **{k: dict(io=k, budget=budget, prefetch=True) for k in readers}}
+    # Rounds interleave every configuration (and the bandwidth probes), so a change in the machine's
+    # load during the run spreads over all of them instead of skewing one.
+    runs: dict[str, list[dict]] = {k: [] for k in configs}
+    probes: dict[str, list[float]] = {"uring": [], "pread": [], "staging": []}
+    for _ in range(args.repeats):
+        probes["uring"].append(disk_bandwidth(store, bundle, "uring"))
+        probes["pread"].append(disk_bandwidth(store, bundle, "pread"))
+        probes["staging"].append(disk_bandwidth(store, bundle, "uring", staging=True))
+        for name, kw in configs.items():
+            runs[name].append(decode(**common, **kw))
+    bw = {k: statistics.median(v) for k, v in probes.items()}
+    bw_staging = bw["staging"]
+    med = {k: sorted(v, key=lambda r: r["s_per_token"])[len(v) // 2] for k, v in runs.items()}
+    compute, demand = med["compute"], med["demand"]
     roof_s = demand["misses"] * bundle / (bw["uring"] * 1e6) + compute["s_per_token"]
     roof = {"s_per_token": roof_s}
-    rows = [demand] + [median_run(args.repeats, io=k, budget=budget, prefetch=True, **common)
-                       for k in args.readers.split(",")]
+    rows = [demand] + [med[k] for k in readers]
     load1 = os.getloadavg()
 
     cmd = "python bench/bench_streaming.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{layout.bundles[0, 0].parts[0].fmt} experts, {expert_bytes / 2**20:.0f} MiB of experts, "
             f"{bundle / 2**20:.2f} MiB per bundle); RAM cache {budget / 2**20:.0f} MiB "
             f"({args.fraction:.2f} of the experts), policy {args.policy}; {args.warm} tokens to warm the "
-            f"cache, then {args.tokens} timed, median of {args.repeats}.")
+            f"cache, then {args.tokens} timed; median of {args.repeats} rounds, each round running every "
+            f"configuration once.")
     machine = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"load average {load0[0]:.1f} before / {load1[0]:.1f} after (other work shares the cores).")
     overlap = max(roof_s - compute["s_per_token"], compute["s_per_token"])

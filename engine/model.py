@@ -124,8 +124,11 @@ class Model:
         lw = self.weights.layers[layer]
         hn = rms_norm(h, lw.mlp_norm, self.spec.rms_norm_eps)
         logits = lw.router.matmul(hn)
-        guess = np.unique(np.argsort(-logits, axis=-1)[:, : self.spec.top_k])
-        self.experts.prefetch(layer, guess.tolist())
+        ranked = np.argsort(-logits, axis=-1)[:, : self.spec.top_k]
+        # Most likely first (every token's first choice, then the second ...): a source that reads only
+        # some of the guesses before the layer comes reads the best ones.
+        guess = list(dict.fromkeys(ranked.T.ravel().tolist()))
+        self.experts.prefetch(layer, guess)
 
     def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
         """Run `ids` through the model after what `cache` holds; return logits."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+import kernels
 from kernels import QMatrix
 
 from .cache import RamCache, Tier, detect_vram
@@ -48,6 +49,7 @@ MIN_PRECISION = 0.2
 PROBE = 4
 
 Key = tuple[int, int]
+_Read = tuple[ExpertBundle, int]   # a bundle read and checked, and the bytes it holds
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,13 @@ class StreamingExperts(ExpertSource):
                  attempts: int = ATTEMPTS, hot_fraction: float = 0.0):
         if verify not in VERIFY_MODES:
             raise EngineError(f"verify: unknown mode {verify!r} (choose from {', '.join(VERIFY_MODES)})")
+        if quant is not None:   # fail at load, not at the first miss, when the shapes cannot take `quant`
+            for b in list(layout.bundles.values())[:1]:
+                for part in b.parts:
+                    try:
+                        kernels.row_bytes(quant, part.cols)
+                    except ValueError as e:
+                        raise EngineError(f"quant: {e}") from None
         self.layout = layout
         self.reader = reader
         self.backend = reader.name
@@ -152,12 +161,12 @@ class StreamingExperts(ExpertSource):
             if self._trace is not None:
                 self._trace.write(json.dumps({"step": self.cache.step_no, "layer": layer,
                                               "experts": [int(e) for e in experts]}) + "\n")
+            for e in experts:   # all checked before any flight is registered
+                if (layer, int(e)) not in self._plans:
+                    raise EngineError(f"experts: layer {layer} has no expert {e}")
             self._demand += 1
             for e in experts:
                 key = (layer, int(e))
-                if key not in self._plans:
-                    self._demand -= 1
-                    raise EngineError(f"experts: layer {layer} has no expert {e}")
                 b = self.cache.lookup(key)
                 if b is not None and self.cache.take_prefetched(key):
                     self._prefetch_outcome(True)
@@ -237,10 +246,45 @@ class StreamingExperts(ExpertSource):
                     self.pf_issued += 1
         if not items:
             return
-        bufs = {key: aligned_buffer(self._plans[key].size) for key, _ in items}
+        try:
+            done, errors, seconds = self._fetch([key for key, _ in items])
+        except BaseException as e:   # a bug or an interrupt: no waiter may hang, nothing half-read is kept
+            with self._lock:
+                for key, fl in items:
+                    if reserved[key]:
+                        self.cache.cancel(key)
+                    fl.error = e if isinstance(e, EngineError) else \
+                        ExpertReadError(self._describe(key, e, final=True))
+                    if self._flights.get(key) is fl:
+                        del self._flights[key]
+                    fl.event.set()
+                self._wake.notify_all()
+            raise
+        with self._lock:
+            for key, fl in items:
+                if key in done:
+                    bundle, nbytes = done[key]
+                    keep = self.cache.fill if reserved[key] else self.cache.insert
+                    keep(key, bundle, nbytes, fl.prefetch and not fl.claimed)
+                    fl.bundle = bundle
+                    self.bundles_read += 1
+                else:
+                    if reserved[key]:
+                        self.cache.cancel(key)
+                    fl.error = ExpertReadError(self._describe(key, errors[key], final=True))
+                    self.read_errors += 1
+                if self._flights.get(key) is fl:
+                    del self._flights[key]
+                fl.event.set()
+            self.read_seconds += seconds
+            self._wake.notify_all()
+
+    def _fetch(self, keys: list[Key]) -> tuple[dict[Key, _Read], dict[Key, BaseException], float]:
+        """Read and check `keys` as one batch, retrying failures; (bundles and sizes, errors, seconds)."""
+        bufs = {key: aligned_buffer(self._plans[key].size) for key in keys}
         errors: dict[Key, BaseException] = {}
-        done: dict[Key, tuple[ExpertBundle, int]] = {}
-        todo = [key for key, _ in items]
+        done: dict[Key, _Read] = {}
+        todo = list(keys)
         t0 = time.perf_counter()
         for attempt in range(self.attempts):
             jobs = [self._job(key, bufs[key]) for key in todo]
@@ -264,25 +308,7 @@ class StreamingExperts(ExpertSource):
             log.warning("expert read failed (attempt %d of %d): %s", attempt + 1, self.attempts,
                         "; ".join(self._describe(k, errors[k]) for k in todo))
             time.sleep(0.005 * (attempt + 1))
-        seconds = time.perf_counter() - t0
-        with self._lock:
-            for key, fl in items:
-                if key in done:
-                    bundle, nbytes = done[key]
-                    keep = self.cache.fill if reserved[key] else self.cache.insert
-                    keep(key, bundle, nbytes, fl.prefetch and not fl.claimed)
-                    fl.bundle = bundle
-                    self.bundles_read += 1
-                else:
-                    if reserved[key]:
-                        self.cache.cancel(key)
-                    fl.error = ExpertReadError(self._describe(key, errors[key], final=True))
-                    self.read_errors += 1
-                if self._flights.get(key) is fl:
-                    del self._flights[key]
-                fl.event.set()
-            self.read_seconds += seconds
-            self._wake.notify_all()
+        return done, errors, time.perf_counter() - t0
 
     def _job(self, key: Key, buf) -> ReadJob:
         p = self._plans[key]
@@ -365,7 +391,10 @@ class StreamingExperts(ExpertSource):
                         continue
                 fl = _Flight(prefetch=is_prefetch)
                 self._flights[key] = fl
-            self._read([(key, fl)], demand=False)   # errors stay in the flight; a demand read retries
+            try:
+                self._read([(key, fl)], demand=False)   # errors stay in the flight; a demand read retries
+            except Exception:   # a bug must not kill prefetch silently; the flight was settled by _read
+                log.exception("prefetch of layer %d expert %d failed", *key)
 
     def pin(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Keep these bundles resident (read in the background if absent); pins past the budget are dropped"""

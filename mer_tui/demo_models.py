@@ -177,10 +177,13 @@ STRESS_NAME = "demo-stress-v1"
 
 
 def stress_model(progress: Progress | None = None) -> Path:
-    """The stress demo's folder, built on first use into the user cache (rebuilt if missing or incomplete)."""
+    """The stress demo's folder, built on first use into the user cache (MER_TUI_CACHE_DIR overrides it),
+    rebuilt if missing, incomplete or of other parameters."""
+    import os
+
     from platformdirs import user_cache_dir
 
-    folder = Path(user_cache_dir("mer-tui")) / STRESS_NAME
+    folder = Path(os.environ.get("MER_TUI_CACHE_DIR") or user_cache_dir("mer-tui")) / STRESS_NAME
     if _complete(folder):
         if progress:
             progress(STRESS.expert_bytes, STRESS.expert_bytes)

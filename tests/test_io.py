@@ -206,3 +206,14 @@ def test_split_keeps_alignment():
     assert [p.offset for p in parts] == [8 * ALIGN, 10 * ALIGN, 12 * ALIGN]
     assert [p.need for p in parts] == [2 * ALIGN, 2 * ALIGN, 10]
     assert sum(len(p.dest) for p in parts) == 5 * ALIGN
+
+
+@pytest.mark.skipif("uring" not in KINDS, reason="io_uring unavailable here")
+def test_uring_module_builds_elsewhere_when_the_cache_is_not_writable(tmp_path, monkeypatch):
+    from engine.io import uring_build
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MER_TUI_CACHE_DIR", str(blocker / "cache"))
+    path = uring_build._find_or_build(uring_build._name())
+    assert path.exists() and not str(path).startswith(str(blocker))

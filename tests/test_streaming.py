@@ -217,10 +217,32 @@ def test_a_checksum_mismatch_names_the_layer_and_expert(tiny_store, tmp_path):
         assert (1, 3) not in m.experts.cache.entries
 
 
-def test_an_unknown_expert_is_named(tiny_store):
-    with engine.load(tiny_store) as m:
+def test_an_unknown_expert_is_named_and_leaves_nothing_behind(tiny_store):
+    with engine.load(tiny_store, prefetch=False) as m:
         with pytest.raises(EngineError, match="layer 0 has no expert 9"):
-            m.experts.get(0, [9])
+            m.experts.get(0, [1, 9])
+        assert not m.experts._flights
+        assert set(m.experts.get(0, [1])) == {1}
+
+
+def test_a_reader_that_raises_leaves_no_flight_behind(tiny_store, reference):
+    class Broken(FaultyReader):
+        def read(self, jobs):
+            raise RuntimeError("reader bug")
+
+    with engine.load(tiny_store, ram_cache="40KiB", prefetch=False) as m:
+        real = m.experts.reader
+        m.experts.reader = Broken(real)
+        with pytest.raises(RuntimeError, match="reader bug"):
+            m.experts.get(0, [1, 2])
+        assert not m.experts._flights and not m.experts.cache.entries and m.experts.cache.used == 0
+        m.experts.reader = real
+        assert _same(_run(m), reference)
+
+
+def test_a_quant_the_shapes_cannot_take_is_refused_at_load(tiny_store):
+    with pytest.raises(EngineError, match="quant"):
+        engine.load(tiny_store, quant="q4_k")     # rows of 32 and 48 weights; q4_k needs 256
 
 
 # --------------------------------------------------------------------------------------- telemetry

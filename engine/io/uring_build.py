@@ -6,6 +6,7 @@ two terminals) never load a half-written library.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
@@ -24,10 +25,17 @@ _module: ModuleType | None = None
 _error: str | None = None
 
 
-def cache_dir() -> Path:
-    from platformdirs import user_cache_dir
+def cache_dirs() -> list[Path]:
+    """Where the module may live: the per-user cache (MER_TUI_CACHE_DIR overrides it, as for the kernels),
+    then a per-user folder under the temporary directory for when the cache is not writable."""
+    env = os.environ.get("MER_TUI_CACHE_DIR")
+    if env:
+        first = Path(env)
+    else:
+        from platformdirs import user_cache_dir
 
-    return Path(user_cache_dir("mer-tui")) / "cffi"
+        first = Path(user_cache_dir("mer-tui"))
+    return [first / "cffi", Path(tempfile.gettempdir()) / f"mer-tui-{os.getuid()}" / "cffi"]
 
 
 def _name() -> str:
@@ -52,6 +60,23 @@ def _build(name: str, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _find_or_build(name: str) -> Path:
+    dirs = cache_dirs()
+    for d in dirs:
+        found = sorted(d.glob(name + ".*.so")) + sorted(d.glob(name + ".so")) if d.is_dir() else []
+        if found:
+            return found[0]
+    for d in dirs:
+        try:
+            return _build(name, d)
+        except PermissionError:
+            continue   # read-only home or sandbox: try the next place
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.ENOTDIR, errno.EACCES):
+                raise
+    raise OSError(f"no writable directory for the io_uring module (tried {', '.join(map(str, dirs))})")
+
+
 def load_uring() -> ModuleType:
     """The compiled module (attributes ffi, lib); raises OSError saying why it cannot be had."""
     global _module, _error
@@ -61,10 +86,8 @@ def load_uring() -> ModuleType:
         if _error is not None:
             raise OSError(_error)
         name = _name()
-        out = cache_dir()
-        found = sorted(out.glob(name + ".*.so")) + sorted(out.glob(name + ".so")) if out.exists() else []
         try:
-            path = found[0] if found else _build(name, out)
+            path = _find_or_build(name)
             spec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
             spec.loader.exec_module(mod)  # type: ignore[union-attr]
