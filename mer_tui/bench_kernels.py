@@ -44,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default=",".join(f for f in formats.FORMATS if f != "f32"),
                    help="comma-separated weight formats (default: all quantized and half formats)")
     p.add_argument("--shapes", default=REAL_SHAPES, help=f"comma-separated ROWSxCOLS (default {REAL_SHAPES})")
-    p.add_argument("--repeats", type=int, default=9, help="timed samples per measurement; the median counts")
+    p.add_argument("--repeats", type=int, default=9, help="timed samples per measurement")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="which sample counts: the median (default) or the fastest (best case on a busy machine)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--backend", default=None, help="kernel backend: auto, c, c-avx2, c-generic, numba, numpy")
     p.add_argument("--hot", action="store_true", help="time one matrix repeatedly (cache-resident when it fits)")
+    p.add_argument("--dram-mib", type=int, default=512,
+                   help="buffer size of the DRAM read probe (default 512; at least 4x the last-level cache)")
     p.add_argument("--batch", default="", help="also time matmul for these token counts, e.g. 1,2,4,8,16,64")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
@@ -143,26 +147,31 @@ class _Timer:
         return (time.perf_counter() - t) / self.per_sample
 
 
-def _time(call, items: list, repeats: int) -> float:
-    """Median seconds of one call, over `repeats` samples."""
+def _time(call, items: list, repeats: int, stat: str = "median") -> float:
+    """Median (or minimum) seconds of one call, over `repeats` samples."""
     timer = _Timer(call, items)
-    return float(np.median([timer.sample() for _ in range(max(1, repeats))]))
+    samples = [timer.sample() for _ in range(max(1, repeats))]
+    return float(np.min(samples) if stat == "min" else np.median(samples))
 
 
-def _paired(a: _Timer, b: _Timer, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of a, of b, and median of the per-pair ratios a/b, samples interleaved.
+def _paired(a: _Timer, b: _Timer, repeats: int, stat: str = "median") -> tuple[float, float, float]:
+    """Seconds of a, of b, and the ratio a/b, from samples taken in alternation.
 
     Interleaving makes both sides of each pair see the same load: when other processes take the
-    cores, a ratio of two medians taken a minute apart measures the load as much as the code."""
+    cores, a ratio of two medians taken a minute apart measures the load as much as the code.
+    stat "median": medians, and the median of the per-pair ratios; "min": the fastest samples
+    (what each side does when nothing interrupts it: the closest to an idle machine)."""
     ta, tb = [], []
     for _ in range(max(1, repeats)):
         ta.append(a.sample())
         tb.append(b.sample())
     ta_, tb_ = np.array(ta), np.array(tb)
+    if stat == "min":
+        return float(ta_.min()), float(tb_.min()), float(ta_.min() / tb_.min())
     return float(np.median(ta_)), float(np.median(tb_)), float(np.median(ta_ / tb_))
 
 
-def dram_read_bandwidth(threads: int, repeats: int, nbytes: int) -> dict[str, float]:
+def dram_read_bandwidth(threads: int, repeats: int, nbytes: int, stat: str = "median") -> dict[str, float]:
     """Read bandwidth of a buffer far larger than the caches: all threads, and one numpy stream."""
     buf = np.ones(nbytes // 4, dtype=np.float32)
     out: dict[str, float] = {}
@@ -170,12 +179,12 @@ def dram_read_bandwidth(threads: int, repeats: int, nbytes: int) -> dict[str, fl
     if b.startswith("c-"):
         from kernels import cpu_c
         ck = cpu_c.load(b[2:])
-        t = _time(lambda _: ck.read_sum(buf, threads), [None], repeats)
+        t = _time(lambda _: ck.read_sum(buf, threads), [None], repeats, stat)
     else:
         from kernels import matvec_numba
-        t = _time(lambda _: matvec_numba.read_sum(buf, threads), [None], repeats)
+        t = _time(lambda _: matvec_numba.read_sum(buf, threads), [None], repeats, stat)
     out["all_threads"] = buf.nbytes / t
-    out["numpy_1_thread"] = buf.nbytes / _time(lambda _: buf.sum(dtype=np.float64), [None], repeats)
+    out["numpy_1_thread"] = buf.nbytes / _time(lambda _: buf.sum(dtype=np.float64), [None], repeats, stat)
     return out
 
 
@@ -208,12 +217,14 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "l3_bytes": l3_bytes(),
                     "python": platform.python_version(), "numpy": np.__version__},
-        "backend": backend, "threads": threads, "mode": "hot" if args.hot else "cold",
+        "backend": backend, "threads": threads, "mode": "hot" if args.hot else "cold", "stat": args.stat,
         "command": "mer-tui bench kernels " + " ".join(args.argv),
         "load_avg_before": list(load_before),
     }
-    dram_bytes = max(512 << 20, ring_bytes)
-    result["dram_read_bytes_per_s"] = dram_read_bandwidth(threads, args.repeats, dram_bytes)
+    if args.dram_mib < 1:
+        raise _Usage("--dram-mib must be at least 1")
+    dram_bytes = args.dram_mib << 20
+    result["dram_read_bytes_per_s"] = dram_read_bandwidth(threads, args.repeats, dram_bytes, args.stat)
     rows_out = []
     for rows, cols in shapes:
         x = rng.standard_normal(cols, dtype=np.float32)
@@ -224,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
             q = synthetic_weights(fmt, rows, cols, rng)
             timer = _Timer(lambda m, fmt=fmt, cols=cols, x=x: kernels.matvec(m, fmt, cols, x),
                            _ring(q, ring_bytes, args.hot))
-            t, t32, speedup = _paired(timer, base, args.repeats)
+            t, t32, speedup = _paired(timer, base, args.repeats, args.stat)
             t32_over_t = 1.0 / speedup  # median of per-pair t32 / t
             rows_out.append({
                 "shape": f"{rows}x{cols}", "format": fmt, "weight_bytes": int(q.nbytes),
@@ -236,13 +247,13 @@ def run(args: argparse.Namespace) -> dict:
             for n in batch:
                 X = rng.standard_normal((n, cols), dtype=np.float32)
                 tb = _time(lambda m, fmt=fmt, cols=cols, X=X: kernels.matmul(m, fmt, cols, X), [q],
-                           args.repeats)
+                           args.repeats, args.stat)
                 rows_out[-1].setdefault("batch", []).append(
                     {"n": n, "seconds": tb, "tokens_per_s": n / tb, "bytes_per_s": q.nbytes / tb})
         del base
     result["results"] = rows_out
     # measured again at the end: a changed figure says the load changed during the run
-    result["dram_read_bytes_per_s_after"] = dram_read_bandwidth(threads, args.repeats, dram_bytes)
+    result["dram_read_bytes_per_s_after"] = dram_read_bandwidth(threads, args.repeats, dram_bytes, args.stat)
     result["load_avg_after"] = list(os.getloadavg())
     return result
 
@@ -254,7 +265,8 @@ def _gb(v: float) -> str:
 def render(res: dict) -> str:
     dram = res["dram_read_bytes_per_s"]
     lines = [
-        f"kernels: backend {res['backend']}, {res['threads']} threads, {res['mode']} weights; "
+        f"kernels: backend {res['backend']}, {res['threads']} threads, {res['mode']} weights, "
+        f"{res['stat']} of samples; "
         f"{res['machine']['cpu']}, {res['machine']['cores']} cores",
         f"DRAM read: {_gb(dram['all_threads'])} GB/s with {res['threads']} threads, "
         f"{_gb(dram['numpy_1_thread'])} GB/s numpy one thread (at the end: "
@@ -274,9 +286,9 @@ def render(res: dict) -> str:
         for b in r.get("batch", []):
             lines.append(f"{'':>11} {'':>6}   n={b['n']:<4} {b['tokens_per_s']:10.0f} tokens/s "
                          f"({_gb(b['bytes_per_s'])} GB/s of weights per call)")
-    lines += ["", "GB/s: weight bytes per second of kernels.matvec (median of samples); f32 GB/s: numpy "
-              "float32 matvec on the same shape, sampled in alternation with it; ratio: bytes/s over f32's "
-              "bytes/s (median of the per-pair ratios); x f32: f32's time per token over this format's."]
+    lines += ["", "GB/s: weight bytes per second of kernels.matvec; f32 GB/s: numpy float32 matvec on the "
+              "same shape, sampled in alternation with it; ratio: bytes/s over f32's bytes/s (with --stat "
+              "median, the median of the per-pair ratios); x f32: f32's time per token over this format's."]
     return "\n".join(lines)
 
 

@@ -1,0 +1,35 @@
+"""mer_tui.bench_kernels: runs end to end on tiny shapes, reports bad options as usage errors."""
+from __future__ import annotations
+
+import json
+
+from mer_tui.bench_kernels import main
+
+
+def test_bench_kernels_json(capsys):
+    rc = main(["--shapes", "64x256", "--formats", "q4_0,f16", "--repeats", "1", "--hot", "--json",
+               "--batch", "1,3", "--threads", "1", "--dram-mib", "16"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["format"] for r in res["results"]] == ["q4_0", "f16"]
+    for r in res["results"]:
+        assert r["bytes_per_s"] > 0 and r["numpy_f32_bytes_per_s"] > 0 and r["ratio"] > 0
+        assert [b["n"] for b in r["batch"]] == [1, 3]
+    assert res["dram_read_bytes_per_s"]["all_threads"] > 0
+    assert res["threads"] == 1
+
+
+def test_bench_kernels_table(capsys):
+    assert main(["--shapes", "32x256", "--formats", "q8_0", "--repeats", "1", "--hot", "--stat", "min",
+                 "--dram-mib", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "q8_0" in out and "DRAM read" in out and "ratio" in out
+
+
+def test_bench_kernels_bad_options(capsys):
+    assert main(["--formats", "q9_9"]) == 2
+    assert main(["--shapes", "12x"]) == 2
+    assert main(["--shapes", "16x100", "--formats", "q4_0"]) == 2  # 100 columns: not whole blocks
+    assert main(["--repeats", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("mer-tui bench kernels: ") for line in err)
