@@ -1,0 +1,29 @@
+"""`mer-tui bench` as side_by_side runs it: the same command, minus one memory spike at its end.
+
+After its runs, `mer-tui bench` measures DRAM bandwidth for its roofline over a fresh 512 MiB
+buffer.  Inside a 2 GiB memory cgroup that buffer, on top of the resident weights and the RAM
+cache, gets the process OOM-killed after it has measured everything (seen: anon RSS 2.09 GB).
+So the orchestrator measures DRAM bandwidth once, outside the cgroup, with the same function,
+and passes it in MER_BENCH_DRAM_BW (bytes/s); everything else is `mer-tui bench` unchanged.
+
+    MER_BENCH_DRAM_BW=... .venv/bin/python -m bench.run_mer --model STORE --ram-cache 700MiB --io uring --json
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    bw = os.environ.get("MER_BENCH_DRAM_BW")
+    if bw:
+        import mer_tui.bench
+
+        mer_tui.bench.dram_read_bandwidth = lambda *a, **k: float(bw)
+    from mer_tui.cli import main as cli
+
+    return cli(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

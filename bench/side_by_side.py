@@ -1,0 +1,491 @@
+"""mer-tui against llama.cpp on an OLMoE-1B-7B-sized model, over a memory limit and in RAM.
+
+    sudo .venv/bin/python -m bench.side_by_side                  # build (cached), run, write docs
+    .venv/bin/python -m bench.side_by_side --docs-only           # re-render docs from the last results
+
+Steps, each cached in --out (default /work/bench-models, outside the repository):
+1. a random-weight model with OLMoE-1B-7B's dimensions as a bf16 Hugging Face folder
+   (bench/make_olmoe_like.py);
+2. our expert store from it: `mer-tui convert HF STORE --quant q4_0`;
+3. a GGUF from the same folder with the same q4_0 expert bytes (bench/gguf_export.py), checked
+   byte for byte against the store on a sample of experts;
+4. the runs, each in a fresh process after the page cache is dropped: over the limit inside one
+   memory cgroup (RAM + page cache capped, bench/cgroup.py; needs root), and in RAM without it.
+   mer-tui through `mer-tui bench --json`, llama.cpp through bench/run_llama.py;
+5. results as JSON in --out, and the "Side by side with llama.cpp" section of docs/BENCHMARKS.md
+   with a plot (docs/bench_side_by_side.png).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.cgroup import MemoryCgroup, drop_page_cache
+from bench.make_olmoe_like import FULL, SMALL, build_hf
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+DOC = REPO / "docs" / "BENCHMARKS.md"
+PLOT = REPO / "docs" / "bench_side_by_side.png"
+SECTION = "## Side by side with llama.cpp"
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMG]i?B?|B?)\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    unit = m.group(2).upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": MiB, "G": GiB}[unit])
+
+
+def mib(n: float | None) -> str:
+    return "–" if n is None else f"{n / MiB:,.0f} MiB"
+
+
+# --------------------------------------------------------------------------- model files
+def build_models(out: Path, small: bool, dense_fmt: str, force: bool) -> tuple[Path, Path, Path]:
+    """(hf folder, expert store, gguf), each built only when missing."""
+    dims = SMALL if small else FULL
+    tag = "olmoe-small" if small else "olmoe-like"
+    hf = build_hf(out / f"{tag}-hf", dims, seed=0, force=force, log=log)
+    store = out / f"{tag}-q4_0"
+    if force or not (store / "config.json").exists():
+        log(f"converting {hf} -> {store} (mer-tui convert --quant q4_0)")
+        cmd = [PY, "-m", "mer_tui", "convert", str(hf), str(store), "--quant", "q4_0", "--force"]
+        subprocess.run(cmd, check=True, cwd=REPO)
+    else:
+        log(f"{store}: already converted, kept")
+    from bench.gguf_export import export_gguf
+
+    gguf_path = out / f"{tag}-q4_0.gguf"
+    export_gguf(hf, gguf_path, expert_fmt="q4_0", dense_fmt=dense_fmt, force=force, log=log)
+    return hf, store, gguf_path
+
+
+def verify_bytes(store: Path, gguf_path: Path, n: int = 24) -> str:
+    """Compare a sample of (layer, expert) bundles between the store and the GGUF, in a child process."""
+    code = (
+        "import sys, random, engine\n"
+        "from bench.gguf_export import verify_same_experts\n"
+        f"m = engine.load({str(store)!r}, ram_cache='256MiB', io='pread', prefetch=False)\n"
+        "rnd = random.Random(0)\n"
+        "layers = m.moe_layer_ids\n"
+        f"pairs = [(rnd.choice(layers), rnd.randrange(m.spec.num_experts)) for _ in range({n})]\n"
+        f"verify_same_experts({str(gguf_path)!r}, m, pairs)\n"
+        "print(f'{len(pairs)} expert bundles identical')\n"
+    )
+    p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"store and GGUF differ or cannot be compared:\n{p.stderr[-3000:]}")
+    return p.stdout.strip()
+
+
+def store_resident_bytes(store: Path) -> int:
+    """Bytes of the store's non-expert weights (they stay resident whatever the cache size)."""
+    return sum(p.stat().st_size for p in store.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    name: str
+    case: str            # "over" (inside the memory cgroup) or "ram"
+    engine: str          # "mer-tui" or "llama.cpp"
+    label: str
+    cmd: list[str]
+    result: dict = field(default_factory=dict)
+
+
+def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache: int) -> list[Run]:
+    common = ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+              "--repeats", str(args.repeats)]
+    mer = [PY, "-m", "bench.run_mer", "--model", str(store), "--json", *common]
+    llama = [PY, "-m", "bench.run_llama", "--model", str(gguf_path), *common]
+    cache = ["--ram-cache", f"{ram_cache // MiB}MiB"]
+    runs = []
+    for io in ("uring", "pread"):
+        for pf in (True, False):
+            runs.append(Run(f"over-mer-{io}-{'pf' if pf else 'nopf'}", "over", "mer-tui",
+                            f"mer-tui io={io}, prefetch {'on' if pf else 'off'}",
+                            [*mer, *cache, "--io", io, *([] if pf else ["--no-prefetch"])]))
+    runs.append(Run("over-mer-mmap", "over", "mer-tui", "mer-tui io=mmap (page cache)",
+                    [*mer, *cache, "--io", "mmap"]))
+    runs.append(Run("over-llama", "over", "llama.cpp", "llama.cpp mmap, no repack", llama))
+    runs.append(Run("over-llama-repack", "over", "llama.cpp", "llama.cpp repack (default)", [*llama, "--repack"]))
+    runs.append(Run("ram-mer-uring", "ram", "mer-tui", "mer-tui io=uring, no cache limit", [*mer, "--io", "uring"]))
+    runs.append(Run("ram-llama", "ram", "llama.cpp", "llama.cpp mmap, no repack", llama))
+    runs.append(Run("ram-llama-repack", "ram", "llama.cpp", "llama.cpp repack (default)", [*llama, "--repack"]))
+    if args.only:
+        runs = [r for r in runs if any(re.search(pat, r.name) for pat in args.only)]
+    return runs
+
+
+def _loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def execute(run: Run, cg: MemoryCgroup | None, logdir: Path, timeout: float) -> dict:
+    """One run in a fresh process (in `cg` when given) after dropping the page cache."""
+    why = drop_page_cache()
+    oom0 = cg.oom_kills() if cg else 0
+    if cg:
+        cg.release_cache()
+        cg.reset_peak()
+    log(f"{run.name}: {shlex.join(run.cmd[1:])}")
+    err_path = logdir / f"{run.name}.stderr"
+    t0 = time.perf_counter()
+    load0 = _loadavg()
+    with open(err_path, "w") as err:
+        try:
+            p = subprocess.run(run.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout,
+                               preexec_fn=cg.join_fn() if cg else None)
+            rc, out = p.returncode, p.stdout
+        except subprocess.TimeoutExpired as e:
+            rc, out = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    wall = time.perf_counter() - t0
+    res: dict = {"rc": rc, "wall_s": round(wall, 1), "loadavg_before": round(load0, 2),
+                 "loadavg_after": round(_loadavg(), 2)}
+    if why:
+        res["cache_not_dropped"] = why
+    if cg:
+        res["cgroup_peak_bytes"] = cg.peak_bytes()
+        res["oom_killed"] = cg.oom_kills() > oom0
+    try:
+        res.update(json.loads(out[out.index("{"):]))
+    except ValueError:
+        tail = err_path.read_text()[-1500:]
+        res["error"] = "OOM-killed" if res.get("oom_killed") else f"no result (rc {rc}): {tail.strip()[-400:]}"
+    status = res.get("error") or f"decode {res.get('decode_tokens_per_s', 0):.2f} tok/s, " \
+                                  f"prefill {res.get('prefill_tokens_per_s', 0):.1f} tok/s"
+    log(f"  -> {status} ({wall:.0f} s)")
+    return res
+
+
+PROFILE_LABELS = {
+    "io_wait": "I/O wait (expert source get(): cache lookups + blocking on reads)",
+    "expert_compute": "expert compute (kernels.expert_ffn)",
+    "attention": "attention (q/k/v/o matmuls, qk-norm, rope, scores)",
+    "lm_head": "lm_head (vocabulary projection)",
+    "prefetch": "prefetch (next layer's router, queueing reads)",
+    "other": "other: router, norms, top-k, sampling, Python glue",
+}
+
+
+def profile(args: argparse.Namespace, store: Path, ram_cache: int, cg: MemoryCgroup | None, logdir: Path) -> str:
+    """Markdown: where one decode run's time goes (bench/profile_decode.py, inside the cgroup)."""
+    cmd = [PY, "-m", "bench.profile_decode", "--model", str(store), "--io", "uring", "--json", "--cprofile",
+           "--ram-cache", f"{ram_cache // MiB}MiB", "--prompt-tokens", str(args.prompt_tokens),
+           "--decode-tokens", str(args.decode_tokens)]
+    r = execute(Run("profile", "over" if cg else "ram", "mer-tui", "profile", cmd), cg, logdir, args.timeout)
+    if "error" in r:
+        return f"(profile failed: {r['error']})"
+    rows = ["| where | seconds | share of decode time |", "|---|---|---|"]
+    for k, v in sorted(r["seconds"].items(), key=lambda kv: -kv[1]):
+        rows.append(f"| {PROFILE_LABELS.get(k, k)} | {v:.2f} | {v / r['decode_s']:.0%} |")
+    top = "\n".join(line for line in r.get("cprofile_top", "").splitlines()
+                    if line.strip() and not line.lstrip().startswith(("Ordered", "List reduced")))
+    where = "inside the cgroup" if cg else "without a cgroup"
+    return "\n".join([
+        f"`{_command_line(Run('', '', '', '', cmd))}` ({where}): {r['decode_tokens']} tokens in "
+        f"{r['decode_s']:.1f} s = {r['decode_tokens_per_s']:.2f} tok/s with wall-clock timers on the decoding "
+        "thread (a warm-up decode first, so JIT compilation is not counted).",
+        "", *rows, "",
+        "cProfile of a second decode, functions by own time (cProfile slows Python-heavy code, so shares "
+        "differ from the table):", "", "```", top, "```"])
+
+
+# --------------------------------------------------------------------------- machine
+def machine_info(out: Path) -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    df = subprocess.run(["df", "-hT", str(out)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "fma", "f16c") if f" {f}" in flags]
+    try:
+        import llama_cpp
+        llama_version = llama_cpp.__version__
+    except ImportError:
+        llama_version = "not installed"
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "ram_bytes": mem,
+            "disk": f"{df[0]} ({df[1]}, {df[2]} total)", "kernel": platform.release(),
+            "python": platform.python_version(), "llama_cpp_python": llama_version}
+
+
+# --------------------------------------------------------------------------- docs
+def _fmt(v, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def goals(results: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in results}
+
+    def dec(name: str) -> float | None:
+        r = by.get(name)
+        return r.get("decode_tokens_per_s") if r and "error" not in r else None
+
+    lines = []
+    ours = [r for r in results if r["case"] == "over" and r["engine"] == "mer-tui" and "error" not in r
+            and r.get("io") != "mmap" and "mmap" not in r["name"]]
+    best = max(ours, key=lambda r: r["decode_tokens_per_s"], default=None)
+    ll = dec("over-llama")
+    if best and ll:
+        ratio = best["decode_tokens_per_s"] / ll
+        roof = best.get("roofline", {}).get("fraction_reached")
+        ok = ratio >= 1.2 and (roof or 0) >= 0.9
+        lines.append(f"- Over the limit: best mer-tui run ({best['label']}) decodes at "
+                     f"{best['decode_tokens_per_s']:.2f} tok/s = **{ratio:.2f}x** llama.cpp's {ll:.2f} "
+                     f"(goal >= 1.2x), at **{_fmt(roof, '.0%')}** of its roofline (goal >= 90%): "
+                     f"**{'met' if ok else 'not met'}**.")
+    else:
+        lines.append("- Over the limit: not measured (a run failed; see the table).")
+    ram, ll_ram, ll_rep = dec("ram-mer-uring"), dec("ram-llama"), dec("ram-llama-repack")
+    if ram and ll_ram:
+        ratio = ram / ll_ram
+        extra = f"; llama.cpp with repacking decodes at {ll_rep:.2f} tok/s, so we reach {ram / ll_rep:.2f}x of it" \
+            if ll_rep else ""
+        lines.append(f"- In RAM: mer-tui {ram:.2f} tok/s = **{ratio:.2f}x** llama.cpp without repacking "
+                     f"({ll_ram:.2f}; goal >= 0.8x): **{'met' if ratio >= 0.8 else 'not met'}**{extra}.")
+    else:
+        lines.append("- In RAM: not measured (a run failed; see the table).")
+    return lines
+
+
+def render_table(results: list[dict]) -> str:
+    head = ("| case | engine / settings | prefill tok/s | decode tok/s | RAM-cache hit rate | "
+            "disk read / decoded token | peak RSS | cgroup peak (RSS + page cache) | roofline reached |")
+    rows = [head, "|" + "---|" * 9]
+    for r in results:
+        case = "over the limit (2 GiB cgroup)" if r["case"] == "over" else "in RAM"
+        if "error" in r:
+            rows.append(f"| {case} | {r['label']} | {r['error']} | | | | | {mib(r.get('cgroup_peak_bytes'))} | |")
+            continue
+        hit = (r.get("hit_rate") or {}).get("ram")
+        missed = r.get("missed_bytes_per_token", r.get("disk_read_bytes_per_token"))
+        roof = (r.get("roofline") or {}).get("fraction_reached")
+        rows.append(
+            f"| {case} | {r['label']} | {_fmt(r.get('prefill_tokens_per_s'), '.1f')} | "
+            f"**{_fmt(r.get('decode_tokens_per_s'))}** | {_fmt(hit, '.1%')} | {mib(missed)} | "
+            f"{mib(r.get('peak_rss_bytes'))} | {mib(r.get('cgroup_peak_bytes'))} | {_fmt(roof, '.0%')} |")
+    return "\n".join(rows)
+
+
+def render_plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in results if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    for ax, case, title in ((axes[0], "over", "over the limit: 2 GiB cgroup, ~half the model"),
+                            (axes[1], "ram", "in RAM")):
+        rs = [r for r in ok if r["case"] == case]
+        colors = ["tab:blue" if r["engine"] == "mer-tui" else "tab:orange" for r in rs]
+        bars = ax.barh([r["label"] for r in rs], [r["decode_tokens_per_s"] for r in rs], color=colors)
+        ax.bar_label(bars, fmt="%.2f", padding=3)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.set_xlabel("decode tokens/s (higher is better)")
+        ax.margins(x=0.2)
+    fig.suptitle("OLMoE-1B-7B-sized MoE (random weights, q4_0 experts): mer-tui (blue) vs llama.cpp (orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render_section(data: dict) -> str:
+    m, cfg, res = data["machine"], data["config"], data["results"]
+    plotted = render_plot(res, PLOT)
+    lines = [
+        SECTION,
+        "",
+        "An MoE with OLMoE-1B-7B's exact dimensions (hidden 2048, 16 layers, 64 experts of width 1024, top-8, "
+        "16 heads, vocab 50304) and random weights (N(0, 1/sqrt(fan_in)), seeded), experts in q4_0. Our expert "
+        "store and the GGUF hold the *same* q4_0 expert bytes (checked: " + data.get("verify", "not checked") + "); "
+        f"dense weights are {cfg['dense_fmt']} in both. Random routers spread tokens evenly over the experts, "
+        "which is the worst case for any cache (real models are skewed), so hit rates here are a floor.",
+        "",
+        f"Each run is a fresh process after `echo 3 > /proc/sys/vm/drop_caches`; {cfg['prompt_tokens']} prompt "
+        f"tokens (the same ids for both engines), {cfg['decode_tokens']} greedy decode tokens, median of "
+        f"{cfg['repeats']} runs within the process. *Over the limit* runs sit in one memory cgroup of "
+        f"{mib(cfg['limit_bytes'])} that charges RAM **and page cache** alike (the model is "
+        f"{data['model_bytes'] / GiB:.2f} GiB), so llama.cpp's mmap gets the same memory our RAM cache "
+        f"({mib(cfg['ram_cache_bytes'])} of experts) plus resident weights get. *In RAM* runs have no limit. "
+        "llama.cpp runs with `use_mmap=True`; \"no repack\" is `use_extra_bufts=False` (its `--no-repack`).",
+        "",
+        render_table(res),
+        "",
+    ]
+    if plotted:
+        lines += ["![decode tokens/s, mer-tui vs llama.cpp](bench_side_by_side.png)", ""]
+    lines += ["Where we stand against the goals:", "", *goals(res), ""]
+    if data.get("profile"):
+        lines += ["### Where the time goes (one mer-tui decode run, over the limit)", "", data["profile"], ""]
+    lines += [
+        "### Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), shared with other work "
+        f"(load average {data.get('loadavg', '?')} when the runs started)",
+        f"- RAM: {m['ram_bytes'] / GiB:.1f} GiB; disk: {m['disk']}; kernel {m['kernel']}; "
+        f"Python {m['python']}; llama-cpp-python {m['llama_cpp_python']}",
+        f"- measured by `mer-tui bench`: DRAM read {data.get('dram_gbs', '?')} GB/s, "
+        f"O_DIRECT read {data.get('disk_gbs', '?')} GB/s",
+        f"- run at {data['when']}",
+        "",
+        "### Reproduce",
+        "",
+        "```",
+        "python -m venv .venv && .venv/bin/pip install -e '.[bench,test]'",
+        f"sudo .venv/bin/python -m bench.side_by_side {data['argv']}",
+        "```",
+        "",
+        "It builds the model files once into `--out` (default `/work/bench-models`: a 13 GB bf16 "
+        "Hugging Face folder, the q4_0 store and the GGUF, ~3.9 GB each), then runs "
+        "(about 20 minutes here). Single runs:",
+        "",
+        "```",
+        *data["commands"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(data: dict) -> None:
+    section = render_section(data)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        # Replace only this section: up to the next heading of the same level (or the end).
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    DOC.write_text(text.rstrip("\n") + "\n")
+    log(f"wrote {DOC.relative_to(REPO)} and {PLOT.relative_to(REPO)}")
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("/work/bench-models"), help="model files and results")
+    p.add_argument("--limit", type=parse_size, default=2 * GiB, help="memory cgroup limit for the over-limit runs")
+    p.add_argument("--ram-cache", type=parse_size, help="mer-tui's expert cache inside the limit "
+                   "(default: limit - resident weights - 384 MiB)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dense-format", default="bf16", help="the GGUF's dense weights; must match the store's")
+    p.add_argument("--only", action="append", help="regex: only runs whose name matches (repeatable)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--small", action="store_true", help="the tiny model (a smoke test of the whole script)")
+    p.add_argument("--force", action="store_true", help="rebuild the model files")
+    p.add_argument("--docs-only", action="store_true", help="re-render the docs from the last results")
+    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="skip the profile of one decode run")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / ("results-small.json" if args.small else "results.json")
+    if args.docs_only:
+        write_docs(json.loads(results_path.read_text()))
+        return 0
+
+    hf, store, gguf_path = build_models(args.out, args.small, args.dense_format, args.force)
+    verified = verify_bytes(store, gguf_path)
+    log(f"store vs GGUF: {verified}")
+    resident = store_resident_bytes(store)
+    ram_cache = args.ram_cache or max(args.limit - resident - 384 * MiB, 64 * MiB)
+    runs = plan_runs(args, store, gguf_path, ram_cache)
+    logdir = args.out / "logs"
+    logdir.mkdir(exist_ok=True)
+
+    # The roofline's DRAM bandwidth, measured here once, outside the cgroup (see bench/run_mer.py).
+    from mer_tui.machine import dram_read_bandwidth
+
+    os.environ["MER_BENCH_DRAM_BW"] = str(dram_read_bandwidth())
+    cg, why = MemoryCgroup.create("mer-tui-bench", args.limit)
+    if cg is None:
+        log(f"over-the-limit runs skipped: {why}")
+        runs = [r for r in runs if r.case != "over"]
+    load0 = _loadavg()
+    prof = None
+    try:
+        for run in runs:
+            run.result = execute(run, cg if run.case == "over" else None, logdir, args.timeout)
+        if not args.no_profile:
+            prof = profile(args, store, ram_cache, cg, logdir)
+    finally:
+        if cg:
+            cg.remove()
+    results = [{"name": r.name, "case": r.case, "engine": r.engine, "label": r.label,
+                "cmd": shlex.join(r.cmd), **r.result} for r in runs]
+    prev = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.only and prev.get("results"):
+        # A partial re-run replaces those runs and keeps the others, in the full plan's order.
+        fresh = {r["name"]: r for r in results}
+        order = [r.name for r in plan_runs(argparse.Namespace(**{**vars(args), "only": None}), store, gguf_path,
+                                           ram_cache)]
+        merged = {r["name"]: r for r in prev["results"]} | fresh
+        results = [merged[n] for n in order if n in merged]
+    roof = next((r["roofline"] for r in results if "roofline" in r), {})
+    data = {
+        "when": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "argv": shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(args.out),
+        "loadavg": round(load0, 2),
+        "dram_gbs": round(roof.get("dram_read_bytes_per_s", 0) / 1e9, 2) or "?",
+        "disk_gbs": round(roof.get("disk_read_bytes_per_s", 0) / 1e9, 2) or "?",
+        "config": {"limit_bytes": args.limit, "ram_cache_bytes": ram_cache, "prompt_tokens": args.prompt_tokens,
+                   "decode_tokens": args.decode_tokens, "repeats": args.repeats, "dense_fmt": args.dense_format},
+        "model_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
+        "gguf_bytes": gguf_path.stat().st_size,
+        "verify": verified,
+        "commands": [_command_line(r) for r in plan_runs(argparse.Namespace(**{**vars(args), "only": None}),
+                                                          store, gguf_path, ram_cache)],
+        "results": results,
+    }
+    if prof or prev.get("profile"):
+        data["profile"] = prof or prev["profile"]
+    results_path.write_text(json.dumps(data, indent=2))
+    (args.out / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(data, indent=2))
+    log(f"results in {results_path}")
+    if not args.no_docs and not args.small:
+        write_docs(data)
+    _summary(results)
+    return 0
+
+
+def _command_line(run: Run) -> str:
+    cmd = shlex.join([".venv/bin/python" if a == PY else a for a in run.cmd])
+    return cmd + ("   # inside the memory cgroup" if run.case == "over" else "")
+
+
+def _summary(results: list[dict]) -> None:
+    for r in results:
+        d = r.get("decode_tokens_per_s")
+        print(f"{r['name']:24s} {r.get('error') or f'{d:.2f} tok/s decode'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
