@@ -283,19 +283,17 @@ def _follow_ups(rng: random.Random, story: Story, asked: tuple[str, ...], messag
         asked += (kind,)
 
 
-def make_dialogue(rng: random.Random) -> list[dict[str, str]]:
-    """One chat: story + question, a request for a story, or a little small talk."""
+def _one_exchange(rng: random.Random) -> list[dict[str, str]]:
+    """Story + question(s), a request for a story (+ questions), or a little small talk."""
     messages: list[dict[str, str]] = []
-    if rng.random() < 0.15:
-        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     r = rng.random()
-    if r < 0.05:
+    if r < 0.08:
         hello, reply = rng.choice(SMALL_TALK)
         messages += [{"role": "user", "content": hello}, {"role": "assistant", "content": reply}]
         if rng.random() < 0.5:
             req, story = _story_request(rng)
             messages += [{"role": "user", "content": req}, {"role": "assistant", "content": story.text}]
-    elif r < 0.30:
+    elif r < 0.32:
         req, story = _story_request(rng)
         messages += [{"role": "user", "content": req}, {"role": "assistant", "content": story.text}]
         _follow_ups(rng, story, (), messages)
@@ -305,6 +303,24 @@ def make_dialogue(rng: random.Random) -> list[dict[str, str]]:
         q, a = make_question(rng, story, kind)
         messages += [{"role": "user", "content": _tell(rng, story, q)}, {"role": "assistant", "content": a}]
         _follow_ups(rng, story, (kind,), messages)
+    if rng.random() < 0.08:
+        messages += [{"role": "user", "content": rng.choice(["Thank you!", "Thanks."])},
+                     {"role": "assistant", "content": "You are welcome!"}]
+    return messages
+
+
+def make_dialogue(rng: random.Random) -> list[dict[str, str]]:
+    """One chat, sometimes with a system message, sometimes two exchanges long.
+
+    In the app a chat goes on: a second story told later in the same chat must be answered
+    from, so some chats hold two stories and the questions follow the latest one.
+    """
+    messages: list[dict[str, str]] = []
+    if rng.random() < 0.15:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    messages += _one_exchange(rng)
+    if rng.random() < 0.12:
+        messages += _one_exchange(rng)
     return messages
 
 
