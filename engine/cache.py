@@ -109,6 +109,8 @@ class RamCache(Tier):
         self.prefetch_wasted = 0
         #: called with the key of a prefetched bundle evicted before anyone asked for it
         self.on_wasted: Callable[[Hashable], None] | None = None
+        #: called with the key of every bundle that leaves the cache (its memory may be reused)
+        self.on_evict: Callable[[Hashable], None] | None = None
 
     # ------------------------------------------------------------------ ranking
     @staticmethod
@@ -241,6 +243,8 @@ class RamCache(Tier):
             if self.on_wasted is not None:
                 self.on_wasted(key)
         self.hot.discard(key)
+        if self.on_evict is not None:
+            self.on_evict(key)
 
     def reserve(self, key: Hashable, nbytes: int) -> bool:
         """Hold room for a read in flight, so buffers being filled count against the budget."""

@@ -32,7 +32,8 @@ from kernels import QMatrix
 from .cache import RamCache, Tier, detect_vram
 from .errors import EngineError, ExpertReadError
 from .experts import ExpertBundle, ExpertSource
-from .io import Reader, ReadJob, Span, align_down, align_up, aligned_buffer
+from .io import Reader, ReadJob, Span, align_down, align_up
+from .io.buffers import BufferPool
 from .sizes import parse_size
 from .store import BundleLoc, ExpertLayout
 
@@ -121,14 +122,20 @@ class StreamingExperts(ExpertSource):
         self.quant = quant
         self.verify = verify
         self.attempts = max(1, attempts)
+        self._plans = {k: plan(b) for k, b in layout.bundles.items()}
         self.cache = RamCache(budget, policy, hot_fraction=hot_fraction)
         self.cache.on_wasted = lambda key: self._prefetch_outcome(False)
+        self.cache.on_evict = self._evicted
+        largest = max((p.size for p in self._plans.values()), default=0)
+        # Evicted bundles' buffers are reused by the next reads (see BufferPool): about a layer's worth
+        # waits at most, so memory stays within the budget plus one layer in flight.
+        self.pool = BufferPool(max(2 * largest, min(8 * largest, 64 << 20)))
+        self._buf_of: dict[Key, object] = {}   # the buffer behind each cached bundle
         # A VRAM tier (cache.Tier, in front of the RAM tier) belongs here when detect_vram() finds a GPU;
         # none is implemented yet, so telemetry shows no vram tier rather than an empty one.
         self.vram_tier: Tier | None = None
-        self.gpu = detect_vram()
+        self.gpu = detect_vram()   # what a VRAM tier could use: None here
         self.prefetch_enabled = prefetch
-        self._plans = {k: plan(b) for k, b in layout.bundles.items()}
         self._verified: set[Key] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -247,7 +254,7 @@ class StreamingExperts(ExpertSource):
         if not items:
             return
         try:
-            done, errors, seconds = self._fetch([key for key, _ in items])
+            done, errors, seconds, bufs = self._fetch([key for key, _ in items])
         except BaseException as e:   # a bug or an interrupt: no waiter may hang, nothing half-read is kept
             with self._lock:
                 for key, fl in items:
@@ -265,10 +272,14 @@ class StreamingExperts(ExpertSource):
                 if key in done:
                     bundle, nbytes = done[key]
                     keep = self.cache.fill if reserved[key] else self.cache.insert
-                    keep(key, bundle, nbytes, fl.prefetch and not fl.claimed)
+                    if keep(key, bundle, nbytes, fl.prefetch and not fl.claimed) and nbytes == len(bufs[key]):
+                        self._buf_of[key] = bufs[key]
+                    else:   # not kept, or converted to another format: reusable once the caller lets go
+                        self.pool.put(bufs[key])
                     fl.bundle = bundle
                     self.bundles_read += 1
                 else:
+                    self.pool.put(bufs[key])
                     if reserved[key]:
                         self.cache.cancel(key)
                     fl.error = ExpertReadError(self._describe(key, errors[key], final=True))
@@ -279,9 +290,10 @@ class StreamingExperts(ExpertSource):
             self.read_seconds += seconds
             self._wake.notify_all()
 
-    def _fetch(self, keys: list[Key]) -> tuple[dict[Key, _Read], dict[Key, BaseException], float]:
-        """Read and check `keys` as one batch, retrying failures; (bundles and sizes, errors, seconds)."""
-        bufs = {key: aligned_buffer(self._plans[key].size) for key in keys}
+    def _fetch(self, keys: list[Key]) -> tuple[dict[Key, _Read], dict[Key, BaseException], float, dict]:
+        """Read and check `keys` as one batch, retrying failures; (bundles and sizes, errors, seconds,
+        the buffers)."""
+        bufs = {key: self.pool.get(self._plans[key].size) for key in keys}
         errors: dict[Key, BaseException] = {}
         done: dict[Key, _Read] = {}
         todo = list(keys)
@@ -308,7 +320,12 @@ class StreamingExperts(ExpertSource):
             log.warning("expert read failed (attempt %d of %d): %s", attempt + 1, self.attempts,
                         "; ".join(self._describe(k, errors[k]) for k in todo))
             time.sleep(0.005 * (attempt + 1))
-        return done, errors, time.perf_counter() - t0
+        return done, errors, time.perf_counter() - t0, bufs
+
+    def _evicted(self, key: Key) -> None:
+        buf = self._buf_of.pop(key, None)
+        if buf is not None:
+            self.pool.put(buf)  # type: ignore[arg-type]
 
     def _job(self, key: Key, buf) -> ReadJob:
         p = self._plans[key]

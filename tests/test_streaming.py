@@ -139,6 +139,18 @@ def test_prefetch_and_demand_share_one_read(tiny_store):
         assert pf["issued"] == pf["useful"] == pf["late"] == 1 and pf["precision"] == 1.0
 
 
+def test_buffers_are_reused_but_never_under_a_bundle_in_use(tiny_store):
+    with engine.load(tiny_store, ram_cache=0, prefetch=False) as m:   # nothing cached: every ask reads
+        src = m.experts
+        held = src.get(0, [1])[1]
+        copy = [np.array(q.data) for q in (held.gate, held.up, held.down)]
+        for i in range(20):
+            src.get(i % 3, [i % 6, (i + 3) % 6])
+        assert src.pool.reused > 0
+        assert all(np.array_equal(q.data, c) for q, c in zip((held.gate, held.up, held.down), copy))
+        assert src.stats()["tiers"]["ssd"]["reads"] == 41
+
+
 def test_pins_stay_resident(tiny_store):
     with engine.load(tiny_store, ram_cache="40KiB", prefetch=False) as m:
         src = m.experts
