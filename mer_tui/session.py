@@ -350,16 +350,18 @@ class Session:
         return str(self._snap().get("io", {}).get("backend", "engine"))
 
     # ------------------------------------------------------------------ shutdown
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop generation, join the threads, release the model.  Bounded by `timeout` per thread:
-        a long prefill cannot be interrupted, and quitting must stay prompt (the threads are daemons)."""
+    def close(self, timeout: float = 1.5) -> None:
+        """Stop generation, join the threads, release the model, all within `timeout` seconds: a reply
+        stops at its next token, but a long prefill cannot be interrupted, and quitting must stay
+        prompt (the threads are daemons; a model still in use is left to the process exit)."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in (self._gen, self._loader):
             if t is not None and t.is_alive():
-                t.join(timeout)
+                t.join(max(0.0, deadline - time.monotonic()))
         self._settings_pool.shutdown(wait=False, cancel_futures=True)
         if self.model is not None and not self.busy:
             self.model.close()

@@ -5,6 +5,9 @@ On narrow terminals the labels go first, then the less important fields, never t
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from rich.style import StyleType
 from rich.text import Text
 from textual.widgets import Static
 
@@ -12,11 +15,16 @@ from engine import format_size
 
 from ..session import ModelInfo
 
-BADGES = {"demo-stress": ("random weights", "black on yellow"), "demo-chat": ("tiny demo", "black on cyan")}
+BADGES = {"demo-stress": "random weights", "demo-chat": "tiny demo"}
+# Colours come from the stylesheet (component classes header--brand etc. in app.tcss); these are the
+# fallbacks for rendering without an app.
+DEFAULT_STYLES: dict[str, StyleType] = {
+    "brand": "bold reverse", "model": "bold", "demo-stress": "black on yellow", "demo-chat": "black on cyan",
+    "label": "dim", "generating": "bold green", "loading": "bold yellow", "failed": "bold red", "idle": ""}
 
 
 def render_header(info: ModelInfo, snap: dict | None, state: str, width: int = 160,
-                  tokens_per_s: float | None = None) -> Text:
+                  tokens_per_s: float | None = None, styles: Mapping[str, StyleType] = DEFAULT_STYLES) -> Text:
     """`tokens_per_s`: the idle-aware rate from the time series (the snapshot's keeps its last value)."""
     fields: list[tuple[str, str, int]] = []     # (label, value, priority: lower is dropped last)
     if snap:
@@ -34,23 +42,22 @@ def render_header(info: ModelInfo, snap: dict | None, state: str, width: int = 1
         ]
         fields = [f for f in fields if f]
     badge = BADGES.get(info.kind)
-    state_style = {"generating": "bold green", "loading": "bold yellow", "failed": "bold red"}.get(state, "")
 
     def build(labels: bool, max_priority: int, brand: bool) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
         if brand:
-            t.append(" mer-tui ", style="bold reverse")
-        t.append(f" {info.name} ", style="bold")
+            t.append(" mer-tui ", style=styles["brand"])
+        t.append(f" {info.name} ", style=styles["model"])
         if badge:
-            t.append(f"{badge[0]} ", style=badge[1])
+            t.append(f" {badge} ", style=styles[info.kind])
         for label, value, prio in fields:
             if prio <= max_priority:
-                t.append(" │ ", style="dim")
+                t.append(" │ ", style=styles["label"])
                 if labels:
-                    t.append(label, style="dim")
+                    t.append(label, style=styles["label"])
                 t.append(value)
-        t.append(" │ ", style="dim")
-        t.append(state, style=state_style)
+        t.append(" │ ", style=styles["label"])
+        t.append(state, style=styles.get(state, ""))
         return t
 
     # The fullest line that fits.
@@ -62,10 +69,12 @@ def render_header(info: ModelInfo, snap: dict | None, state: str, width: int = 1
 
 
 class ModelHeader(Static):
+    COMPONENT_CLASSES = {f"header--{k}" for k in DEFAULT_STYLES}
     _last: tuple | None = None
 
     def update_from(self, info: ModelInfo, snap: dict | None, state: str, tokens_per_s: float | None = None) -> None:
-        text = render_header(info, snap, state, self.size.width or 160, tokens_per_s)
+        styles = {k: self.get_component_rich_style(f"header--{k}", partial=True) for k in DEFAULT_STYLES}
+        text = render_header(info, snap, state, self.size.width or 160, tokens_per_s, styles)
         key = (text.plain, tuple(text.spans))
         if key != self._last:       # a repaint costs more than this comparison; most ticks change nothing
             self._last = key

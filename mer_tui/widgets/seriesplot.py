@@ -30,10 +30,18 @@ def hex_rgb(colour: str) -> tuple[int, int, int]:
 
 
 class SeriesPlot(PlotextPlot):
-    # (column in the TimeSeries, name for the title, colour as #rrggbb); subclasses set these
+    # (column in the TimeSeries, name for the title, fallback colour as #rrggbb); subclasses set these.
+    # The colours in use come from the stylesheet: component classes plot--left and plot--right.
     LEFT: tuple[str, str, str] = ("", "", "#ffffff")
     RIGHT: tuple[str, str, str] | None = None
     UNIT = ""
+    COMPONENT_CLASSES = {"plot--left", "plot--right"}
+
+    def _colour(self, side: str, fallback: str) -> str:
+        c = self.get_component_rich_style(f"plot--{side}", partial=True).color
+        if c is None or c.triplet is None:
+            return fallback
+        return c.triplet.hex
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -42,9 +50,9 @@ class SeriesPlot(PlotextPlot):
     def on_mount(self) -> None:
         super().on_mount()
         # Arrows point at each series' axis: "◂ decode  prefill ▸ tok/s".
-        title = f"◂ [{self.LEFT[2]}]{self.LEFT[1]}[/]"
+        title = f"◂ [{self._colour('left', self.LEFT[2])}]{self.LEFT[1]}[/]"
         if self.RIGHT:
-            title += f"  [{self.RIGHT[2]}]{self.RIGHT[1]}[/] ▸"
+            title += f"  [{self._colour('right', self.RIGHT[2])}]{self.RIGHT[1]}[/] ▸"
         self.border_title = title + (f" {self.UNIT}" if self.UNIT else "")
         self.border_subtitle = "seconds ago"
 
@@ -69,7 +77,8 @@ class SeriesPlot(PlotextPlot):
         for spec, side in ((self.LEFT, "left"), (self.RIGHT, "right")):
             if spec is None:
                 continue
-            col, _name, colour = spec
+            col, _name, fallback = spec
+            colour = self._colour(side, fallback)
             xs, ys = thin(x, s.column(col), 2 * max(10, self.size.width))
             if side == "right" and not any(ys):
                 continue   # nothing on the right axis: leave the room to the left series

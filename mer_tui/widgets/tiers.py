@@ -6,18 +6,26 @@ requested value is shown beside it when they differ).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from rich.style import StyleType
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
 from engine import format_size
 
+# Colours come from the stylesheet (component classes tiers--hit etc. in app.tcss); these are the
+# fallbacks for rendering without an app (tests, exports).
+DEFAULT_STYLES: dict[str, StyleType] = {"hit": "green", "used": "cyan", "on": "green", "off": "yellow",
+                                        "asked": "yellow", "track": "dim"}
 
-def bar(fraction: float | None, width: int, style: str) -> Text:
+
+def bar(fraction: float | None, width: int, style: StyleType, track: StyleType = "dim") -> Text:
     """A horizontal gauge: filled blocks (eighths for precision) on a dim track; None: no gauge."""
     t = Text(no_wrap=True)
     if fraction is None:
-        return t.append("╌" * width, style="dim")
+        return t.append("╌" * width, style=track)
     f = min(1.0, max(0.0, fraction))
     eighths = round(f * width * 8)
     full, part = divmod(eighths, 8)
@@ -25,11 +33,12 @@ def bar(fraction: float | None, width: int, style: str) -> Text:
     if part and full < width:
         t.append(" ▏▎▍▌▋▊▉"[part], style=style)
         full += 1
-    t.append("░" * (width - full), style="dim")
+    t.append("░" * (width - full), style=track)
     return t
 
 
-def render_tiers(snap: dict | None, width: int, requested_budget: int | None = None) -> Table | Text:
+def render_tiers(snap: dict | None, width: int, requested_budget: int | None = None,
+                 styles: Mapping[str, StyleType] = DEFAULT_STYLES) -> Table | Text:
     if not snap:
         return Text("waiting for the engine…", style="dim")
     tiers = snap.get("tiers") or {}
@@ -49,15 +58,15 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
         label = name.upper()
         hit = tier.get("hit_rate")
         seen = (tier.get("hits") or 0) + (tier.get("misses") or 0)
-        t.add_row(f"{label} hit", bar(hit if seen else None, gauge_w, "green"),
+        t.add_row(f"{label} hit", bar(hit if seen else None, gauge_w, styles["hit"], styles["track"]),
                   Text(f"{100 * hit:.1f}%" if seen else "no reads yet", style="" if seen else "dim"))
         used, budget = tier.get("bytes_used") or 0, tier.get("bytes_budget")
         occ = Text(format_size(used) + " of " + (format_size(budget) if budget else "no limit"))
-        t.add_row(f"{label} use", bar(used / budget if budget else None, gauge_w, "cyan"), occ)
+        t.add_row(f"{label} use", bar(used / budget if budget else None, gauge_w, styles["used"], styles["track"]), occ)
         detail = Text(f"{tier.get('entries', 0)} experts", style="dim")
         pins = Text(f"{tier.get('pinned', 0)} pinned", style="dim")
         if name == "ram" and requested_budget is not None and requested_budget != budget:
-            pins = Text(f"asked {format_size(requested_budget)}", style="yellow")
+            pins = Text(f"asked {format_size(requested_budget)}", style=styles["asked"])
         t.add_row("", detail, pins)
 
     ssd = tiers.get("ssd") or {}
@@ -70,13 +79,18 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
     pf = snap.get("prefetch") or {}
     issued, useful = pf.get("issued") or 0, pf.get("useful") or 0
     on = bool(pf.get("enabled"))
-    t.add_row("Prefetch", Text("on" if on else "off", style="green" if on else "yellow"),
+    t.add_row("Prefetch", Text("on" if on else "off", style=styles["on"] if on else styles["off"]),
               Text(f"{100 * useful / issued:.0f}% of {issued} useful" if issued else ""))
     t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
     return t
 
 
 class TierGauges(Static):
+    COMPONENT_CLASSES = {f"tiers--{k}" for k in DEFAULT_STYLES}
+
+    def _styles(self) -> dict[str, StyleType]:
+        return {k: self.get_component_rich_style(f"tiers--{k}", partial=True) for k in DEFAULT_STYLES}
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._snap: dict | None = None
@@ -91,7 +105,7 @@ class TierGauges(Static):
         if self._snap is not None and shown == self._shown:
             return
         self._snap, self._requested, self._shown = snap, requested_budget, shown
-        self.update(render_tiers(snap, self.content_size.width or 60, requested_budget))
+        self.update(render_tiers(snap, self.content_size.width or 60, requested_budget, self._styles()))
 
     def on_resize(self) -> None:
-        self.update(render_tiers(self._snap, self.content_size.width or 60, self._requested))
+        self.update(render_tiers(self._snap, self.content_size.width or 60, self._requested, self._styles()))
