@@ -205,8 +205,12 @@ class MerApp(App):
         if isinstance(ev, Text):
             chat.append_reply(ev.text)
         elif isinstance(ev, TurnDone):
-            rate = f", {ev.tokens / ev.seconds:.1f} tok/s" if ev.seconds > 0 and ev.tokens else ""
-            chat.end_reply(f"{ev.tokens} tokens in {ev.seconds:.1f} s{rate}" + (" — stopped" if ev.stopped else ""))
+            parts = [f"{ev.tokens} tokens in {ev.seconds:.1f} s"]
+            if ev.tokens:
+                parts.append(f"first after {ev.first_s:.1f} s")
+            if ev.decode_tokens_per_s:
+                parts.append(f"{ev.decode_tokens_per_s:.1f} tok/s")
+            chat.end_reply(" · ".join(parts) + (" — stopped" if ev.stopped else ""))
         elif isinstance(ev, Notice):
             self.notify(ev.message, timeout=4)
         elif isinstance(ev, Failure):

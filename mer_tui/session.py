@@ -49,8 +49,15 @@ class Text:
 @dataclass(frozen=True)
 class TurnDone:
     tokens: int
-    seconds: float
+    seconds: float           # the whole turn: prompt (prefill) and reply
     stopped: bool            # the user stopped it (vs. eos or the token limit)
+    first_s: float = 0.0     # time to the first token (mostly the prompt's prefill)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time after the first: the decode speed, without the prompt."""
+        span = self.seconds - self.first_s
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -226,7 +233,7 @@ class Session:
 
         model, s = self.model, self.settings
         t0 = time.perf_counter()
-        n, reply, stopped = 0, [], False
+        n, reply, stopped, first = 0, [], False, 0.0
         try:
             tok = model.tokenizer
             if tok is None:
@@ -242,6 +249,8 @@ class Session:
                     if t == eos:
                         break
                     n += 1
+                    if n == 1:
+                        first = time.perf_counter() - t0
                     piece = stream.push(t)
                     if piece:
                         reply.append(piece)
@@ -262,10 +271,10 @@ class Session:
             else:
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
             self._emit(Failure(_describe(e)))
-            self._emit(TurnDone(n, time.perf_counter() - t0, stopped=True))
+            self._emit(TurnDone(n, time.perf_counter() - t0, stopped=True, first_s=first))
             return
         self.messages.append({"role": "assistant", "content": "".join(reply)})
-        self._emit(TurnDone(n, time.perf_counter() - t0, stopped))
+        self._emit(TurnDone(n, time.perf_counter() - t0, stopped, first_s=first))
 
     # ------------------------------------------------------------------ settings (run off the UI thread)
     def request(self, action: str) -> None:

@@ -74,6 +74,7 @@ def test_reply_streams_text_that_matches_the_engine(model):
     assert text == model.tokenizer.decode(want)
     done = events[-1]
     assert isinstance(done, TurnDone) and not done.stopped and done.tokens == len(want)
+    assert 0 < done.first_s <= done.seconds and done.decode_tokens_per_s > 0
     # The turn is in the conversation, so the next prompt is multi-turn.
     assert [m["role"] for m in s.messages] == ["user", "assistant"]
     assert s.messages[1]["content"] == text
