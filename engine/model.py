@@ -144,9 +144,14 @@ class Model:
             x = x[-1:]
         return W.lm_head.matmul(rms_norm(x, W.final_norm, s.rms_norm_eps))
 
-    def _prefill(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
-        chunks = [ids[a:a + PREFILL_CHUNK] for a in range(0, len(ids), PREFILL_CHUNK)]
-        outs = [self._step(c, cache, last_only) for c in chunks]
+    def _prefill(self, ids: np.ndarray, cache: KVCache, last_only: bool,
+                 cancel: threading.Event | None = None) -> np.ndarray | None:
+        """Logits of `ids` after the cache, computed chunk by chunk; None if cancelled between chunks."""
+        outs = []
+        for a in range(0, len(ids), PREFILL_CHUNK):
+            if cancel is not None and cancel.is_set():
+                return None
+            outs.append(self._step(ids[a:a + PREFILL_CHUNK], cache, last_only))
         return outs[-1] if last_only else np.concatenate(outs).astype(np.float32, copy=False)
 
     def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
@@ -172,10 +177,12 @@ class Model:
     def generate(self, ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
-                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[int]:
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False,
+                 cancel: threading.Event | None = None) -> Iterator[int]:
         """Yield new token ids until max_new_tokens, an eos id (not yielded) or a stop string (yielded).
 
-        ignore_eos decodes exactly max_new_tokens tokens (benchmarks)."""
+        ignore_eos decodes exactly max_new_tokens tokens (benchmarks).  Setting `cancel` ends the
+        generation at the next prompt chunk or token, so a UI can stop even a long prefill."""
         arr = self._check_ids(ids)
         if max_new_tokens < 0:
             raise EngineError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
@@ -185,19 +192,24 @@ class Model:
         if stops and self.tokenizer is None:
             raise EngineError("stop: stop strings need a tokenizer, and this model has none")
         eos = set() if ignore_eos else set(self.spec.eos_token_ids)
-        return self._generate(arr, max_new_tokens, sampler, stops, eos)
+        return self._generate(arr, max_new_tokens, sampler, stops, eos, cancel or threading.Event())
 
     def _generate(self, arr: np.ndarray, max_new: int, sampler: Sampler, stops: list[str],
-                  eos: set[int]) -> Iterator[int]:
+                  eos: set[int], cancel: threading.Event) -> Iterator[int]:
         with self._run_lock:
             t0 = time.perf_counter()
             self._telemetry.generation_started()
             cache = self._new_cache()
-            logits = self._prefill(arr, cache, last_only=True)[-1]
+            logits = self._prefill(arr, cache, last_only=True, cancel=cancel)
+            if logits is None:
+                return
+            logits = logits[-1]
             self._telemetry.prefill_done(len(arr), time.perf_counter() - t0)
             history = arr.tolist()
             new: list[int] = []
             for n in range(max_new):
+                if cancel.is_set():
+                    return
                 tok = sampler.sample(logits, history)
                 if tok in eos:
                     return

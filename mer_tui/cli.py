@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded model when --model is not given: the trained chat demo, or a large "
                         "random MoE for I/O-heavy runs")
     p.add_argument("--export-dir", metavar="DIR", default=".", help="where ctrl+s writes screenshots and telemetry")
+    p.add_argument("--system", help="system message for the chat")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy replies")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     _add_cache_options(p)
 
     p = sub.add_parser("generate", help="generate text headlessly, streaming to stdout")

@@ -16,7 +16,7 @@ import engine
 from engine.loader import POLICIES, QUANTS
 
 from .cli import CliError
-from .session import Loader, ModelInfo, Progress, Session
+from .session import GenerationSettings, Loader, ModelInfo, Progress, Session
 
 REAL_MODEL_HINT = "To run a real model: `mer-tui launch --model PATH` (a Hugging Face MoE folder or an expert store)."
 
@@ -53,6 +53,12 @@ def _check_options(args: argparse.Namespace) -> int | None:
         raise CliError(f"--quant: unknown format {args.quant!r} (choose from {', '.join(QUANTS)})")
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads: must be >= 1, got {args.threads}")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    # the engine's Sampler names a bad temperature / top-p / penalty the same way generate's would
+    from engine.sampling import Sampler
+
+    Sampler(temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     return engine.parse_size(args.ram_cache, "--ram-cache")
 
 
@@ -110,7 +116,10 @@ def run_launch(args: argparse.Namespace) -> int:
     loader, info, budget = plan(args)
     from .app import MerApp  # textual only once the options are known to be good
 
-    session = Session(loader, info=info, policy=args.policy, ram_budget=budget)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = Session(loader, info=info, policy=args.policy, ram_budget=budget, settings=settings,
+                      system_prompt=args.system)
     app = MerApp(session, export_dir=args.export_dir)
     try:
         app.run()

@@ -243,7 +243,8 @@ class Session:
             eos = tok.eos_id
             stream = tok.stream()
             gen = model.generate(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                 top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed)
+                                 top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
+                                 cancel=self._stop)   # also interrupts a long prompt between chunks
             try:
                 for t in gen:
                     if t == eos:
@@ -260,6 +261,8 @@ class Session:
                         break
             finally:
                 gen.close()       # releases the model's run lock now, not when the generator is collected
+            # the engine may have ended the reply itself on the stop flag (e.g. during the prompt)
+            stopped = stopped or self._stop.is_set()
             tail = stream.flush()
             if tail:
                 reply.append(tail)

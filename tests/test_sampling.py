@@ -55,3 +55,17 @@ def test_seeded_generation_is_reproducible(checkpoint_dir):
 def test_bad_settings_are_rejected(kw):
     with pytest.raises(engine.EngineError, match=next(iter(kw))):
         Sampler(**kw)
+
+
+def test_cancel_ends_generation_between_tokens_and_before_prefill(checkpoint_dir):
+    import threading
+
+    model = engine.load(checkpoint_dir("mixtral"))
+    cancel = threading.Event()
+    got = []
+    for tok in model.generate([1, 2, 3], max_new_tokens=20, ignore_eos=True, cancel=cancel):
+        got.append(tok)
+        if len(got) == 3:
+            cancel.set()
+    assert len(got) == 3
+    assert list(model.generate([1, 2, 3], max_new_tokens=20, cancel=cancel)) == []
