@@ -37,6 +37,14 @@ from engine.store import EXPERT_FILE, open_store  # noqa: E402
 PROMPT = "The quick brown fox jumps over the lazy dog; a streaming MoE reads its experts from storage."
 
 
+def storage_bytes() -> int:
+    """Bytes this process has caused to be read from storage (not from the page cache)."""
+    for line in open("/proc/self/io"):
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 def drop_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -79,20 +87,50 @@ def decode(store: Path, ids: list[int], *, io: str, budget: int | None, policy: 
         for _ in range(warm):
             next(gen)
         m.reset_telemetry()
+        io0 = storage_bytes()
         t = time.perf_counter()
         n = sum(1 for _ in gen)
         dt = time.perf_counter() - t
+        from_storage = storage_bytes() - io0
         snap = m.telemetry()
     ram, ssd, iox, pf = snap["tiers"]["ram"], snap["tiers"]["ssd"], snap["io"], snap["prefetch"]
     return {"s_per_token": dt / n, "tok_s": n / dt, "hit_rate": ram["hit_rate"], "misses": ram["misses"] / n,
             "bytes_per_token": ssd["bytes_read"] / n, "mb_s": ssd["bytes_read"] / dt / 1e6,
+            "storage_per_token": from_storage / n,
             "qd_max": iox["queue_depth_max"], "qd_mean": iox["queue_depth_mean"], "p50": iox["read_ms_p50"],
             "p99": iox["read_ms_p99"], "backend": iox["backend"], "prefetch": pf}
 
 
+# Python, numpy, the kernels, resident weights and one layer in flight, next to the RAM budget.
+CAP_SLACK = 384 << 20
+
+
+def make_cap(limit: int):
+    """(cgroup, "") or (None, why not): bench/cgroup.py's memory cgroup."""
+    from bench.cgroup import MemoryCgroup
+
+    return MemoryCgroup.create("mer-bench-streaming", limit)
+
+
+def run_config(cap, kw: dict) -> dict:
+    """decode(**kw), in this process, or in a child inside the cgroup `cap`."""
+    if cap is None:
+        return decode(**kw)
+    import subprocess
+
+    cap.release_cache()
+    arg = json.dumps({**kw, "store": str(kw["store"])})
+    r = subprocess.run([sys.executable, __file__, "--child", arg], capture_output=True, text=True,
+                       preexec_fn=cap.join_fn(), cwd=ROOT, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"child run failed ({r.returncode}, oom kills {cap.oom_kills()}): "
+                         f"{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def table(rows: list[dict], roof: dict) -> str:
-    head = ("| reader | prefetch | tok/s | roofline tok/s | x roofline | hit rate | MB/s | MiB/token "
-            "| queue max / mean | read ms p50 / p99 | prefetch precision / recall |")
+    head = ("| reader | prefetch | tok/s | roofline tok/s | x roofline | hit rate | MB/s | MiB/token read "
+            "(from storage) | queue max / mean | read ms p50 / p99 | prefetch precision / recall |")
     out = [head, "|" + "---|" * 11]
     for r in rows:
         pf = r["prefetch"]
@@ -100,7 +138,8 @@ def table(rows: list[dict], roof: dict) -> str:
         pfs = f"{pf['precision']:.2f} / {pf['recall']:.2f}" if pf["enabled"] else "-"
         out.append(f"| {r['backend']} | {'on' if pf['enabled'] else 'off'} | {r['tok_s']:.2f} | "
                    f"{1 / roof['s_per_token']:.2f} | {ratio:.2f} | {r['hit_rate']:.2f} | {r['mb_s']:.0f} | "
-                   f"{r['bytes_per_token'] / 2**20:.1f} | {r['qd_max']} / {r['qd_mean']:.1f} | "
+                   f"{r['bytes_per_token'] / 2**20:.1f} ({r['storage_per_token'] / 2**20:.1f}) | "
+                   f"{r['qd_max']} / {r['qd_mean']:.1f} | "
                    f"{r['p50']:.1f} / {r['p99']:.1f} | {pfs} |")
     return "\n".join(out)
 
@@ -131,7 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write-docs", action="store_true", help="put the table into docs/BENCHMARKS.md")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cap", action="store_true",
+                    help="run each streaming configuration in a memory cgroup of budget + CAP_SLACK (RAM "
+                         "and page cache together; needs root): the page cache cannot hold the model then")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:   # one configuration, in a child process (inside the cgroup): print its result
+        kw = json.loads(args.child)
+        kw["store"] = Path(kw["store"])
+        print(json.dumps(decode(**kw)))
+        return 0
 
     if args.model:
         store = Path(args.model)
@@ -151,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
 
     common = dict(store=store, ids=ids, policy=args.policy, warm=args.warm, tokens=args.tokens)
     readers = args.readers.split(",")
+    cap, cap_note = None, "no memory cap: the page cache may hold what the mmap reader reads"
+    if args.cap:
+        cap, why = make_cap(budget + CAP_SLACK)
+        cap_note = (f"each streaming run in a memory cgroup of {(budget + CAP_SLACK) / 2**20:.0f} MiB "
+                    f"(budget + {CAP_SLACK >> 20} MiB; RAM and page cache together)" if cap
+                    else f"no memory cap ({why})")
     configs = {"compute": dict(io="uring", budget=None, prefetch=False, prime=True),   # every expert in RAM
                "demand": dict(io="uring", budget=budget, prefetch=False),
                **{k: dict(io=k, budget=budget, prefetch=True) for k in readers}}
@@ -163,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         probes["pread"].append(disk_bandwidth(store, bundle, "pread"))
         probes["staging"].append(disk_bandwidth(store, bundle, "uring", staging=True))
         for name, kw in configs.items():
-            runs[name].append(decode(**common, **kw))
+            # The compute baseline holds every expert in RAM: it runs uncapped, in this process.
+            runs[name].append(run_config(cap if kw["budget"] is not None else None, {**common, **kw}))
     bw = {k: statistics.median(v) for k, v in probes.items()}
     bw_staging = bw["staging"]
     med = {k: sorted(v, key=lambda r: r["s_per_token"])[len(v) // 2] for k, v in runs.items()}
@@ -182,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             f"cache, then {args.tokens} timed; median of {args.repeats} rounds, each round running every "
             f"configuration once.")
     machine = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
-               f"load average {load0[0]:.1f} before / {load1[0]:.1f} after (other work shares the cores).")
+               f"load average {load0[0]:.1f} before / {load1[0]:.1f} after (other work shares the cores); "
+               f"{cap_note}.")
     overlap = max(roof_s - compute["s_per_token"], compute["s_per_token"])
     roofline = (f"Roofline: O_DIRECT random bundle reads {bw['uring']:.0f} MB/s with io_uring "
                 f"({bw_staging:.0f} MB/s through registered staging buffers), {bw['pread']:.0f} MB/s with "
@@ -191,12 +247,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{compute['s_per_token'] * 1e3:.1f} ms/token ({compute['tok_s']:.1f} tok/s). So "
                 f"{roof_s * 1e3:.1f} ms/token = {1 / roof_s:.2f} tok/s; perfect overlap of I/O and "
                 f"compute would allow {1 / overlap:.2f}.")
-    section = "\n\n".join([f"`{cmd.strip()}`", meta, machine, roofline, table(rows, roof)])
+    notes = ("x roofline: measured time per token over the roofline's (below 1 is possible: prefetch "
+             "overlaps reads with compute, which the serial roofline does not count). MiB/token read: what "
+             "the reader copied into the RAM tier per token, demand misses and prefetches; in brackets what "
+             "/proc/self/io says came from storage (for mmap, the page cache serves the rest). Prefetch "
+             "precision: prefetched bundles later asked for / prefetched bundles; recall: those / (those + "
+             "demand misses). Queue depth and latency are per request (requests of 128 KiB to 1 MiB).")
+    section = "\n\n".join([f"`{cmd.strip()}`", meta, machine, roofline, table(rows, roof), notes])
     print(section)
     if args.json:
         print(json.dumps({"rows": rows, "roofline_s": roof_s, "bandwidth": bw, "compute": compute}, indent=1))
     if args.write_docs:
         write_docs(section)
+    if cap is not None:
+        cap.remove()
     return 0
 
 
