@@ -44,11 +44,12 @@ SMALL_N = {("c", "quant"): 16, ("c", "half"): 8, ("numba", "quant"): 2, ("numba"
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
-_lock = threading.Lock()
 _init_lock = threading.Lock()
-_backend: str | None = None  # resolved lazily: importing kernels must not start a compiler
-_ck = None                   # the loaded cpu_c.CKernels when the backend is c
-_threads: int = 0            # 0: every core this process may run on
+# (backend name, cpu_c.CKernels or None), swapped as one object so that a thread never sees a
+# name from one set_backend call and the library from another.  Resolved lazily: importing
+# kernels must not start a compiler.
+_active: tuple[str, object] | None = None
+_threads: int = 0  # 0: every core this process may run on
 
 
 def _default_threads() -> int:
@@ -101,26 +102,25 @@ def set_backend(name: str | None = None) -> str:
     "auto" and "c" fall back to numba when the C kernels cannot be built; "c-avx2" and
     "c-generic" raise instead, so that tests can insist on a path.
     """
-    global _backend, _ck
+    global _active
     name = name or os.environ.get("MER_TUI_KERNELS", "auto").strip().lower() or "auto"
-    resolved, ck = _resolve(name)
-    with _lock:
-        _backend, _ck = resolved, ck
-    return resolved
+    _active = _resolve(name)
+    return _active[0]
+
+
+def _state() -> tuple[str, object]:
+    active = _active
+    if active is None:
+        with _init_lock:
+            if _active is None:
+                set_backend()
+        active = _active
+    return active  # type: ignore[return-value]
 
 
 def backend() -> str:
     """The backend in use ("c-avx2", "c-generic", "numba" or "numpy"), resolving it if needed."""
-    if _backend is None:
-        with _init_lock:
-            if _backend is None:
-                set_backend()
-    return _backend  # type: ignore[return-value]
-
-
-def _state() -> tuple[str, object]:
-    b = backend()
-    return b, _ck if b.startswith("c-") else None
+    return _state()[0]
 
 
 def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
@@ -316,7 +316,7 @@ def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.n
             f"down {down.rows}x{down.cols}")
     X, one = _vectors(X, hidden)
     b, ck = _state()
-    kind = "half" if FLOAT_FORMATS.count(gate.fmt) or FLOAT_FORMATS.count(down.fmt) else "quant"
+    kind = "half" if gate.fmt in FLOAT_FORMATS or down.fmt in FLOAT_FORMATS else "quant"
     if (ck is not None and 0 < X.shape[0] <= SMALL_N["c", kind] and gate.fmt == up.fmt
             and gate.fmt != "f32" and down.fmt != "f32"):
         g = _rows(gate.data, gate.fmt, hidden)
