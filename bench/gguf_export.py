@@ -144,14 +144,19 @@ def _byte_shape(shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
 
 
 def export_gguf(hf_dir: str | Path, out: str | Path, *, expert_fmt: str = "q4_0", dense_fmt: str = "bf16",
-                embed_fmt: str | None = None, force: bool = False, log=print) -> Path:
-    """Write `out` from the OLMoE folder `hf_dir` (cached: kept when newer than the folder's config)."""
+                embed_fmt: str | None = None, experts_from: str | Path | None = None, force: bool = False,
+                log=print) -> Path:
+    """Write `out` from the OLMoE folder `hf_dir` (cached: kept when built from the same inputs).
+
+    `experts_from`: a GGUF exported earlier from the same folder whose expert tensors are copied
+    instead of quantized again (same bytes, minutes saved) - for variants that differ in dense formats."""
     hf_dir, out = Path(hf_dir), Path(out)
     cfg = json.loads((hf_dir / "config.json").read_text())
     if cfg.get("model_type") != "olmoe":
         raise ValueError(f"{hf_dir}/config.json: model_type {cfg.get('model_type')!r}, expected 'olmoe'")
     stamp = {"source": str(hf_dir.resolve()), "source_mtime": (hf_dir / "config.json").stat().st_mtime,
-             "expert_fmt": expert_fmt, "dense_fmt": dense_fmt, "embed_fmt": embed_fmt or dense_fmt}
+             "expert_fmt": expert_fmt, "dense_fmt": dense_fmt, "embed_fmt": embed_fmt or dense_fmt,
+             "experts_from": str(experts_from) if experts_from else None}
     stamp_path = out.with_name(out.name + ".json")
     if out.exists() and not force and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         log(f"{out}: already exported, kept")
@@ -201,10 +206,13 @@ def export_gguf(hf_dir: str | Path, out: str | Path, *, expert_fmt: str = "q4_0"
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
 
+    ref = {t.name: t for t in gguf.GGUFReader(str(experts_from)).tensors} if experts_from else {}
     t0 = time.perf_counter()
     for n, (gname, sname, shape, kind) in enumerate(plan):
         fmt = fmt_of[gname]
-        if kind == "experts":
+        if kind == "experts" and gname in ref and ref[gname].tensor_type == _GGML[fmt]:
+            w.write_tensor_data(np.ascontiguousarray(ref[gname].data).reshape(_byte_shape(shape, fmt)))
+        elif kind == "experts":
             merged = np.empty(_byte_shape(shape, fmt), np.uint8)
             for e in range(shape[0]):
                 merged[e] = quantize(src.f32(sname.format(e=e)), fmt)

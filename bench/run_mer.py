@@ -4,7 +4,9 @@ After its runs, `mer-tui bench` measures DRAM bandwidth for its roofline over a 
 buffer.  Inside a 2 GiB memory cgroup that buffer, on top of the resident weights and the RAM
 cache, gets the process OOM-killed after it has measured everything (seen: anon RSS 2.09 GB).
 So the orchestrator measures DRAM bandwidth once, outside the cgroup, with the same function,
-and passes it in MER_BENCH_DRAM_BW (bytes/s); everything else is `mer-tui bench` unchanged.
+and passes it in MER_BENCH_DRAM_BW (bytes/s); likewise the O_DIRECT disk bandwidth
+(MER_BENCH_DISK_BW), so every run's roofline uses the same figures (measured per run, amid the
+other work on this machine, it swung 0.7-1.6 GB/s).  Everything else is `mer-tui bench` unchanged.
 
     MER_BENCH_DRAM_BW=... .venv/bin/python -m bench.run_mer --model STORE --ram-cache 700MiB --io uring --json
 """
@@ -15,11 +17,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    bw = os.environ.get("MER_BENCH_DRAM_BW")
-    if bw:
-        import mer_tui.bench
+    import mer_tui.bench
 
-        mer_tui.bench.dram_read_bandwidth = lambda *a, **k: float(bw)
+    dram = os.environ.get("MER_BENCH_DRAM_BW")
+    if dram:
+        mer_tui.bench.dram_read_bandwidth = lambda *a, **k: float(dram)
+    disk = os.environ.get("MER_BENCH_DISK_BW")
+    if disk:
+        mer_tui.bench.direct_read_bandwidth = lambda *a, **k: (float(disk), "O_DIRECT, measured by side_by_side")
     from mer_tui.cli import main as cli
 
     return cli(["bench", *(sys.argv[1:] if argv is None else argv)])
