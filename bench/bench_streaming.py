@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
              "the reader copied into the RAM tier per token, demand misses and prefetches; in brackets what "
              "/proc/self/io says came from storage (for mmap, the page cache serves the rest). Prefetch "
              "precision: prefetched bundles later asked for / prefetched bundles; recall: those / (those + "
-             "demand misses). Queue depth and latency are per request (requests of 128 KiB to 1 MiB).")
+             "demand misses). Queue depth and latency are per request (requests of 128 KiB to 1 MiB). "
+             "Other work shares this machine's two cores and disk: rows of one run compare with each "
+             "other; between runs, the load moves every figure, the roofline's compute term included.")
     section = "\n\n".join([f"`{cmd.strip()}`", meta, machine, roofline, table(rows, roof), notes])
     print(section)
     if args.json:
