@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--backend", default=None, help="kernel backend: auto, c, c-avx2, c-generic, numba, numpy")
     p.add_argument("--hot", action="store_true", help="time one matrix repeatedly (cache-resident when it fits)")
+    p.add_argument("--sample-ms", type=float, default=20.0,
+                   help="length of one timed sample (default 20); short samples with --stat min find "
+                        "the calls no other process interrupted")
     p.add_argument("--dram-mib", type=int, default=512,
                    help="buffer size of the DRAM read probe (default 512; at least 4x the last-level cache)")
     p.add_argument("--batch", default="", help="also time matmul for these token counts, e.g. 1,2,4,8,16,64")
@@ -128,16 +131,18 @@ def _ring(first: np.ndarray, ring_bytes: int, hot: bool) -> list[np.ndarray]:
 
 class _Timer:
     """Times one call over a ring of inputs: `sample()` is the mean seconds of one call over a
-    batch of >= ~20 ms, walking the ring round."""
+    batch of about `sample_s` seconds, walking the ring round."""
 
-    def __init__(self, call, items: list):
+    def __init__(self, call, items: list, sample_s: float = 0.02):
         self.call, self.items, self.k = call, items, 0
         for it in items:  # fault pages in, compile, warm the code
             call(it)
         t = time.perf_counter()
         call(items[0])
         one = max(time.perf_counter() - t, 1e-6)
-        self.per_sample = max(len(items), math.ceil(0.02 / one))
+        # The ring position carries over from sample to sample, so every call stays cold
+        # however short the samples are.
+        self.per_sample = max(1, math.ceil(sample_s / one))
 
     def sample(self) -> float:
         t = time.perf_counter()
@@ -147,9 +152,9 @@ class _Timer:
         return (time.perf_counter() - t) / self.per_sample
 
 
-def _time(call, items: list, repeats: int, stat: str = "median") -> float:
+def _time(call, items: list, repeats: int, stat: str = "median", sample_s: float = 0.02) -> float:
     """Median (or minimum) seconds of one call, over `repeats` samples."""
-    timer = _Timer(call, items)
+    timer = _Timer(call, items, sample_s)
     samples = [timer.sample() for _ in range(max(1, repeats))]
     return float(np.min(samples) if stat == "min" else np.median(samples))
 
@@ -218,9 +223,13 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "l3_bytes": l3_bytes(),
                     "python": platform.python_version(), "numpy": np.__version__},
         "backend": backend, "threads": threads, "mode": "hot" if args.hot else "cold", "stat": args.stat,
+        "sample_ms": args.sample_ms,
         "command": "mer-tui bench kernels " + " ".join(args.argv),
         "load_avg_before": list(load_before),
     }
+    if args.sample_ms <= 0:
+        raise _Usage("--sample-ms must be positive")
+    sample_s = args.sample_ms / 1000
     if args.dram_mib < 1:
         raise _Usage("--dram-mib must be at least 1")
     dram_bytes = args.dram_mib << 20
@@ -229,12 +238,12 @@ def run(args: argparse.Namespace) -> dict:
     for rows, cols in shapes:
         x = rng.standard_normal(cols, dtype=np.float32)
         W = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
-        base = _Timer(lambda w, x=x: w @ x, _ring(W, ring_bytes, args.hot))
+        base = _Timer(lambda w, x=x: w @ x, _ring(W, ring_bytes, args.hot), sample_s)
         del W
         for fmt in fmts:
             q = synthetic_weights(fmt, rows, cols, rng)
             timer = _Timer(lambda m, fmt=fmt, cols=cols, x=x: kernels.matvec(m, fmt, cols, x),
-                           _ring(q, ring_bytes, args.hot))
+                           _ring(q, ring_bytes, args.hot), sample_s)
             t, t32, speedup = _paired(timer, base, args.repeats, args.stat)
             t32_over_t = 1.0 / speedup  # median of per-pair t32 / t
             rows_out.append({
@@ -247,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
             for n in batch:
                 X = rng.standard_normal((n, cols), dtype=np.float32)
                 tb = _time(lambda m, fmt=fmt, cols=cols, X=X: kernels.matmul(m, fmt, cols, X), [q],
-                           args.repeats, args.stat)
+                           args.repeats, args.stat, sample_s)
                 rows_out[-1].setdefault("batch", []).append(
                     {"n": n, "seconds": tb, "tokens_per_s": n / tb, "bytes_per_s": q.nbytes / tb})
         del base
