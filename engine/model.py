@@ -89,7 +89,8 @@ class Model:
         y = lw.o.matmul(out)
         return y + lw.o_bias if lw.o_bias is not None else y
 
-    def _moe(self, i: int, h: np.ndarray) -> np.ndarray:
+    def _moe(self, i: int, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """Layer i's experts on h (the normalised residual); `residual` feeds the next layer's prefetch."""
         s, lw = self.spec, self.weights.layers[i]
         probs = softmax(lw.router.matmul(h).astype(np.float32))
         top = np.argsort(-probs, axis=-1, kind="stable")[:, : s.top_k]
@@ -100,7 +101,7 @@ class Model:
         chosen = np.unique(top)
         nxt = self._next_moe.get(i)
         if self.prefetch_enabled and nxt is not None:
-            self._prefetch(nxt, h)
+            self._prefetch(nxt, residual)
         bundles = self.experts.get(i, chosen.tolist())
         out = np.zeros_like(h)
         for e in chosen:
@@ -115,14 +116,15 @@ class Model:
             out += y
         return out
 
-    def _prefetch(self, layer: int, h: np.ndarray) -> None:
-        """Guess the next MoE layer's experts from the current hidden state and start reading them.
+    def _prefetch(self, layer: int, residual: np.ndarray) -> None:
+        """Guess the next MoE layer's experts from the current residual stream and start reading them.
 
-        The next layer's input differs from `h` only by one residual update, so its router applied
-        to `h` usually picks the same experts; a wrong guess costs a wasted read, never a wrong result.
+        The next layer's input differs from the residual only by the updates in between, so its
+        router applied to it (through its own norm) usually picks the same experts; a wrong guess
+        costs a wasted read, never a wrong result.
         """
         lw = self.weights.layers[layer]
-        hn = rms_norm(h, lw.mlp_norm, self.spec.rms_norm_eps)
+        hn = rms_norm(residual, lw.mlp_norm, self.spec.rms_norm_eps)
         logits = lw.router.matmul(hn)
         ranked = np.argsort(-logits, axis=-1)[:, : self.spec.top_k]
         # Most likely first (every token's first choice, then the second ...): a source that reads only
@@ -138,7 +140,7 @@ class Model:
         for i, lw in enumerate(W.layers):
             x = x + self._attention(i, x, cache, cos, sin)
             h = rms_norm(x, lw.mlp_norm, s.rms_norm_eps)
-            x = x + (self._moe(i, h) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
+            x = x + (self._moe(i, h, x) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
         cache.advance(len(ids))
         if last_only:
             x = x[-1:]

@@ -88,7 +88,8 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
                          kind="demo-stress", note=STRESS_NOTE, io=args.io, quant=args.quant)
 
         def load_stress(progress: Progress) -> engine.Model:
-            from . import demo_models  # built by another module; imported only when asked for
+            # imported only when asked for, through sys.modules (so tests can stand in for it)
+            demo_models = importlib.import_module("mer_tui.demo_models")
 
             # stress_model reports (bytes written, bytes in all) while it builds.
             folder = Path(demo_models.stress_model(lambda done, total: progress("build", done, total)))
