@@ -77,6 +77,12 @@ static __attribute__((unused)) float half_to_float_soft(uint16_t h) {
     return f;
 }
 
+INLINE uint32_t rd32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 INLINE float h2f(const uint8_t *p) {
 #if MK_SIMD
     return _cvtsh_ss(rd16(p));
@@ -563,8 +569,11 @@ INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                 const __m256i s23 = _mm256_hadd_epi32(q4_0_block(q + 36, x + 64, m4), q4_0_block(q + 54, x + 96, m4));
                 const __m256i t = _mm256_sub_epi32(_mm256_hadd_epi32(s01, s23),
                                                    _mm256_load_si256((const __m256i *)(c4 + 8 * g)));
-                const __m128 d = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, (short)rd16(q + 54), (short)rd16(q + 36),
-                                                            (short)rd16(q + 18), (short)rd16(q)));
+                /* the four f16 scales: 32-bit loads (one uop each) and unpacks; the two high
+                 * bytes of each load are dropped by the unpacks, the top four lanes by cvtph */
+                const __m128i h01 = _mm_unpacklo_epi16(_mm_cvtsi32_si128((int)rd32(q)), _mm_cvtsi32_si128((int)rd32(q + 18)));
+                const __m128i h23 = _mm_unpacklo_epi16(_mm_cvtsi32_si128((int)rd32(q + 36)), _mm_cvtsi32_si128((int)rd32(q + 54)));
+                const __m128 d = _mm_cvtph_ps(_mm_unpacklo_epi32(h01, h23));
                 const __m256 sc = _mm256_mul_ps(_mm256_set_m128(d, d), _mm256_load_ps(d4 + 8 * g));
                 acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[r][0]);
             }
