@@ -518,10 +518,50 @@ INLINE void dot_half(int bf, const uint8_t *w, int64_t rb, int R, int J, const x
         }
 }
 
+/* Four f16 scales at byte stride `stride`, as floats in lanes 0-3 and again in 4-7: 32-bit
+ * loads (one uop each) and unpacks; the high halves of the loads and lanes 4-7 of the unpacked
+ * vector are dropped by the unpacks and by cvtph. */
+INLINE __m256 scales4(const uint8_t *q, int64_t stride) {
+    const __m128i h01 = _mm_unpacklo_epi16(_mm_cvtsi32_si128((int)rd32(q)), _mm_cvtsi32_si128((int)rd32(q + stride)));
+    const __m128i h23 = _mm_unpacklo_epi16(_mm_cvtsi32_si128((int)rd32(q + 2 * stride)),
+                                           _mm_cvtsi32_si128((int)rd32(q + 3 * stride)));
+    const __m128 d = _mm_cvtph_ps(_mm_unpacklo_epi32(h01, h23));
+    return _mm256_set_m128(d, d);
+}
+
+/* hadd(hadd(s0, s1), hadd(s2, s3)): lane k holds lanes 0-3 of s_k summed, lane 4+k lanes 4-7. */
+INLINE __m256i fold4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+}
+
+INLINE __m256i q8_0_block(const uint8_t *q, const int16_t *x) {
+    const __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 2)));
+    const __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 18)));
+    return _mm256_add_epi32(_mm256_madd_epi16(v0, ldx(x)), _mm256_madd_epi16(v1, ldx(x + 16)));
+}
+
 INLINE void dot_q8_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
     ACC_INIT
-    for (int64_t b = 0; b < nb; b++) {
+    int64_t b = 0;
+    if (J == 1) { /* decode: four blocks per step, as in q4_0 */
+        const int64_t ng = nb / 4;
+        const int16_t *xq = p->xq + j0 * cols;
+        const float *d4 = p->xd4 + 8 * j0 * ng;
+        for (int64_t g = 0; g < ng; g++) {
+            const int16_t *x = xq + 128 * g;
+            for (int r = 0; r < R; r++) {
+                const uint8_t *q = w + r * rb + 136 * g;
+                for (int l = 0; l < 3; l++) pf(q + R * rb + 64 * l);
+                const __m256i t = fold4(q8_0_block(q, x), q8_0_block(q + 34, x + 32), q8_0_block(q + 68, x + 64),
+                                        q8_0_block(q + 102, x + 96));
+                const __m256 sc = _mm256_mul_ps(scales4(q, 34), _mm256_load_ps(d4 + 8 * g));
+                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[r][0]);
+            }
+        }
+        b = 4 * ng;
+    }
+    for (; b < nb; b++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *q = w + r * rb + 34 * b;
             if (b % 2 == 0) pf(q + R * rb);
@@ -565,16 +605,11 @@ INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
             for (int r = 0; r < R; r++) {
                 const uint8_t *q = w + r * rb + 72 * g;
                 pf(q + R * rb);
-                const __m256i s01 = _mm256_hadd_epi32(q4_0_block(q, x, m4), q4_0_block(q + 18, x + 32, m4));
-                const __m256i s23 = _mm256_hadd_epi32(q4_0_block(q + 36, x + 64, m4), q4_0_block(q + 54, x + 96, m4));
-                const __m256i t = _mm256_sub_epi32(_mm256_hadd_epi32(s01, s23),
-                                                   _mm256_load_si256((const __m256i *)(c4 + 8 * g)));
-                /* the four f16 scales: 32-bit loads (one uop each) and unpacks; the two high
-                 * bytes of each load are dropped by the unpacks, the top four lanes by cvtph */
-                const __m128i h01 = _mm_unpacklo_epi16(_mm_cvtsi32_si128((int)rd32(q)), _mm_cvtsi32_si128((int)rd32(q + 18)));
-                const __m128i h23 = _mm_unpacklo_epi16(_mm_cvtsi32_si128((int)rd32(q + 36)), _mm_cvtsi32_si128((int)rd32(q + 54)));
-                const __m128 d = _mm_cvtph_ps(_mm_unpacklo_epi32(h01, h23));
-                const __m256 sc = _mm256_mul_ps(_mm256_set_m128(d, d), _mm256_load_ps(d4 + 8 * g));
+                const __m256i t = _mm256_sub_epi32(
+                    fold4(q4_0_block(q, x, m4), q4_0_block(q + 18, x + 32, m4), q4_0_block(q + 36, x + 64, m4),
+                          q4_0_block(q + 54, x + 96, m4)),
+                    _mm256_load_si256((const __m256i *)(c4 + 8 * g)));
+                const __m256 sc = _mm256_mul_ps(scales4(q, 18), _mm256_load_ps(d4 + 8 * g));
                 acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[r][0]);
             }
         }
@@ -630,6 +665,28 @@ INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                 /* the mins: minus dmin * m_j * (sum of x over sub-block j) */
                 acc[r][jj] = _mm256_fnmadd_ps(mnd, _mm256_loadu_ps(p->xs + k), acc[r][jj]);
                 sv[jj] = _mm256_mul_ps(scd, _mm256_loadu_ps(p->xd + k));
+            }
+            if (J == 1) {
+                /* Decode: the integer sums of four sub-blocks fold into one vector (hadds), then
+                 * one conversion and one FMA against their four scales (as in q4_0). */
+                const int16_t *x = p->xq + j0 * cols + 256 * sb;
+                for (int h = 0; h < 2; h++) {
+                    __m256i s4[4];
+                    for (int c = 0; c < 2; c++) {
+                        const uint8_t *qc = q + 16 + 64 * h + 32 * c;
+                        const int16_t *xc = x + 128 * h + 64 * c;
+                        const __m256i v0 = ld16(qc), v1 = ld16(qc + 16);
+                        s4[2 * c] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v0, m4), ldx(xc)),
+                                                     _mm256_madd_epi16(_mm256_and_si256(v1, m4), ldx(xc + 16)));
+                        s4[2 * c + 1] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_srli_epi16(v0, 4), ldx(xc + 32)),
+                                                         _mm256_madd_epi16(_mm256_srli_epi16(v1, 4), ldx(xc + 48)));
+                    }
+                    const __m256i t = fold4(s4[0], s4[1], s4[2], s4[3]);
+                    const __m256 sc4 = _mm256_permutevar8x32_ps(
+                        sv[0], h ? _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7) : _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc4, acc[r][0]);
+                }
+                continue;
             }
             for (int c = 0; c < 4; c++) {
                 const __m256i v0 = ld16(q + 16 + 32 * c), v1 = ld16(q + 32 + 32 * c);
