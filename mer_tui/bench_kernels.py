@@ -225,6 +225,8 @@ def run(args: argparse.Namespace) -> dict:
         "backend": backend, "threads": threads, "mode": "hot" if args.hot else "cold", "stat": args.stat,
         "sample_ms": args.sample_ms,
         "command": "mer-tui bench kernels " + " ".join(args.argv),
+        # numpy's BLAS picks its thread count from these when numpy is imported
+        "blas_env": {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ},
         "load_avg_before": list(load_before),
     }
     if args.sample_ms <= 0:
@@ -275,7 +277,7 @@ def render(res: dict) -> str:
     dram = res["dram_read_bytes_per_s"]
     lines = [
         f"kernels: backend {res['backend']}, {res['threads']} threads, {res['mode']} weights, "
-        f"{res['stat']} of samples; "
+        f"{res['stat']} of samples; BLAS env {res['blas_env'] or 'default'}; "
         f"{res['machine']['cpu']}, {res['machine']['cores']} cores",
         f"DRAM read: {_gb(dram['all_threads'])} GB/s with {res['threads']} threads, "
         f"{_gb(dram['numpy_1_thread'])} GB/s numpy one thread (at the end: "
