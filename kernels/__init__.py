@@ -37,9 +37,12 @@ BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
 # Up to this many vectors a product runs the matrix-vector kernels (the C ones decode each
 # weight block once per four vectors); above it, tiles of rows are dequantized to float32 and
 # multiplied by BLAS, whose matrix-matrix kernels win once there are enough vectors to reuse
-# each dequantized weight.  Crossovers measured on one Zen 3 core (bench_kernels.py --batch):
-# ~16 vectors for the block formats, ~8 for f16/bf16 (whose dequantization is cheap).
-SMALL_N = {("c", "quant"): 16, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
+# each dequantized weight.  Crossovers measured on one idle Zen 3 core (bench_kernels.py
+# --batch): 16-32 vectors for the block formats, ~8 for f16/bf16 (whose dequantization is
+# cheap).  The block formats take the upper end: at 32 vectors the kernels are within ~10% of
+# BLAS on an idle machine, and on a busy one OpenBLAS's threads stall (its two-thread sgemv fell
+# to a tenth of its speed here while other jobs ran) where the kernels' pool does not.
+SMALL_N = {("c", "quant"): 32, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
            ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
