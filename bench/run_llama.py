@@ -3,7 +3,7 @@
 Same prompt (numpy default_rng(0) token ids, no tokenizer), same counting: prefill tokens/s is
 prompt tokens over the time to the first token; decode tokens/s is (decode_tokens - 1) over the
 time from the first token to the last, greedy; the median of `repeats` runs in one process;
-peak RSS from getrusage.  Prints one JSON object.
+peak RSS as VmHWM.  Prints one JSON object.
 
     .venv/bin/python -m bench.run_llama --model M.gguf [--repack] [--prompt-tokens 32] [--decode-tokens 16]
     .venv/bin/python -m bench.run_llama --model M.gguf --logits out.npy --ids 1,2,3   # last-token logits
@@ -73,6 +73,16 @@ def last_logits(llm) -> np.ndarray:
 
     ptr = ll.llama_get_logits_ith(llm._ctx.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM).  Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    child started by vfork from a big parent reports the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read_bytes() -> int:
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": round(load_s, 3),
         **{k: round(v, 4) for k, v in med.items()},
         "runs": runs,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),
     }
     print(json.dumps(result, indent=2))
     return 0
