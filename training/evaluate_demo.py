@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training.corpus import make_dialogues, make_qa, names_fact, sentences, vocabulary
+from training.corpus import make_dialogues, make_qa, make_question, make_story, names_fact, sentences, vocabulary
 
 EVAL_SEED = 1_000_003
 QA_KINDS = ("place", "colour", "animal", "feeling")
@@ -83,6 +83,21 @@ def qa_accuracy(generate: Generate, n: int = 100, seed: int = EVAL_SEED, max_new
             "misses": misses[:10]}
 
 
+def second_story_accuracy(generate: Generate, n: int = 40, seed: int = EVAL_SEED + 2) -> float:
+    """Share right when a second story is told later in the same chat: answers must follow it."""
+    rng = random.Random(seed)
+    right = 0
+    for i in range(n):
+        first = make_story(rng)
+        q, a = make_question(rng, first, QA_KINDS[(i + 1) % 4])
+        user, word, kind = make_qa(rng, QA_KINDS[i % 4])
+        chat = [{"role": "user", "content": f"{first.text} {q}"}, {"role": "assistant", "content": a},
+                {"role": "user", "content": user}]
+        reply, _ = generate(chat, 16)
+        right += names_fact(reply, word, kind)
+    return right / n
+
+
 def story_check(generate: Generate, prompt: str = "Tell me a story.", max_new: int = 160) -> dict:
     reply, stopped = generate([{"role": "user", "content": prompt}], max_new)
     words = [w for w in reply.lower().replace(".", " ").replace(",", " ").split() if w]
@@ -144,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     res = {"backend": args.backend, "qa": qa_accuracy(gen, args.n, args.seed)}
     res["qa_seconds"] = round(time.time() - t0, 1)
+    res["second_story_accuracy"] = second_story_accuracy(gen)
     res["stories"] = [story_check(gen, pr) for pr in
                       ("Tell me a story.", "Tell me a story about a fox.", "Can you tell me a story?")]
     if args.routing:
