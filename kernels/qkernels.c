@@ -614,6 +614,35 @@ INLINE void dot_q4_0(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
             }
         }
         b = 4 * ng;
+    } else {
+        /* Several vectors: decode four blocks once, then fold each vector's four sums. */
+        const int64_t ng = nb / 4;
+        for (int64_t g = 0; g < ng; g++) {
+            for (int r = 0; r < R; r++) {
+                const uint8_t *q = w + r * rb + 72 * g;
+                pf(q + R * rb);
+                __m256i lo[4], hi[4];
+                for (int k = 0; k < 4; k++) {
+                    const __m256i v = ld16(q + 18 * k + 2);
+                    lo[k] = _mm256_and_si256(v, m4);
+                    hi[k] = _mm256_srli_epi16(v, 4);
+                }
+                const __m256 dw = scales4(q, 18);
+                for (int jj = 0; jj < J; jj++) {
+                    const int16_t *x = p->xq + (j0 + jj) * cols + 128 * g;
+                    __m256i s[4];
+                    for (int k = 0; k < 4; k++)
+                        s[k] = _mm256_add_epi32(_mm256_madd_epi16(lo[k], ldx(x + 32 * k)),
+                                                _mm256_madd_epi16(hi[k], ldx(x + 32 * k + 16)));
+                    const int64_t o = 8 * ((j0 + jj) * ng + g);
+                    const __m256i t = _mm256_sub_epi32(fold4(s[0], s[1], s[2], s[3]),
+                                                       _mm256_load_si256((const __m256i *)(p->xc4 + o)));
+                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, _mm256_load_ps(p->xd4 + o)),
+                                                 acc[r][jj]);
+                }
+            }
+        }
+        b = 4 * ng;
     }
     for (; b < nb; b++) {
         for (int r = 0; r < R; r++) {
