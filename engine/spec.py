@@ -4,11 +4,11 @@ One forward pass (engine/model.py) reads a ModelSpec; there are no per-architect
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EngineError
+from .jsonfile import read_json_object
 
 # Tensor names per family.  {i} is the layer, {e} the expert.  The three expert matrices are
 # always (gate, up, down) in that order, whatever the checkpoint calls them.
@@ -110,21 +110,8 @@ def load_spec(folder: str | Path) -> ModelSpec:
     """Read config.json (and generation_config.json for extra eos ids) into a ModelSpec."""
     folder = Path(folder)
     path = folder / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-        if not isinstance(cfg, dict):
-            raise ValueError("top level is not an object")
-    except FileNotFoundError:
-        raise EngineError(f"{folder}: no config.json") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path}: not valid JSON ({e})") from None
-    gen_cfg = {}
-    gpath = folder / "generation_config.json"
-    if gpath.exists():
-        try:
-            gen_cfg = json.loads(gpath.read_text())
-        except ValueError as e:
-            raise EngineError(f"{gpath}: not valid JSON ({e})") from None
+    cfg = read_json_object(path, missing=f"{folder}: no config.json")
+    gen_cfg = read_json_object(folder / "generation_config.json")
     return spec_from_config(cfg, str(path), gen_cfg)
 
 

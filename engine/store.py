@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint
 from .errors import EngineError
 from .experts import expert_shapes
 from .io.buffers import ALIGN, align_up
+from .jsonfile import read_json_object
 from .spec import ModelSpec
 
 FORMAT = "mer-tui expert store"
@@ -112,14 +113,7 @@ def open_store(folder: str | os.PathLike, spec: ModelSpec) -> ExpertLayout:
     """Read and check index.json against the expert file and the model's spec."""
     folder = Path(folder)
     path = folder / INDEX
-    try:
-        index = json.loads(path.read_text())
-        if not isinstance(index, dict):
-            raise ValueError("top level is not an object")
-    except FileNotFoundError:
-        raise EngineError(f"{folder}: no {INDEX}; not an expert store") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    index = read_json_object(path, missing=f"{folder}: no {INDEX}; not an expert store")
     if index.get("format") != FORMAT:
         raise EngineError(f"{path}: not an expert store index (format {index.get('format')!r})")
     version = index.get("version")

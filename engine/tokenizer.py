@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import EngineError
+from .jsonfile import read_json_object
 
 
 def _token_text(value) -> str | None:
@@ -26,13 +27,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise EngineError(f"{path}: cannot load tokenizer ({e})") from None
-        cfg: dict = {}
-        cpath = folder / "tokenizer_config.json"
-        if cpath.exists():
-            try:
-                cfg = json.loads(cpath.read_text())
-            except ValueError as e:
-                raise EngineError(f"{cpath}: not valid JSON ({e})") from None
+        cfg = read_json_object(folder / "tokenizer_config.json")
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.pad_token = _token_text(cfg.get("pad_token"))
