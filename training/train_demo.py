@@ -249,8 +249,8 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=float, default=12e6, help="training budget in (unpadded) tokens")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-time cap on training")
+    p.add_argument("--tokens", type=float, default=6e6, help="training budget in (unpadded) tokens")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-time cap on training")
     p.add_argument("--seed", type=int, default=0, help="seeds the corpus, the init and the batch order")
     p.add_argument("--out", default="assets/demo", help="output HF folder")
     p.add_argument("--dialogues", type=int, default=60_000, help="corpus size in dialogues")
