@@ -34,30 +34,28 @@ def test_chat_template_matches_transformers(chat_model_dir):
                                                                 tokenize=True, return_dict=False)
 
 
-def test_template_is_sandboxed(tmp_path, chat_model_dir):
+def _with_template(tmp_path, src, template: str) -> Tokenizer:
     import json
     import shutil
 
     d = tmp_path / "m"
-    shutil.copytree(chat_model_dir, d)
+    shutil.copytree(src, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    cfg["chat_template"] = template
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return Tokenizer(d)
+
+
+def test_template_is_sandboxed(tmp_path, chat_model_dir):
+    tok = _with_template(tmp_path, chat_model_dir, "{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(EngineError, match="chat_template"):
-        Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_raise_exception_in_template_is_an_engine_error(tmp_path, chat_model_dir):
-    import json
-    import shutil
-
-    d = tmp_path / "m"
-    shutil.copytree(chat_model_dir, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ raise_exception('roles must alternate') }}"
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = _with_template(tmp_path, chat_model_dir, "{{ raise_exception('roles must alternate') }}")
     with pytest.raises(EngineError, match="roles must alternate"):
-        Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}])
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_stream_never_splits_a_character(chat_model_dir):
