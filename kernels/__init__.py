@@ -332,8 +332,9 @@ def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.n
     return Y[0] if one else Y
 
 
-def warmup(background: bool = True) -> threading.Thread | None:
-    """Build/load the kernels of the active backend (numba compiles, the C library) ahead of use.
+def warmup(background: bool = True, quantizers: bool = True) -> threading.Thread | None:
+    """Build/load everything the kernels will run, ahead of use: the C library or the numba
+    products of the active backend, and (quantizers=True) the numba q4_k/q6_k quantizers.
 
     Compiling is paid once per machine (numba's cache, the C library cache); loading still takes
     a moment per process, so a UI calls this at start with background=True and never stalls.
@@ -341,16 +342,13 @@ def warmup(background: bool = True) -> threading.Thread | None:
     """
     def run() -> None:
         try:
-            b, ck = _state()
+            b, _ = _state()
             rng = np.random.default_rng(0)
             w = rng.standard_normal((8, 256)).astype(np.float32)
             x = rng.standard_normal((2, 256)).astype(np.float32)
             for fmt in FORMATS:
-                if fmt in ("q4_k", "q6_k"):
-                    # a valid block without compiling the quantizers: one scale, mins zero
-                    q = np.zeros((8, row_bytes(fmt, 256)), dtype=np.uint8)
-                else:
-                    q = quantize_ref(w, fmt)
+                q = quantize(w, fmt) if quantizers or fmt not in ("q4_k", "q6_k") else np.zeros(
+                    (8, row_bytes(fmt, 256)), dtype=np.uint8)  # a valid block: zero scales
                 dequantize(q, fmt, 256)
                 matmul(q, fmt, 256, x[:1])
                 if b == "numba":
@@ -364,4 +362,3 @@ def warmup(background: bool = True) -> threading.Thread | None:
     t = threading.Thread(target=run, name="kernels-warmup", daemon=True)
     t.start()
     return t
-
