@@ -302,11 +302,12 @@ def goals(data: dict) -> list[str]:
     if best and ll:
         ratio = best["decode_tokens_per_s"] / ll
         top, roof = roofline(best, data)
-        ok = ratio >= 1.2 and (roof or 0) >= 0.9
+        verdict = (f"speed goal **{'met' if ratio >= 1.2 else 'not met'}**, roofline goal "
+                   f"**{'met' if (roof or 0) >= 0.9 else 'not met'}**")
         lines.append(f"- Over the limit: best mer-tui run ({best['label']}) decodes at "
                      f"{best['decode_tokens_per_s']:.2f} tok/s = **{ratio:.2f}x** llama.cpp's {ll:.2f} "
                      f"(goal >= 1.2x), at **{_fmt(roof, '.0%')}** of its roofline ({_fmt(top)} tok/s; goal >= 90%): "
-                     f"**{'met' if ok else 'not met'}**.")
+                     f"{verdict}.")
     else:
         lines.append("- Over the limit: not measured (a run failed; see the table).")
     ram, ll_ram, ll_rep = dec("ram-mer-uring"), dec("ram-llama"), dec("ram-llama-repack")
@@ -459,12 +460,17 @@ def render_section(data: dict) -> str:
         "",
         "```",
         "python -m venv .venv && .venv/bin/pip install -e '.[bench,test]'",
-        f"sudo .venv/bin/python -m bench.side_by_side {data['argv']}",
+        "sudo .venv/bin/python -m bench.side_by_side            # everything: ~25 minutes here, once built",
+        "sudo .venv/bin/python -m bench.side_by_side --only 'over-mer'   # some runs again (regex on run names)",
+        ".venv/bin/python -m bench.agree                        # llama.cpp vs mer-tui logits, small model",
         "```",
         "",
-        "It builds the model files once into `--out` (default `/work/bench-models`: a 13 GB bf16 "
-        "Hugging Face folder, the q4_0 store and the GGUF, ~3.9 GB each), then runs "
-        "(about 20 minutes here). Single runs:",
+        "It builds the model files once into `--out` (default `/work/bench-models`: a 13.8 GB bf16 "
+        "Hugging Face folder, the q4_0 store (4.3 GB) and the two GGUFs (4.6 and 4.1 GB); about 15 minutes "
+        "here), measures the roofline's bandwidths, then runs. Runs re-run with `--only` keep the others' "
+        "results. The last invocation was `side_by_side " + data["argv"] + "`. Single runs, as the script "
+        "starts them (`run_mer` takes `MER_BENCH_DRAM_BW` / `MER_BENCH_DISK_BW` from the script; without "
+        "them it measures its own roofline, whose 512 MiB DRAM probe does not fit in the 2 GiB cgroup):",
         "",
         "```",
         *data["commands"],
