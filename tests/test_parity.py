@@ -28,6 +28,16 @@ def test_logits_match_transformers(checkpoint_dir, variant, dtype):
     assert err <= 1e-3 * np.abs(ref).max(), f"{variant}/{dtype}: max|d|={err:.3g}"
 
 
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe", "qwen3"])
+def test_float16_checkpoints_match_transformers(checkpoint_dir, variant):
+    folder = checkpoint_dir(variant, "float16")
+    model = engine.load(folder)
+    assert model.weights.layers[0].q.fmt == "f16"
+    ours = model.forward(IDS)
+    ref, _ = _reference_logits(folder, IDS)
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_tokens_match_transformers(checkpoint_dir, variant):
     folder = checkpoint_dir(variant, "float32")
