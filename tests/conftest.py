@@ -36,6 +36,24 @@ def chat_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The TUI tests' tiny Mixtral with a byte tokenizer (tests/tui_fixtures.py)."""
+    from tests.tui_fixtures import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def model(model_dir):
+    """A fresh engine model on model_dir whose expert source records the settings calls."""
+    from tests.tui_fixtures import load_recording_model
+
+    m = load_recording_model(model_dir)
+    yield m
+    m.close()
+
+
 def pytest_report_header(config):
     return f"checkpoint variants: {', '.join(VARIANTS)}"
 

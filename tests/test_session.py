@@ -22,21 +22,9 @@ from mer_tui.session import (
     next_budget,
 )
 from mer_tui.timeseries import TimeSeries
-from tests.tui_fixtures import greedy_and_long, load_recording_model, tiny_model_dir
+from tests.tui_fixtures import greedy_and_long
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture
-def model(model_dir):
-    m = load_recording_model(model_dir)
-    yield m
-    m.close()
 
 
 def wait_turn(session: Session, timeout: float = 20.0) -> list:

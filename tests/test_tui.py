@@ -7,14 +7,13 @@ import functools
 import threading
 import time
 
-import pytest
 from textual.widgets import Markdown
 
 import engine
 from mer_tui.app import TUNING, MerApp
 from mer_tui.session import ModelInfo, Session
 from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader
-from tests.tui_fixtures import greedy_and_long, load_recording_model, tiny_model_dir
+from tests.tui_fixtures import greedy_and_long
 
 SIZE = (160, 50)
 
@@ -25,18 +24,6 @@ def aio(fn):
     def run(*args, **kwargs):
         asyncio.run(fn(*args, **kwargs))
     return run
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture
-def model(model_dir):
-    m = load_recording_model(model_dir)
-    yield m
-    m.close()
 
 
 def make_app(model, tmp_path=None, **session_kw) -> MerApp:

@@ -10,12 +10,6 @@ import pytest
 import engine
 from mer_tui import launch
 from mer_tui.cli import CliError, build_parser, main
-from tests.tui_fixtures import tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
 
 
 def args(*argv: str):
