@@ -181,8 +181,8 @@ def execute(run: Run, cg: MemoryCgroup | None, logdir: Path, timeout: float) -> 
     except ValueError:
         tail = err_path.read_text()[-1500:]
         res["error"] = "OOM-killed" if res.get("oom_killed") else f"no result (rc {rc}): {tail.strip()[-400:]}"
-    status = res.get("error") or f"decode {res.get('decode_tokens_per_s', 0):.2f} tok/s, " \
-                                  f"prefill {res.get('prefill_tokens_per_s', 0):.1f} tok/s"
+    status = res.get("error") or f"decode {res.get('decode_tokens_per_s', 0):.2f} tok/s" + (
+        f", prefill {res['prefill_tokens_per_s']:.1f} tok/s" if "prefill_tokens_per_s" in res else "")
     log(f"  -> {status} ({wall:.0f} s)")
     return res
 
