@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from engine import format_size
 
 from .cli import CliError
 from .generate import load_from_args
-from .machine import direct_read_bandwidth, dram_read_bandwidth
+from .machine import best_direct_read_bandwidth, dram_read_bandwidth, peak_rss_bytes
 
 
 def _resident_bytes_per_token(model: engine.Model) -> int:
@@ -61,6 +60,9 @@ def run_bench(args: argparse.Namespace) -> int:
     for opt in ("prompt_tokens", "decode_tokens", "repeats"):
         if getattr(args, opt) < 1:
             raise CliError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    for opt in ("dram_bw", "disk_bw"):
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
+            raise CliError(f"--{opt.replace('_', '-')} must be > 0 bytes/s, got {getattr(args, opt)}")
     model = load_from_args(args)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, model.spec.vocab_size, args.prompt_tokens).tolist()
@@ -94,12 +96,16 @@ def run_bench(args: argparse.Namespace) -> int:
                 "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
                 "missed_bytes_per_token": (ssd1 - ssd0) / max(n - 1, 1),
             })
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     snap = model.telemetry()
     model.close()
 
-    dram_bw = dram_read_bandwidth()
-    disk_bw, disk_how = direct_read_bandwidth(_largest_weight_file(Path(args.model)))
+    # Bandwidths may come from the caller (measured once for a whole suite, outside a memory limit).
+    dram_bw = args.dram_bw or dram_read_bandwidth()
+    if args.disk_bw:
+        disk_bw, disk_how = args.disk_bw, "given with --disk-bw"
+    else:
+        disk_bw, disk_how = best_direct_read_bandwidth(_largest_weight_file(Path(args.model)))
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     active = resident_bpt + expert_bpt
     missed = min(med["missed_bytes_per_token"], expert_bpt)

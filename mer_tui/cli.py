@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dram-bw", type=float, metavar="BYTES_PER_S",
+                   help="use this DRAM read bandwidth for the roofline instead of measuring it")
+    p.add_argument("--disk-bw", type=float, metavar="BYTES_PER_S",
+                   help="use this O_DIRECT read bandwidth for the roofline instead of measuring it")
     p.add_argument("--json", action="store_true")
     _add_cache_options(p)
     return parser

@@ -1,0 +1,44 @@
+"""`mer-tui bench` end to end on a tiny streaming model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mer_tui", "bench", *args], capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
+    # no prefetch: then every byte read is a demand miss, at most the experts a token uses
+    r = _bench("--model", str(chat_model_dir), "--ram-cache", "40KiB", "--io", "pread", "--no-prefetch",
+               "--prompt-tokens", "8", "--decode-tokens", "6", "--repeats", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["runs"]) == 2 and out["decode_tokens_per_s"] > 0 and out["prefill_tokens_per_s"] > 0
+    assert out["io"] == "pread" and out["ram_cache"] == 40 * 1024
+    assert 0.0 <= out["hit_rate"]["ram"] < 1.0          # a 40 KiB budget cannot hold every expert
+    roof = out["roofline"]
+    assert roof["dram_read_bytes_per_s"] > 1e8 and roof["disk_read_bytes_per_s"] > 1e6
+    # a miss reads its three matrices as 4 KiB-aligned spans: at most 8 KiB more each
+    bundles_per_token = 2 * 3                               # top-2 in each of the 3 layers
+    assert 0 < out["missed_bytes_per_token"] <= roof["expert_bytes_per_token"] + bundles_per_token * 3 * 8192
+    assert 0 < roof["fraction_reached"] < 1.5
+    assert out["peak_rss_bytes"] > 10 * 1024**2
+
+
+def test_bench_takes_bandwidths_from_the_caller(chat_model_dir):
+    r = _bench("--model", str(chat_model_dir), "--prompt-tokens", "4", "--decode-tokens", "3", "--repeats", "1",
+               "--dram-bw", "1e10", "--disk-bw", "5e8", "--json")
+    assert r.returncode == 0, r.stderr
+    roof = json.loads(r.stdout)["roofline"]
+    assert roof["dram_read_bytes_per_s"] == 1e10 and roof["disk_read_bytes_per_s"] == 5e8
+
+
+def test_bench_bad_options_exit_2(chat_model_dir):
+    r = _bench("--model", str(chat_model_dir), "--decode-tokens", "0")
+    assert r.returncode == 2 and "--decode-tokens" in r.stderr and "Traceback" not in r.stderr
+    r = _bench("--decode-tokens", "3")
+    assert r.returncode == 2 and "--model" in r.stderr
