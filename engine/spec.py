@@ -73,10 +73,8 @@ class ModelSpec:
     top_k: int
     moe_intermediate_size: int
     norm_topk_prob: bool
-    shared_expert_size: int  # 0: none
-    shared_expert_gate: bool
+    shared_expert_size: int  # 0: none (a shared expert always comes with its sigmoid gate)
     eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
     names: dict = field(repr=False, compare=False, default_factory=dict)
 
     def name(self, key: str, layer: int, expert: int | None = None) -> str:
@@ -234,8 +232,6 @@ def spec_from_config(cfg: dict, where: str = "config.json", gen_cfg: dict | None
         moe_intermediate_size=moe_width,
         norm_topk_prob=norm_topk,
         shared_expert_size=shared,
-        shared_expert_gate=shared > 0,
         eos_token_ids=tuple(dict.fromkeys(eos)),
-        bos_token_id=get("bos_token_id", None, int),
         names=NAMES[mt],
     )

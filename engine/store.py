@@ -199,7 +199,6 @@ def checkpoint_layout(ckpt: Checkpoint, spec: ModelSpec) -> ExpertLayout:
 
 
 # ----------------------------------------------------------------------------------------- writing
-SAFETENSORS_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 
 
 class SafetensorsWriter:

@@ -112,7 +112,7 @@ def synthetic_weights(fmt: str, rows: int, cols: int, rng: np.random.Generator) 
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
         return kernels.quantize(w, fmt)
     q = rng.integers(0, 256, (rows, formats.row_bytes(fmt, cols)), dtype=np.uint8)
-    per, nbytes = formats.BLOCK[fmt]
+    _, nbytes = formats.BLOCK[fmt]
     blocks = q.reshape(-1, nbytes)
     offsets = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}[fmt]
     for off in offsets:
