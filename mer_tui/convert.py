@@ -17,6 +17,7 @@ import kernels
 from engine.checkpoint import Checkpoint
 from engine.errors import EngineError
 from engine.experts import expert_shapes
+from engine.loader import QUANTS
 from engine.sizes import format_size
 from engine.spec import load_spec
 from engine.store import (
@@ -31,7 +32,6 @@ from engine.store import (
     write_index,
 )
 
-QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
 # Bytes read, converted and written at a time: bounds the converter's memory (about 3x this with --quant).
 PIECE = 8 << 20
 
@@ -45,7 +45,7 @@ def _check_quant(quant: str | None, cols: tuple[int, ...]) -> None:
         raise EngineError(f"--quant: unknown format {quant!r} (choose from {', '.join(QUANTS)})")
     for c in cols:
         try:
-            kernels.quantize(np.zeros((1, c), np.float32), quant)
+            kernels.row_bytes(quant, c)
         except ValueError as e:
             raise EngineError(f"--quant {quant}: {e}") from None
 
