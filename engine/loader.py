@@ -7,6 +7,7 @@ from pathlib import Path
 
 import kernels
 
+from .cache import POLICIES
 from .checkpoint import Checkpoint
 from .errors import EngineError
 from .experts import ExpertSource, InMemoryExperts
@@ -17,7 +18,6 @@ from .store import checkpoint_layout, is_store, open_store
 
 QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
 IO_BACKENDS = ("auto", "uring", "pread", "mmap")
-POLICIES = ("lru", "lfu", "lfu-decay")
 
 Progress = Callable[[str, int, int], None]
 

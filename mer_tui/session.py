@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.cache import POLICIES  # the eviction policies, in the order the policy key cycles them
+
 if TYPE_CHECKING:
     from engine import Model
 
 Progress = Callable[[str, int, int], None]
 Loader = Callable[[Progress], "Model"]
 
-POLICIES = ("lru", "lfu", "lfu-decay")   # the engine's eviction policies, in the order a key cycles them
 BUDGET_UP, BUDGET_DOWN = 1.25, 0.8
 MIN_BUDGET = 64 << 10
 # Context the chat keeps when the model's config does not say (and a cap: the numpy attention's

@@ -48,7 +48,11 @@ async def send(pilot, text: str) -> None:
     chat = app.main.query_one(ChatPane)
     chat.input.focus()
     chat.input.value = text
+    # Let the focus land before the key: an Enter that reaches another widget sends nothing.
+    await until(pilot, lambda: chat.input.has_focus, timeout=5, what="input focus")
     await pilot.press("enter")
+    # the app clears the input once the session took the message
+    await until(pilot, lambda: chat.input.value == "", timeout=5, what="message sent")
 
 
 @aio
