@@ -27,9 +27,10 @@ STRESS_NOTE = ("**Random weights.** This MoE is random numbers, built on first l
                "streaming from the SSD: its replies are gibberish, but the cache, I/O and expert panels are "
                "real. " + REAL_MODEL_HINT)
 
-# The stress demo exists to show streaming; without --ram-cache it gets a budget of this fraction of
-# its size, so the RAM tier misses and the SSD works.
+# The demos exist to show streaming; without --ram-cache each gets a budget of this fraction of its
+# size, so the RAM tier misses and the SSD works (the chat demo's is larger: its replies stay brisk).
 STRESS_BUDGET_FRACTION = 0.25
+CHAT_BUDGET_FRACTION = 0.5
 
 
 def demo_chat_path() -> Path | None:
@@ -106,6 +107,9 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
     engine.load_spec(path)
     info = ModelInfo(name="chat demo", path=str(path), kind="demo-chat", note=CHAT_NOTE, io=args.io,
                      quant=args.quant)
+
+    if budget is None:
+        budget = int(_folder_bytes(path) * CHAT_BUDGET_FRACTION)
 
     def load_demo(progress: Progress) -> engine.Model:
         return engine.load(path, ram_cache=budget, progress=progress, **common)

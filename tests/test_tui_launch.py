@@ -51,8 +51,16 @@ def test_chat_demo_is_found_or_named_missing(model_dir, monkeypatch):
     with pytest.raises(CliError, match="chat demo model is not in this installation"):
         launch.plan(args())
     monkeypatch.setattr(launch, "demo_chat_path", lambda: Path(model_dir))
-    _, info, _ = launch.plan(args())
+    loader, info, budget = launch.plan(args())
     assert info.kind == "demo-chat" and "Tiny demo model" in info.note and "--model PATH" in info.note
+    # the demo streams: by default its RAM budget is half its size, and the model really gets it
+    size = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+    assert budget == int(size * launch.CHAT_BUDGET_FRACTION)
+    model = loader(lambda *a: None)
+    assert model.telemetry()["tiers"]["ram"]["bytes_budget"] == budget
+    model.close()
+    _, _, chosen = launch.plan(args("--ram-cache", "1MiB"))
+    assert chosen == 1024**2
 
 
 @pytest.mark.parametrize("argv,message", [
