@@ -101,13 +101,18 @@ def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
 
 
-def quantize_ref(x: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 (rows, cols) -> uint8 (rows, row_bytes) for the float formats, q8_0 and q4_0."""
+def quant_input(x: np.ndarray, fmt: str) -> tuple[np.ndarray, int, int, int]:
+    """The checks every quantizer makes: (x as contiguous float32, rows, cols, row_bytes)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise FormatError(f"quantize expects a 2-D matrix, got shape {x.shape}")
     rows, cols = x.shape
-    rb = row_bytes(fmt, cols)
+    return x, rows, cols, row_bytes(fmt, cols)
+
+
+def quantize_ref(x: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 (rows, cols) -> uint8 (rows, row_bytes) for the float formats, q8_0 and q4_0."""
+    x, rows, cols, rb = quant_input(x, fmt)
     if fmt == "f32":
         return x.view(np.uint8).reshape(rows, rb)
     if fmt == "f16":

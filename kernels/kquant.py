@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from .formats import QK_K, FormatError, row_bytes
+from .formats import QK_K, FormatError, quant_input
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
@@ -278,11 +278,7 @@ def _in_threads(fn, nblocks: int) -> None:
 
 def quantize_k(x: np.ndarray, fmt: str) -> np.ndarray:
     """float32 (rows, cols) -> uint8 (rows, row_bytes) in q4_k or q6_k."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise FormatError(f"quantize expects a 2-D matrix, got shape {x.shape}")
-    rows, cols = x.shape
-    rb = row_bytes(fmt, cols)
+    x, rows, _, rb = quant_input(x, fmt)
     blocks = x.reshape(-1, QK_K)
     nbytes = 144 if fmt == "q4_k" else 210
     out = np.empty((blocks.shape[0], nbytes), dtype=np.uint8)
