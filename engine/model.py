@@ -258,7 +258,7 @@ class Model:
 
     def hottest_experts(self, n: int) -> list[tuple[int, int]]:
         """The n (layer, expert) pairs with the highest decayed activation counts."""
-        counts = np.asarray(self._telemetry.snapshot()["experts"]["counts"])
+        counts = self._telemetry.counts_now()
         order = np.argsort(-counts, axis=None)[:n]
         return [(int(i // counts.shape[1]), int(i % counts.shape[1])) for i in order if counts.flat[i] > 0]
 

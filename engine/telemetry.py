@@ -57,6 +57,11 @@ class Telemetry:
             self._last_decay_layer = layer
             np.add.at(self.counts[layer], experts.ravel(), 1.0)
 
+    def counts_now(self) -> np.ndarray:
+        """A copy of the decayed activation counts (layers x experts)."""
+        with self._lock:
+            return self.counts.copy()
+
     def tokens_per_s(self) -> float:
         t = self._decode_times
         if len(t) < 2:
