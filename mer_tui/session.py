@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.cache import POLICIES  # the eviction policies, in the order the policy key cycles them
 
@@ -386,68 +386,3 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, EngineError):
         return str(e)
     return f"{type(e).__name__}: {e}"
-
-
-class ReplaySession:
-    """A Session's face over recorded snapshots: no model, no threads, the same screen every time.
-
-    Used by the snapshot tests (and `--replay`-style demos): `telemetry()` returns the last recorded
-    snapshot, `history()` all of them so the plots start full, and the chat shows `messages`.
-    Settings actions change the returned snapshot, so key presses show on screen as with a model.
-    """
-
-    def __init__(self, snapshots: list[dict], info: ModelInfo, messages: list[dict[str, str]] | None = None):
-        if not snapshots:
-            raise ValueError("ReplaySession: need at least one snapshot")
-        self.snapshots = [dict(s) for s in snapshots]
-        self.info = info
-        self.messages = list(messages or [])
-        self.status = "ready"
-        self.progress = ("", 0, 0)
-        self.load_error = None
-        self.busy = False
-        self.requested_budget = None
-        self.requested_policy = None
-        self._events: list[Event] = []
-
-    def start(self) -> None:
-        pass
-
-    def history(self) -> list[dict]:
-        return self.snapshots
-
-    def telemetry(self) -> dict:
-        return self.snapshots[-1]
-
-    def drain(self) -> list[Event]:
-        out, self._events = self._events, []
-        return out
-
-    def send(self, text: str) -> bool:
-        self.messages.append({"role": "user", "content": text})
-        self._events += [Text("(replay: no model is loaded)"), TurnDone(0, 0.0, False)]
-        return True
-
-    def stop(self) -> None:
-        pass
-
-    def request(self, action: str) -> None:
-        snap = self.snapshots[-1]
-        if action == "toggle_prefetch":
-            p = snap.setdefault("prefetch", {})
-            p["enabled"] = not p.get("enabled")
-        elif action == "cycle_policy" and snap.get("policy") in POLICIES:
-            snap["policy"] = POLICIES[(POLICIES.index(snap["policy"]) + 1) % len(POLICIES)]
-        self._events.append(Notice(f"{action} (replay)"))
-
-    def pin_count(self) -> int:
-        return 0
-
-    def close(self, timeout: float = 0.0) -> None:
-        pass
-
-
-def load_recording(path: str | Path) -> list[dict]:
-    """Snapshots recorded as a JSON list (tests/fixtures/telemetry_*.json)."""
-    data: Any = json.loads(Path(path).read_text())
-    return data["snapshots"] if isinstance(data, dict) else data

@@ -14,15 +14,13 @@ from mer_tui.session import (
     Failure,
     ModelInfo,
     Notice,
-    ReplaySession,
     Session,
     Text,
     TurnDone,
-    load_recording,
     next_budget,
 )
 from mer_tui.timeseries import TimeSeries
-from tests.tui_fixtures import greedy_and_long
+from tests.tui_fixtures import ReplaySession, greedy_and_long, load_recording
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -13,7 +13,8 @@ from textual.widgets import Input
 
 from mer_tui.app import MerApp
 from mer_tui.launch import CHAT_NOTE, STRESS_NOTE
-from mer_tui.session import ModelInfo, ReplaySession, load_recording
+from mer_tui.session import ModelInfo
+from tests.tui_fixtures import ReplaySession, load_recording
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mer_tui.session import ModelInfo, load_recording
+from mer_tui.session import ModelInfo
 from mer_tui.widgets.chat import printable
 from mer_tui.widgets.header import render_header
 from mer_tui.widgets.heatmap import RAMP, colour, render_heatmap
 from mer_tui.widgets.seriesplot import thin
 from mer_tui.widgets.tiers import bar, render_tiers
+from tests.tui_fixtures import load_recording
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
