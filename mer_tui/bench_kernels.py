@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-ms", type=float, default=20.0,
                    help="length of one timed sample (default 20); short samples with --stat min find "
                         "the calls no other process interrupted")
+    p.add_argument("--settle-ms", type=float, default=150.0,
+                   help="idle time before each kernel sample, so that numpy's BLAS workers, which spin "
+                        "~0.1 s after each call, have gone to sleep (default 150)")
     p.add_argument("--dram-mib", type=int, default=512,
                    help="buffer size of the DRAM read probe (default 512; at least 4x the last-level cache)")
     p.add_argument("--batch", default="", help="also time matmul for these token counts, e.g. 1,2,4,8,16,64")
@@ -159,15 +162,24 @@ def _time(call, items: list, repeats: int, stat: str = "median", sample_s: float
     return float(np.min(samples) if stat == "min" else np.median(samples))
 
 
-def _paired(a: _Timer, b: _Timer, repeats: int, stat: str = "median") -> tuple[float, float, float]:
+def _paired(a: _Timer, b: _Timer, repeats: int, stat: str = "median",
+            settle_s: float = 0.0) -> tuple[float, float, float]:
     """Seconds of a, of b, and the ratio a/b, from samples taken in alternation.
 
     Interleaving makes both sides of each pair see the same load: when other processes take the
     cores, a ratio of two medians taken a minute apart measures the load as much as the code.
     stat "median": medians, and the median of the per-pair ratios; "min": the fastest samples
-    (what each side does when nothing interrupts it: the closest to an idle machine)."""
+    (what each side does when nothing interrupts it: the closest to an idle machine).
+
+    settle_s: idle time before each sample of a.  b is numpy, and OpenBLAS keeps its worker
+    threads spinning for about 2**28 cycles (~0.1 s) after a multi-threaded call, waiting for
+    the next; a sample of a taken at once shares the cores with them (on two cores the C
+    kernels measured at half their speed that way).  Each side must be timed as it runs on its
+    own, numpy with its spinning workers and the kernels without them."""
     ta, tb = [], []
     for _ in range(max(1, repeats)):
+        if settle_s > 0:
+            time.sleep(settle_s)
         ta.append(a.sample())
         tb.append(b.sample())
     ta_, tb_ = np.array(ta), np.array(tb)
@@ -232,6 +244,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.sample_ms <= 0:
         raise _Usage("--sample-ms must be positive")
     sample_s = args.sample_ms / 1000
+    if args.settle_ms < 0:
+        raise _Usage("--settle-ms must not be negative")
+    settle_s = args.settle_ms / 1000
+    result["settle_ms"] = args.settle_ms
     if args.dram_mib < 1:
         raise _Usage("--dram-mib must be at least 1")
     dram_bytes = args.dram_mib << 20
@@ -246,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
             q = synthetic_weights(fmt, rows, cols, rng)
             timer = _Timer(lambda m, fmt=fmt, cols=cols, x=x: kernels.matvec(m, fmt, cols, x),
                            _ring(q, ring_bytes, args.hot), sample_s)
-            t, t32, speedup = _paired(timer, base, args.repeats, args.stat)
+            t, t32, speedup = _paired(timer, base, args.repeats, args.stat, settle_s)
             t32_over_t = 1.0 / speedup  # median of per-pair t32 / t
             rows_out.append({
                 "shape": f"{rows}x{cols}", "format": fmt, "weight_bytes": int(q.nbytes),

@@ -345,6 +345,34 @@ def test_thread_count_does_not_change_results(backend):
         kernels.set_threads(0)
 
 
+@pytest.mark.parametrize("nthreads", [2, 3, 5, 8])
+def test_pool_covers_every_row_once(backend, nthreads):
+    # More threads than cores: regions nobody adopts in time are stolen from the back, and every
+    # row must still be computed exactly once (a row done twice is harmless, a row skipped is a
+    # zero or garbage from np.empty; both would differ from the one-thread result).
+    rows, cols = 1000, 4096  # 2.3 MB of q4_0: ~80 chunks, an uneven split into regions
+    q = random_blocks("q4_0", rows, cols, seed=40)
+    Xs = [llm_like(1, cols, seed=41 + i) for i in range(4)]
+    try:
+        kernels.set_threads(1)
+        want = [kernels.matmul(q, "q4_0", cols, X) for X in Xs]
+        kernels.set_threads(nthreads)
+        got: list = [None] * len(Xs)
+
+        def work(i: int) -> None:  # several jobs open in the pool at once
+            got[i] = [kernels.matmul(q, "q4_0", cols, Xs[i]) for _ in range(5)]
+
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(len(Xs))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        kernels.set_threads(None)
+    for g, w in zip(got, want, strict=True):
+        assert all(np.array_equal(a, w) for a in g)
+
+
 def test_backend_from_environment(monkeypatch):
     before = kernels.backend()
     try:

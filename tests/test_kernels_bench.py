@@ -31,5 +31,6 @@ def test_bench_kernels_bad_options(capsys):
     assert main(["--shapes", "12x"]) == 2
     assert main(["--shapes", "16x100", "--formats", "q4_0"]) == 2  # 100 columns: not whole blocks
     assert main(["--repeats", "0"]) == 2
+    assert main(["--settle-ms", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("mer-tui bench kernels: ") for line in err)
