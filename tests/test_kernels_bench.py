@@ -33,4 +33,4 @@ def test_bench_kernels_bad_options(capsys):
     assert main(["--repeats", "0"]) == 2
     assert main(["--settle-ms", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("mer-tui bench kernels: ") for line in err)
+    assert len(err) == 5 and all(line.startswith("mer-tui bench kernels: ") for line in err)
