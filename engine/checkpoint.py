@@ -52,17 +52,20 @@ class Checkpoint:
         if st is None:
             raise EngineError(f"{self.folder}: missing tensor {name}")
         info = st.tensors[name]
-        if shape is not None and tuple(info.shape) != tuple(shape):
+        if shape is not None and tuple(info.logical_shape) != tuple(shape):
+            held = f" ({info.fmt} blocks)" if info.quant else ""
             raise EngineError(
-                f"{st.path}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
+                f"{st.path}: tensor {name} has shape {list(info.logical_shape)}{held}, expected {list(shape)}")
         if info.fmt is None:
-            raise EngineError(f"{st.path}: tensor {name} has dtype {info.dtype}; weights must be F32, F16 or BF16")
+            raise EngineError(f"{st.path}: tensor {name} has dtype {info.dtype}; weights must be F32, F16 or BF16 "
+                              f"(or U8 blocks marked in the metadata by mer-tui convert)")
         return info
 
     def path_of(self, name: str) -> Path:
         return self.where[name].path
 
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, str]:
-        """(array in its storage dtype, kernels format name) after checking the shape."""
+        """(array in its storage dtype, kernels format name) after checking the shape (the logical
+        (rows, cols) shape: a block-quantized tensor's array is uint8 (rows, row_bytes))."""
         info = self.info(name, shape)
         return self.where[name].read(name), info.fmt  # type: ignore[return-value]

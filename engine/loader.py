@@ -23,8 +23,8 @@ Progress = Callable[[str, int, int], None]
 
 
 def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str = "auto",
-         policy: str = "lru", prefetch: bool = True, quant: str | None = None, quant_dense: bool = False,
-         threads: int | None = None, progress: Progress | None = None) -> Model:
+         policy: str = "lru", prefetch: bool = True, quant: str | None = None, dense_quant: str | None = None,
+         quant_dense: bool = False, threads: int | None = None, progress: Progress | None = None) -> Model:
     """Open a Hugging Face checkpoint folder or an expert store (`mer-tui convert`) and return a Model.
 
     Where experts come from:
@@ -40,6 +40,14 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     `prefetch` reads the next layer's likely experts in the background.  Budget, policy, prefetch and
     pins can change while the model runs (Model.configure, Model.experts.pin).
 
+    Formats: `quant` is the experts'; `dense_quant` the large dense matrices' (attention q/k/v/o, dense
+    MLP layers, shared experts, lm_head -- q8_0 when dense_quant is 4-bit), independently: q8_0 dense
+    with 4-bit experts is llama.cpp's usual layout.  Embedding, norms, biases and routers keep their
+    own format.  None keeps what is on disk: a store converted with --dense-quant loads its matrices
+    as stored, with no float copy; asking for the stored format is a no-op, and another format
+    re-quantizes from the stored values.  `quant_dense=True` is the older spelling of
+    dense_quant=quant.
+
     `progress(stage, done, total)` is called while weights load, for a UI to show.
     """
     folder = Path(path)
@@ -47,8 +55,14 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         raise EngineError(f"{folder}: no such model folder")
     if not folder.is_dir():
         raise EngineError(f"{folder}: not a folder (expected a checkpoint folder with config.json)")
-    if quant is not None and quant not in QUANTS:
-        raise EngineError(f"quant: unknown format {quant!r} (choose from {', '.join(QUANTS)})")
+    for option, fmt in (("quant", quant), ("dense_quant", dense_quant)):
+        if fmt is not None and fmt not in QUANTS:
+            raise EngineError(f"{option}: unknown format {fmt!r} (choose from {', '.join(QUANTS)})")
+    if quant_dense:
+        if dense_quant is not None and dense_quant != quant:
+            raise EngineError(f"quant_dense: means dense_quant={quant!r}, but dense_quant={dense_quant!r} "
+                              f"is given too; give dense_quant alone")
+        dense_quant = quant
     if io not in IO_BACKENDS:
         raise EngineError(f"io: unknown reader {io!r} (choose from {', '.join(IO_BACKENDS)})")
     if policy not in POLICIES:
@@ -64,7 +78,6 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     ckpt = Checkpoint(folder)
     from .weights import load_resident
 
-    dense_quant = quant if quant_dense else None
     weights = load_resident(ckpt, spec, dense_quant)
     experts: ExpertSource | None = None
     if spec.is_moe:

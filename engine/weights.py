@@ -58,23 +58,61 @@ def _vector(ckpt: Checkpoint, name: str, size: int) -> np.ndarray:
     return dequantize(raw.view("uint8").reshape(1, -1), fmt, size)[0]
 
 
-def load_resident(ckpt: Checkpoint, spec: ModelSpec, quant: str | None = None) -> ResidentWeights:
-    """Read every non-expert tensor; `quant` (if given) applies to the large dense matrices."""
+def head_format(dense_quant: str | None) -> str | None:
+    """lm_head's format under `dense_quant`.  As llama.cpp does for its 4-bit types, the output
+    projection keeps more bits (q8_0): its error lands on the logits directly, with no later layer
+    to average it out."""
+    return "q8_0" if dense_quant in ("q4_0", "q4_k") else dense_quant
+
+
+def dense_formats(spec: ModelSpec, dense_quant: str | None) -> dict[str, tuple[tuple[int, int], str | None]]:
+    """The large dense matrices `dense_quant` applies to -- attention q/k/v/o, dense MLP layers, shared
+    experts, an untied lm_head -- as {tensor name (without .weight): ((rows, cols), format)}; format
+    None keeps the checkpoint's own.  Embedding, norms, biases and routers are not in it: they stay in
+    their own format.  load_resident and `mer-tui convert --dense-quant` both follow this one list."""
     H, Q, KV = spec.hidden_size, spec.q_size, spec.kv_size
+    out: dict[str, tuple[tuple[int, int], str | None]] = {}
 
-    def mat(key: str, i: int, shape: tuple[int, int], q: str | None = quant) -> QMatrix:
-        return load_matrix(ckpt, spec.name(key, i), shape, q)
+    def mlp(names: tuple[str, ...], width: int, i: int) -> None:
+        for n, shape in zip(names, ((width, H), (width, H), (H, width))):
+            out[n.format(i=i)] = (shape, dense_quant)
 
-    def mlp(names: tuple[str, str, str], width: int) -> tuple[QMatrix, QMatrix, QMatrix]:
-        shapes = ((width, H), (width, H), (H, width))
-        return tuple(load_matrix(ckpt, n, s, quant) for n, s in zip(names, shapes))  # type: ignore[return-value]
+    for i in range(spec.num_layers):
+        for key, shape in (("q", (Q, H)), ("k", (KV, H)), ("v", (KV, H)), ("o", (H, Q))):
+            out[spec.name(key, i)] = (shape, dense_quant)
+        if spec.moe_layers[i]:
+            if spec.shared_expert_size:
+                mlp(spec.names["shared"], spec.shared_expert_size, i)
+        else:
+            mlp(spec.names["dense"], spec.intermediate_size, i)
+    if not spec.tie_word_embeddings:
+        out["lm_head"] = ((spec.vocab_size, H), head_format(dense_quant))
+    return out
+
+
+def load_resident(ckpt: Checkpoint, spec: ModelSpec, quant: str | None = None) -> ResidentWeights:
+    """Read every non-expert tensor; `quant` (if given) is the format of the large dense matrices
+    (dense_formats); None keeps each in the format it is stored in (a store's may be quantized)."""
+    H, Q, KV = spec.hidden_size, spec.q_size, spec.kv_size
+    plan = dense_formats(spec, quant)
+
+    def dense(name: str) -> QMatrix:
+        shape, fmt = plan[name]
+        return load_matrix(ckpt, name, shape, fmt)
+
+    def mat(key: str, i: int, shape: tuple[int, int]) -> QMatrix:   # routers, shared-expert gates
+        return load_matrix(ckpt, spec.name(key, i), shape, None)
+
+    def mlp(names: tuple[str, ...], i: int) -> tuple[QMatrix, QMatrix, QMatrix]:
+        return tuple(dense(n.format(i=i)) for n in names)  # type: ignore[return-value]
 
     layers = []
     for i in range(spec.num_layers):
         lw = LayerWeights(
             attn_norm=_vector(ckpt, spec.name("attn_norm", i) + ".weight", H),
             mlp_norm=_vector(ckpt, spec.name("mlp_norm", i) + ".weight", H),
-            q=mat("q", i, (Q, H)), k=mat("k", i, (KV, H)), v=mat("v", i, (KV, H)), o=mat("o", i, (H, Q)),
+            q=dense(spec.name("q", i)), k=dense(spec.name("k", i)), v=dense(spec.name("v", i)),
+            o=dense(spec.name("o", i)),
         )
         if spec.qkv_bias:
             lw.q_bias = _vector(ckpt, spec.name("q", i) + ".bias", Q)
@@ -88,22 +126,15 @@ def load_resident(ckpt: Checkpoint, spec: ModelSpec, quant: str | None = None) -
             lw.k_norm = _vector(ckpt, spec.name("k_norm", i) + ".weight", kn)
         if spec.moe_layers[i]:
             # Routers stay in their own format: top-k choices are sensitive to their precision.
-            lw.router = mat("router", i, (spec.num_experts, H), None)
+            lw.router = mat("router", i, (spec.num_experts, H))
             if spec.shared_expert_size:
-                names = tuple(n.format(i=i) for n in spec.names["shared"])
-                lw.shared = mlp(names, spec.shared_expert_size)
-                lw.shared_gate = mat("shared_gate", i, (1, H), None)
+                lw.shared = mlp(spec.names["shared"], i)
+                lw.shared_gate = mat("shared_gate", i, (1, H))
         else:
-            lw.dense = mlp(tuple(n.format(i=i) for n in spec.names["dense"]), spec.intermediate_size)
+            lw.dense = mlp(spec.names["dense"], i)
         layers.append(lw)
 
     embed = load_matrix(ckpt, "model.embed_tokens", (spec.vocab_size, H), None)
-    if spec.tie_word_embeddings:
-        lm_head = embed
-    else:
-        # As llama.cpp does for its 4-bit types: the output projection keeps more bits, since its
-        # error lands on the logits directly with no later layer to average it out.
-        head_quant = "q8_0" if quant in ("q4_0", "q4_k") else quant
-        lm_head = load_matrix(ckpt, "lm_head", (spec.vocab_size, H), head_quant)
+    lm_head = embed if spec.tie_word_embeddings else dense("lm_head")
     final_norm = _vector(ckpt, "model.norm.weight", H)
     return ResidentWeights(embed, layers, final_norm, lm_head)
