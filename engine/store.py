@@ -3,11 +3,19 @@
 A store is a folder:
   config.json, tokenizer files      copied from the source checkpoint
   model.safetensors                 every non-expert tensor, names and bytes unchanged (engine.load's
-                                    resident-weights path reads it like any checkpoint)
+                                    resident-weights path reads it like any checkpoint); with
+                                    `--dense-quant` the large dense matrices (weights.dense_formats) are
+                                    stored block-quantized instead: dtype U8 (rows, row_bytes), their
+                                    format and columns in the file's __metadata__ (safetensors_file)
   experts.bin                       one extent per (layer, expert) bundle: gate, up, down back to back,
                                     each extent starting on a 4096-byte boundary, so one bundle is one
                                     aligned O_DIRECT read
   index.json                        format version, formats, shapes, offsets, sizes, a crc32 per bundle
+
+Versions: 1 is a store whose resident tensors are all float; 2 (VERSION_DENSE) one with block-quantized
+dense matrices in model.safetensors, and the only difference.  A store is written as version 1 whenever
+it can be, so it stays readable by older engines; one they would misread says so by its version.  This
+engine reads both.
 
 A Hugging Face folder is described the same way (ExpertLayout), its bundles' parts pointing into the
 shards, so the streaming source reads either without caring which it is.
@@ -35,6 +43,8 @@ from .spec import ModelSpec
 
 FORMAT = "mer-tui expert store"
 VERSION = 1
+VERSION_DENSE = 2       # model.safetensors holds block-quantized dense matrices
+VERSIONS = (VERSION, VERSION_DENSE)
 INDEX = "index.json"
 EXPERT_FILE = "experts.bin"
 RESIDENT_FILE = "model.safetensors"
@@ -117,9 +127,9 @@ def open_store(folder: str | os.PathLike, spec: ModelSpec) -> ExpertLayout:
     if index.get("format") != FORMAT:
         raise EngineError(f"{path}: not an expert store index (format {index.get('format')!r})")
     version = index.get("version")
-    if version != VERSION:
-        raise EngineError(f"{path}: expert store format version {version!r}; this engine reads version "
-                          f"{VERSION}. Convert the model again with this mer-tui")
+    if version not in VERSIONS:
+        raise EngineError(f"{path}: expert store format version {version!r}; this engine reads versions "
+                          f"{', '.join(map(str, VERSIONS))}. Convert the model again with this mer-tui")
     expert_file = folder / str(index.get("expert_file", EXPERT_FILE))
     if not expert_file.is_file():
         raise EngineError(f"{expert_file}: missing; the store is incomplete")
@@ -309,11 +319,12 @@ class ExpertFileWriter:
 
 
 def write_index(folder: Path, expert_file: ExpertFileWriter, spec: ModelSpec, source_format: str | None,
-                quant: str | None, extra: dict | None = None) -> None:
+                quant: str | None, extra: dict | None = None, dense_blocks: bool = False) -> None:
+    """index.json; `dense_blocks`: model.safetensors holds block-quantized matrices (version 2)."""
     formats = sorted({p["fmt"] for b in expert_file.entries for p in b["parts"]})
     index = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION_DENSE if dense_blocks else VERSION,
         "alignment": ALIGN,
         "checksum": "crc32",
         "expert_file": expert_file.path.name,

@@ -1,4 +1,9 @@
-"""`mer-tui convert SRC DST [--quant Q] [--force]`: a Hugging Face checkpoint -> an expert store.
+"""`mer-tui convert SRC DST [--quant Q] [--dense-quant Q] [--force]`: a Hugging Face checkpoint -> an expert store.
+
+--quant is the experts' format, --dense-quant the large dense matrices' (attention, dense MLPs,
+shared experts, lm_head: engine.weights.dense_formats), stored quantized in model.safetensors (U8
+blocks, marked in its metadata: engine.safetensors_file) so that loading needs no option and makes no
+float copy; the bytes are those engine.load(SRC, dense_quant=Q) would make.
 
 Streams tensor by tensor, each in pieces of at most PIECE bytes (quantized a block of rows at a
 time), so memory stays flat whatever the model's size; writes into DST.tmp-xxxx renamed when
@@ -18,6 +23,7 @@ from engine.checkpoint import Checkpoint
 from engine.errors import EngineError
 from engine.experts import expert_shapes
 from engine.loader import QUANTS
+from engine.safetensors_file import FORMAT_KEY, TensorInfo, quantized_metadata
 from engine.sizes import format_size
 from engine.spec import load_spec
 from engine.store import (
@@ -31,11 +37,16 @@ from engine.store import (
     staged_folder,
     write_index,
 )
+from engine.weights import dense_formats
 
 # Bytes read, converted and written at a time: bounds the converter's memory (about 3x this with --quant).
 PIECE = 8 << 20
 
 Progress = Callable[[int, int], None]
+
+
+# safetensors dtype of a float format; every block format is stored as U8
+_FLOAT_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 
 
 def _check_quant(quant: str | None, cols: tuple[int, ...]) -> None:
@@ -50,9 +61,30 @@ def _check_quant(quant: str | None, cols: tuple[int, ...]) -> None:
             raise EngineError(f"--quant {quant}: {e}") from None
 
 
+def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: bytearray,
+                     write: Callable[[memoryview | np.ndarray], None], advance: Callable[[int], None]) -> None:
+    """Tensor `info` of file `path` written in `fmt`: its bytes as they are when the format is the
+    same, else converted a block of whole rows at a time (quantization works on rows), so memory is
+    bounded by `buf` whatever the tensor's size."""
+    if fmt == info.fmt:
+        for piece in pieces(path, info.start, info.nbytes, buf):
+            write(piece)
+            advance(len(piece))
+        return
+    src_row = info.nbytes // info.shape[0]
+    rows_per = max(1, len(buf) // src_row)
+    for raw in pieces(path, info.start, info.nbytes, memoryview(buf)[:rows_per * src_row]):
+        block = np.frombuffer(raw, np.uint8).reshape(-1, src_row)
+        write(kernels.quantize(kernels.dequantize(block, info.fmt, cols), fmt))  # type: ignore[arg-type]
+        advance(len(raw))
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = None, force: bool = False,
-                       progress: Progress | None = None) -> dict:
-    """Write the expert store of checkpoint `src` into `dst`; returns a summary (bytes, bundles, seconds)."""
+                       progress: Progress | None = None, dense_quant: str | None = None) -> dict:
+    """Write the expert store of checkpoint `src` into `dst`; returns a summary (bytes, bundles, seconds).
+
+    `quant`: the experts' format (None: the source's); `dense_quant`: the dense matrices' (None: copied
+    as they are), lm_head q8_0 when it is 4-bit, as engine.load does."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -69,6 +101,19 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
     ckpt = Checkpoint(src)
     shapes = expert_shapes(spec)
     _check_quant(quant, tuple(s[1] for s in shapes))
+    # the dense matrices to write in another format: name -> (target format, columns)
+    dense: dict[str, tuple[str, int]] = {}
+    if dense_quant is not None:
+        if dense_quant not in QUANTS:
+            raise EngineError(f"--dense-quant: unknown format {dense_quant!r} (choose from {', '.join(QUANTS)})")
+        for name, (shape, fmt) in dense_formats(spec, dense_quant).items():
+            info = ckpt.info(name + ".weight", shape)
+            try:
+                kernels.row_bytes(fmt, shape[1])  # type: ignore[arg-type]
+            except ValueError as e:
+                raise EngineError(f"--dense-quant {dense_quant}: tensor {name}.weight: {e}") from None
+            if fmt != info.fmt:
+                dense[name + ".weight"] = (fmt, shape[1])  # type: ignore[assignment]
 
     pairs = [(i, e) for i in range(spec.num_layers) if spec.moe_layers[i] for e in range(spec.num_experts)]
     expert_names: set[str] = set()
@@ -88,17 +133,35 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             progress(done, total)
 
     largest = max(ckpt.where[n].tensors[n].nbytes for n in ckpt.where)
-    widest_row = max(ckpt.info(n).nbytes // max(1, ckpt.info(n).shape[0]) for n in expert_names)
+    widest_row = max(ckpt.info(n).nbytes // max(1, ckpt.info(n).shape[0]) for n in expert_names | set(dense))
     buf = bytearray(max(1, min(PIECE, largest), widest_row))   # the one read buffer, reused for every piece
+    # model.safetensors: its header (every tensor's dtype, shape, size and, for block formats, the
+    # metadata that marks them) is known before a byte is converted.
+    infos = [ckpt.where[n].tensors[n] for n in resident]
+    header: list[tuple[str, str, tuple[int, ...], int]] = []
+    metadata: dict[str, str] = {"format": "pt"}
+    for info in infos:
+        if info.name not in dense:          # copied as it is (a block-quantized source stays marked)
+            header.append((info.name, info.dtype, info.shape, info.nbytes))
+            if info.quant:
+                metadata.update(quantized_metadata(info.name, info.quant, info.cols))  # type: ignore[arg-type]
+            continue
+        fmt, cols = dense[info.name]
+        rows = info.shape[0]
+        if fmt in _FLOAT_DTYPE:
+            header.append((info.name, _FLOAT_DTYPE[fmt], (rows, cols), rows * kernels.row_bytes(fmt, cols)))
+        else:
+            rb = kernels.row_bytes(fmt, cols)
+            header.append((info.name, "U8", (rows, rb), rows * rb))
+            metadata.update(quantized_metadata(info.name, fmt, cols))
+    dense_blocks = any(k.startswith(FORMAT_KEY) for k in metadata)
     with staged_folder(dst, force) as tmp:
         copied = copy_side_files(src, tmp)
-        infos = [ckpt.where[n].tensors[n] for n in resident]
-        st = SafetensorsWriter(tmp / RESIDENT_FILE, [(i.name, i.dtype, i.shape, i.nbytes) for i in infos])
+        st = SafetensorsWriter(tmp / RESIDENT_FILE, header, metadata)
         for info in infos:
             st.begin(info.name)
-            for piece in pieces(ckpt.path_of(info.name), info.start, info.nbytes, buf):
-                st.write(piece)
-                advance(len(piece))
+            fmt, cols = dense.get(info.name, (info.fmt, 0))
+            _write_converted(info, ckpt.path_of(info.name), fmt, cols, buf, st.write, advance)  # type: ignore[arg-type]
         st.close()
 
         ef = ExpertFileWriter(tmp / EXPERT_FILE)
@@ -109,28 +172,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
                 source_formats.add(info.fmt)  # type: ignore[arg-type]
                 fmt = quant or info.fmt
                 ef.begin_part(fmt, shape)  # type: ignore[arg-type]
-                path = ckpt.path_of(name + ".weight")
-                if fmt == info.fmt:
-                    for piece in pieces(path, info.start, info.nbytes, buf):
-                        ef.write(piece)
-                        advance(len(piece))
-                    continue
-                # Quantization works on whole rows: convert a block of rows at a time.
-                src_row = info.nbytes // shape[0]
-                rows_per = max(1, len(buf) // src_row)
-                rows = pieces(path, info.start, info.nbytes, memoryview(buf)[:rows_per * src_row])
-                for raw in rows:
-                    block = np.frombuffer(raw, np.uint8).reshape(-1, src_row)
-                    x = kernels.dequantize(block, info.fmt, shape[1])
-                    ef.write(kernels.quantize(x, fmt))
-                    advance(len(raw))
+                _write_converted(info, ckpt.path_of(name + ".weight"), fmt, shape[1], buf, ef.write,  # type: ignore[arg-type]
+                                 advance)
             ef.end_bundle()
         ef.close()
         src_fmt = source_formats.pop() if len(source_formats) == 1 else None
-        write_index(tmp, ef, spec, src_fmt, quant, {"copied": copied})
+        write_index(tmp, ef, spec, src_fmt, quant, {"copied": copied, "dense_quant": dense_quant},
+                    dense_blocks=dense_blocks)
         expert_bytes = ef.pos
+        resident_bytes = (tmp / RESIDENT_FILE).stat().st_size
     return {"src": str(src), "dst": str(dst), "bundles": len(pairs), "expert_bytes": expert_bytes,
-            "source_bytes": total, "seconds": time.perf_counter() - t0, "quant": quant or src_fmt}
+            "resident_bytes": resident_bytes, "source_bytes": total, "seconds": time.perf_counter() - t0,
+            "quant": quant or src_fmt, "dense_quant": dense_quant}
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -154,7 +207,10 @@ def run_convert(args: argparse.Namespace) -> int:
         def report(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        summary = convert_checkpoint(args.src, args.dst, quant=args.quant, force=args.force, progress=report)
+        summary = convert_checkpoint(args.src, args.dst, quant=args.quant, force=args.force, progress=report,
+                                     dense_quant=args.dense_quant)
+    dense = f" ({summary['dense_quant']})" if summary["dense_quant"] else ""
     print(f"wrote {summary['dst']}: {summary['bundles']} expert bundles ({summary['quant']}), "
-          f"{format_size(summary['expert_bytes'])} of experts in {summary['seconds']:.1f} s")
+          f"{format_size(summary['expert_bytes'])} of experts, {format_size(summary['resident_bytes'])} of "
+          f"resident weights{dense} in {summary['seconds']:.1f} s")
     return 0
