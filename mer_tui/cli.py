@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 
 USAGE_ERROR = 2
+#: weight formats the options take (engine.loader.QUANTS, kept here so that parsing imports no numpy)
+FORMATS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
 
 
 class CliError(Exception):
@@ -26,6 +28,9 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io", default="auto", choices=["auto", "uring", "pread", "mmap"], help="expert reader")
     p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfu-decay")
     p.add_argument("--quant", help="quantize experts at load: q4_0, q8_0, q4_k, bf16")
+    p.add_argument("--dense-quant", metavar="FMT", choices=FORMATS,
+                   help="format of the dense matrices (attention, dense MLPs, shared experts, lm_head) at load: "
+                        "q8_0 (as llama.cpp), q4_0, q4_k, bf16, f16, f32; default: as stored")
     p.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's experts ahead")
     p.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
 
@@ -67,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write an expert store from a Hugging Face checkpoint")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--quant", choices=["q4_0", "q8_0", "q4_k", "bf16", "f16", "f32"])
+    p.add_argument("--quant", choices=FORMATS, help="format of the experts (default: the source's)")
+    p.add_argument("--dense-quant", metavar="FMT", choices=FORMATS,
+                   help="store the dense matrices (attention, dense MLPs, shared experts, lm_head) in this "
+                        "format, e.g. q8_0 with --quant q4_0 (default: as in the source)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
 
     p = sub.add_parser("bench", help="measure prefill/decode speed against this machine's roofline "

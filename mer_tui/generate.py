@@ -14,7 +14,8 @@ from .cli import CliError
 def load_from_args(args: argparse.Namespace) -> engine.Model:
     """The model named by --model with the cache options shared by generate, bench and launch."""
     return engine.load(args.model, ram_cache=args.ram_cache, io=args.io, policy=args.policy,
-                       prefetch=not args.no_prefetch, quant=args.quant, threads=args.threads)
+                       prefetch=not args.no_prefetch, quant=args.quant, dense_quant=args.dense_quant,
+                       threads=args.threads)
 
 
 def run_generate(args: argparse.Namespace) -> int:

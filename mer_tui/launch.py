@@ -50,8 +50,9 @@ def _check_options(args: argparse.Namespace) -> int | None:
     """Validate what can be validated without loading; return the RAM budget in bytes."""
     if args.policy not in POLICIES:
         raise CliError(f"--policy: unknown policy {args.policy!r} (choose from {', '.join(POLICIES)})")
-    if args.quant is not None and args.quant not in QUANTS:
-        raise CliError(f"--quant: unknown format {args.quant!r} (choose from {', '.join(QUANTS)})")
+    for option, fmt in (("--quant", args.quant), ("--dense-quant", args.dense_quant)):
+        if fmt is not None and fmt not in QUANTS:
+            raise CliError(f"{option}: unknown format {fmt!r} (choose from {', '.join(QUANTS)})")
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads: must be >= 1, got {args.threads}")
     if args.max_new_tokens < 1:
@@ -67,7 +68,7 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
     """What to load and how to describe it: (loader for the session, info for the screen, budget)."""
     budget = _check_options(args)
     common = dict(io=args.io, policy=args.policy, prefetch=not args.no_prefetch, quant=args.quant,
-                  threads=args.threads)
+                  dense_quant=args.dense_quant, threads=args.threads)
 
     if args.model:
         path = Path(args.model).expanduser()
