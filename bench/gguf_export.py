@@ -243,6 +243,26 @@ def verify_same_experts(gguf_path: str | Path, model, pairs: list[tuple[int, int
                                      f"gguf {t.tensor_type.name})")
 
 
+def verify_same_dense(gguf_path: str | Path, model, layers: list[int]) -> int:
+    """Check that the GGUF's attention matrices (in `layers`), lm_head and embedding hold the bytes our
+    engine computes with, formats included; returns how many matrices were compared."""
+    reader = gguf.GGUFReader(str(gguf_path))
+    by_name = {t.name: t for t in reader.tensors}
+    w = model.weights
+    pairs = [("token_embd.weight", w.embed), ("output.weight", w.lm_head)]
+    for i in layers:
+        lw = w.layers[i]
+        pairs += [(f"blk.{i}.attn_{g}.weight", getattr(lw, a))
+                  for g, a in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))]
+    for gname, q in pairs:
+        t = by_name[gname]
+        ours = np.asarray(q.data).reshape(q.rows, -1)
+        theirs = np.asarray(t.data).view(np.uint8).reshape(q.rows, -1)
+        if q.fmt != t.tensor_type.name.lower() or not np.array_equal(ours, theirs):
+            raise AssertionError(f"{gname}: bytes differ (ours {q.fmt}, gguf {t.tensor_type.name})")
+    return len(pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("hf_dir")

@@ -63,21 +63,31 @@ def build_models(out: Path, small: bool, dense_fmt: str, force: bool) -> tuple[P
     dims = SMALL if small else FULL
     tag = "olmoe-small" if small else "olmoe-like"
     hf = build_hf(out / f"{tag}-hf", dims, seed=0, force=force, log=log)
-    store = out / f"{tag}-q4_0"
+    # bf16 dense keeps the first suites' file names; another dense format is in the name.
+    suffix = "" if dense_fmt == "bf16" else f"-dense-{dense_fmt}"
+    store = out / f"{tag}-q4_0{suffix}"
     if force or not (store / "config.json").exists():
-        log(f"converting {hf} -> {store} (mer-tui convert --quant q4_0)")
-        cmd = [PY, "-m", "mer_tui", "convert", str(hf), str(store), "--quant", "q4_0", "--force"]
+        dense = [] if dense_fmt == "bf16" else ["--dense-quant", dense_fmt]
+        log(f"converting {hf} -> {store} (mer-tui convert --quant q4_0 {' '.join(dense)})")
+        cmd = [PY, "-m", "mer_tui", "convert", str(hf), str(store), "--quant", "q4_0", *dense, "--force"]
         subprocess.run(cmd, check=True, cwd=REPO)
     else:
         log(f"{store}: already converted, kept")
     from bench.gguf_export import export_gguf
 
-    gguf_path = out / f"{tag}-q4_0.gguf"
-    export_gguf(hf, gguf_path, expert_fmt="q4_0", dense_fmt=dense_fmt, force=force, log=log)
-    # A reference only llama.cpp runs: the same experts, dense matrices in q8_0 as llama.cpp users would
-    # have them (llama.cpp's bf16 matmuls are slow on CPUs without native bf16; ours are not the question).
-    export_gguf(hf, out / f"{tag}-q4_0-dense-q8_0.gguf", expert_fmt="q4_0", dense_fmt="q8_0",
-                experts_from=gguf_path, force=force, log=log)
+    bf16_gguf = out / f"{tag}-q4_0.gguf"
+    export_gguf(hf, bf16_gguf, expert_fmt="q4_0", dense_fmt="bf16", force=force, log=log)
+    if dense_fmt == "bf16":
+        # A reference only llama.cpp runs: the same experts, dense matrices in q8_0 as llama.cpp users
+        # would have them (llama.cpp's bf16 matmuls are slow on CPUs without native bf16).
+        export_gguf(hf, out / f"{tag}-q4_0-dense-q8_0.gguf", expert_fmt="q4_0", dense_fmt="q8_0",
+                    experts_from=bf16_gguf, force=force, log=log)
+        return hf, store, bf16_gguf
+    # The same bytes as the store: q4_0 experts, these dense matrices and lm_head in dense_fmt, the
+    # embedding in bf16 (convert keeps it: one row per token is read, its format costs no speed).
+    gguf_path = out / f"{tag}-q4_0{suffix}-embed-bf16.gguf"
+    export_gguf(hf, gguf_path, expert_fmt="q4_0", dense_fmt=dense_fmt, embed_fmt="bf16",
+                experts_from=bf16_gguf, force=force, log=log)
     return hf, store, gguf_path
 
 
@@ -85,13 +95,14 @@ def verify_bytes(store: Path, gguf_path: Path, n: int = 24) -> str:
     """Compare a sample of (layer, expert) bundles between the store and the GGUF, in a child process."""
     code = (
         "import sys, random, engine\n"
-        "from bench.gguf_export import verify_same_experts\n"
+        "from bench.gguf_export import verify_same_dense, verify_same_experts\n"
         f"m = engine.load({str(store)!r}, ram_cache='256MiB', io='pread', prefetch=False)\n"
         "rnd = random.Random(0)\n"
         "layers = m.moe_layer_ids\n"
         f"pairs = [(rnd.choice(layers), rnd.randrange(m.spec.num_experts)) for _ in range({n})]\n"
         f"verify_same_experts({str(gguf_path)!r}, m, pairs)\n"
-        "print(f'{len(pairs)} expert bundles identical')\n"
+        f"nd = verify_same_dense({str(gguf_path)!r}, m, sorted(rnd.sample(range(m.spec.num_layers), 3)))\n"
+        "print(f'{len(pairs)} expert bundles and {nd} dense matrices identical')\n"
     )
     p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True)
     if p.returncode:
@@ -136,11 +147,12 @@ def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache:
     runs.append(Run("ram-mer-uring", "ram", "mer-tui", "mer-tui io=uring, no cache limit", [*mer, "--io", "uring"]))
     runs.append(Run("ram-llama", "ram", "llama.cpp", "llama.cpp mmap, no repack", llama))
     runs.append(Run("ram-llama-repack", "ram", "llama.cpp", "llama.cpp repack (default)", [*llama, "--repack"]))
-    q8 = str(gguf_path).replace(".gguf", "-dense-q8_0.gguf")
-    llama_q8 = [PY, "-m", "bench.run_llama", "--model", q8, *common]
-    runs.append(Run("ram-llama-q8dense", "ram", "llama.cpp", "llama.cpp, dense q8_0*, no repack", llama_q8))
-    runs.append(Run("ram-llama-q8dense-repack", "ram", "llama.cpp", "llama.cpp, dense q8_0*, repack",
-                    [*llama_q8, "--repack"]))
+    if args.dense_format == "bf16":  # otherwise the main runs already have llama.cpp's usual layout
+        q8 = str(gguf_path).replace(".gguf", "-dense-q8_0.gguf")
+        llama_q8 = [PY, "-m", "bench.run_llama", "--model", q8, *common]
+        runs.append(Run("ram-llama-q8dense", "ram", "llama.cpp", "llama.cpp, dense q8_0*, no repack", llama_q8))
+        runs.append(Run("ram-llama-q8dense-repack", "ram", "llama.cpp", "llama.cpp, dense q8_0*, repack",
+                        [*llama_q8, "--repack"]))
     if args.only:
         runs = [r for r in runs if any(re.search(pat, r.name) for pat in args.only)]
     return runs
@@ -335,6 +347,14 @@ def goals(data: dict) -> list[str]:
     return lines
 
 
+def _dense_words(dense_fmt: str) -> str:
+    if dense_fmt == "bf16":
+        return "dense weights are bf16 in both."
+    return (f"dense matrices (attention, lm_head) are {dense_fmt} in both, as llama.cpp's usual MoE layout has them "
+            f"(our store from `mer-tui convert --quant q4_0 --dense-quant {dense_fmt}`; the GGUF's embedding "
+            "is bf16 like the store's, checked to be the same bytes on a sample of experts only).")
+
+
 def render_table(data: dict) -> str:
     results = data["results"]
     head = ("| case | engine / settings | prefill tok/s | decode tok/s | decode tok/s in earlier suites | "
@@ -396,7 +416,7 @@ def render_section(data: dict) -> str:
         "An MoE with OLMoE-1B-7B's exact dimensions (hidden 2048, 16 layers, 64 experts of width 1024, top-8, "
         "16 heads, vocab 50304) and random weights (N(0, 1/sqrt(fan_in)), seeded), experts in q4_0. Our expert "
         "store and the GGUF hold the *same* q4_0 expert bytes (checked: " + data.get("verify", "not checked") + "); "
-        f"dense weights are {cfg['dense_fmt']} in both. Random routers spread tokens evenly over the experts, "
+        + _dense_words(cfg["dense_fmt"]) + " Random routers spread tokens evenly over the experts, "
         "which is the worst case for any cache (real models are skewed), so hit rates here are a floor.",
         "",
         f"Each run is a fresh process after `echo 3 > /proc/sys/vm/drop_caches`; {cfg['prompt_tokens']} prompt "
@@ -417,10 +437,11 @@ def render_section(data: dict) -> str:
         "does not do itself: it turns off the kernel's read-ahead around each page fault (8 MiB on this VM's "
         "disk, `read_ahead_kb`), a tuned variant to show how much of llama.cpp's over-the-limit loss is read-ahead.",
         "",
-        "\\* the q8_0-dense GGUF holds the same q4_0 experts but its dense matrices in q8_0, which our store "
-        "does not have: a reference for what llama.cpp does with its usual layout, not a same-bytes comparison.",
-        "",
     ]
+    if any("q8dense" in r["name"] for r in res):
+        lines += ["\\* the q8_0-dense GGUF holds the same q4_0 experts but its dense matrices in q8_0, which this "
+                  "suite's store does not have: a reference for what llama.cpp does with its usual layout, not a "
+                  "same-bytes comparison.", ""]
     if plotted:
         lines += ["![decode tokens/s, mer-tui vs llama.cpp](bench_side_by_side.png)", ""]
     lines += ["Where we stand against the goals:", "", *goals(data), ""]
@@ -442,7 +463,8 @@ def render_section(data: dict) -> str:
         "read ahead of time counts as a hit when it is asked for. Roofline: 1 / (cached bytes / DRAM bandwidth "
         "+ missed bytes / disk bandwidth) per token, with the run's measured missed bytes (wasted prefetch "
         "reads included) and this suite's best bandwidth samples.",
-        "- mer-tui's peak RSS includes its resident bf16 weights (~0.9 GiB); the cgroup peak reaches the limit "
+        f"- mer-tui's peak RSS includes its resident weights ({mib(data.get('resident_bytes'))}, dense "
+        f"{cfg['dense_fmt']}); the cgroup peak reaches the limit "
         "in every over-the-limit run because clean page cache (the resident weights' file, read once at load) "
         "stays charged until the kernel needs the room.",
         "",
@@ -473,7 +495,7 @@ def render_section(data: dict) -> str:
         "```",
         "",
         "It builds the model files once into `--out` (default `/work/bench-models`: a 13.8 GB bf16 "
-        "Hugging Face folder, the q4_0 store (4.3 GB) and the two GGUFs (4.6 and 4.1 GB); about 15 minutes "
+        "Hugging Face folder, the q4_0 store and the GGUFs, 4-5 GB each; 5-15 minutes "
         "here), measures the roofline's bandwidths, then runs. Runs re-run with `--only` keep the others' "
         "results. The last invocation was `side_by_side " + data["argv"] + "`. Single runs, as the script "
         "starts them (`run_mer` takes `MER_BENCH_DRAM_BW` / `MER_BENCH_DISK_BW` from the script; without "
@@ -511,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dense-format", default="bf16", help="the GGUF's dense weights; must match the store's")
+    p.add_argument("--dense-format", default="q8_0", choices=("q8_0", "bf16"),
+                   help="dense weights (attention, lm_head) of the store and the GGUF alike (default q8_0, "
+                        "llama.cpp's usual layout; bf16 reruns the first suites)")
     p.add_argument("--only", action="append", help="regex: only runs whose name matches (repeatable)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--small", action="store_true", help="the tiny model (a smoke test of the whole script)")
@@ -522,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the profile of one decode run")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / ("results-small.json" if args.small else "results.json")
+    results_path = args.out / (("results-small" if args.small else "results") + (
+        ".json" if args.dense_format == "bf16" else f"-dense-{args.dense_format}.json"))
     if args.docs_only:
         data = json.loads(results_path.read_text())
         if args.remeasure:
@@ -594,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_samples_gbs": {k: [round(v / 1e9, 2) for v in vs] for k, vs in samples.items()},
         "config": {"limit_bytes": args.limit, "ram_cache_bytes": ram_cache, "prompt_tokens": args.prompt_tokens,
                    "decode_tokens": args.decode_tokens, "repeats": args.repeats, "dense_fmt": args.dense_format},
+        "resident_bytes": resident,
         "model_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
         "gguf_bytes": gguf_path.stat().st_size,
         "verify": verified,
