@@ -104,10 +104,10 @@ class Model:
             self._prefetch(nxt, residual)
         bundles = self.experts.get(i, chosen.tolist())
         out = np.zeros_like(h)
-        for e in chosen:
-            rows, slot = np.nonzero(top == e)
-            b = bundles[int(e)]
-            y = kernels.expert_ffn(b.gate, b.up, b.down, h[rows])
+        picks = [np.nonzero(top == e) for e in chosen]   # (rows, slot) of the tokens each expert takes
+        ys = kernels.experts_ffn([(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)],
+                                 [h[rows] for rows, _ in picks])
+        for (rows, slot), y in zip(picks, ys, strict=True):
             out[rows] += w[rows, slot][:, None] * y
         if lw.shared is not None:
             y = kernels.expert_ffn(*lw.shared, h)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,8 @@ import numpy as np
 from .formats import BLOCK, FLOAT_FORMATS, FORMATS, FormatError, check_bytes, dequantize_ref, quantize_ref, row_bytes
 
 __all__ = [
-    "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "dequantize", "expert_ffn", "matmul",
-    "matvec", "quantize", "row_bytes", "set_backend", "set_threads", "threads", "warmup",
+    "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "dequantize", "expert_ffn",
+    "experts_ffn", "matmul", "matvec", "quantize", "row_bytes", "set_backend", "set_threads", "threads", "warmup",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,41 @@ def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.n
             return Y[0] if one else Y
     Y = down.matmul(_silu_mul(gate.matmul(X), up.matmul(X)))
     return Y[0] if one else Y
+
+
+def experts_ffn(experts: Sequence[tuple[QMatrix, QMatrix, QMatrix]], Xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """expert_ffn(*experts[e], Xs[e]) for every e: one layer's experts, each on its own tokens.
+
+    On the C backend, when the experts share their formats and shapes and each has a few tokens,
+    this is one call whose three phases (gate and up, activation, down) run over all the experts at
+    once; the results equal expert_ffn's bit for bit.  Otherwise it is expert_ffn in a loop.
+    """
+    if len(experts) != len(Xs):
+        raise ValueError(f"{len(experts)} experts but {len(Xs)} inputs")
+    if not experts:
+        return []
+    b, ck = _state()
+    g0, _, d0 = experts[0]
+    kind = "half" if g0.fmt in FLOAT_FORMATS or d0.fmt in FLOAT_FORMATS else "quant"
+    fused = ck is not None and g0.fmt != "f32" and d0.fmt != "f32"
+    if fused:
+        gs, us, ds, vs = [], [], [], []
+        for (g, u, d), X in zip(experts, Xs, strict=True):
+            X, _ = _vectors(X, g.cols)
+            if ((g.fmt, u.fmt, d.fmt) != (g0.fmt, g0.fmt, d0.fmt) or (g.rows, g.cols) != (g0.rows, g0.cols)
+                    or (u.rows, u.cols) != (g0.rows, g0.cols) or (d.rows, d.cols) != (d0.rows, d0.cols)
+                    or not 0 < X.shape[0] <= SMALL_N["c", kind]):
+                fused = False
+                break
+            gs.append(_rows(g.data, g.fmt, g.cols))
+            us.append(_rows(u.data, u.fmt, u.cols))
+            ds.append(_rows(d.data, d.fmt, d.cols))
+            vs.append(X)
+        # one row stride for every gate/up matrix and one for every down matrix (the C call takes one each)
+        fused = fused and len({a.strides[0] for a in gs + us}) == 1 and len({a.strides[0] for a in ds}) == 1
+    if fused and (d0.rows, d0.cols) == (g0.cols, g0.rows):
+        return ck.moe(gs, us, g0.fmt, ds, d0.fmt, g0.cols, g0.rows, vs, threads())
+    return [expert_ffn(g, u, d, X) for (g, u, d), X in zip(experts, Xs, strict=True)]
 
 
 def warmup(background: bool = True, quantizers: bool = True) -> threading.Thread | None:

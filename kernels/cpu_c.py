@@ -22,7 +22,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("qkernels.c")
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6}
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 CDEF = """
 int mk_version(void);
@@ -32,6 +32,9 @@ int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols,
               int64_t n, float *Y, int nthreads);
 int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fmt_d, const uint8_t *dn,
            int64_t rb_d, int64_t hidden, int64_t inter, const float *X, int64_t n, float *Y, int nthreads);
+int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t E, const uint8_t *const *g,
+           const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
+           const float *const *X, const int64_t *n, float *const *Y, int nthreads);
 double mk_read_sum(const float *buf, int64_t n, int nthreads);
 """
 
@@ -183,6 +186,25 @@ class CKernels:
         if rc:
             raise RuntimeError(f"mk_ffn failed with {rc}")
         return Y
+
+    def moe(self, gs: list[np.ndarray], us: list[np.ndarray], fmt_gu: str, ds: list[np.ndarray], fmt_d: str,
+            hidden: int, inter: int, Xs: list[np.ndarray], threads: int) -> list[np.ndarray]:
+        """Expert FFNs of one layer in one call: expert e on Xs[e] (n_e, hidden).  Every gate/up
+        matrix must share one row stride, every down matrix another."""
+        E = len(gs)
+        Ys = [np.empty((X.shape[0], hidden), dtype=np.float32) for X in Xs]
+        ffi = self.ffi
+        rc = self.lib.mk_moe(
+            FMT_CODE[fmt_gu], FMT_CODE[fmt_d], hidden, inter, E,
+            ffi.new("uint8_t *[]", [self._p(g, "uint8_t") for g in gs]),
+            ffi.new("uint8_t *[]", [self._p(u, "uint8_t") for u in us]), gs[0].strides[0],
+            ffi.new("uint8_t *[]", [self._p(d, "uint8_t") for d in ds]), ds[0].strides[0],
+            ffi.new("float *[]", [self._p(X, "float") for X in Xs]),
+            ffi.new("int64_t[]", [X.shape[0] for X in Xs]),
+            ffi.new("float *[]", [self._p(Y, "float") for Y in Ys]), threads)
+        if rc:
+            raise RuntimeError(f"mk_moe failed with {rc}")
+        return Ys
 
     def read_sum(self, buf: np.ndarray, threads: int) -> float:
         buf = np.ascontiguousarray(buf, dtype=np.float32)

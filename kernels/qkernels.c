@@ -46,7 +46,7 @@ enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6 };
  * next group), which keeps the next streams warm.  On Zen 3 this took a cold 8192x4096 q4_0
  * product from 15 to 24 G weights/s per core, and a 2048x1024 one from 9 to 20. */
 
-MK_API int mk_version(void) { return 4; }
+MK_API int mk_version(void) { return 5; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -1018,16 +1018,6 @@ MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_
     return 0;
 }
 
-/* Phase one of the FFN: chunk 2k is gate rows of block k, chunk 2k+1 the same rows of up. */
-typedef struct {
-    mm_ctx g, u;
-} gu_ctx;
-
-static void gu_chunk(void *vctx, int64_t c) {
-    gu_ctx *x = vctx;
-    mm_chunk(c % 2 ? (void *)&x->u : (void *)&x->g, c / 2);
-}
-
 typedef struct {
     float *G;
     const float *U;
@@ -1043,40 +1033,108 @@ static void act_chunk(void *vctx, int64_t j) {
     xprep_fill(x->ph, j, j + 1);
 }
 
-/* One expert's FFN, down(silu(gate x) * (up x)), for n vectors in one call: gate and up rows
- * share the threads, then the activation, then the down projection.
- * gate and up are (inter, hidden) in fmt_gu; down is (hidden, inter) in fmt_d. */
+/* Several products as one parallel job: the chunks of sub-job k are numbered from start[k], so a
+ * thread's contiguous region runs through whole matrices one after another (long streams). */
+typedef struct {
+    chunk_fn fn;
+    void *ctx;
+    int64_t nchunks;
+} subjob;
+
+typedef struct {
+    int64_t n;
+    const subjob *jobs;
+    const int64_t *start; /* n + 1 entries */
+} multi_ctx;
+
+static void multi_chunk(void *vctx, int64_t c) {
+    const multi_ctx *m = vctx;
+    int64_t lo = 0, hi = m->n - 1;
+    while (lo < hi) { /* the last sub-job starting at or before c */
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (m->start[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    m->jobs[lo].fn(m->jobs[lo].ctx, c - m->start[lo]);
+}
+
+static int run_multi(const subjob *jobs, int64_t n, int nthreads, int64_t work_bytes) {
+    int64_t *start = malloc((size_t)(n + 1) * sizeof(int64_t));
+    if (!start) return -2;
+    start[0] = 0;
+    for (int64_t k = 0; k < n; k++) start[k + 1] = start[k] + jobs[k].nchunks;
+    multi_ctx m = {n, jobs, start};
+    mk_parallel(multi_chunk, &m, start[n], pick_threads(nthreads, work_bytes));
+    free(start);
+    return 0;
+}
+
+/* FFNs of E experts of one layer, down_e(silu(gate_e X_e) * (up_e X_e)), each on its own n[e]
+ * vectors X[e] (n[e], hidden) into Y[e] (n[e], hidden), in three parallel phases over all the
+ * experts together: gate and up rows, the activations, the down rows.  One call per layer instead
+ * of one per expert pays the thread pool's fork-join three times per layer rather than three
+ * times per expert, and gives each thread a run of whole matrices to stream.
+ * gate and up are (inter, hidden) in fmt_gu with row stride rb_gu; down is (hidden, inter) in fmt_d. */
+MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t E, const uint8_t *const *g,
+                  const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
+                  const float *const *X, const int64_t *n, float *const *Y, int nthreads) {
+    if (fmt_row_bytes(fmt_gu, hidden) < 0 || fmt_row_bytes(fmt_d, inter) < 0) return -1;
+    if (E <= 0) return 0;
+    int64_t ntok = 0;
+    for (int64_t e = 0; e < E; e++) ntok += n[e];
+    /* one allocation for the per-expert state, one for the gate/up outputs */
+    const size_t per = sizeof(xprep) * 2 + sizeof(mm_ctx) * 3 + sizeof(act_ctx) + sizeof(subjob) * 4;
+    char *mem = calloc((size_t)E, per);
+    float *G = malloc((size_t)(2 * ntok * inter + 1) * sizeof(float));
+    if (!mem || !G) {
+        free(mem);
+        free(G);
+        return -2;
+    }
+    xprep *px = (xprep *)mem, *ph = px + E;
+    mm_ctx *mg = (mm_ctx *)(ph + E), *mu = mg + E, *md = mu + E;
+    act_ctx *act = (act_ctx *)(md + E);
+    subjob *jgu = (subjob *)(act + E), *jact = jgu + 2 * E, *jd = jact + E;
+    int rc = 0;
+    int64_t e_ok = 0, nmax = 0;
+    float *Gi = G;
+    for (; e_ok < E; e_ok++) {
+        const int64_t e = e_ok, ne = n[e];
+        if (xprep_init(&px[e], X[e], ne, hidden)) { rc = -2; break; }
+        if (xprep_init(&ph[e], NULL, ne, inter)) { xprep_free(&px[e]); rc = -2; break; }
+        float *Ge = Gi, *Ue = Gi + ne * inter;
+        Gi += 2 * ne * inter;
+        ph[e].xf = Ge; /* filled (silu(gate) * up) before ph is quantized */
+        xprep_fill(&px[e], 0, ne);
+        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, 4), &px[e], Ge, inter};
+        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, 4), &px[e], Ue, inter};
+        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, 4), &ph[e], Y[e], hidden};
+        act[e] = (act_ctx){Ge, Ue, inter, &ph[e]};
+        jgu[2 * e] = (subjob){mm_chunk, &mg[e], (inter + mg[e].ch - 1) / mg[e].ch};
+        jgu[2 * e + 1] = (subjob){mm_chunk, &mu[e], (inter + mu[e].ch - 1) / mu[e].ch};
+        jact[e] = (subjob){act_chunk, &act[e], ne};
+        jd[e] = (subjob){mm_chunk, &md[e], (hidden + md[e].ch - 1) / md[e].ch};
+        if (ne > nmax) nmax = ne;
+    }
+    if (!rc) {
+        const int64_t vec = nmax < 4 ? nmax : 4; /* rows are decoded once per group of four vectors */
+        rc = run_multi(jgu, 2 * E, nthreads, 2 * E * inter * rb_gu * vec);
+        if (!rc) rc = run_multi(jact, E, nthreads, ntok * inter * 64);
+        if (!rc) rc = run_multi(jd, E, nthreads, E * hidden * rb_d * vec);
+    }
+    for (int64_t e = 0; e < e_ok; e++) {
+        xprep_free(&px[e]);
+        xprep_free(&ph[e]);
+    }
+    free(G);
+    free(mem);
+    return rc;
+}
+
+/* One expert's FFN for n vectors: mk_moe with one expert. */
 MK_API int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fmt_d,
                   const uint8_t *dn, int64_t rb_d, int64_t hidden, int64_t inter, const float *X,
                   int64_t n, float *Y, int nthreads) {
-    if (fmt_row_bytes(fmt_gu, hidden) < 0 || fmt_row_bytes(fmt_d, inter) < 0) return -1;
-    float *G = malloc((size_t)(2 * n * inter) * 4);
-    if (!G) return -2;
-    float *U = G + n * inter;
-    xprep px, ph;
-    if (xprep_init(&px, X, n, hidden)) {
-        free(G);
-        return -2;
-    }
-    if (xprep_init(&ph, NULL, n, inter)) {
-        xprep_free(&px);
-        free(G);
-        return -2;
-    }
-    ph.xf = G; /* filled (silu(gate) * up) before ph is quantized */
-    xprep_fill(&px, 0, n);
-    const int64_t work = inter * rb_gu * (n < 4 ? n : 4);
-    gu_ctx gu = {{fmt_gu, g, rb_gu, inter, chunk_rows(rb_gu, 4), &px, G, inter},
-                 {fmt_gu, u, rb_gu, inter, chunk_rows(rb_gu, 4), &px, U, inter}};
-    mk_parallel(gu_chunk, &gu, 2 * ((inter + gu.g.ch - 1) / gu.g.ch), pick_threads(nthreads, 2 * work));
-    act_ctx act = {G, U, inter, &ph};
-    mk_parallel(act_chunk, &act, n, pick_threads(nthreads, n * inter * 64));
-    mm_ctx d = {fmt_d, dn, rb_d, hidden, chunk_rows(rb_d, 4), &ph, Y, hidden};
-    mk_parallel(mm_chunk, &d, (hidden + d.ch - 1) / d.ch, pick_threads(nthreads, work));
-    xprep_free(&px);
-    xprep_free(&ph);
-    free(G);
-    return 0;
+    return mk_moe(fmt_gu, fmt_d, hidden, inter, 1, &g, &u, rb_gu, &dn, rb_d, &X, &n, &Y, nthreads);
 }
 
 typedef struct {

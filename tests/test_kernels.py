@@ -297,6 +297,41 @@ def test_expert_ffn(backend, fmts, n):
     assert kernels.expert_ffn(gate, up, down, X[0]).shape == (hidden,)
 
 
+def _experts(fmts: tuple[str, str], E: int, hidden: int, inter: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+
+    def m(rows: int, cols: int, fmt: str) -> QMatrix:
+        return QMatrix.from_float(rng.standard_normal((rows, cols)).astype(np.float32) * 0.1, fmt)
+
+    return [(m(inter, hidden, fmts[0]), m(inter, hidden, fmts[0]), m(hidden, inter, fmts[1])) for _ in range(E)]
+
+
+@pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16")])
+def test_experts_ffn_equals_one_expert_at_a_time(backend, fmts):
+    # One layer's experts in one call (the fused C path splits all of them over the threads) must
+    # give each expert exactly what expert_ffn gives it alone; big enough to use every thread.
+    hidden, inter = 512, 1024
+    counts = [1, 3, 1, 2, 1, 4, 1]
+    experts = _experts(fmts, len(counts), hidden, inter, seed=50)
+    Xs = [llm_like(n, hidden, seed=51 + e) for e, n in enumerate(counts)]
+    Ys = kernels.experts_ffn(experts, Xs)
+    for ex, X, Y in zip(experts, Xs, Ys, strict=True):
+        assert Y.shape == X.shape and Y.dtype == np.float32
+        assert np.array_equal(Y, kernels.expert_ffn(*ex, X))
+        assert _rel(Y, _ffn_ref(*ex, X)) < 3e-3
+
+
+def test_experts_ffn_mixed_experts_fall_back(backend):
+    hidden, inter = 256, 512
+    experts = _experts(("q4_0", "q8_0"), 2, hidden, inter, seed=60) + _experts(("q8_0", "q8_0"), 1, hidden, inter, 61)
+    Xs = [llm_like(n, hidden, seed=62 + n) for n in (1, 2, 40)]  # 40 tokens: past the fused path's limit
+    for ex, X, Y in zip(experts, Xs, kernels.experts_ffn(experts, Xs), strict=True):
+        assert np.array_equal(Y, kernels.expert_ffn(*ex, X))
+    assert kernels.experts_ffn([], []) == []
+    with pytest.raises(ValueError):
+        kernels.experts_ffn(experts, Xs[:2])
+
+
 def test_expert_ffn_shape_mismatch():
     a = QMatrix.from_float(np.ones((64, 32), np.float32), "f32")
     with pytest.raises(kernels.FormatError):
