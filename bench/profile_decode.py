@@ -8,7 +8,7 @@ lists the functions with the most time of their own.
 
 Categories (times on the thread that decodes):
 - I/O wait: inside the expert source's get(): cache lookups, and blocking on reads not yet done;
-- expert compute: kernels.expert_ffn (gate, up, silu, down of the chosen experts);
+- expert compute: kernels.experts_ffn and expert_ffn (gate, up, silu, down of the chosen experts);
 - attention: the attention block (q/k/v/o matmuls, qk-norm, rope, scores, KV cache);
 - lm_head: the output projection over the vocabulary;
 - prefetch: guessing the next layer's experts (its router) and queueing reads;
@@ -39,12 +39,14 @@ class Timers:
     def wrap(self, name: str, fn):
         @functools.wraps(fn)
         def timed(*a, **k):
-            if not self.on:
+            if not self.on or self.depth:   # nested (experts_ffn falling back to expert_ffn): counted once
                 return fn(*a, **k)
             t0 = time.perf_counter()
+            self.depth += 1
             try:
                 return fn(*a, **k)
             finally:
+                self.depth -= 1
                 self.total[name] += time.perf_counter() - t0
                 self.calls[name] += 1
         return timed
@@ -58,6 +60,7 @@ def instrument(model, timers: Timers) -> None:
     model.experts.get = timers.wrap("io_wait", model.experts.get)
     # engine/model.py calls kernels.expert_ffn through the module, so patching the module is enough.
     kernels.expert_ffn = timers.wrap("expert_compute", kernels.expert_ffn)
+    kernels.experts_ffn = timers.wrap("expert_compute", kernels.experts_ffn)
     head = model.weights.lm_head
     object.__setattr__(head, "matmul", timers.wrap("lm_head", head.matmul))   # QMatrix is a frozen dataclass
 

@@ -144,7 +144,9 @@ def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache:
     runs.append(Run("over-llama-repack", "over", "llama.cpp", "llama.cpp repack (default)", [*llama, "--repack"]))
     runs.append(Run("over-llama-random", "over", "llama.cpp", "llama.cpp no repack, MADV_RANDOM†",
                     [*llama, "--madvise-random"]))
-    runs.append(Run("ram-mer-uring", "ram", "mer-tui", "mer-tui io=uring, no cache limit", [*mer, "--io", "uring"]))
+    # --preload: every expert read before timing, as llama.cpp's mmap (MAP_POPULATE) reads the GGUF at load
+    runs.append(Run("ram-mer-uring", "ram", "mer-tui", "mer-tui io=uring, no cache limit, preloaded",
+                    [*mer, "--io", "uring", "--preload"]))
     runs.append(Run("ram-llama", "ram", "llama.cpp", "llama.cpp mmap, no repack", llama))
     runs.append(Run("ram-llama-repack", "ram", "llama.cpp", "llama.cpp repack (default)", [*llama, "--repack"]))
     if args.dense_format == "bf16":  # otherwise the main runs already have llama.cpp's usual layout
@@ -201,7 +203,7 @@ def execute(run: Run, cg: MemoryCgroup | None, logdir: Path, timeout: float) -> 
 
 PROFILE_LABELS = {
     "io_wait": "I/O wait (expert source get(): cache lookups + blocking on reads)",
-    "expert_compute": "expert compute (kernels.expert_ffn)",
+    "expert_compute": "expert compute (kernels.experts_ffn)",
     "attention": "attention (q/k/v/o matmuls, qk-norm, rope, scores)",
     "lm_head": "lm_head (vocabulary projection)",
     "prefetch": "prefetch (next layer's router, queueing reads)",

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this DRAM read bandwidth for the roofline instead of measuring it")
     p.add_argument("--disk-bw", type=float, metavar="BYTES_PER_S",
                    help="use this O_DIRECT read bandwidth for the roofline instead of measuring it")
+    p.add_argument("--preload", action="store_true",
+                   help="read experts into the RAM cache before timing, as many as its budget holds (what "
+                        "llama.cpp's mmap does at load with MAP_POPULATE): an in-RAM run then times compute, "
+                        "not first reads")
     p.add_argument("--json", action="store_true")
     _add_cache_options(p)
     return parser

@@ -37,6 +37,26 @@ def test_bench_takes_bandwidths_from_the_caller(chat_model_dir):
     assert roof["dram_read_bytes_per_s"] == 1e10 and roof["disk_read_bytes_per_s"] == 5e8
 
 
+def test_bench_preload_runs_from_ram(chat_model_dir):
+    # No budget: every expert is read before timing, so decoding reads nothing and always hits.
+    common = ("--model", str(chat_model_dir), "--io", "pread", "--no-prefetch", "--prompt-tokens", "4",
+              "--decode-tokens", "4", "--repeats", "1", "--dram-bw", "1e10", "--disk-bw", "5e8", "--json")
+    r = _bench(*common, "--preload")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    cfg = json.loads((chat_model_dir / "config.json").read_text())
+    assert out["preloaded_experts"] == cfg["num_hidden_layers"] * cfg["num_local_experts"]
+    assert out["hit_rate"]["ram"] == 1.0 and out["missed_bytes_per_token"] == 0
+    # A budget stops the preload when it is full: some experts, not all.
+    r = _bench(*common, "--preload", "--ram-cache", "40KiB")
+    assert r.returncode == 0, r.stderr
+    part = json.loads(r.stdout)
+    assert 0 < part["preloaded_experts"] < out["preloaded_experts"]
+    r = _bench(*common)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["preloaded_experts"] == 0
+
+
 def test_bench_bad_options_exit_2(chat_model_dir):
     r = _bench("--model", str(chat_model_dir), "--decode-tokens", "0")
     assert r.returncode == 2 and "--decode-tokens" in r.stderr and "Traceback" not in r.stderr
