@@ -33,6 +33,14 @@ STRESS_BUDGET_FRACTION = 0.25
 CHAT_BUDGET_FRACTION = 0.5
 
 
+
+def _quant_label(args: argparse.Namespace) -> str | None:
+    """What the header says of the formats asked for: experts', then the dense matrices' if set."""
+    dense = getattr(args, "dense_quant", None)
+    if dense:
+        return f"{args.quant or 'as stored'} + dense {dense}"
+    return args.quant
+
 def demo_chat_path() -> Path | None:
     """The trained demo model: assets/demo in a source checkout, or inside the package if shipped there."""
     here = Path(__file__).resolve().parent
@@ -75,7 +83,7 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
         if not path.exists():
             raise CliError(f"--model: {path}: no such model folder")
         engine.load_spec(path)      # a bad config.json fails now, not after the screen opens
-        info = ModelInfo(name=path.resolve().name, path=str(path), kind="model", io=args.io, quant=args.quant)
+        info = ModelInfo(name=path.resolve().name, path=str(path), kind="model", io=args.io, quant=_quant_label(args))
 
         def load_model(progress: Progress) -> engine.Model:
             return engine.load(path, ram_cache=budget, progress=progress, **common)
@@ -87,7 +95,7 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
             raise CliError("the stress demo is not in this installation (mer_tui/demo_models.py); "
                            "run a model with --model PATH")
         info = ModelInfo(name="stress demo", path="(built in the user cache on first launch)",
-                         kind="demo-stress", note=STRESS_NOTE, io=args.io, quant=args.quant)
+                         kind="demo-stress", note=STRESS_NOTE, io=args.io, quant=_quant_label(args))
 
         def load_stress(progress: Progress) -> engine.Model:
             # imported only when asked for, through sys.modules (so tests can stand in for it)
@@ -107,7 +115,7 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
                        "run a model with --model PATH, or try --demo stress")
     engine.load_spec(path)
     info = ModelInfo(name="chat demo", path=str(path), kind="demo-chat", note=CHAT_NOTE, io=args.io,
-                     quant=args.quant)
+                     quant=_quant_label(args))
 
     if budget is None:
         budget = int(_folder_bytes(path) * CHAT_BUDGET_FRACTION)

@@ -236,7 +236,8 @@ def test_load_commands_pass_dense_quant(stores, sources, command):
             "launch": ["launch", "--model", str(src)]}[command]
     args = build_parser().parse_args(argv + ["--dense-quant", "q8_0", "--quant", "q4_0"])
     if command == "launch":
-        loader, _, _ = launch.plan(args)
+        loader, info, _ = launch.plan(args)
+        assert info.quant == "q4_0 + dense q8_0"     # what the header shows
         model = loader(lambda *a: None)
     else:
         model = load_from_args(args)
