@@ -347,7 +347,8 @@ def experts_ffn(experts: Sequence[tuple[QMatrix, QMatrix, QMatrix]], Xs: Sequenc
     b, ck = _state()
     g0, _, d0 = experts[0]
     kind = "half" if g0.fmt in FLOAT_FORMATS or d0.fmt in FLOAT_FORMATS else "quant"
-    fused = ck is not None and g0.fmt != "f32" and d0.fmt != "f32"
+    fused = (ck is not None and g0.fmt != "f32" and d0.fmt != "f32"
+             and (d0.rows, d0.cols) == (g0.cols, g0.rows))   # else expert_ffn names the misfit
     if fused:
         gs, us, ds, vs = [], [], [], []
         for (g, u, d), X in zip(experts, Xs, strict=True):
@@ -363,7 +364,7 @@ def experts_ffn(experts: Sequence[tuple[QMatrix, QMatrix, QMatrix]], Xs: Sequenc
             vs.append(X)
         # one row stride for every gate/up matrix and one for every down matrix (the C call takes one each)
         fused = fused and len({a.strides[0] for a in gs + us}) == 1 and len({a.strides[0] for a in ds}) == 1
-    if fused and (d0.rows, d0.cols) == (g0.cols, g0.rows):
+    if fused:
         return ck.moe(gs, us, g0.fmt, ds, d0.fmt, g0.cols, g0.rows, vs, threads())
     return [expert_ffn(g, u, d, X) for (g, u, d), X in zip(experts, Xs, strict=True)]
 
