@@ -9,9 +9,9 @@ Single-flight: a bundle being read (by the model thread or the prefetch thread) 
 twice; a second asker waits for the first read.  A read that fails is retried, then raised as
 ExpertReadError naming the layer, expert and file; nothing of it stays cached.
 
-Prefetch runs on a background thread: a hint for the next layer is read while the current layer
-computes.  It waits while demand reads are in flight (they are on the critical path) and reserves
-budget before reading (so prefetch never pushes memory past the budget).
+Prefetch runs on a background thread: a hint for the next layer is read, one bundle at a time,
+alongside the current layer's demand reads and compute.  It reserves budget before reading (so
+prefetch never pushes memory past the budget).
 """
 from __future__ import annotations
 
@@ -140,7 +140,6 @@ class StreamingExperts(ExpertSource):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._flights: dict[Key, _Flight] = {}
-        self._demand = 0
         self._pending: list[tuple[Key, bool]] = []   # bundles to read in the background; True: a prefetch
         self._precision = 1.0     # recent prefetch precision, optimistic at first
         self._probe = 0
@@ -171,7 +170,6 @@ class StreamingExperts(ExpertSource):
             for e in experts:   # all checked before any flight is registered
                 if (layer, int(e)) not in self._plans:
                     raise EngineError(f"experts: layer {layer} has no expert {e}")
-            self._demand += 1
             for e in experts:
                 key = (layer, int(e))
                 b = self.cache.lookup(key)
@@ -195,27 +193,22 @@ class StreamingExperts(ExpertSource):
                     mine.append((key, fl))
                     self.misses += 1
         final = dict(mine + theirs)
-        try:
-            if mine:
-                self._read(mine, demand=True)
-            retry = []
-            for key, fl in theirs:
-                fl.event.wait()
-                if fl.bundle is None:   # that read failed or was skipped: read it again, as demand
-                    with self._lock:
-                        fl2 = self._flights.get(key)
-                        if fl2 is None:
-                            fl2 = self._flights[key] = _Flight(prefetch=False)
-                            retry.append((key, fl2))
-                        else:
-                            theirs.append((key, fl2))   # someone else is at it already: wait for them
-                    final[key] = fl2
-            if retry:
-                self._read(retry, demand=True)
-        finally:
-            with self._lock:
-                self._demand -= 1
-                self._wake.notify_all()
+        if mine:
+            self._read(mine, demand=True)
+        retry = []
+        for key, fl in theirs:
+            fl.event.wait()
+            if fl.bundle is None:   # that read failed or was skipped: read it again, as demand
+                with self._lock:
+                    fl2 = self._flights.get(key)
+                    if fl2 is None:
+                        fl2 = self._flights[key] = _Flight(prefetch=False)
+                        retry.append((key, fl2))
+                    else:
+                        theirs.append((key, fl2))   # someone else is at it already: wait for them
+                final[key] = fl2
+        if retry:
+            self._read(retry, demand=True)
         for key, fl in final.items():
             fl.event.wait()
             if fl.bundle is None:
@@ -385,11 +378,17 @@ class StreamingExperts(ExpertSource):
             self._worker.start()
 
     def _work(self) -> None:
-        """Read pending bundles one at a time, only while no demand read is in flight: a demand read
-        then waits behind at most one prefetched bundle (whose requests still fill the queue)."""
+        """Read pending bundles one at a time, demand reads in flight or not.
+
+        The hint for layer L+1 comes just before layer L's demand read.  Waiting for that read to end
+        (as this did at first) left the next layer's reads to the few milliseconds of compute between
+        the two, and the disk idle for a quarter of decoding.  Reading alongside costs a demand read at
+        most one bundle's share of the disk, and decoded 10% more tokens/s over the memory limit
+        (OLMoE-sized model, q4_0, 1 GiB of expert cache: 7.50 vs 6.83 tok/s, medians of six decodes
+        each, interleaved)."""
         while True:
             with self._lock:
-                while not self._closed and (not self._pending or self._demand):
+                while not self._closed and not self._pending:
                     self._wake.wait(0.5)
                 if self._closed:
                     return

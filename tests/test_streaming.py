@@ -133,8 +133,8 @@ def test_prefetch_and_demand_share_one_read(tiny_store):
             time.sleep(0.001)
         src.get(2, [1, 3])
         assert src.reader.reads == {(2, 1): 1, (2, 3): 1}
-        # Prefetch reads one bundle at a time and yields to demand: the model thread waited for (2, 1)
-        # and read (2, 3) itself.
+        # Prefetch reads one bundle at a time: the model thread waited for (2, 1), which prefetch was
+        # reading, and read (2, 3) itself rather than queue behind it.
         pf = src.stats()["prefetch"]
         assert pf["issued"] == pf["useful"] == pf["late"] == 1 and pf["precision"] == 1.0
 
