@@ -289,12 +289,14 @@ def machine_info(out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- docs
-def roofline(r: dict, data: dict, local: bool = False) -> tuple[float | None, float | None]:
+def roofline(r: dict, data: dict, local: bool = False, overlapped: bool = False) -> tuple[float | None, float | None]:
     """(best decode tok/s, fraction reached) for a mer-tui run, with the suite's DRAM and disk bandwidths.
 
     best = 1 / (cached bytes / DRAM + missed bytes / disk) per token, as `mer-tui bench` computes it.
     local: the disk figure is the better of the probes just before and just after this run (None
-    where the run has none), instead of the best sample of the whole suite."""
+    where the run has none), instead of the best sample of the whole suite.
+    overlapped: 1 / max(cached bytes / DRAM, missed bytes / disk), the bound for reads fully overlapped
+    with compute (over the limit, the disk's time alone)."""
     roof = r.get("roofline")
     if not roof or "error" in r:
         return None, None
@@ -306,7 +308,8 @@ def roofline(r: dict, data: dict, local: bool = False) -> tuple[float | None, fl
         disk = max(r["disk_gbs_around"]) * 1e9
     active = roof["resident_bytes_per_token"] + roof["expert_bytes_per_token"]
     missed = min(r.get("missed_bytes_per_token") or 0.0, roof["expert_bytes_per_token"])
-    best = 1.0 / ((active - missed) / dram + missed / disk)
+    parts = ((active - missed) / dram, missed / disk)
+    best = 1.0 / (max(parts) if overlapped else sum(parts))
     return best, r["decode_tokens_per_s"] / best
 
 
@@ -342,6 +345,11 @@ def goals(data: dict) -> list[str]:
                          f"({' and '.join(f'{v:.2f}' for v in best['disk_gbs_around'])} GB/s; the suite's best "
                          f"sample was {data.get('disk_gbs', '?')}), it reached **{roof_here:.1%}** of a roofline of "
                          f"{top_here:.2f} tok/s‡. The goal above is judged on the suite's best sample.")
+        top_ov, roof_ov = roofline(best, data, overlapped=True)
+        if roof_ov:
+            lines.append(f"  The roofline adds DRAM time and disk time; an engine that reads while it computes can "
+                         f"beat that sum, up to the disk's time alone: {top_ov:.2f} tok/s with the suite's best "
+                         f"disk sample, of which that run reached **{roof_ov:.1%}**.")
         if roof and roof > 1.0:
             lines.append(
                 "  Above 100% means the roofline's disk figure (best O_DIRECT probe sample, 4 MiB random reads at "
@@ -511,8 +519,8 @@ def render_section(data: dict) -> str:
         f"Python {m['python']}; llama-cpp-python {m['llama_cpp_python']}",
         f"- roofline inputs (mer_tui.machine, best of the samples taken before and after the runs, "
         f"since other load only lowers a sample; all invocations' samples kept): "
-        f"DRAM read {data.get('dram_gbs', '?')} GB/s, O_DIRECT random "
-        f"4 MiB reads at queue depth 8 {data.get('disk_gbs', '?')} GB/s; samples "
+        f"DRAM read (all threads) {data.get('dram_gbs', '?')} GB/s, O_DIRECT random "
+        f"4 MiB reads, 8 always in flight, {data.get('disk_gbs', '?')} GB/s; samples "
         f"{data.get('bandwidth_samples_gbs', '?')}",
         f"- run at {data['when']}, code at {data.get('code', '?')}",
         "",

@@ -3,6 +3,9 @@
 The roofline says how fast decoding could be if it were bound only by moving bytes: every
 decoded token reads its active weights once, the cached part from DRAM and the missed experts
 from the SSD, so  best tokens/s = 1 / (cached_bytes / DRAM_bw + missed_bytes / SSD_bw).
+That sum has the two one after the other; an engine that reads the SSD while it computes can beat
+it, up to  1 / max(cached_bytes / DRAM_bw, missed_bytes / SSD_bw),  reported as the overlapped
+bound (over a memory limit, the disk's time alone).
 """
 from __future__ import annotations
 
@@ -138,6 +141,8 @@ def run_bench(args: argparse.Namespace) -> int:
     missed = min(med["missed_bytes_per_token"], expert_bpt)
     best_s = (active - missed) / dram_bw + missed / disk_bw
     best = 1.0 / best_s if best_s > 0 else float("inf")
+    overlap_s = max((active - missed) / dram_bw, missed / disk_bw)
+    best_overlapped = 1.0 / overlap_s if overlap_s > 0 else float("inf")
     ram = _tier(snap, "ram")
     result = {
         "model": str(args.model),
@@ -162,6 +167,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "expert_bytes_per_token": expert_bpt,
             "best_decode_tokens_per_s": best,
             "fraction_reached": med["decode_tokens_per_s"] / best if best else 0.0,
+            "best_decode_tokens_per_s_overlapped": best_overlapped,
+            "fraction_reached_overlapped": med["decode_tokens_per_s"] / best_overlapped if best_overlapped else 0.0,
         },
     }
     if args.json:
@@ -190,5 +197,7 @@ def _print_report(r: dict) -> None:
         f"{format_size(roof['expert_bytes_per_token'])} experts",
         f"roofline         {roof['best_decode_tokens_per_s']:.2f} tokens/s best; "
         f"reached {roof['fraction_reached']:.0%}",
+        f"overlapped       {roof['best_decode_tokens_per_s_overlapped']:.2f} tokens/s best if reads and compute "
+        f"overlap fully; reached {roof['fraction_reached_overlapped']:.0%}",
     ]
     print("\n".join(lines))

@@ -11,28 +11,30 @@ import numpy as np
 
 
 def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read over a buffer far larger than the caches (median of repeats).
+    """Bytes/s of a streaming read, on every core the kernels use, over a buffer far larger than the
+    caches (median of repeats).
 
     128 MiB is 4x the largest L3 of this class of machine, and small enough to measure inside the
-    memory limit a benchmark runs under.
-
-    A float64 sum reads each byte once and does too little arithmetic to be compute-bound, so
-    it is the read side of a STREAM-like test.
+    memory limit a benchmark runs under.  All threads, because the decode kernels read the cached
+    weights with all threads: one numpy thread saw about half of this machine's bandwidth (18 of
+    ~35 GB/s), which made a roofline built on it easy to reach.  The probe is the one `mer-tui bench
+    kernels` reports.
     """
-    buf = np.ones(nbytes // 8, dtype=np.float64)
-    buf.sum()  # fault the pages in before timing
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    return nbytes / float(np.median(times))
+    import kernels
+
+    from .bench_kernels import dram_read_bandwidth as probe
+
+    return probe(kernels.threads(), repeats, nbytes)["all_threads"]
 
 
 def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: int = 4 * 1024**2,
-                          queue_depth: int = 8, max_bytes: int | None = None) -> tuple[float, str]:
-    """Bytes/s of O_DIRECT reads of `path` (random 4 MiB blocks at `queue_depth`), and how it was read.
+                          queue_depth: int = 8) -> tuple[float, str]:
+    """Bytes/s of O_DIRECT reads of `path` (random 4 MiB blocks, `queue_depth` always in flight), and
+    how it was read.
 
+    Each of `queue_depth` threads reads on its own until the time is up, so the device always has
+    that many requests: reading in rounds (all of them, then the next all) left it waiting for each
+    round's slowest read, and measured less than the engine's own io_uring reads achieved.
     Falls back to buffered reads (and says so) on a filesystem that refuses O_DIRECT.
     """
     path = Path(path)
@@ -44,17 +46,21 @@ def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: 
     except OSError:
         fd = os.open(path, os.O_RDONLY)
         how = "buffered (O_DIRECT refused)"
-    rng = np.random.default_rng(0)
     bufs = [mmap.mmap(-1, block) for _ in range(queue_depth)]  # page-aligned, as O_DIRECT needs
-    total = 0
+
+    def reader(i: int) -> int:
+        rng = np.random.default_rng(i)
+        got = 0
+        while time.perf_counter() < deadline:
+            got += os.preadv(fd, [bufs[i]], int(rng.integers(0, nblocks)) * block)
+        return got
+
     try:
         with ThreadPoolExecutor(queue_depth) as pool:
             t0 = time.perf_counter()
-            while time.perf_counter() - t0 < seconds and (max_bytes is None or total < max_bytes):
-                offs = rng.integers(0, nblocks, queue_depth) * block
-                got = pool.map(lambda a: os.preadv(fd, [a[0]], int(a[1])), zip(bufs, offs))
-                total += sum(got)
-            elapsed = time.perf_counter() - t0
+            deadline = t0 + seconds
+            total = sum(pool.map(reader, range(queue_depth)))
+            elapsed = time.perf_counter() - t0   # includes the reads that ran past the deadline
     finally:
         os.close(fd)
         for b in bufs:

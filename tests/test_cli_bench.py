@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mer_tui", "bench", *args], capture_output=True, text=True,
@@ -26,6 +28,10 @@ def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
     bundles_per_token = 2 * 3                               # top-2 in each of the 3 layers
     assert 0 < out["missed_bytes_per_token"] <= roof["expert_bytes_per_token"] + bundles_per_token * 3 * 8192
     assert 0 < roof["fraction_reached"] < 1.5
+    # overlapping reads with compute can only raise the bound: max(a, b) <= a + b
+    assert roof["best_decode_tokens_per_s_overlapped"] >= roof["best_decode_tokens_per_s"]
+    top = roof["best_decode_tokens_per_s_overlapped"]
+    assert roof["fraction_reached_overlapped"] == pytest.approx(out["decode_tokens_per_s"] / top, rel=1e-3)
     assert out["peak_rss_bytes"] > 10 * 1024**2
 
 
