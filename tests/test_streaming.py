@@ -139,6 +139,36 @@ def test_prefetch_and_demand_share_one_read(tiny_store):
         assert pf["issued"] == pf["useful"] == pf["late"] == 1 and pf["precision"] == 1.0
 
 
+def test_prefetch_reads_while_a_demand_read_is_in_flight(tiny_store):
+    # The hint for the next layer comes just before this layer's demand read; waiting for that read to
+    # end left the disk idle during the compute that follows (see StreamingExperts._work).
+    with engine.load(tiny_store, ram_cache=None) as m:
+        src = m.experts
+        demand_reading, release = threading.Event(), threading.Event()
+
+        def hold_demand() -> None:
+            if threading.current_thread().name.startswith("mer-prefetch"):
+                return
+            demand_reading.set()
+            release.wait(10)
+
+        src.reader = FaultyReader(src.reader, delay=hold_demand)
+        demand = threading.Thread(target=src.get, args=(0, [1]))
+        demand.start()
+        try:
+            assert demand_reading.wait(10)
+            src.prefetch(1, [2])
+            deadline = time.time() + 10
+            while (1, 2) not in src.reader.reads and time.time() < deadline:
+                time.sleep(0.001)
+            assert src.reader.reads.get((1, 2)) == 1 and demand.is_alive()   # read while demand still waits
+        finally:
+            release.set()
+            demand.join(10)
+        assert src.reader.reads == {(0, 1): 1, (1, 2): 1}
+        assert src.get(1, [2])[2] is not None and src.reader.reads[(1, 2)] == 1   # and it is used
+
+
 def test_buffers_are_reused_but_never_under_a_bundle_in_use(tiny_store):
     with engine.load(tiny_store, ram_cache=0, prefetch=False) as m:   # nothing cached: every ask reads
         src = m.experts
