@@ -46,6 +46,16 @@ enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6 };
  * next group), which keeps the next streams warm.  On Zen 3 this took a cold 8192x4096 q4_0
  * product from 15 to 24 G weights/s per core, and a 2048x1024 one from 9 to 20. */
 
+/* Decode takes q8_0 rows of at most this many bytes one at a time instead of four side by side.
+ * Four rows share each load of the vector, which pays where the data is cached or the rows are long;
+ * but four short rows read side by side are four streams of a few cache lines each, which a core
+ * fetched from DRAM at about half the rate of one sequential stream.  Measured on Zen 3 (cold, the
+ * same binary but for this switch): q8_0 2048x1024 one thread 10-11 -> 17-19 GB/s, and `bench kernels`
+ * ratio to numpy f32 0.54-0.59 -> 0.80-0.83 (1024x2048: 0.54-0.61 -> 0.63-1.03); hot it falls from 24
+ * to 16 GB/s, which decode never is.  q4_0 gained nothing (one row at a time its dot is compute-bound
+ * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
+#define SEQ_ROW_BYTES 2304
+
 MK_API int mk_version(void) { return 5; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
@@ -970,9 +980,10 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
 #if MK_SIMD
     if (fmt != F32 && (p->xq || fmt == F16 || fmt == BF16)) {
         float o[4];
-        if (p->n == 1) { /* decode: four rows share each load of the vector */
+        if (p->n == 1) { /* decode: four rows share each load of the vector, except short ones */
+            const int seq = fmt == Q8_0 && rb <= SEQ_ROW_BYTES;
             int64_t r = r0;
-            for (; r + 4 <= r1; r += 4) {
+            for (; !seq && r + 4 <= r1; r += 4) {
                 dot_4_1(fmt, w + r * rb, rb, p, 0, o);
                 for (int k = 0; k < 4; k++) Y[r + k] = o[k];
             }

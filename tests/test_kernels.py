@@ -215,6 +215,20 @@ def test_matmul_matches_dequantized_product(backend, fmt, n):
         assert _rel(Y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("cols", [512, 4096])
+def test_decode_short_and_long_rows(backend, fmt, cols):
+    # The C decode reads short q8_0 rows one at a time and long ones four side by side (qkernels.c,
+    # SEQ_ROW_BYTES): both ways must give the same products.
+    rows = 37
+    q = random_blocks(fmt, rows, cols, seed=16)
+    x = llm_like(1, cols, seed=17)
+    y = kernels.matvec(q, fmt, cols, x[0])
+    ref = _ref(q, fmt, cols, x)[0]
+    assert _rel(y, ref) < 3e-3
+    assert np.array_equal(kernels.matmul(q, fmt, cols, x)[0], y)
+
+
 @pytest.mark.parametrize("fmt", kernels.FORMATS)
 def test_matvec_and_qmatrix(backend, fmt):
     rows, cols = 21, 256
