@@ -190,19 +190,11 @@ def _paired(a: _Timer, b: _Timer, repeats: int, stat: str = "median",
 
 def dram_read_bandwidth(threads: int, repeats: int, nbytes: int, stat: str = "median") -> dict[str, float]:
     """Read bandwidth of a buffer far larger than the caches: all threads, and one numpy stream."""
+    from .machine import dram_read_bandwidth as threads_read
+
     buf = np.ones(nbytes // 4, dtype=np.float32)
-    out: dict[str, float] = {}
-    b = kernels.backend()
-    if b.startswith("c-"):
-        from kernels import cpu_c
-        ck = cpu_c.load(b[2:])
-        t = _time(lambda _: ck.read_sum(buf, threads), [None], repeats, stat)
-    else:
-        from kernels import matvec_numba
-        t = _time(lambda _: matvec_numba.read_sum(buf, threads), [None], repeats, stat)
-    out["all_threads"] = buf.nbytes / t
-    out["numpy_1_thread"] = buf.nbytes / _time(lambda _: buf.sum(dtype=np.float64), [None], repeats, stat)
-    return out
+    return {"all_threads": threads_read(nbytes, repeats, threads, stat),
+            "numpy_1_thread": buf.nbytes / _time(lambda _: buf.sum(dtype=np.float64), [None], repeats, stat)}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -10,21 +10,37 @@ from pathlib import Path
 import numpy as np
 
 
-def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read, on every core the kernels use, over a buffer far larger than the
-    caches (median of repeats).
+def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5, threads: int | None = None,
+                        stat: str = "median") -> float:
+    """Bytes/s of a streaming read by `threads` threads (None: all the kernels use) over a buffer far
+    larger than the caches; the median (or "min": the fastest) of `repeats` reads.
 
     128 MiB is 4x the largest L3 of this class of machine, and small enough to measure inside the
     memory limit a benchmark runs under.  All threads, because the decode kernels read the cached
     weights with all threads: one numpy thread saw about half of this machine's bandwidth (18 of
-    ~35 GB/s), which made a roofline built on it easy to reach.  The probe is the one `mer-tui bench
-    kernels` reports.
+    ~35 GB/s), which made a roofline built on it easy to reach.
     """
     import kernels
 
-    from .bench_kernels import dram_read_bandwidth as probe
-
-    return probe(kernels.threads(), repeats, nbytes)["all_threads"]
+    threads = threads or kernels.threads()
+    b = kernels.backend()
+    if b.startswith("c-"):
+        from kernels import cpu_c
+        ck = cpu_c.load(b[2:])
+        def read(buf: np.ndarray) -> float:
+            return ck.read_sum(buf, threads)
+    else:
+        from kernels import matvec_numba
+        def read(buf: np.ndarray) -> float:
+            return matvec_numba.read_sum(buf, threads)
+    buf = np.ones(nbytes // 4, dtype=np.float32)
+    read(buf)  # fault the pages in (and compile) before timing
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        read(buf)
+        times.append(time.perf_counter() - t)
+    return buf.nbytes / float(np.min(times) if stat == "min" else np.median(times))
 
 
 def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: int = 4 * 1024**2,
