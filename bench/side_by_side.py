@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench.cgroup import MemoryCgroup, drop_page_cache
 from bench.make_olmoe_like import FULL, SMALL, build_hf
+from mer_tui.bench import roofline_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -292,7 +293,7 @@ def machine_info(out: Path) -> dict:
 def roofline(r: dict, data: dict, local: bool = False, overlapped: bool = False) -> tuple[float | None, float | None]:
     """(best decode tok/s, fraction reached) for a mer-tui run, with the suite's DRAM and disk bandwidths.
 
-    best = 1 / (cached bytes / DRAM + missed bytes / disk) per token, as `mer-tui bench` computes it.
+    best = 1 / (cached bytes / DRAM + missed bytes / disk) per token (mer_tui.bench.roofline_tokens_per_s).
     local: the disk figure is the better of the probes just before and just after this run (None
     where the run has none), instead of the best sample of the whole suite.
     overlapped: 1 / max(cached bytes / DRAM, missed bytes / disk), the bound for reads fully overlapped
@@ -308,8 +309,7 @@ def roofline(r: dict, data: dict, local: bool = False, overlapped: bool = False)
         disk = max(r["disk_gbs_around"]) * 1e9
     active = roof["resident_bytes_per_token"] + roof["expert_bytes_per_token"]
     missed = min(r.get("missed_bytes_per_token") or 0.0, roof["expert_bytes_per_token"])
-    parts = ((active - missed) / dram, missed / disk)
-    best = 1.0 / (max(parts) if overlapped else sum(parts))
+    best = roofline_tokens_per_s(active, missed, dram, disk)[1 if overlapped else 0]
     return best, r["decode_tokens_per_s"] / best
 
 

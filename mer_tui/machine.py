@@ -1,6 +1,7 @@
 """Measured facts about this machine that bound decode speed: DRAM and O_DIRECT read bandwidth."""
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import time
@@ -22,17 +23,14 @@ def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5, threads: 
     """
     import kernels
 
-    threads = threads or kernels.threads()
     b = kernels.backend()
     if b.startswith("c-"):
         from kernels import cpu_c
-        ck = cpu_c.load(b[2:])
-        def read(buf: np.ndarray) -> float:
-            return ck.read_sum(buf, threads)
+        read_sum = cpu_c.load(b[2:]).read_sum
     else:
         from kernels import matvec_numba
-        def read(buf: np.ndarray) -> float:
-            return matvec_numba.read_sum(buf, threads)
+        read_sum = matvec_numba.read_sum
+    read = functools.partial(read_sum, threads=threads or kernels.threads())
     buf = np.ones(nbytes // 4, dtype=np.float32)
     read(buf)  # fault the pages in (and compile) before timing
     times = []
