@@ -176,6 +176,16 @@ class CKernels:
             raise RuntimeError(f"mk_matmul({fmt}) failed with {rc}")
         return Y
 
+    def matvec(self, q: np.ndarray, fmt: str, cols: int, x: np.ndarray, threads: int) -> np.ndarray:
+        """matmul for one contiguous float32 vector x (cols,): returns (rows,)."""
+        y = np.empty(q.shape[0], dtype=np.float32)
+        buf = self.ffi.from_buffer
+        rc = self.lib.mk_matmul(FMT_CODE[fmt], buf("uint8_t[]", q) if q.flags.c_contiguous else self._p(q, "uint8_t"),
+                                q.strides[0], q.shape[0], cols, buf("float[]", x), 1, buf("float[]", y), threads)
+        if rc:
+            raise RuntimeError(f"mk_matmul({fmt}) failed with {rc}")
+        return y
+
     def ffn(self, g: np.ndarray, u: np.ndarray, fmt_gu: str, d: np.ndarray, fmt_d: str, hidden: int,
             inter: int, X: np.ndarray, threads: int) -> np.ndarray:
         n = X.shape[0]

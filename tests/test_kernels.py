@@ -286,6 +286,11 @@ def test_empty_and_strided_inputs(backend):
                           kernels.matmul(np.ascontiguousarray(view), "q8_0", cols, X))
     X64 = X.astype(np.float64)  # other dtypes are converted
     assert np.array_equal(kernels.matmul(q, "q8_0", cols, X64), kernels.matmul(q, "q8_0", cols, X))
+    # one vector takes a shorter path on the C backend: the same products on a strided matrix, and
+    # from a vector that is itself a strided view
+    assert np.array_equal(kernels.matvec(view, "q8_0", cols, X[0]), kernels.matmul(view, "q8_0", cols, X)[0])
+    wide = np.repeat(X, 2, axis=1)
+    assert np.array_equal(kernels.matvec(q, "q8_0", cols, wide[0, ::2]), kernels.matmul(q, "q8_0", cols, X)[0])
 
 
 def _ffn_ref(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.ndarray:
