@@ -293,7 +293,11 @@ class StreamingExperts(ExpertSource):
         t0 = time.perf_counter()
         for attempt in range(self.attempts):
             jobs = [self._job(key, bufs[key]) for key in todo]
-            self.reader.read(jobs)
+            self.reader.stats.read_began()
+            try:
+                self.reader.read(jobs)
+            finally:
+                self.reader.stats.read_ended()
             again = []
             for job in jobs:
                 key = job.tag
@@ -487,6 +491,7 @@ class StreamingExperts(ExpertSource):
                   "guess_precision": self.guess_right / self.guess_made if self.guess_made else 0.0,
                   "guess_recall": self.guess_right / self.guess_needed if self.guess_needed else 0.0}
             ssd = {"reads": self.bundles_read, "bytes_read": io["bytes"], "read_mb_s": io["mb_s"],
+                   "busy_s": io["busy_s"],
                    "errors": self.read_errors, "retries": self.retries}
             policy = self.cache.policy
         tiers = {"ram": ram, "ssd": ssd}

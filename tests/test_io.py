@@ -217,3 +217,27 @@ def test_uring_module_builds_elsewhere_when_the_cache_is_not_writable(tmp_path, 
     monkeypatch.setenv("MER_TUI_CACHE_DIR", str(blocker / "cache"))
     path = uring_build._find_or_build(uring_build._name())
     assert path.exists() and not str(path).startswith(str(blocker))
+
+
+def test_busy_time_counts_overlapping_reads_once(monkeypatch):
+    from engine.io import base
+
+    clock = [100.0]
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+    st = base.IoStats()
+    st.read_began()          # 100: busy from here
+    clock[0] = 101.0
+    st.read_began()          # a second reader thread joins
+    clock[0] = 102.0
+    st.read_ended()
+    clock[0] = 103.0
+    st.read_ended()          # 103: idle
+    clock[0] = 110.0         # 7 s idle: not counted
+    assert st.snapshot()["busy_s"] == pytest.approx(3.0)
+    st.read_began()
+    clock[0] = 111.5
+    assert st.snapshot()["busy_s"] == pytest.approx(4.5)   # a read under way counts up to now
+    st.reset()               # a reset mid-read keeps counting that read from the reset on
+    clock[0] = 112.0
+    st.read_ended()
+    assert st.snapshot()["busy_s"] == pytest.approx(0.5)

@@ -76,6 +76,8 @@ class IoStats:
         self._lock = threading.Lock()
         self._depth_now = depth_now
         self.inflight = 0
+        self._reading = 0        # read() calls under way, from any thread
+        self._busy_from = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -87,6 +89,23 @@ class IoStats:
             self._lat_ms: deque[float] = deque(maxlen=2048)
             self._done: deque[tuple[float, int]] = deque()
             self._since = time.monotonic()
+            self._busy_s = 0.0
+            if self._reading:
+                self._busy_from = self._since
+
+    # Busy time: how long at least one read was under way.  With the bytes read, it gives the speed
+    # the disk delivered while it had work, and the share of a decode during which it had none.
+    def read_began(self) -> None:
+        with self._lock:
+            if not self._reading:
+                self._busy_from = time.monotonic()
+            self._reading += 1
+
+    def read_ended(self) -> None:
+        with self._lock:
+            self._reading -= 1
+            if not self._reading:
+                self._busy_s += time.monotonic() - self._busy_from
 
     # pread-style readers: one request at a time per thread
     def started(self) -> int:
@@ -128,7 +147,9 @@ class IoStats:
             span = min(RATE_WINDOW_S, max(now - self._since, 1e-3))
             lat = sorted(self._lat_ms)
             depth = self.inflight + (self._depth_now() if self._depth_now else 0)
+            busy = self._busy_s + (now - self._busy_from if self._reading else 0.0)
             return {
+                "busy_s": busy,
                 "requests": self.requests,
                 "bytes": self.bytes,
                 "mb_s": sum(n for _, n in self._done) / span / 1e6,
