@@ -32,6 +32,7 @@ from pathlib import Path
 from bench.cgroup import MemoryCgroup, drop_page_cache
 from bench.make_olmoe_like import FULL, SMALL, build_hf
 from mer_tui.bench import roofline_tokens_per_s
+from mer_tui.export import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -603,8 +604,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the profile of one decode run")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / (("results-small" if args.small else "results") + (
-        ".json" if args.dense_format == "bf16" else f"-dense-{args.dense_format}.json"))
+    # The full suite's results sit beside the docs rendered from them, so their history (the earlier
+    # suites column) survives deleting the model folder; the smoke test's stay with its files.
+    name = ("results-small" if args.small else "side_by_side_results") + (
+        ".json" if args.dense_format == "bf16" else f"-dense-{args.dense_format}.json")
+    results_path = (args.out if args.small else DOC.parent) / name
     if args.docs_only:
         data = json.loads(results_path.read_text())
         if args.remeasure:
@@ -614,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             old = data.get("bandwidth_samples_gbs") or {"dram": [data["dram_gbs"]], "disk": [data["disk_gbs"]]}
             merged = {k: old.get(k, []) + [round(v / 1e9, 2) for v in more[k]] for k in more}
             data.update(bandwidth_samples_gbs=merged, dram_gbs=max(merged["dram"]), disk_gbs=max(merged["disk"]))
-            results_path.write_text(json.dumps(data, indent=2))
+            write_atomic(results_path, json.dumps(data, indent=2) + "\n")
         write_docs(data)
         return 0
 
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if prof or prev.get("profile"):
         data["profile"] = prof or prev["profile"]
-    results_path.write_text(json.dumps(data, indent=2))
+    write_atomic(results_path, json.dumps(data, indent=2) + "\n")
     (args.out / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(data, indent=2))
     log(f"results in {results_path}")
     if not args.no_docs and not args.small:
