@@ -108,7 +108,7 @@ class InMemoryExperts(ExpertSource):
         return {
             "tiers": {"ram": {"hits": self.hits, "misses": 0, "hit_rate": 1.0 if self.hits else 0.0,
                               "bytes_used": self.bytes_used, "bytes_budget": None, "entries": n, "pinned": n},
-                      "ssd": {"reads": 0, "bytes_read": 0, "read_mb_s": 0.0, "busy_s": 0.0}},
+                      "ssd": {"reads": 0, "bytes_read": 0, "read_mb_s": 0.0, "busy_s": 0.0, "busy": 0.0}},
             "io": {"backend": "ram", "queue_depth": 0, "queue_depth_max": 0, "queue_depth_mean": 0.0,
                    "read_ms_p50": 0.0, "read_ms_p99": 0.0},
             "prefetch": {"enabled": False, "issued": 0, "useful": 0},

@@ -232,11 +232,15 @@ def test_busy_time_counts_overlapping_reads_once(monkeypatch):
     st.read_ended()
     clock[0] = 103.0
     st.read_ended()          # 103: idle
+    clock[0] = 102.5
+    assert st.snapshot()["busy"] == pytest.approx(1.0)      # the last 2 s (RATE_WINDOW_S) were all busy
     clock[0] = 110.0         # 7 s idle: not counted
     assert st.snapshot()["busy_s"] == pytest.approx(3.0)
+    assert st.snapshot()["busy"] == 0.0
     st.read_began()
     clock[0] = 111.5
     assert st.snapshot()["busy_s"] == pytest.approx(4.5)   # a read under way counts up to now
+    assert st.snapshot()["busy"] == pytest.approx(0.75)     # 1.5 s of the last 2
     st.reset()               # a reset mid-read keeps counting that read from the reset on
     clock[0] = 112.0
     st.read_ended()

@@ -78,6 +78,15 @@ def test_tiers_show_what_the_engine_applies():
     assert "asked 1.0 GiB" in out
 
 
+def test_tiers_show_how_busy_the_disk_was():
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    snap = {**snap, "tiers": {**snap["tiers"], "ssd": {**snap["tiers"]["ssd"], "busy": 0.734, "read_mb_s": 812.0}}}
+    out = "\n".join(lines(render_tiers(snap, 54), 54))
+    assert "73% busy, 812 MB/s" in out
+    snap["tiers"]["ssd"].pop("busy")   # a recording from before the field: an idle gauge, not an error
+    assert "0% busy" in "\n".join(lines(render_tiers(snap, 54), 54))
+
+
 def test_tiers_show_a_vram_tier_when_present():
     snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
     snap = {**snap, "tiers": {**snap["tiers"], "vram": {"hits": 5, "misses": 5, "hit_rate": 0.5,

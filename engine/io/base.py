@@ -90,6 +90,7 @@ class IoStats:
             self._done: deque[tuple[float, int]] = deque()
             self._since = time.monotonic()
             self._busy_s = 0.0
+            self._busy_recent: deque[tuple[float, float]] = deque()   # busy spans ended in the window
             if self._reading:
                 self._busy_from = self._since
 
@@ -105,7 +106,11 @@ class IoStats:
         with self._lock:
             self._reading -= 1
             if not self._reading:
-                self._busy_s += time.monotonic() - self._busy_from
+                now = time.monotonic()
+                self._busy_s += now - self._busy_from
+                self._busy_recent.append((self._busy_from, now))
+                while self._busy_recent and self._busy_recent[0][1] < now - RATE_WINDOW_S:
+                    self._busy_recent.popleft()
 
     # pread-style readers: one request at a time per thread
     def started(self) -> int:
@@ -148,8 +153,13 @@ class IoStats:
             lat = sorted(self._lat_ms)
             depth = self.inflight + (self._depth_now() if self._depth_now else 0)
             busy = self._busy_s + (now - self._busy_from if self._reading else 0.0)
+            # the share of the trailing window during which a read was under way, as mb_s is its bytes
+            start = now - span
+            spans = list(self._busy_recent) + ([(self._busy_from, now)] if self._reading else [])
+            recent = sum(max(0.0, e - max(b, start)) for b, e in spans)
             return {
                 "busy_s": busy,
+                "busy": min(1.0, recent / span),
                 "requests": self.requests,
                 "bytes": self.bytes,
                 "mb_s": sum(n for _, n in self._done) / span / 1e6,

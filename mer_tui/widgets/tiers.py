@@ -69,9 +69,13 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
             pins = Text(f"asked {format_size(requested_budget)}", style=styles["asked"])
         t.add_row("", detail, pins)
 
+    # The SSD as a gauge of how much of the last seconds some read was under way: near 100% while
+    # decoding, the disk is the bound (a bigger cache, or fewer wasted prefetches, helps); well below,
+    # compute or the guessing of the next experts is.  Totals read are in the exported telemetry.
     ssd = tiers.get("ssd") or {}
-    t.add_row("SSD", Text(f"{ssd.get('reads') or 0} reads"),
-              Text(f"{format_size(ssd.get('bytes_read') or 0)}, {ssd.get('read_mb_s') or 0.0:.0f} MB/s"))
+    busy = ssd.get("busy") or 0.0
+    t.add_row("SSD", bar(busy, gauge_w, styles["used"], styles["track"]),
+              Text(f"{100 * busy:.0f}% busy, {ssd.get('read_mb_s') or 0.0:.0f} MB/s"))
     io = snap.get("io") or {}
     reader = str(io.get("backend", "?")) + (" O_DIRECT" if io.get("direct") else "")
     t.add_row("Reader", Text(reader),
