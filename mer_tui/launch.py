@@ -33,13 +33,13 @@ STRESS_BUDGET_FRACTION = 0.25
 CHAT_BUDGET_FRACTION = 0.5
 
 
-
 def _quant_label(args: argparse.Namespace) -> str | None:
     """What the header says of the formats asked for: experts', then the dense matrices' if set."""
     dense = getattr(args, "dense_quant", None)
     if dense:
         return f"{args.quant or 'as stored'} + dense {dense}"
     return args.quant
+
 
 def demo_chat_path() -> Path | None:
     """The trained demo model: assets/demo in a source checkout, or inside the package if shipped there."""

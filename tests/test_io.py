@@ -232,7 +232,6 @@ def test_busy_time_counts_overlapping_reads_once(monkeypatch):
     st.read_ended()
     clock[0] = 103.0
     st.read_ended()          # 103: idle
-    clock[0] = 102.5
     assert st.snapshot()["busy"] == pytest.approx(1.0)      # the last 2 s (RATE_WINDOW_S) were all busy
     clock[0] = 110.0         # 7 s idle: not counted
     assert st.snapshot()["busy_s"] == pytest.approx(3.0)
