@@ -5,12 +5,22 @@ destination aligned to the logical block size (a page is always enough), and unm
 the memory to the kernel the moment the last view is dropped, so an evicted bundle really leaves
 RSS (glibc's malloc may keep large freed blocks around).  MAP_PRIVATE matters too: a shared
 anonymous map is shmem and would show up as page cache.
+
+Read buffers ask for transparent huge pages (`read_buffer`).  An O_DIRECT read lands in the
+buffer's physical pages, and the block layer turns each physically contiguous run into one
+segment; a request holds at most max_segments of them (254 on the work machine's virtio disk), so
+with 4 KiB pages a 4 MiB read went out as four 1 MiB requests.  That disk serves a bounded number
+of requests a second: 4 MiB reads into 4 KiB pages gave 0.8-1.1 GB/s, into huge pages 1.9-2.5 GB/s
+(one to four readers, random offsets, alternating).  Pinning 2 MiB pages also costs the kernel less
+than 512 small ones (sys time per 4 MiB read: ~300 us -> ~90 us).
 """
 from __future__ import annotations
 
 import mmap
 import sys
 import threading
+
+import numpy as np
 
 #: every O_DIRECT offset, length and buffer address is a multiple of this (covers 512 B and 4 KiB sectors)
 ALIGN = 4096
@@ -27,6 +37,25 @@ def align_up(n: int, a: int = ALIGN) -> int:
 def aligned_buffer(nbytes: int) -> mmap.mmap:
     """A zero-filled, page-aligned, private anonymous buffer of at least `nbytes` (rounded up to ALIGN)."""
     return mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=mmap.MAP_PRIVATE)
+
+
+def read_buffer(nbytes: int) -> mmap.mmap:
+    """aligned_buffer backed by transparent huge pages where the kernel grants them (THP "always" or
+    "madvise"; elsewhere 4 KiB pages as before), with every page faulted in.
+
+    MAP_POPULATE cannot be used: it faults 4 KiB pages before the advice is given.  Huge pages cover
+    the buffer's whole 2 MiB-aligned stretches (the kernel aligns large anonymous maps); a tail
+    smaller than 2 MiB stays in small pages."""
+    buf = aligned_buffer(nbytes)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            buf.madvise(advice)
+        except OSError:   # THP compiled out or not allowed: small pages, as before
+            pass
+    # Fault the pages in now: a read into an unfaulted buffer would pay for the faults itself.
+    np.frombuffer(buf, np.uint8)[::ALIGN] = 0
+    return buf
 
 
 def _free_refs() -> int:
@@ -75,7 +104,7 @@ class BufferPool:
                     self.reused += 1
                     return lst.pop(i)
             self.allocated += 1
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE)
+        return read_buffer(size)
 
     @property
     def nbytes(self) -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from .base import CHUNK, FileSet, Reader, ReadJob, ShortRead, Span, chunk_for, split
+from .base import CHUNK, FileSet, Reader, ReadJob, ShortRead, Span, split
 
 
 class PreadReader(Reader):
@@ -68,10 +68,9 @@ class PreadReader(Reader):
 
     def read(self, jobs: Sequence[ReadJob]) -> None:
         futures = {}
-        chunk = chunk_for(jobs, self.queue_depth, self.chunk)
         for job in jobs:
             for s in job.spans:
-                for part in split(s, chunk):
+                for part in split(s, self.chunk):
                     futures[self._pool.submit(self._one, part)] = job
         wait(futures)
         for f, job in futures.items():

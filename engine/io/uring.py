@@ -14,11 +14,12 @@ import os
 import threading
 from collections.abc import Sequence
 
-from .base import CHUNK, FileSet, IoStats, Reader, ReadJob, ShortRead, Span, chunk_for, split
+from .base import CHUNK, FileSet, IoStats, Reader, ReadJob, ShortRead, Span, split
 from .buffers import aligned_buffer
 from .uring_build import load_uring
 
 RING_ENTRIES = 64
+STAGING_CHUNK = 1 << 20   # bytes of one registered staging buffer
 
 
 class _Ring:
@@ -61,7 +62,9 @@ class UringReader(Reader):
                  chunk: int = CHUNK, staging: bool = False):
         super().__init__(paths)
         self._mod = load_uring()
-        self.chunk = chunk
+        # Staged reads land in registered buffers of `chunk` bytes each, queue_depth of them: keep
+        # those at 1 MiB (16 MiB registered) rather than the 4 MiB direct requests use.
+        self.chunk = min(chunk, STAGING_CHUNK) if staging else chunk
         self.queue_depth = max(1, min(int(queue_depth), RING_ENTRIES))
         self.staging = staging
         self._lock = threading.Lock()
@@ -97,8 +100,7 @@ class UringReader(Reader):
         return self._new_ring()
 
     def read(self, jobs: Sequence[ReadJob]) -> None:
-        chunk = chunk_for(jobs, self.queue_depth, self.chunk)
-        reqs: list[tuple[ReadJob, Span]] = [(j, p) for j in jobs for s in j.spans for p in split(s, chunk)]
+        reqs: list[tuple[ReadJob, Span]] = [(j, p) for j in jobs for s in j.spans for p in split(s, self.chunk)]
         if not reqs:
             return
         results = self._submit([s for _, s in reqs])
