@@ -13,10 +13,15 @@ Categories (times on the thread that decodes):
 - lm_head: the output projection over the vocabulary;
 - prefetch: guessing the next layer's experts (its router) and queueing reads;
 - other (Python overhead): router, norms, top-k, weighting, sampling, loops - everything else.
+
+With an expert store it also times the reader's reads (from every thread: demand reads and the
+prefetch worker's) and reports how much of decoding the disk was busy, and in which stage the
+decoding thread was while the disk sat idle: reads can only overlap work that is still ahead.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import functools
 import io
@@ -35,6 +40,9 @@ class Timers:
         self.calls: dict[str, int] = defaultdict(int)
         self.on = False
         self.depth = 0
+        self.spans: list[tuple[str, float, float]] = []   # top-level stages on the decoding thread
+        self.reads: list[tuple[float, float]] = []        # reader.read calls, any thread
+        self.window = (0.0, 0.0)                          # the last timed decode, first token to last
 
     def wrap(self, name: str, fn):
         @functools.wraps(fn)
@@ -47,9 +55,60 @@ class Timers:
                 return fn(*a, **k)
             finally:
                 self.depth -= 1
-                self.total[name] += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.total[name] += t1 - t0
                 self.calls[name] += 1
+                self.spans.append((name, t0, t1))
         return timed
+
+    def wrap_reads(self, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if self.on:
+                    self.reads.append((t0, time.perf_counter()))
+        return timed
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _covered(busy: list[tuple[float, float]], starts: list[float], a: float, b: float) -> float:
+    """Seconds of [a, b) inside the sorted, disjoint `busy` intervals (starts: their starts)."""
+    tot, i = 0.0, max(0, bisect.bisect_right(starts, a) - 1)
+    while i < len(busy) and busy[i][0] < b:
+        tot += max(0.0, min(b, busy[i][1]) - max(a, busy[i][0]))
+        i += 1
+    return tot
+
+
+def disk_idle(timers: Timers, t0: float, t1: float, tokens: int) -> dict | None:
+    """The disk's busy share of [t0, t1) (a read under way) and, per stage of the decoding thread,
+    the milliseconds a token that the disk sat idle while that stage ran."""
+    if not timers.reads or t1 <= t0:
+        return None
+    busy = _union([(max(a, t0), min(b, t1)) for a, b in timers.reads if b > t0 and a < t1])
+    starts = [a for a, _ in busy]
+    busy_s = sum(b - a for a, b in busy)
+    idle: dict[str, float] = defaultdict(float)
+    for name, a, b in timers.spans:
+        if a < t1 and b > t0:
+            a, b = max(a, t0), min(b, t1)
+            idle[name] += (b - a) - _covered(busy, starts, a, b)
+    idle["other"] = (t1 - t0 - busy_s) - sum(idle.values())
+    per_token = max(tokens, 1)
+    return {"busy_share": busy_s / (t1 - t0),
+            "idle_ms_per_token": {k: 1e3 * v / per_token for k, v in sorted(idle.items(), key=lambda kv: -kv[1])}}
 
 
 def instrument(model, timers: Timers) -> None:
@@ -63,10 +122,14 @@ def instrument(model, timers: Timers) -> None:
     kernels.experts_ffn = timers.wrap("expert_compute", kernels.experts_ffn)
     head = model.weights.lm_head
     object.__setattr__(head, "matmul", timers.wrap("lm_head", head.matmul))   # QMatrix is a frozen dataclass
+    reader = getattr(model.experts, "reader", None)   # a streaming source; experts in RAM have none
+    if reader is not None:
+        reader.read = timers.wrap_reads(reader.read)
 
 
 def decode(model, prompt: list[int], n: int, timers: Timers | None) -> tuple[float, int]:
-    """Seconds from the first token to the last, and tokens decoded in that time."""
+    """Seconds from the first token to the last, and tokens decoded in that time (timers.window:
+    when that was)."""
     t_first = None
     count = 0
     for _ in model.generate(prompt, max_new_tokens=n, ignore_eos=True):
@@ -75,9 +138,11 @@ def decode(model, prompt: list[int], n: int, timers: Timers | None) -> tuple[flo
             t_first = time.perf_counter()
             if timers:
                 timers.on = True
+    t_end = time.perf_counter()
     if timers:
         timers.on = False
-    return time.perf_counter() - (t_first or time.perf_counter()), max(count - 1, 0)
+        timers.window = (t_first or t_end, t_end)
+    return t_end - (t_first or t_end), max(count - 1, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": parts, "calls": dict(timers.calls),
         "share": {k: v / seconds for k, v in parts.items()} if seconds else {},
         "telemetry": {k: model.telemetry().get(k) for k in ("tiers", "io", "prefetch")},
+        "disk": disk_idle(timers, *timers.window, tokens),
     }
     if args.cprofile:
         prof = cProfile.Profile()
@@ -124,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
             print(f"{k:16s} {v:8.3f} s  {v / seconds:6.1%}")
         print(f"decode {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.2f} tok/s")
+        if result["disk"]:
+            d = result["disk"]
+            print(f"disk busy {d['busy_share']:.1%} of decoding; idle, by what the decoding thread was doing: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in d["idle_ms_per_token"].items()) + " ms a token")
         if "cprofile_top" in result:
             print(result["cprofile_top"])
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -88,3 +91,31 @@ def test_roofline_never_takes_a_disk_slower_than_the_engines_reads(chat_model_di
     roof = out["roofline"]
     assert roof["disk_read_bytes_per_s"] == pytest.approx(out["read_bytes_per_s_while_busy"], rel=1e-3)
     assert roof["disk_read_bytes_per_s"] > 1000 and "engine's own reads" in roof["disk_read_mode"]
+
+
+def test_profile_splits_the_disks_idle_time_by_stage():
+    from bench.profile_decode import Timers, disk_idle
+
+    t = Timers()
+    t.spans = [("io_wait", 0.0, 2.0), ("expert_compute", 2.0, 5.0), ("attention", 5.0, 8.0)]
+    t.reads = [(0.0, 1.5), (0.5, 3.0), (6.0, 7.0), (9.5, 12.0)]   # overlapping reads count once
+    d = disk_idle(t, 0.0, 10.0, tokens=2)
+    assert d["busy_share"] == pytest.approx(0.45)               # [0, 3), [6, 7), [9.5, 10)
+    idle = d["idle_ms_per_token"]
+    assert idle["expert_compute"] == pytest.approx(1000.0)      # [3, 5) over two tokens
+    assert idle["attention"] == pytest.approx(1000.0)           # [5, 6) and [7, 8)
+    assert idle["io_wait"] == pytest.approx(0.0)
+    assert idle["other"] == pytest.approx(750.0)                # [8, 9.5)
+    assert disk_idle(Timers(), 0.0, 1.0, 1) is None             # no reads timed: experts in RAM
+
+
+def test_profile_decode_reports_the_disk_on_a_streaming_model(chat_model_dir):
+    r = subprocess.run([sys.executable, "-m", "bench.profile_decode", "--model", str(chat_model_dir),
+                        "--ram-cache", "40KiB", "--io", "pread", "--prompt-tokens", "4", "--decode-tokens", "5",
+                        "--json"], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    d = out["disk"]
+    assert 0 < d["busy_share"] <= 1.0                           # every token misses at 40 KiB
+    idle_s = sum(d["idle_ms_per_token"].values()) * out["decode_tokens"] / 1e3
+    assert idle_s == pytest.approx((1 - d["busy_share"]) * out["decode_s"], rel=1e-6, abs=1e-6)
