@@ -228,11 +228,20 @@ def profile(args: argparse.Namespace, store: Path, ram_cache: int, cg: MemoryCgr
     top = "\n".join(line for line in r.get("cprofile_top", "").splitlines()
                     if line.strip() and not line.lstrip().startswith(("Ordered", "List reduced")))
     where = "inside the cgroup" if cg else "without a cgroup"
+    disk = []
+    if r.get("disk"):
+        idle = r["disk"]["idle_ms_per_token"]
+        short = {k: v.split(" (")[0].split(":")[0] for k, v in PROFILE_LABELS.items()}
+        disk = [f"The disk was busy (a read under way, demand or prefetch) {r['disk']['busy_share']:.0%} of the "
+                "decoding time. While it sat idle, the decoding thread was in: "
+                + ", ".join(f"{short.get(k, k)} {v:.1f}" for k, v in idle.items() if v >= 0.05)
+                + " ms a token. Reads can overlap only work still ahead: in these stages the next layer's guessed "
+                "experts were read already and the rest not yet known.", ""]
     return "\n".join([
         f"`{_command_line(Run('', '', '', '', cmd))}` ({where}): {r['decode_tokens']} tokens in "
         f"{r['decode_s']:.1f} s = {r['decode_tokens_per_s']:.2f} tok/s with wall-clock timers on the decoding "
         "thread (a warm-up decode first, so JIT compilation is not counted).",
-        "", *rows, "",
+        "", *rows, "", *disk,
         "cProfile of a second decode, functions by own time (cProfile slows Python-heavy code, so shares "
         "differ from the table):", "", "```", top, "```"])
 
@@ -486,12 +495,15 @@ def render_section(data: dict) -> str:
         "disk, `read_ahead_kb`), a tuned variant to show how much of llama.cpp's over-the-limit loss is read-ahead.",
         "",
         "‡ The roofline with the disk figure of this run's own moment: the better of two 3 s O_DIRECT probes "
-        "(4 MiB random reads at queue depth 8) taken just before and just after the run; first the serial sum "
+        "(4 MiB random reads at queue depth 8, into huge-page buffers as the engine's own reads since 0605175; "
+        "before that the probe's 4 KiB pages had each read cut into four requests and it measured about half "
+        "the disk) taken just before and just after the run; first the serial sum "
         "of DRAM and disk time, then the tighter bound of reads fully overlapped with compute (1 / the larger "
         "of the two times); where the run's own reads were faster while the disk was busy (the share of "
         "decoding it was busy is shown), their speed is the disk figure instead. This VM's disk drifts with "
         "other tenants' load: between ~0.8 and ~1.8 GB/s over "
-        "minutes in earlier suites, and 0.59-1.06 GB/s in twenty 1 s samples on 2026-11-29, so the suite's best "
+        "minutes in earlier suites, and 0.59-1.06 GB/s in twenty 1 s samples on 2026-11-29 (both with the "
+        "earlier probe); 1.7-2.5 GB/s into huge pages the same day. So the suite's best "
         "sample can belong to a moment faster than any run had.",
         "",
     ]
@@ -539,7 +551,7 @@ def render_section(data: dict) -> str:
         f"- roofline inputs (mer_tui.machine, best of the samples taken before and after the runs, "
         f"since other load only lowers a sample; all invocations' samples kept): "
         f"DRAM read (all threads) {data.get('dram_gbs', '?')} GB/s, O_DIRECT random "
-        f"4 MiB reads, 8 always in flight, {data.get('disk_gbs', '?')} GB/s; samples "
+        f"4 MiB reads into huge-page buffers, 8 always in flight, {data.get('disk_gbs', '?')} GB/s; samples "
         f"{data.get('bandwidth_samples_gbs', '?')}",
         f"- run at {data['when']}, code at {data.get('code', '?')}",
         "",
