@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
-from engine.io import ReadJob, Span, aligned_buffer, open_reader  # noqa: E402
+from engine.io import ReadJob, Span, open_reader  # noqa: E402
+from engine.io.buffers import read_buffer  # noqa: E402
 from engine.store import EXPERT_FILE, open_store  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog; a streaming MoE reads its experts from storage."
@@ -62,7 +63,7 @@ def disk_bandwidth(store: Path, bundle: int, kind: str = "uring", qd: int = 16, 
     r = open_reader(kind, [path], queue_depth=qd, staging=staging)
     rng = np.random.default_rng(0)
     order = rng.permutation(n_bundles)[: batches * per_batch]
-    bufs = [aligned_buffer(bundle) for _ in range(per_batch)]
+    bufs = [read_buffer(bundle) for _ in range(per_batch)]   # the engine's kind of buffer (huge pages)
     t = time.perf_counter()
     for i in range(batches):
         jobs = [ReadJob([Span(0, int(o) * bundle, bundle, bundle, memoryview(b))])
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
              "the reader copied into the RAM tier per token, demand misses and prefetches; in brackets what "
              "/proc/self/io says came from storage (for mmap, the page cache serves the rest). Prefetch "
              "precision: prefetched bundles later asked for / prefetched bundles; recall: those / (those + "
-             "demand misses). Queue depth and latency are per request (requests of 128 KiB to 1 MiB). "
+             "demand misses). Queue depth and latency are per request (requests of up to 4 MiB: one per bundle here). "
              "Other work shares this machine's two cores and disk: rows of one run compare with each "
              "other; between runs, the load moves every figure, the roofline's compute term included.")
     section = "\n\n".join([f"`{cmd.strip()}`", meta, machine, roofline, table(rows, roof), notes])
