@@ -14,7 +14,7 @@ from pathlib import Path
 # Requests are as large as this: a bundle (3.5 MiB for OLMoE's experts in q4_0) is one request.
 # Spreading a batch over the queue in 128 KiB-1 MiB requests read no faster on the work disk, and
 # once read buffers sit in huge pages (buffers.read_buffer) larger requests read much faster there:
-# 4 MiB at depth 1 2.2-2.5 GB/s against 0.8-1.0 GB/s for 1 MiB at depth 1 or 4.  The block layer
+# 2-4 MiB 1.7-2.5 GB/s against 0.8-1.8 for 1 MiB (`python -m bench.disk_requests FILE`).  The block layer
 # still cuts a request to the device's own limits (max_sectors_kb), so NVMe drives keep their
 # internal parallelism; the queue depth still bounds how many requests are in flight.
 CHUNK = 4 << 20
