@@ -43,9 +43,10 @@ def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5, threads: 
 
 
 def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: int = 4 * 1024**2,
-                          queue_depth: int = 8) -> tuple[float, str]:
+                          queue_depth: int = 8, huge: bool = True, seed: int = 0) -> tuple[float, str]:
     """Bytes/s of O_DIRECT reads of `path` (random 4 MiB blocks, `queue_depth` always in flight), and
-    how it was read.
+    how it was read.  huge=False reads into 4 KiB-page buffers (bench/disk_requests.py compares);
+    `seed` picks the blocks (reader i draws from seed + i).
 
     Each of `queue_depth` threads reads on its own until the time is up, so the device always has
     that many requests: reading in rounds (all of them, then the next all) left it waiting for each
@@ -64,10 +65,10 @@ def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: 
     # The engine's own kind of buffer (page-aligned, as O_DIRECT needs, and in huge pages where the
     # kernel grants them): with 4 KiB pages the block layer splits each 4 MiB read into 1 MiB
     # requests, and this probe measured half of what the disk gives the engine (engine/io/buffers.py).
-    bufs = [read_buffer(block) for _ in range(queue_depth)]
+    bufs = [read_buffer(block, huge) for _ in range(queue_depth)]
 
     def reader(i: int) -> int:
-        rng = np.random.default_rng(i)
+        rng = np.random.default_rng(seed + i)
         got = 0
         while time.perf_counter() < deadline:
             got += os.preadv(fd, [bufs[i]], int(rng.integers(0, nblocks)) * block)

@@ -278,3 +278,5 @@ def test_read_buffers_sit_in_huge_pages():
     pooled = BufferPool(8 << 20).get(4 << 20)
     assert _anon_huge_kib(np.frombuffer(pooled, np.uint8).ctypes.data) >= 2048
     assert not np.frombuffer(pooled, np.uint8).any()   # zero-filled, as before
+    small = read_buffer(4 << 20, huge=False)             # what bench/disk_requests.py compares against
+    assert _anon_huge_kib(np.frombuffer(small, np.uint8).ctypes.data) == 0

@@ -39,15 +39,16 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=mmap.MAP_PRIVATE)
 
 
-def read_buffer(nbytes: int) -> mmap.mmap:
+def read_buffer(nbytes: int, huge: bool = True) -> mmap.mmap:
     """aligned_buffer backed by transparent huge pages where the kernel grants them (THP "always" or
-    "madvise"; elsewhere 4 KiB pages as before), with every page faulted in.
+    "madvise"; elsewhere 4 KiB pages as before), with every page faulted in.  huge=False asks for
+    small pages instead (for measurements that compare the two).
 
     MAP_POPULATE cannot be used: it faults 4 KiB pages before the advice is given.  Huge pages cover
     the buffer's whole 2 MiB-aligned stretches (the kernel aligns large anonymous maps); a tail
     smaller than 2 MiB stays in small pages."""
     buf = aligned_buffer(nbytes)
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
     if advice is not None:
         try:
             buf.madvise(advice)
