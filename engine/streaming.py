@@ -326,7 +326,7 @@ class StreamingExperts(ExpertSource):
 
     def _job(self, key: Key, buf) -> ReadJob:
         p = self._plans[key]
-        mv = memoryview(buf)
+        mv = memoryview(buf).cast("B")   # pool slots export ctypes' "<B"; readers copy into plain bytes
         spans = [Span(f, off, length, need, mv[at:at + length]) for f, off, length, need, at in p.spans]
         return ReadJob(spans, tag=key)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.io.buffers import read_buffer
+from engine.io.buffers import BufferPool, read_buffer
 
 
 def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5, threads: int | None = None,
@@ -43,10 +43,12 @@ def dram_read_bandwidth(nbytes: int = 128 * 1024**2, repeats: int = 5, threads: 
 
 
 def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: int = 4 * 1024**2,
-                          queue_depth: int = 8, huge: bool = True, seed: int = 0) -> tuple[float, str]:
+                          queue_depth: int = 8, pages: str = "slab", seed: int = 0) -> tuple[float, str]:
     """Bytes/s of O_DIRECT reads of `path` (random 4 MiB blocks, `queue_depth` always in flight), and
-    how it was read.  huge=False reads into 4 KiB-page buffers (bench/disk_requests.py compares);
-    `seed` picks the blocks (reader i draws from seed + i).
+    how it was read.  The reads land in the engine's own buffers (pages="slab": slots of BufferPool's
+    huge-page slabs); "huge" reads into a map of their own (huge pages but a tail in small pages
+    where the block is no whole number of them), "small" into 4 KiB pages (bench/disk_requests.py
+    compares the three).  `seed` picks the blocks (reader i draws from seed + i).
 
     Each of `queue_depth` threads reads on its own until the time is up, so the device always has
     that many requests: reading in rounds (all of them, then the next all) left it waiting for each
@@ -65,7 +67,13 @@ def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: 
     # The engine's own kind of buffer (page-aligned, as O_DIRECT needs, and in huge pages where the
     # kernel grants them): with 4 KiB pages the block layer splits each 4 MiB read into 1 MiB
     # requests, and this probe measured half of what the disk gives the engine (engine/io/buffers.py).
-    bufs = [read_buffer(block, huge) for _ in range(queue_depth)]
+    if pages not in ("slab", "huge", "small"):
+        raise ValueError(f"pages: 'slab', 'huge' or 'small', not {pages!r}")
+    if pages == "slab":
+        pool = BufferPool(0)
+        bufs = [memoryview(pool.get(block)).cast("B") for _ in range(queue_depth)]
+    else:
+        bufs = [memoryview(read_buffer(block, pages == "huge")) for _ in range(queue_depth)]
 
     def reader(i: int) -> int:
         rng = np.random.default_rng(seed + i)
@@ -83,7 +91,7 @@ def direct_read_bandwidth(path: str | os.PathLike, seconds: float = 1.5, block: 
     finally:
         os.close(fd)
         for b in bufs:
-            b.close()
+            b.release()
     return total / elapsed, how
 
 

@@ -16,6 +16,7 @@ than 512 small ones (sys time per 4 MiB read: ~300 us -> ~90 us).
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 import threading
@@ -59,58 +60,186 @@ def read_buffer(nbytes: int, huge: bool = True) -> mmap.mmap:
     return buf
 
 
-def _free_refs() -> int:
-    """References a pooled buffer has when nothing but the pool holds it (as counted inside get())."""
-    pool = [mmap.mmap(-1, ALIGN, flags=mmap.MAP_PRIVATE)]
-    return sys.getrefcount(pool[0])   # the same expression get() uses
+#: transparent huge page size on x86-64 and most arm64 kernels
+HUGE_PAGE = 2 << 20
+#: slots per slab at most; a slab is sized so that its slots fill whole huge pages (or nearly)
+MAX_SLOTS = 16
+#: a slab may leave this share of its last huge page unused
+SLAB_WASTE = 0.02
+
+
+def slab_is_huge(size: int) -> bool:
+    """Whether slabs of `size`-byte slots ask for huge pages: only where a slab spans at least one
+    (smaller slots lose nothing in small pages: a read of 16 pages is one request anyway, and a
+    huge page faulted for one small slot would hold 2 MiB of RAM)."""
+    return size * MAX_SLOTS >= HUGE_PAGE
+
+
+def slots_per_slab(size: int) -> int:
+    """How many `size`-byte slots one slab holds: in huge pages, the fewest whose total is (nearly)
+    a whole number of them, so no slot ends in a partial huge page's small pages."""
+    if not slab_is_huge(size):
+        return MAX_SLOTS
+    best, best_waste = 1, float("inf")
+    for k in range(1, MAX_SLOTS + 1):
+        waste = (align_up(k * size, HUGE_PAGE) - k * size) / (k * size)
+        if waste <= SLAB_WASTE:
+            return k
+        if waste < best_waste:
+            best, best_waste = k, waste
+    return best
+
+
+class _Slab:
+    """One huge-page mapping cut into equal slots.  A slot is a ctypes array over its bytes: numpy
+    views and memoryviews of it hold a reference to that object (numpy would collapse a view of a
+    view onto the mapping itself), so its reference count says whether anyone still uses it."""
+
+    def __init__(self, size: int, k: int):
+        self.size = size
+        huge = slab_is_huge(size)
+        # One spare huge page of address space (never touched, so never resident) lets the slots start
+        # on a 2 MiB boundary wherever the kernel put the map.
+        span = align_up(k * size, HUGE_PAGE) + HUGE_PAGE if huge else k * size
+        self.mem = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE)
+        try:
+            self.mem.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
+        except (AttributeError, OSError):   # THP compiled out or not allowed: small pages
+            pass
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.start = (-base) % HUGE_PAGE if huge else 0
+        kind = ctypes.c_ubyte * size
+        self.slots = [kind.from_buffer(self.mem, self.start + i * size) for i in range(k)]
+        self.faulted = [False] * k
+
+    def fault_in(self, i: int) -> None:
+        # A read into unfaulted pages would pay for the faults itself (and O_DIRECT pins them anyway).
+        np.frombuffer(self.slots[i], np.uint8)[::ALIGN] = 0
+        self.faulted[i] = True
+
+    def release(self, i: int) -> None:
+        """Give slot i's memory back to the kernel; it reads as zeros and faults in again when reused."""
+        self.mem.madvise(mmap.MADV_DONTNEED, self.start + i * self.size, self.size)
+        self.faulted[i] = False
+
+
+def _unused_refs() -> int:
+    """References a slot has when only its slab holds it (as counted inside BufferPool)."""
+    slab = _Slab(ALIGN, 1)
+    return sys.getrefcount(slab.slots[0])   # the same expression the pool uses
 
 
 class BufferPool:
-    """Buffers of bundles that left the cache, handed out again for the next reads of the same size.
+    """Read buffers: slots of huge-page slabs, handed out again once the bundle in them left the cache.
 
-    A fresh buffer costs its page faults: on this VM, mapping and faulting in a 3.5 MiB buffer took
-    ~1.2 ms in small pages (MAP_POPULATE) and ~0.8 ms as read_buffer makes it (medians of 50), half
-    of reading it; a reused one costs nothing.  A buffer is
-    reused only once nothing refers to it any more (its reference count: every numpy view of a
-    bundle holds one), so a bundle a caller still computes with is never overwritten.  At most
-    `limit` bytes wait in the pool; beyond that the oldest are let go (unmapped when unreferenced).
+    Why slabs: a 3.5 MiB bundle in its own map ends in 1.5 MiB of small pages (the kernel cannot give
+    a partial huge page), whose 384 segments made the block layer split the read, and 3.5 MiB reads
+    into such buffers gave 1.2-1.3 GB/s on the work disk against 1.7-2.3 for the same reads into
+    slots of a slab of whole huge pages (`python -m bench.disk_requests FILE`).  Rounding each
+    buffer up to 4 MiB would read as fast but hold 14% more memory per bundle.
+
+    A fresh slot costs its page faults (~0.8 ms for 3.5 MiB on this VM, half of reading it); a reused
+    one costs nothing.  A slot is reused only once nothing refers to it any more (its reference count:
+    every numpy view of a bundle holds one), so a bundle a caller still computes with is never
+    overwritten.  Slots given back with put() keep their memory up to `limit` bytes; beyond that the
+    oldest are released to the kernel (MADV_DONTNEED) once unused, and a slab whose slots are all
+    released is unmapped, so an evicted bundle really leaves RSS.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._free: dict[int, list[mmap.mmap]] = {}
-        self._bytes = 0
+        self._slabs: dict[int, list[_Slab]] = {}        # by slot size
+        self._where: dict[int, tuple[_Slab, int]] = {}  # id(slot) -> its slab and index
+        self._free: dict[int, list[object]] = {}        # put back, memory kept, by size (oldest first)
+        self._releasing: list[object] = []               # put back past the limit: released once unused
+        self._bytes = 0                                  # memory held by slots in _free
         self._lock = threading.Lock()
         self.reused = 0
         self.allocated = 0
 
-    def put(self, buf: mmap.mmap) -> None:
+    def put(self, buf) -> None:
         n = len(buf)
         with self._lock:
-            if n > self.limit:
+            if id(buf) not in self._where:
                 return
-            while self._bytes + n > self.limit:
-                size, lst = next((s, lst) for s, lst in self._free.items() if lst)
-                lst.pop(0)
-                self._bytes -= size
             self._free.setdefault(n, []).append(buf)
             self._bytes += n
+            while self._bytes > self.limit:
+                size, lst = next((s, lst) for s, lst in self._free.items() if lst)
+                self._releasing.append(lst.pop(0))
+                self._bytes -= size
+            self._collect()
 
-    def get(self, nbytes: int) -> mmap.mmap:
+    def get(self, nbytes: int):
         size = max(align_up(nbytes), ALIGN)
         with self._lock:
+            self._collect()
             lst = self._free.get(size, [])
             for i in range(len(lst)):
-                if sys.getrefcount(lst[i]) <= _FREE_REFS:
+                if sys.getrefcount(lst[i]) <= _UNUSED_REFS + 1:   # + 1: the list above holds it too
                     self._bytes -= size
                     self.reused += 1
                     return lst.pop(i)
             self.allocated += 1
-        return read_buffer(size)
+            slab, i = self._fresh_slot(size)
+            if not slab.faulted[i]:
+                slab.fault_in(i)
+            return slab.slots[i]
+
+    def _fresh_slot(self, size: int) -> tuple[_Slab, int]:
+        """A slot to fault in: never handed out or released, from the fullest slab of this size, or
+        one handed out and dropped without put() (nothing refers to it), or one of a new slab.
+        (Reference counts are taken by index: a loop variable would hold one more.)"""
+        kept = {id(b) for b in self._free.get(size, [])} | {id(b) for b in self._releasing}
+        best = None
+        for slab in self._slabs.get(size, []):
+            for i in range(len(slab.slots)):
+                if slab.faulted[i] and id(slab.slots[i]) not in kept and \
+                        sys.getrefcount(slab.slots[i]) <= _UNUSED_REFS:
+                    return slab, i   # dropped without put(): its memory is faulted in already
+            idle = slab.faulted.count(False)
+            if idle and (best is None or idle < best[1]):
+                best = (slab, idle)
+        if best is not None:
+            return best[0], best[0].faulted.index(False)
+        slab = _Slab(size, slots_per_slab(size))
+        self._slabs.setdefault(size, []).append(slab)
+        for i in range(len(slab.slots)):
+            self._where[id(slab.slots[i])] = (slab, i)
+        return slab, 0
+
+    def _collect(self) -> None:
+        """Release the memory of slots past the limit that nobody uses any more; unmap slabs none of
+        whose slots is faulted in (a slot is faulted from the moment it is handed out until released,
+        so such a slab has no user)."""
+        still = []
+        for j in range(len(self._releasing)):
+            if sys.getrefcount(self._releasing[j]) <= _UNUSED_REFS + 1:   # + 1: the list
+                slab, i = self._where[id(self._releasing[j])]
+                slab.release(i)
+            else:
+                still.append(self._releasing[j])
+        self._releasing = still
+        for slabs in self._slabs.values():
+            for slab in [s for s in slabs if not any(s.faulted)]:
+                slabs.remove(slab)
+                for i in range(len(slab.slots)):
+                    del self._where[id(slab.slots[i])]
+
+    def collect(self) -> None:
+        """Release what can be released now (get and put do this too)."""
+        with self._lock:
+            self._collect()
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of the slots currently faulted in (handed out, or kept for reuse)."""
+        with self._lock:
+            return sum(s.size * sum(s.faulted) for slabs in self._slabs.values() for s in slabs)
 
-_FREE_REFS = _free_refs()
+
+_UNUSED_REFS = _unused_refs()
