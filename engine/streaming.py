@@ -287,6 +287,15 @@ class StreamingExperts(ExpertSource):
         """Read and check `keys` as one batch, retrying failures; (bundles and sizes, errors, seconds,
         the buffers)."""
         bufs = {key: self.pool.get(self._plans[key].size) for key in keys}
+        try:
+            return self._fetch_into(keys, bufs)
+        except BaseException:   # the caller settles the flights; the buffers go back to the pool
+            for buf in bufs.values():
+                self.pool.put(buf)
+            raise
+
+    def _fetch_into(self, keys: list[Key], bufs: dict) -> tuple[dict[Key, _Read], dict[Key, BaseException],
+                                                                 float, dict]:
         errors: dict[Key, BaseException] = {}
         done: dict[Key, _Read] = {}
         todo = list(keys)

@@ -226,6 +226,29 @@ def test_a_persistent_error_ends_the_generation_and_the_model_recovers(tiny_stor
         assert _same(_run(m), reference)
 
 
+def test_an_interrupted_read_gives_its_buffers_back(tiny_store):
+    # Read buffers are slots of the pool's slabs: one not given back would hold its memory for good.
+    class Interrupted:
+        def __init__(self, inner):
+            self.inner, self.stats, self.name = inner, inner.stats, inner.name
+
+        def read(self, jobs):
+            raise KeyboardInterrupt
+
+        def close(self):
+            self.inner.close()
+
+    with engine.load(tiny_store, ram_cache="60KiB", prefetch=False) as m:
+        src = m.experts
+        src.get(0, [0])
+        src.reader = Interrupted(src.reader)
+        with pytest.raises(KeyboardInterrupt):
+            src.get(1, [1, 2])
+        cached = sum(src._plans[k].size for k in src._buf_of)
+        assert cached and src.pool.nbytes == 2 * src._plans[(1, 1)].size
+        assert src.pool.mapped_bytes == cached + src.pool.nbytes   # every slot handed out is accounted for
+
+
 def test_a_file_truncated_after_opening(tiny_store, reference, tmp_path):
     store = tmp_path / "s"
     shutil.copytree(tiny_store, store)

@@ -110,17 +110,17 @@ class _Slab:
         self.start = (-base) % HUGE_PAGE if huge else 0
         kind = ctypes.c_ubyte * size
         self.slots = [kind.from_buffer(self.mem, self.start + i * size) for i in range(k)]
-        self.faulted = [False] * k
+        self.faulted = 0   # slots faulted in: handed out, or kept for reuse
 
     def fault_in(self, i: int) -> None:
         # A read into unfaulted pages would pay for the faults itself (and O_DIRECT pins them anyway).
         np.frombuffer(self.slots[i], np.uint8)[::ALIGN] = 0
-        self.faulted[i] = True
+        self.faulted += 1
 
     def release(self, i: int) -> None:
         """Give slot i's memory back to the kernel; it reads as zeros and faults in again when reused."""
         self.mem.madvise(mmap.MADV_DONTNEED, self.start + i * self.size, self.size)
-        self.faulted[i] = False
+        self.faulted -= 1
 
 
 def _unused_refs() -> int:
@@ -150,6 +150,7 @@ class BufferPool:
         self.limit = limit
         self._slabs: dict[int, list[_Slab]] = {}        # by slot size
         self._where: dict[int, tuple[_Slab, int]] = {}  # id(slot) -> its slab and index
+        self._idle: dict[int, list[tuple[_Slab, int]]] = {}  # slots not faulted in, by size
         self._free: dict[int, list[object]] = {}        # put back, memory kept, by size (oldest first)
         self._releasing: list[object] = []               # put back past the limit: released once unused
         self._bytes = 0                                  # memory held by slots in _free
@@ -158,6 +159,8 @@ class BufferPool:
         self.allocated = 0
 
     def put(self, buf) -> None:
+        """Give a buffer back (every buffer get() hands out must come back: one that does not keeps its
+        memory until the pool goes)."""
         n = len(buf)
         with self._lock:
             if id(buf) not in self._where:
@@ -176,55 +179,41 @@ class BufferPool:
             self._collect()
             lst = self._free.get(size, [])
             for i in range(len(lst)):
-                if sys.getrefcount(lst[i]) <= _UNUSED_REFS + 1:   # + 1: the list above holds it too
+                # (by index: a loop variable would hold one more reference)
+                if sys.getrefcount(lst[i]) <= _UNUSED_REFS + 1:   # + 1: the list holds it too
                     self._bytes -= size
                     self.reused += 1
                     return lst.pop(i)
             self.allocated += 1
-            slab, i = self._fresh_slot(size)
-            if not slab.faulted[i]:
-                slab.fault_in(i)
+            idle = self._idle.setdefault(size, [])
+            if not idle:
+                slab = _Slab(size, slots_per_slab(size))
+                self._slabs.setdefault(size, []).append(slab)
+                for i in range(len(slab.slots)):
+                    self._where[id(slab.slots[i])] = (slab, i)
+                idle.extend((slab, i) for i in reversed(range(len(slab.slots))))
+            slab, i = idle.pop()
+            slab.fault_in(i)
             return slab.slots[i]
 
-    def _fresh_slot(self, size: int) -> tuple[_Slab, int]:
-        """A slot to fault in: never handed out or released, from the fullest slab of this size, or
-        one handed out and dropped without put() (nothing refers to it), or one of a new slab.
-        (Reference counts are taken by index: a loop variable would hold one more.)"""
-        kept = {id(b) for b in self._free.get(size, [])} | {id(b) for b in self._releasing}
-        best = None
-        for slab in self._slabs.get(size, []):
-            for i in range(len(slab.slots)):
-                if slab.faulted[i] and id(slab.slots[i]) not in kept and \
-                        sys.getrefcount(slab.slots[i]) <= _UNUSED_REFS:
-                    return slab, i   # dropped without put(): its memory is faulted in already
-            idle = slab.faulted.count(False)
-            if idle and (best is None or idle < best[1]):
-                best = (slab, idle)
-        if best is not None:
-            return best[0], best[0].faulted.index(False)
-        slab = _Slab(size, slots_per_slab(size))
-        self._slabs.setdefault(size, []).append(slab)
-        for i in range(len(slab.slots)):
-            self._where[id(slab.slots[i])] = (slab, i)
-        return slab, 0
-
     def _collect(self) -> None:
-        """Release the memory of slots past the limit that nobody uses any more; unmap slabs none of
-        whose slots is faulted in (a slot is faulted from the moment it is handed out until released,
-        so such a slab has no user)."""
+        """Release the memory of slots past the limit that nobody uses any more, and unmap a slab once
+        none of its slots is faulted in (handed out, or kept for reuse)."""
         still = []
         for j in range(len(self._releasing)):
-            if sys.getrefcount(self._releasing[j]) <= _UNUSED_REFS + 1:   # + 1: the list
-                slab, i = self._where[id(self._releasing[j])]
-                slab.release(i)
-            else:
+            if sys.getrefcount(self._releasing[j]) > _UNUSED_REFS + 1:   # + 1: the list
                 still.append(self._releasing[j])
+                continue
+            slab, i = self._where[id(self._releasing[j])]
+            slab.release(i)
+            if slab.faulted:
+                self._idle[slab.size].append((slab, i))
+            else:
+                self._slabs[slab.size].remove(slab)
+                self._idle[slab.size] = [(s, k) for s, k in self._idle[slab.size] if s is not slab]
+                for k in range(len(slab.slots)):
+                    del self._where[id(slab.slots[k])]
         self._releasing = still
-        for slabs in self._slabs.values():
-            for slab in [s for s in slabs if not any(s.faulted)]:
-                slabs.remove(slab)
-                for i in range(len(slab.slots)):
-                    del self._where[id(slab.slots[i])]
 
     def collect(self) -> None:
         """Release what can be released now (get and put do this too)."""
@@ -239,7 +228,7 @@ class BufferPool:
     def mapped_bytes(self) -> int:
         """Bytes of the slots currently faulted in (handed out, or kept for reuse)."""
         with self._lock:
-            return sum(s.size * sum(s.faulted) for slabs in self._slabs.values() for s in slabs)
+            return sum(s.size * s.faulted for slabs in self._slabs.values() for s in slabs)
 
 
 _UNUSED_REFS = _unused_refs()
