@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
 from engine.io import ReadJob, Span, open_reader  # noqa: E402
-from engine.io.buffers import read_buffer  # noqa: E402
+from engine.io.buffers import BufferPool  # noqa: E402
 from engine.store import EXPERT_FILE, open_store  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog; a streaming MoE reads its experts from storage."
@@ -63,10 +63,11 @@ def disk_bandwidth(store: Path, bundle: int, kind: str = "uring", qd: int = 16, 
     r = open_reader(kind, [path], queue_depth=qd, staging=staging)
     rng = np.random.default_rng(0)
     order = rng.permutation(n_bundles)[: batches * per_batch]
-    bufs = [read_buffer(bundle) for _ in range(per_batch)]   # the engine's kind of buffer (huge pages)
+    pool = BufferPool(0)   # the engine's kind of buffer: slots of huge-page slabs
+    bufs = [memoryview(pool.get(bundle)).cast("B") for _ in range(per_batch)]
     t = time.perf_counter()
     for i in range(batches):
-        jobs = [ReadJob([Span(0, int(o) * bundle, bundle, bundle, memoryview(b))])
+        jobs = [ReadJob([Span(0, int(o) * bundle, bundle, bundle, b)])
                 for o, b in zip(order[i * per_batch:(i + 1) * per_batch], bufs)]
         r.read(jobs)
         assert all(j.error is None for j in jobs), [j.error for j in jobs]
