@@ -102,6 +102,7 @@ class RamCache(Tier):
         self.pins: dict[Hashable, None] = {}      # insertion-ordered set: newest pins dropped first
         self.hot: set[Hashable] = set()
         self.used = 0
+        self._pending_bytes = 0   # of reservations whose reads are in flight: never evictable
         self.step_no = 0
         self._seq = 0
         self._heap: list[tuple[tuple[float, int], int, Hashable]] = []
@@ -207,8 +208,11 @@ class RamCache(Tier):
         return key in self.pins or key in self.hot
 
     def _evictable_bytes(self) -> int:
-        locked = sum(e.nbytes for k, e in self.entries.items() if e.pending or self._protected(k))
-        return self.used - locked
+        # Counted from the reservations and the (few) protected keys, not from every entry: this runs on
+        # each reservation once the cache is full, and a 40 GiB cache holds ~12k bundles.
+        protected = [self.entries.get(k) for k in self.pins.keys() | self.hot]
+        locked = sum(e.nbytes for e in protected if e is not None and not e.pending)
+        return self.used - self._pending_bytes - locked
 
     def _make_room(self, need: int) -> bool:
         """Evict by policy until `need` more bytes fit under the budget; False (evicting nothing) if not."""
@@ -252,6 +256,7 @@ class RamCache(Tier):
             return False
         self.entries[key] = _Entry(None, nbytes, pending=True)
         self.used += nbytes
+        self._pending_bytes += nbytes
         return True
 
     def fill(self, key: Hashable, value: object, nbytes: int, prefetched: bool = False) -> bool:
@@ -264,6 +269,7 @@ class RamCache(Tier):
             self.cancel(key)
             return False
         self.used += delta
+        self._pending_bytes -= e.nbytes
         e.value, e.nbytes, e.pending, e.prefetched = value, nbytes, False, prefetched
         self._push(key, e)
         if self.budget is not None and self.used > self.budget:   # the budget shrank while it was read
@@ -276,6 +282,7 @@ class RamCache(Tier):
         if e is not None and e.pending:
             del self.entries[key]
             self.used -= e.nbytes
+            self._pending_bytes -= e.nbytes
 
     def insert(self, key: Hashable, value: object, nbytes: int, prefetched: bool = False) -> bool:
         if key in self.entries:

@@ -113,6 +113,28 @@ def test_reservations_count_against_the_budget_and_cancel_leaves_nothing():
     assert c.take_prefetched("s") and not c.take_prefetched("s")
 
 
+def test_reservations_and_protected_bundles_are_never_evicted_to_make_room():
+    # What may be evicted is counted from the reservations and the protected keys, not by walking every
+    # entry: check it against the walk after each kind of change.
+    c = RamCache(budget=60)
+
+    def evictable_by_walk():
+        return sum(e.nbytes for k, e in c.entries.items() if not e.pending and not c._protected(k))
+
+    _fill(c, "abc")
+    c.pin(["a", "zz"])                  # a pin on something absent protects nothing
+    assert c.reserve("r", 10) and c.reserve("s", 10)
+    assert c._evictable_bytes() == evictable_by_walk() == 20
+    assert not c.reserve("t", 40)       # only b and c (20) could go: refused, nothing evicted
+    assert set(c.entries) == {"a", "b", "c", "r", "s"}
+    c.fill("r", "vr", 15)               # a conversion changed its size
+    c.cancel("s")
+    assert c._evictable_bytes() == evictable_by_walk() == 35
+    c.unpin_all()
+    assert c.reserve("t", 35) and c._evictable_bytes() == evictable_by_walk()
+    assert c.used <= 60 and "t" in c.entries
+
+
 def test_unused_prefetches_are_counted_as_wasted():
     c = RamCache(budget=20)
     c.insert("p", "vp", 10, prefetched=True)
