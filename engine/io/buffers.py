@@ -119,7 +119,9 @@ class _Slab:
 
     def release(self, i: int) -> None:
         """Give slot i's memory back to the kernel; it reads as zeros and faults in again when reused."""
-        self.mem.madvise(mmap.MADV_DONTNEED, self.start + i * self.size, self.size)
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)
+        if dontneed is not None:   # (where there is none, the memory stays until the slab is unmapped)
+            self.mem.madvise(dontneed, self.start + i * self.size, self.size)
         self.faulted -= 1
 
 
