@@ -1,7 +1,10 @@
 """The readers: identical bytes from every backend, chunking, fallbacks and their reasons, short reads."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -302,23 +305,35 @@ def test_pool_slots_lie_wholly_in_huge_pages():
     assert not any(np.frombuffer(b, np.uint8).any() for b in bufs)   # zero-filled
 
 
-def test_pool_gives_memory_back_but_never_under_a_reader():
-    from engine.io.buffers import BufferPool
+def _resident_kib(address: int, nbytes: int) -> int:
+    """KiB of [address, address + nbytes) in RAM (mincore: exact, whatever the kernel merged the map with)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = -(-nbytes // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(address, nbytes, vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE // 1024
 
-    size = 1 << 20
-    pool = BufferPool(limit=size)      # keeps one spare buffer's memory for reuse
-    bufs = [pool.get(size) for _ in range(8)]     # four slabs of two slots (a huge page each)
+
+def test_pool_gives_memory_back_but_never_under_a_reader():
+    from engine.io.buffers import BufferPool, slots_per_slab
+
+    size = 256 << 10
+    assert slots_per_slab(size) == 8     # one slab: a single huge page's worth
+    pool = BufferPool(limit=size)        # keeps one spare buffer's memory for reuse
+    bufs = [pool.get(size) for _ in range(8)]
     addr = np.frombuffer(bufs[0], np.uint8).ctypes.data
     for b in bufs:
         np.frombuffer(b, np.uint8)[:] = 7
-    assert _smaps_kib(addr, "Rss") >= 8 * 1024
+    assert _resident_kib(addr, 8 * size) == 2048
     held = np.frombuffer(bufs[0], np.uint8)      # a bundle a caller still computes with
     for b in bufs:
         pool.put(b)
     del b, bufs
     pool.collect()
     assert pool.mapped_bytes == 2 * size          # the spare, and the one still in use
-    assert _smaps_kib(addr, "Rss") <= 2 * 1024 + 2048   # (+ one huge page the release may not split)
+    assert _resident_kib(addr, 8 * size) == 2 * size >> 10   # the other six went back to the kernel
     assert (held == 7).all()                      # never released or handed out under its reader
     again = pool.get(size)                        # the spare comes back, not the held one
     assert np.frombuffer(again, np.uint8).ctypes.data != addr and pool.reused == 1
@@ -327,5 +342,4 @@ def test_pool_gives_memory_back_but_never_under_a_reader():
     pool.put(again)
     del again
     pool.collect()
-    assert pool.mapped_bytes == 0
-    assert _smaps_kib(addr) is None               # every slot released: the slab is unmapped
+    assert pool.mapped_bytes == 0 and not any(pool._slabs.values())   # every slot released: slab unmapped
