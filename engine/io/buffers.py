@@ -1,12 +1,13 @@
 """Page-aligned buffers for O_DIRECT reads.
 
 Anonymous private mmaps rather than numpy allocations, for two reasons: O_DIRECT needs the
-destination aligned to the logical block size (a page is always enough), and unmapping returns
-the memory to the kernel the moment the last view is dropped, so an evicted bundle really leaves
-RSS (glibc's malloc may keep large freed blocks around).  MAP_PRIVATE matters too: a shared
+destination aligned to the logical block size (a page is always enough), and the pool can give
+memory back to the kernel (MADV_DONTNEED, munmap) the moment nothing uses it, so an evicted bundle
+really leaves RSS (glibc's malloc may keep large freed blocks around).  MAP_PRIVATE matters too: a shared
 anonymous map is shmem and would show up as page cache.
 
-Read buffers ask for transparent huge pages (`read_buffer`).  An O_DIRECT read lands in the
+Read buffers ask for transparent huge pages (BufferPool's slabs for the engine, `read_buffer` for
+probes).  An O_DIRECT read lands in the
 buffer's physical pages, and the block layer turns each physically contiguous run into one
 segment; a request holds at most max_segments of them (254 on the work machine's virtio disk), so
 with 4 KiB pages a 4 MiB read went out as four 1 MiB requests.  That disk serves a bounded number
@@ -91,9 +92,10 @@ def slots_per_slab(size: int) -> int:
 
 
 class _Slab:
-    """One huge-page mapping cut into equal slots.  A slot is a ctypes array over its bytes: numpy
-    views and memoryviews of it hold a reference to that object (numpy would collapse a view of a
-    view onto the mapping itself), so its reference count says whether anyone still uses it."""
+    """One mapping (in huge pages where slab_is_huge) cut into equal slots.  A slot is a ctypes array
+    over its bytes: numpy views and memoryviews of it hold a reference to that object (numpy would
+    collapse a view of a view onto the mapping itself), so its reference count says whether anyone
+    still uses it."""
 
     def __init__(self, size: int, k: int):
         self.size = size
@@ -136,16 +138,17 @@ class BufferPool:
 
     Why slabs: a 3.5 MiB bundle in its own map ends in 1.5 MiB of small pages (the kernel cannot give
     a partial huge page), whose 384 segments made the block layer split the read, and 3.5 MiB reads
-    into such buffers gave 1.2-1.3 GB/s on the work disk against 1.7-2.3 for the same reads into
+    into such buffers gave 0.9-1.6 GB/s on the work disk against 2.3-2.6 for the same reads into
     slots of a slab of whole huge pages (`python -m bench.disk_requests FILE`).  Rounding each
     buffer up to 4 MiB would read as fast but hold 14% more memory per bundle.
 
-    A fresh slot costs its page faults (~0.8 ms for 3.5 MiB on this VM, half of reading it); a reused
-    one costs nothing.  A slot is reused only once nothing refers to it any more (its reference count:
-    every numpy view of a bundle holds one), so a bundle a caller still computes with is never
-    overwritten.  Slots given back with put() keep their memory up to `limit` bytes; beyond that the
-    oldest are released to the kernel (MADV_DONTNEED) once unused, and a slab whose slots are all
-    released is unmapped, so an evicted bundle really leaves RSS.
+    A fresh slot costs its page faults (for 3.5 MiB on the work VM 0.35-0.5 ms, and 5-12 ms at moments
+    when the host has taken the free memory back: docs/BENCHMARKS.md); a reused one costs nothing.  A
+    slot is reused only once nothing refers to it any more (its reference count: every numpy view of
+    a bundle holds one), so a bundle a caller still computes with is never overwritten.  Slots given
+    back with put() keep their memory up to `limit` bytes; beyond that the oldest are released to the
+    kernel (MADV_DONTNEED) once unused, and a slab whose slots are all released is unmapped, so an
+    evicted bundle really leaves RSS.
     """
 
     def __init__(self, limit: int):
