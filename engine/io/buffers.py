@@ -112,12 +112,11 @@ class _Slab:
         self.start = (-base) % HUGE_PAGE if huge else 0
         kind = ctypes.c_ubyte * size
         self.slots = [kind.from_buffer(self.mem, self.start + i * size) for i in range(k)]
-        self.faulted = 0   # slots faulted in: handed out, or kept for reuse
+        self.faulted = 0   # slots faulted in (or being faulted in): handed out, or kept for reuse
 
     def fault_in(self, i: int) -> None:
         # A read into unfaulted pages would pay for the faults itself (and O_DIRECT pins them anyway).
         np.frombuffer(self.slots[i], np.uint8)[::ALIGN] = 0
-        self.faulted += 1
 
     def release(self, i: int) -> None:
         """Give slot i's memory back to the kernel; it reads as zeros and faults in again when reused."""
@@ -198,8 +197,10 @@ class BufferPool:
                     self._where[id(slab.slots[i])] = (slab, i)
                 idle.extend((slab, i) for i in reversed(range(len(slab.slots))))
             slab, i = idle.pop()
-            slab.fault_in(i)
-            return slab.slots[i]
+            slab.faulted += 1
+        # Outside the lock: faulting 3.5 MiB in can take milliseconds, and the slot is ours alone now.
+        slab.fault_in(i)
+        return slab.slots[i]
 
     def _collect(self) -> None:
         """Release the memory of slots past the limit that nobody uses any more, and unmap a slab once
