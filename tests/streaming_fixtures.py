@@ -90,28 +90,40 @@ def read_all(reader: Reader, jobs: list[ReadJob]) -> None:
         assert j.error is None, j.error
 
 
-def page_cache_pages(path: Path) -> tuple[int, int]:
-    """(resident, total) pages of `path` in the page cache, by mincore on a fresh shared mapping."""
+def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                           ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def resident_pages(address: int, nbytes: int) -> int:
+    """Pages of [address, address + nbytes) in RAM, by mincore (exact, whatever map holds them)."""
+    vec = (ctypes.c_ubyte * -(-nbytes // mmap.PAGESIZE))()
+    if _libc().mincore(address, nbytes, vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec)
+
+
+def page_cache_pages(path: Path) -> tuple[int, int]:
+    """(resident, total) pages of `path` in the page cache, by mincore on a fresh shared mapping."""
+    libc = _libc()
     size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
     fd = os.open(path, os.O_RDONLY)
     try:
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "mmap failed")
-        vec = (ctypes.c_ubyte * pages)()
-        if libc.mincore(addr, size, vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        libc.munmap(addr, size)
+        try:
+            resident = resident_pages(addr, size)
+        finally:
+            libc.munmap(addr, size)
     finally:
         os.close(fd)
-    return sum(v & 1 for v in vec), pages
+    return resident, -(-size // mmap.PAGESIZE)
 
 
 def drop_from_page_cache(path: Path) -> None:

@@ -1,8 +1,6 @@
 """The readers: identical bytes from every backend, chunking, fallbacks and their reasons, short reads."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -16,6 +14,7 @@ from engine import EngineError
 from engine.io import ALIGN, ReadJob, ShortRead, Span, align_down, align_up, aligned_buffer, open_reader
 from engine.io.mmap_reader import MmapReader
 from engine.io.pread import PreadReader
+from tests.streaming_fixtures import resident_pages
 
 
 def _uring_ok() -> bool:
@@ -306,14 +305,7 @@ def test_pool_slots_lie_wholly_in_huge_pages():
 
 
 def _resident_kib(address: int, nbytes: int) -> int:
-    """KiB of [address, address + nbytes) in RAM (mincore: exact, whatever the kernel merged the map with)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    pages = -(-nbytes // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    if libc.mincore(address, nbytes, vec) != 0:
-        raise OSError(ctypes.get_errno(), "mincore failed")
-    return sum(v & 1 for v in vec) * mmap.PAGESIZE // 1024
+    return resident_pages(address, nbytes) * mmap.PAGESIZE // 1024
 
 
 def test_pool_gives_memory_back_but_never_under_a_reader():

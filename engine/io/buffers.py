@@ -50,15 +50,25 @@ def read_buffer(nbytes: int, huge: bool = True) -> mmap.mmap:
     the buffer's whole 2 MiB-aligned stretches (the kernel aligns large anonymous maps); a tail
     smaller than 2 MiB stays in small pages."""
     buf = aligned_buffer(nbytes)
+    _advise_pages(buf, huge)
+    _fault_in(buf)
+    return buf
+
+
+def _advise_pages(mem: mmap.mmap, huge: bool) -> None:
+    """Ask for transparent huge pages (or for none); where THP is compiled out or not allowed the map
+    keeps small pages."""
     advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
     if advice is not None:
         try:
-            buf.madvise(advice)
-        except OSError:   # THP compiled out or not allowed: small pages, as before
+            mem.madvise(advice)
+        except OSError:
             pass
-    # Fault the pages in now: a read into an unfaulted buffer would pay for the faults itself.
+
+
+def _fault_in(buf) -> None:
+    """Touch every page now: a read into unfaulted pages would pay for the faults itself."""
     np.frombuffer(buf, np.uint8)[::ALIGN] = 0
-    return buf
 
 
 #: transparent huge page size on x86-64 and most arm64 kernels
@@ -104,10 +114,7 @@ class _Slab:
         # on a 2 MiB boundary wherever the kernel put the map.
         span = align_up(k * size, HUGE_PAGE) + HUGE_PAGE if huge else k * size
         self.mem = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE)
-        try:
-            self.mem.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
-        except (AttributeError, OSError):   # THP compiled out or not allowed: small pages
-            pass
+        _advise_pages(self.mem, huge)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
         self.start = (-base) % HUGE_PAGE if huge else 0
         kind = ctypes.c_ubyte * size
@@ -115,8 +122,7 @@ class _Slab:
         self.faulted = 0   # slots faulted in (or being faulted in): handed out, or kept for reuse
 
     def fault_in(self, i: int) -> None:
-        # A read into unfaulted pages would pay for the faults itself (and O_DIRECT pins them anyway).
-        np.frombuffer(self.slots[i], np.uint8)[::ALIGN] = 0
+        _fault_in(self.slots[i])
 
     def release(self, i: int) -> None:
         """Give slot i's memory back to the kernel; it reads as zeros and faults in again when reused."""
