@@ -25,11 +25,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import BLOCK, FLOAT_FORMATS, FORMATS, FormatError, check_bytes, dequantize_ref, quantize_ref, row_bytes
+from .formats import (
+    BLOCK,
+    FLOAT_FORMATS,
+    FORMATS,
+    INTERLEAVED,
+    X8_ROWS,
+    FormatError,
+    check_bytes,
+    check_rows,
+    dequantize_ref,
+    gguf_format,
+    layout,
+    quantize_ref,
+    row_bytes,
+)
 
 __all__ = [
     "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "dequantize", "expert_ffn",
-    "experts_ffn", "matmul", "matvec", "quantize", "row_bytes", "set_backend", "set_threads", "threads", "warmup",
+    "experts_ffn", "gguf_format", "layout", "matmul", "matvec", "quantize", "row_bytes", "set_backend",
+    "set_threads", "threads", "warmup",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +145,10 @@ def backend() -> str:
 def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
     # The C kernels take a row stride, so a view of whole rows need not be copied.
     rb = row_bytes(fmt, cols)
+    if fmt in INTERLEAVED:  # its rows come in runs of eight: no row view of it is a matrix
+        q = check_bytes(q, fmt, cols)
+        check_rows(fmt, q.shape[0])
+        return q
     if (isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 2 and q.shape[1] == rb
             and q.strides[1] == 1 and q.strides[0] >= rb):
         return q
@@ -152,6 +171,7 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
 
     f16, bf16, q8_0 and q4_0 give the same bytes as gguf-py (ggml's reference quantizers);
     q4_k and q6_k follow ggml's reference algorithms (gguf-py has no quantizer for them).
+    q4_0x8 is q4_0's bytes with each run of eight rows interleaved (formats.interleave_q4_0).
     """
     if fmt in ("q4_k", "q6_k"):
         from .kquant import quantize_k
@@ -201,7 +221,7 @@ def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.
     # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
     # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.
     rows = q.shape[0]
-    step = min(rows, max(16, TILE_BYTES // (4 * max(cols, 1))))
+    step = min(rows, max(16, TILE_BYTES // (4 * max(cols, 1))) // X8_ROWS * X8_ROWS)  # whole runs of q4_0x8
     buf = _scratch(step * cols)
     Yt = np.empty((rows, X.shape[0]), dtype=np.float32)
     for r0 in range(0, rows, step):
@@ -269,6 +289,7 @@ class QMatrix:
 
     def __post_init__(self) -> None:
         rb = row_bytes(self.fmt, self.cols)
+        check_rows(self.fmt, self.rows)
         data = self.data
         if not isinstance(data, np.ndarray) or data.shape != (self.rows, rb):
             raise FormatError(
@@ -303,6 +324,10 @@ class QMatrix:
     def rows_f32(self, idx: np.ndarray) -> np.ndarray:
         """Dequantized rows `idx` (an embedding lookup) as float32 (len(idx), cols)."""
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        if self.fmt in INTERLEAVED:  # a row is spread over its run of eight: dequantize the runs
+            runs = self.data.reshape(-1, X8_ROWS * self.data.shape[1])[idx // X8_ROWS]
+            W = dequantize(runs.reshape(-1, self.data.shape[1]), self.fmt, self.cols)
+            return W.reshape(len(idx), X8_ROWS, self.cols)[np.arange(len(idx)), idx % X8_ROWS]
         return dequantize(self.data[idx], self.fmt, self.cols)
 
     def to_float(self) -> np.ndarray:

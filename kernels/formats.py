@@ -18,6 +18,7 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q4_0": (32, 18),
     "q4_k": (256, 144),
     "q6_k": (256, 210),
+    "q4_0x8": (32, 18),
 }
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
@@ -101,6 +102,56 @@ def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
 
 
+# q4_0x8 is q4_0 with each run of eight rows interleaved block by block, so that a kernel reads
+# eight rows as one sequential stream and finds their eight scales side by side: block b of rows
+# 8g..8g+7 is 144 bytes, the eight f16 scales, then the eight rows' 16 quant bytes two at a time
+# (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0..7).  The same bytes as q4_0, moved.
+X8_ROWS = 8
+# A layout's format -> the GGUF format whose bytes it moves (and the rows it interleaves).
+INTERLEAVED: dict[str, str] = {"q4_0x8": "q4_0"}
+
+
+def check_rows(fmt: str, rows: int) -> None:
+    """FormatError when `fmt` cannot hold a matrix of `rows` rows (q4_0x8: a multiple of 8)."""
+    if fmt in INTERLEAVED and rows % X8_ROWS:
+        raise FormatError(f"{fmt} needs a row count divisible by {X8_ROWS}, got {rows}")
+
+
+def layout(fmt: str | None, rows: int) -> str | None:
+    """The format the kernels hold a `rows`-row matrix of GGUF format `fmt` in: q4_0 interleaved by
+    eight rows (q4_0x8) where the rows allow it, every other format (and None) as it is."""
+    return "q4_0x8" if fmt == "q4_0" and rows % X8_ROWS == 0 else fmt
+
+
+def gguf_format(fmt: str) -> str:
+    """The GGUF format whose bytes `fmt` holds: q4_0 for q4_0x8, else `fmt` itself."""
+    return INTERLEAVED.get(fmt, fmt)
+
+
+def _x8_shape(q: np.ndarray) -> tuple[int, int]:
+    rows, rb = q.shape
+    check_rows("q4_0x8", rows)
+    return rows // X8_ROWS, rb // 18
+
+
+def interleave_q4_0(q: np.ndarray) -> np.ndarray:
+    """q4_0 bytes (rows, row_bytes) -> the same matrix as q4_0x8 (rows a multiple of 8)."""
+    g, nb = _x8_shape(q)
+    b = q.reshape(g, X8_ROWS, nb, 18)
+    scales = b[..., :2].transpose(0, 2, 1, 3).reshape(g, nb, 16)
+    qs = b[..., 2:].reshape(g, X8_ROWS, nb, 8, 2).transpose(0, 2, 3, 1, 4).reshape(g, nb, 128)
+    return np.concatenate([scales, qs], axis=2).reshape(q.shape)
+
+
+def deinterleave_q4_0(q: np.ndarray) -> np.ndarray:
+    """q4_0x8 bytes -> plain q4_0 bytes (interleave_q4_0 undone)."""
+    g, nb = _x8_shape(q)
+    b = q.reshape(g, nb, 144)
+    scales = b[..., :16].reshape(g, nb, X8_ROWS, 2).transpose(0, 2, 1, 3)
+    qs = b[..., 16:].reshape(g, nb, 8, X8_ROWS, 2).transpose(0, 3, 1, 2, 4).reshape(g, X8_ROWS, nb, 16)
+    return np.concatenate([scales, qs], axis=3).reshape(q.shape)
+
+
 def quant_input(x: np.ndarray, fmt: str) -> tuple[np.ndarray, int, int, int]:
     """The checks every quantizer makes: (x as contiguous float32, rows, cols, row_bytes)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -119,6 +170,8 @@ def quantize_ref(x: np.ndarray, fmt: str) -> np.ndarray:
         return x.astype(np.float16).view(np.uint8).reshape(rows, rb)
     if fmt == "bf16":
         return f32_to_bf16(x).view(np.uint8).reshape(rows, rb)
+    if fmt == "q4_0x8":
+        return interleave_q4_0(quantize_ref(x, "q4_0"))
     fn = {"q8_0": _quant_q8_0, "q4_0": _quant_q4_0}.get(fmt)
     if fn is None:
         raise FormatError(f"no numpy quantizer for {fmt}")
@@ -190,6 +243,8 @@ def dequantize_ref(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
         return q.view(np.float16).reshape(rows, cols).astype(np.float32)
     if fmt == "bf16":
         return bf16_to_f32(q.view(np.uint16).reshape(rows, cols))
+    if fmt == "q4_0x8":
+        return dequantize_ref(deinterleave_q4_0(q), "q4_0", cols)
     per_block, nbytes = BLOCK[fmt]
     out = np.empty((rows, cols), dtype=np.float32)
     step = max(1, _CHUNK_WEIGHTS // max(cols, 1))

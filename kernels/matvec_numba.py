@@ -105,6 +105,45 @@ def deq_q4_0(q, tab, out, r0, r1):
 
 
 @njit(cache=True)
+def _x8(qf, rb, r, b, i):
+    # Byte i (0-17) of row r's block b, as plain q4_0 would hold it, in a q4_0x8 matrix (flat qf,
+    # row bytes rb): its run of eight rows, then the block's scales or its quant bytes two by two.
+    base = (r - r % 8) * rb + 144 * b
+    if i < 2:
+        return qf[base + 2 * (r % 8) + i]
+    k = i - 2
+    return qf[base + 16 + 16 * (k // 2) + 2 * (r % 8) + k % 2]
+
+
+@njit(nogil=True, cache=True)
+def deq_q4_0x8(qf, rb, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for b in range(cols // 32):
+            d = tab[np.int64(_x8(qf, rb, r, b, 0)) | (np.int64(_x8(qf, rb, r, b, 1)) << 8)]
+            for i in range(16):
+                lo, hi = _nibbles(np.float32(_x8(qf, rb, r, b, 2 + i)))
+                out[r, 32 * b + i] = d * (lo - F8)
+                out[r, 32 * b + 16 + i] = d * (hi - F8)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_q4_0x8(qf, rb, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    acc = np.empty(16, np.float32)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc[:] = F0
+            for b in range(cols // 32):
+                xo = 32 * b
+                d = tab[np.int64(_x8(qf, rb, r, b, 0)) | (np.int64(_x8(qf, rb, r, b, 1)) << 8)]
+                for i in range(16):
+                    lo, hi = _nibbles(np.float32(_x8(qf, rb, r, b, 2 + i)))
+                    acc[i] += d * ((lo - F8) * X[j, xo + i] + (hi - F8) * X[j, xo + 16 + i])
+            Y[j, r] = acc.sum()
+
+
+@njit(cache=True)
 def _q4k_sm(q, r, o, j):
     # ggml get_scale_min_k4: 6-bit scale and min of sub-block j from the 12 packed bytes at o+4.
     s = o + 4
@@ -360,6 +399,8 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
     elif fmt in ("q8_0", "q6_k"):  # these read signed bytes too: pass an int8 view of the same memory
         fn = deq_q8_0 if fmt == "q8_0" else deq_q6_k
         run_rows(fn, q.shape[0], q.nbytes, threads, q, q.view(np.int8), F16_TABLE, out)
+    elif fmt == "q4_0x8":
+        run_rows(deq_q4_0x8, q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], F16_TABLE, out)
     else:
         fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
@@ -375,6 +416,8 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
     elif fmt in ("q8_0", "q6_k"):
         fn = mm_q8_0 if fmt == "q8_0" else mm_q6_k
         run_rows(fn, q.shape[0], work, threads, q, q.view(np.int8), F16_TABLE, X, Y)
+    elif fmt == "q4_0x8":
+        run_rows(mm_q4_0x8, q.shape[0], work, threads, q.reshape(-1), q.shape[1], F16_TABLE, X, Y)
     else:
         fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)

@@ -33,7 +33,7 @@
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
-enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6 };
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7 };
 
 /* Bytes of weights one thread claims at a time: large enough to amortize the claim, small
  * enough that a core slowed by another process holds up the call for little (see the pool). */
@@ -56,7 +56,7 @@ enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6 };
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 5; }
+MK_API int mk_version(void) { return 6; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -119,6 +119,27 @@ INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
 }
 
 /* ---------- dequantization: bit-exact with ggml's dequantize_row_* ---------- */
+
+/* q4_0x8: q4_0 with eight rows interleaved block by block (rows 8g..8g+7 are one run of 8 * rb
+ * bytes; block b of the run is 144 bytes: the eight rows' f16 scales, then their 16 quant bytes
+ * two at a time, row by row).  Row rr of the run at grp, block b, as a plain 18-byte q4_0 block. */
+INLINE void x8_block(const uint8_t *grp, int rr, int64_t b, uint8_t blk[18]) {
+    const uint8_t *q = grp + 144 * b;
+    memcpy(blk, q + 2 * rr, 2);
+    for (int k = 0; k < 8; k++) memcpy(blk + 2 + 2 * k, q + 16 + 16 * k + 2 * rr, 2);
+}
+
+static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y);
+
+/* Row r of a q4_0x8 matrix (row stride rb) as float32. */
+static void deq_row_x8(const uint8_t *w, int64_t rb, int64_t r, int64_t cols, float *y) {
+    const uint8_t *grp = w + (r - r % 8) * rb;
+    uint8_t blk[18];
+    for (int64_t b = 0; b < cols / 32; b++) {
+        x8_block(grp, (int)(r % 8), b, blk);
+        deq_row(Q4_0, blk, 32, y + 32 * b);
+    }
+}
 
 static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
     switch (fmt) {
@@ -205,7 +226,7 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case F32: return 4 * cols;
     case F16: case BF16: return 2 * cols;
     case Q8_0: return cols / 32 * 34;
-    case Q4_0: return cols / 32 * 18;
+    case Q4_0: case Q4_0X8: return cols / 32 * 18;
     case Q4_K: return cols / 256 * 144;
     case Q6_K: return cols / 256 * 210;
     }
@@ -422,12 +443,15 @@ typedef struct {
 static void deq_chunk(void *vctx, int64_t c) {
     const deq_ctx *x = vctx;
     const int64_t r1 = (c + 1) * x->ch < x->rows ? (c + 1) * x->ch : x->rows;
-    for (int64_t r = c * x->ch; r < r1; r++) deq_row(x->fmt, x->w + r * x->rb, x->cols, x->out + r * x->cols);
+    for (int64_t r = c * x->ch; r < r1; r++) {
+        if (x->fmt == Q4_0X8) deq_row_x8(x->w, x->rb, r, x->cols, x->out + r * x->cols);
+        else deq_row(x->fmt, x->w + r * x->rb, x->cols, x->out + r * x->cols);
+    }
 }
 
 MK_API int mk_dequant(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, float *out,
                       int nthreads) {
-    if (fmt_row_bytes(fmt, cols) < 0) return -1;
+    if (fmt_row_bytes(fmt, cols) < 0 || (fmt == Q4_0X8 && rows % 8)) return -1;
     deq_ctx x = {fmt, w, rb, rows, cols, chunk_rows(rb, 1), out};
     mk_parallel(deq_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb));
     return 0;
@@ -446,6 +470,7 @@ typedef struct {
     int32_t *xc;          /* q4_0: 8 * madd lanes of the block, (n, nb, 8) */
     int32_t *xc4;         /* q4_0, groups of 4 blocks: xc summed in the hadd layout, (n, nb/4, 8) */
     float *xd4;           /* groups of 4 blocks: [xd0..xd3, xd0..xd3], (n, nb/4, 8) */
+    int32_t *xc1;         /* q4_0x8: 8 * the block's sum of xq, (n, nb) */
     void *mem;            /* the one allocation behind all of the above */
 } xprep;
 
@@ -465,15 +490,17 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
 #if MK_SIMD
     if (cols % 32 == 0) {
         const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
-        const size_t sizes[8] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32};
+        const size_t sizes[9] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
+                                 nb * 4};
         size_t total = 0;
-        for (int i = 0; i < 8; i++) total += (sizes[i] + 31) / 32 * 32;
+        for (int i = 0; i < 9; i++) total += (sizes[i] + 31) / 32 * 32;
         char *m = aligned_alloc(32, total ? total : 32);
         if (!m) return -2;
         p->mem = m;
-        void **dst[8] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
-                         (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4};
-        for (int i = 0; i < 8; i++) {
+        void **dst[9] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
+                         (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4,
+                         (void **)&p->xc1};
+        for (int i = 0; i < 9; i++) {
             *dst[i] = m;
             m += (sizes[i] + 31) / 32 * 32;
         }
@@ -537,6 +564,8 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
             for (int l = 0; l < 8; l++)
                 p->xc[8 * k + l] = 8 * ((int32_t)q[2 * l] + q[2 * l + 1] + q[16 + 2 * l] + q[17 + 2 * l]);
 #endif
+            p->xc1[k] = 0;
+            for (int l = 0; l < 8; l++) p->xc1[k] += p->xc[8 * k + l];
             p->xd[k] = d;
             p->xs[k] = s0 + s1;
             p->xs16[2 * k] = 32.0f * s0; /* exact: a power of two */
@@ -922,6 +951,50 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
+/* q4_0x8: one run of eight interleaved rows against J prepared vectors, out[jj * 8 + rr].  Each
+ * 32-bit lane of a madd is one row's two adjacent weights times the same two activations in every
+ * lane (a broadcast), so the eight lanes are the eight rows' sums: no horizontal fold, and one
+ * conversion, one scale vector (eight contiguous f16) and one FMA serve eight rows. */
+INLINE void dot_q4_0x8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    /* The eight rows are one sequential run: prefetch it PF_BYTES ahead, line by line. */
+    uintptr_t next_pf = ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = w + 144 * b;
+        for (; next_pf < (uintptr_t)q + 144 + PF_BYTES; next_pf += 64) pf((const uint8_t *)next_pf);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        __m256i s[4];
+        for (int jj = 0; jj < J; jj++) s[jj] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            const __m256i v = ld16(q + 16 + 16 * k);
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+            for (int jj = 0; jj < J; jj++) {
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b + 2 * k;
+                s[jj] = _mm256_add_epi32(s[jj], _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x))),
+                    _mm256_madd_epi16(hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 16))))));
+            }
+        }
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            const __m256i t = _mm256_sub_epi32(s[jj], _mm256_set1_epi32(p->xc1[k]));
+            acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, _mm256_set1_ps(p->xd[k])), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
+#define MK_X8(J) \
+    static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_0x8(w, J, p, j0, out); }
+MK_X8(1)
+MK_X8(2)
+MK_X8(3)
+MK_X8(4)
+#undef MK_X8
+
 INLINE void dot_simd(int fmt, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0,
                      float *out) {
     switch (fmt) {
@@ -994,9 +1067,51 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
     return s;
 }
 
-/* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r]. */
+/* Portable q4_0x8 dot: row rr of the run at grp, block by block through a plain q4_0 block. */
+static float dot_generic_x8(const uint8_t *grp, int rr, const float *x, int64_t cols) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float buf[32];
+    uint8_t blk[18];
+    for (int64_t b = 0; b < cols / 32; b++) {
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        x8_block(grp, rr, b, blk);
+        deq_row(Q4_0, blk, 32, buf);
+        for (int k = 0; k < 32; k += 8)
+            for (int l = 0; l < 8; l++) part[l] += buf[k + l] * x[32 * b + k + l];
+        for (int l = 0; l < 8; l++) lane[l] += part[l];
+    }
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += lane[l];
+    return s;
+}
+
+/* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (q4_0x8: r0 and r1 are
+ * multiples of 8.) */
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
+    if (fmt == Q4_0X8) {
+#if MK_SIMD
+        if (p->xq) {
+            float o[32];
+            for (int64_t r = r0; r < r1; r += 8)
+                for (int64_t j = 0; j < p->n; j += 4) {
+                    const int64_t J = p->n - j < 4 ? p->n - j : 4;
+                    switch (J) {
+                    case 1: dot_x8_1(w + r * rb, p, j, o); break;
+                    case 2: dot_x8_2(w + r * rb, p, j, o); break;
+                    case 3: dot_x8_3(w + r * rb, p, j, o); break;
+                    default: dot_x8_4(w + r * rb, p, j, o); break;
+                    }
+                    for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
+                }
+            return;
+        }
+#endif
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t j = 0; j < p->n; j++)
+                Y[j * ldy + r] = dot_generic_x8(w + (r - r % 8) * rb, (int)(r % 8), p->xf + j * p->cols, p->cols);
+        return;
+    }
 #if MK_SIMD
     if (fmt != F32 && (p->xq || fmt == F16 || fmt == BF16)) {
         float o[4];
@@ -1074,11 +1189,11 @@ static void mm_chunk(void *vctx, int64_t c) {
 
 MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, const float *X,
                      int64_t n, float *Y, int nthreads) {
-    if (fmt_row_bytes(fmt, cols) < 0) return -1;
+    if (fmt_row_bytes(fmt, cols) < 0 || (fmt == Q4_0X8 && rows % 8)) return -1;
     xprep p;
     if (xprep_init(&p, X, n, cols)) return -2;
     xprep_fill(&p, 0, n);
-    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, 4), &p, Y, rows};
+    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, fmt == Q4_0X8 ? 8 : 4), &p, Y, rows};
     mk_parallel(mm_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb * (n < 4 ? n : 4)));
     xprep_free(&p);
     return 0;
@@ -1144,6 +1259,7 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
                   const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
                   const float *const *X, const int64_t *n, float *const *Y, int nthreads) {
     if (fmt_row_bytes(fmt_gu, hidden) < 0 || fmt_row_bytes(fmt_d, inter) < 0) return -1;
+    if ((fmt_gu == Q4_0X8 && inter % 8) || (fmt_d == Q4_0X8 && hidden % 8)) return -1;
     if (E <= 0) return 0;
     int64_t ntok = 0;
     for (int64_t e = 0; e < E; e++) ntok += n[e];
@@ -1171,9 +1287,9 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
         Gi += 2 * ne * inter;
         ph[e].xf = Ge; /* filled (silu(gate) * up) before ph is quantized */
         xprep_fill(&px[e], 0, ne);
-        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, 4), &px[e], Ge, inter};
-        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, 4), &px[e], Ue, inter};
-        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, 4), &ph[e], Y[e], hidden};
+        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, fmt_gu == Q4_0X8 ? 8 : 4), &px[e], Ge, inter};
+        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, fmt_gu == Q4_0X8 ? 8 : 4), &px[e], Ue, inter};
+        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, fmt_d == Q4_0X8 ? 8 : 4), &ph[e], Y[e], hidden};
         act[e] = (act_ctx){Ge, Ue, inter, &ph[e]};
         jgu[2 * e] = (subjob){mm_chunk, &mg[e], (inter + mg[e].ch - 1) / mg[e].ch};
         jgu[2 * e + 1] = (subjob){mm_chunk, &mu[e], (inter + mu[e].ch - 1) / mu[e].ch};

@@ -183,6 +183,8 @@ def test_f16_rounding_of_k_quant_scales():
 # ---------------------------------------------------------------- products
 
 def _ref(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
+    if fmt in formats.INTERLEAVED:  # gguf-py reads the GGUF format it moves
+        q, fmt = formats.deinterleave_q4_0(q), formats.gguf_format(fmt)
     W = gguf_deq(q, fmt, cols).astype(np.float64)
     return X.astype(np.float64) @ W.T
 
@@ -231,7 +233,7 @@ def test_decode_short_and_long_rows(backend, fmt, cols):
 
 @pytest.mark.parametrize("fmt", kernels.FORMATS)
 def test_matvec_and_qmatrix(backend, fmt):
-    rows, cols = 21, 256
+    rows, cols = (24 if fmt in formats.INTERLEAVED else 21), 256
     w = np.random.default_rng(8).standard_normal((rows, cols)).astype(np.float32)
     m = QMatrix.from_float(w, fmt)
     assert (m.rows, m.cols, m.fmt) == (rows, cols, fmt)
@@ -243,9 +245,61 @@ def test_matvec_and_qmatrix(backend, fmt):
     assert np.array_equal(y, m.matmul(x[None, :])[0])  # n=1 is the matvec path
     ref = x.astype(np.float64) @ m.to_float().astype(np.float64).T
     assert _rel(y, ref) < 3e-3
-    idx = np.array([3, 0, 20, 3])
+    idx = np.array([3, 0, 20, 3, 9])
     assert same_floats(m.rows_f32(idx), m.to_float()[idx])
     assert m.rows_f32(5).shape == (1, cols)
+
+
+# ---------------------------------------------------------------- q4_0x8: q4_0 interleaved by eight rows
+
+def test_q4_0x8_moves_q4_0s_bytes():
+    x = np.concatenate([hard_matrix(64), np.random.default_rng(30).standard_normal((10, 64)).astype(np.float32)])
+    with np.errstate(all="ignore"):
+        plain = gguf_bytes(x, "q4_0")
+        x8 = kernels.quantize(x, "q4_0x8")
+    assert x8.shape == plain.shape and not np.array_equal(x8, plain)
+    assert np.array_equal(np.sort(x8, axis=None), np.sort(plain, axis=None))  # the same bytes, moved
+    assert np.array_equal(formats.deinterleave_q4_0(x8), plain)
+    # the documented layout: run 1 (rows 8-15), block 1: scales of rows 8..15, then bytes 2k, 2k+1 row by row
+    blk = x8[8:16].reshape(-1)[144:288]
+    assert np.array_equal(blk[:16], plain[8:16, 18:20].reshape(-1))
+    k, r = 5, 3
+    assert np.array_equal(blk[16 + 16 * k + 2 * r:18 + 16 * k + 2 * r], plain[8 + r, 18 + 2 + 2 * k:18 + 4 + 2 * k])
+
+
+def test_q4_0x8_dequantizes_as_q4_0(backend):
+    q = random_blocks("q4_0", 40, 256, seed=31)
+    want = gguf_deq(q, "q4_0", 256)
+    assert same_floats(kernels.dequantize(formats.interleave_q4_0(q), "q4_0x8", 256), want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 20, 40])
+def test_q4_0x8_products_match_dequantized(backend, n):
+    rows, cols = 48, 512
+    q = formats.interleave_q4_0(random_blocks("q4_0", rows, cols, seed=32))
+    X = llm_like(n, cols, seed=n + 40)
+    Y = kernels.matmul(q, "q4_0x8", cols, X)
+    ref = _ref(q, "q4_0x8", cols, X)
+    assert Y.shape == (n, rows) and _rel(Y, ref) < 3e-3
+    assert np.max(np.abs(Y - ref)) < 3e-3 * np.max(np.abs(ref))
+    assert np.array_equal(kernels.matvec(q, "q4_0x8", cols, X[0]), kernels.matmul(q, "q4_0x8", cols, X[:1])[0])
+
+
+def test_q4_0x8_needs_runs_of_eight_rows(backend):
+    w = np.ones((12, 64), np.float32)
+    with pytest.raises(kernels.FormatError, match="divisible by 8"):
+        kernels.quantize(w, "q4_0x8")
+    q = kernels.quantize(w[:8], "q4_0x8")
+    with pytest.raises(kernels.FormatError, match="divisible by 8"):
+        QMatrix(q[:4], "q4_0x8", 4, 64)
+    with pytest.raises(kernels.FormatError, match="divisible by 8"):
+        kernels.matvec(q[:4], "q4_0x8", 64, np.ones(64, np.float32))
+
+
+def test_layout_picks_the_interleaved_q4_0():
+    assert kernels.layout("q4_0", 1024) == "q4_0x8" and kernels.layout("q4_0", 1020) == "q4_0"
+    assert kernels.layout("q8_0", 1024) == "q8_0" and kernels.layout(None, 8) is None
+    assert kernels.gguf_format("q4_0x8") == "q4_0" and kernels.gguf_format("q4_k") == "q4_k"
 
 
 def test_f32_matmul_is_numpy_exactly(backend):
@@ -301,7 +355,7 @@ def _ffn_ref(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.nda
 
 
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16"),
-                                  ("q8_0", "q4_k")])
+                                  ("q8_0", "q4_k"), ("q4_0x8", "q4_0x8")])
 @pytest.mark.parametrize("n", [1, 4, 12])
 def test_expert_ffn(backend, fmts, n):
     hidden, inter = 256, 512
@@ -325,7 +379,8 @@ def _experts(fmts: tuple[str, str], E: int, hidden: int, inter: int, seed: int) 
     return [(m(inter, hidden, fmts[0]), m(inter, hidden, fmts[0]), m(hidden, inter, fmts[1])) for _ in range(E)]
 
 
-@pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16")])
+@pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16"),
+                                  ("q4_0x8", "q8_0")])
 def test_experts_ffn_equals_one_expert_at_a_time(backend, fmts):
     # One layer's experts in one call (the fused C path splits all of them over the threads) must
     # give each expert exactly what expert_ffn gives it alone; big enough to use every thread.
