@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 
 import kernels
+from kernels import formats
 
 # Formats a matrix may take here; norms and routers stay f32 as in llama.cpp's own conversions.
 DENSE_FORMATS = ("bf16", "f16", "f32", "q8_0", "q4_0")
@@ -228,17 +229,26 @@ def export_gguf(hf_dir: str | Path, out: str | Path, *, expert_fmt: str = "q4_0"
     return out
 
 
+def _as_gguf(q) -> tuple[str, np.ndarray]:
+    """A QMatrix's GGUF format name and its bytes in GGUF's row order (q4_0x8 de-interleaved)."""
+    data = np.asarray(q.data).reshape(q.rows, -1)
+    if q.fmt in formats.INTERLEAVED:
+        data = formats.deinterleave_q4_0(data)
+    return kernels.gguf_format(q.fmt), data
+
+
 def verify_same_experts(gguf_path: str | Path, model, pairs: list[tuple[int, int]]) -> None:
-    """Check that the GGUF's expert bytes equal what our engine serves for these (layer, expert) pairs."""
+    """Check that the GGUF's expert bytes equal what our engine serves for these (layer, expert) pairs
+    (the engine's q4_0x8 is q4_0's bytes interleaved: compared de-interleaved)."""
     reader = gguf.GGUFReader(str(gguf_path))
     by_name = {t.name: t for t in reader.tensors}
     for layer, e in pairs:
         bundle = model.experts.get(layer, [e])[e]
         for part, q in (("gate", bundle.gate), ("up", bundle.up), ("down", bundle.down)):
             t = by_name[f"blk.{layer}.ffn_{part}_exps.weight"]
-            ours = np.asarray(q.data).reshape(q.rows, -1)
+            fmt, ours = _as_gguf(q)
             theirs = np.asarray(t.data)[e].reshape(q.rows, -1)
-            if q.fmt != t.tensor_type.name.lower() or not np.array_equal(ours, theirs):
+            if fmt != t.tensor_type.name.lower() or not np.array_equal(ours, theirs):
                 raise AssertionError(f"layer {layer} expert {e} {part}: bytes differ (ours {q.fmt}, "
                                      f"gguf {t.tensor_type.name})")
 
@@ -256,9 +266,9 @@ def verify_same_dense(gguf_path: str | Path, model, layers: list[int]) -> int:
                   for g, a in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))]
     for gname, q in pairs:
         t = by_name[gname]
-        ours = np.asarray(q.data).reshape(q.rows, -1)
+        fmt, ours = _as_gguf(q)
         theirs = np.asarray(t.data).view(np.uint8).reshape(q.rows, -1)
-        if q.fmt != t.tensor_type.name.lower() or not np.array_equal(ours, theirs):
+        if fmt != t.tensor_type.name.lower() or not np.array_equal(ours, theirs):
             raise AssertionError(f"{gname}: bytes differ (ours {q.fmt}, gguf {t.tensor_type.name})")
     return len(pairs)
 

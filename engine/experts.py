@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kernels import FormatError, QMatrix, row_bytes
+from kernels import FormatError, QMatrix, layout, row_bytes
 
 from .checkpoint import Checkpoint
 from .errors import EngineError
@@ -64,16 +64,18 @@ class ExpertSource(ABC):
 
 
 def load_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int], quant: str | None) -> QMatrix:
-    """A checkpoint matrix as a QMatrix, in its own float format or quantized to `quant`."""
+    """A checkpoint matrix as a QMatrix, in its own format or quantized to `quant`, in the layout the
+    kernels run fastest (kernels.layout: q4_0 as q4_0x8 where the rows allow)."""
     raw, fmt = ckpt.read(name + ".weight", shape)
     q = QMatrix(raw.view("uint8").reshape(shape[0], -1), fmt, shape[0], shape[1])
-    if quant is None or quant == fmt:
+    target = layout(quant, shape[0])
+    if target is None or target == fmt:
         return q
     try:
-        row_bytes(quant, shape[1])
+        row_bytes(target, shape[1])
     except FormatError as e:
         raise EngineError(f"{ckpt.path_of(name + '.weight')}: tensor {name}.weight: {e}") from None
-    return QMatrix.from_float(q.to_float(), quant)
+    return q.to_format(target)
 
 
 def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

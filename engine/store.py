@@ -166,6 +166,7 @@ def open_store(folder: str | os.PathLike, spec: ModelSpec) -> ExpertLayout:
                 raise EngineError(f"{pw}: shape {p.get('shape')} does not match the model's {list(shape)}")
             rel, nbytes = _int(p, "offset", pw), _int(p, "nbytes", pw)
             try:
+                kernels.check_rows(fmt, shape[0])
                 want = shape[0] * kernels.row_bytes(fmt, shape[1])
             except ValueError as e:
                 raise EngineError(f"{pw}: {e}") from None

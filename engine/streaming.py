@@ -352,8 +352,9 @@ class StreamingExperts(ExpertSource):
         for part, at in zip(loc.parts, p.parts):
             data = np.frombuffer(buf, np.uint8, count=part.nbytes, offset=at).reshape(part.rows, -1)
             q = QMatrix(data, part.fmt, part.rows, part.cols)
-            if self.quant is not None and self.quant != part.fmt:
-                q = QMatrix.from_float(q.to_float(), self.quant)   # as InMemoryExperts does: same bytes out
+            target = kernels.layout(self.quant, part.rows)
+            if target is not None and target != part.fmt:
+                q = q.to_format(target)   # as InMemoryExperts does: same bytes out
             mats.append(q)
         bundle = ExpertBundle(*mats)
         converted = self.quant is not None and any(m.fmt != part.fmt for m, part in zip(mats, loc.parts))

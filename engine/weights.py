@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels import QMatrix, dequantize
+from kernels import QMatrix, dequantize, layout
 
 from .checkpoint import Checkpoint
 from .experts import load_matrix
@@ -68,18 +68,19 @@ def head_format(dense_quant: str | None) -> str | None:
 def dense_formats(spec: ModelSpec, dense_quant: str | None) -> dict[str, tuple[tuple[int, int], str | None]]:
     """The large dense matrices `dense_quant` applies to -- attention q/k/v/o, dense MLP layers, shared
     experts, an untied lm_head -- as {tensor name (without .weight): ((rows, cols), format)}; format
-    None keeps the checkpoint's own.  Embedding, norms, biases and routers are not in it: they stay in
-    their own format.  load_resident and `mer-tui convert --dense-quant` both follow this one list."""
+    None keeps the checkpoint's own; q4_0 is named in the kernels' layout for it (kernels.layout: q4_0x8
+    where the rows allow).  Embedding, norms, biases and routers are not in it: they stay in their own
+    format.  load_resident and `mer-tui convert --dense-quant` both follow this one list."""
     H, Q, KV = spec.hidden_size, spec.q_size, spec.kv_size
     out: dict[str, tuple[tuple[int, int], str | None]] = {}
 
     def mlp(names: tuple[str, ...], width: int, i: int) -> None:
         for n, shape in zip(names, ((width, H), (width, H), (H, width))):
-            out[n.format(i=i)] = (shape, dense_quant)
+            out[n.format(i=i)] = (shape, layout(dense_quant, shape[0]))
 
     for i in range(spec.num_layers):
         for key, shape in (("q", (Q, H)), ("k", (KV, H)), ("v", (KV, H)), ("o", (H, Q))):
-            out[spec.name(key, i)] = (shape, dense_quant)
+            out[spec.name(key, i)] = (shape, layout(dense_quant, shape[0]))
         if spec.moe_layers[i]:
             if spec.shared_expert_size:
                 mlp(spec.names["shared"], spec.shared_expert_size, i)

@@ -34,8 +34,10 @@ from .formats import (
     FormatError,
     check_bytes,
     check_rows,
+    deinterleave_q4_0,
     dequantize_ref,
     gguf_format,
+    interleave_q4_0,
     layout,
     quantize_ref,
     row_bytes,
@@ -44,7 +46,7 @@ from .formats import (
 __all__ = [
     "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "dequantize", "expert_ffn",
     "experts_ffn", "gguf_format", "layout", "matmul", "matvec", "quantize", "row_bytes", "set_backend",
-    "set_threads", "threads", "warmup",
+    "set_threads", "threads", "warmup", "X8_ROWS",
 ]
 
 log = logging.getLogger(__name__)
@@ -308,6 +310,17 @@ class QMatrix:
         if w.ndim != 2:
             raise FormatError(f"QMatrix.from_float expects a 2-D matrix, got shape {w.shape}")
         return cls(quantize(w, fmt), fmt, w.shape[0], w.shape[1])
+
+    def to_format(self, fmt: str) -> QMatrix:
+        """This matrix in `fmt`: itself when it is already, its bytes moved when `fmt` is a layout of the
+        same GGUF format (q4_0 <-> q4_0x8: no value changes), else quantized from its float values."""
+        if fmt == self.fmt:
+            return self
+        if gguf_format(fmt) == gguf_format(self.fmt):
+            check_rows(fmt, self.rows)
+            plain = deinterleave_q4_0(self.data) if self.fmt in INTERLEAVED else self.data
+            return QMatrix(interleave_q4_0(plain) if fmt in INTERLEAVED else plain, fmt, self.rows, self.cols)
+        return QMatrix.from_float(self.to_float(), fmt)
 
     @property
     def nbytes(self) -> int:

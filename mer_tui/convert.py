@@ -73,9 +73,11 @@ def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: byt
         return
     src_row = info.nbytes // info.shape[0]
     rows_per = max(1, len(buf) // src_row)
+    if rows_per >= kernels.X8_ROWS:  # whole runs of eight rows, which q4_0x8 interleaves
+        rows_per -= rows_per % kernels.X8_ROWS
     for raw in pieces(path, info.start, info.nbytes, memoryview(buf)[:rows_per * src_row]):
         block = np.frombuffer(raw, np.uint8).reshape(-1, src_row)
-        write(kernels.quantize(kernels.dequantize(block, info.fmt, cols), fmt))  # type: ignore[arg-type]
+        write(kernels.QMatrix(block, info.fmt, block.shape[0], cols).to_format(fmt).data)  # type: ignore[arg-type]
         advance(len(raw))
 
 
@@ -134,7 +136,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
 
     largest = max(ckpt.where[n].tensors[n].nbytes for n in ckpt.where)
     widest_row = max(ckpt.info(n).nbytes // max(1, ckpt.info(n).shape[0]) for n in expert_names | set(dense))
-    buf = bytearray(max(1, min(PIECE, largest), widest_row))   # the one read buffer, reused for every piece
+    # the one read buffer, reused for every piece: at least eight of the widest rows (a q4_0x8 run)
+    buf = bytearray(max(1, min(PIECE, largest), kernels.X8_ROWS * widest_row))
     # model.safetensors: its header (every tensor's dtype, shape, size and, for block formats, the
     # metadata that marks them) is known before a byte is converted.
     infos = [ckpt.where[n].tensors[n] for n in resident]
@@ -170,7 +173,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             for name, shape in zip(spec.expert_names(i, e), shapes):
                 info = ckpt.info(name + ".weight", shape)
                 source_formats.add(info.fmt)  # type: ignore[arg-type]
-                fmt = quant or info.fmt
+                fmt = kernels.layout(quant, shape[0]) or info.fmt
                 ef.begin_part(fmt, shape)  # type: ignore[arg-type]
                 _write_converted(info, ckpt.path_of(name + ".weight"), fmt, shape[1], buf, ef.write,  # type: ignore[arg-type]
                                  advance)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import engine
+import kernels
 from engine import EngineError
 from engine.loader import QUANTS
 from engine.safetensors_file import SafetensorsFile, quantized_metadata
@@ -72,8 +73,6 @@ def test_a_dense_quant_store_matches_quantizing_at_load(sources, stores, variant
         want = ref.forward(IDS)
         ref_w = ref.weights
     # Loading the store needs no option, and converts nothing: no matrix goes through float.
-    import kernels
-
     def no_float(*a, **k):
         raise AssertionError("a stored matrix was re-quantized at load")
 
@@ -107,7 +106,8 @@ def test_a_dense_quant_store_matches_quantizing_at_load(sources, stores, variant
 def test_another_dense_quant_requantizes_a_stored_matrix(sources, stores):
     src, (_, store) = sources["mixtral"], stores["mixtral"]
     with engine.load(store, dense_quant="q4_0") as m:
-        assert m.weights.layers[0].q.fmt == "q4_0" and m.weights.lm_head.fmt == "q8_0"
+        assert m.weights.layers[0].q.fmt == kernels.layout("q4_0", m.weights.layers[0].q.rows)
+        assert m.weights.lm_head.fmt == "q8_0"
         requant = m.forward(IDS)
     with engine.load(src, quant="q4_0", dense_quant="q8_0") as m:
         stored = m.forward(IDS)
@@ -243,7 +243,8 @@ def test_load_commands_pass_dense_quant(stores, sources, command):
         model = load_from_args(args)
     with model:
         assert model.weights.layers[0].q.fmt == "q8_0" and model.weights.lm_head.fmt == "q8_0"
-        assert model.experts.get(0, [0])[0].gate.fmt == "q4_0"
+        gate = model.experts.get(0, [0])[0].gate
+        assert gate.fmt == kernels.layout("q4_0", gate.rows)
     args = build_parser().parse_args(argv)
     assert args.dense_quant is None
 

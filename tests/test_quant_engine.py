@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import engine
+import kernels
+from kernels import formats
 
 IDS = list(range(3, 120, 7))
 # Relative RMS error of the logits allowed per format when the experts are quantized (issue 3's
@@ -31,13 +33,25 @@ def test_quantized_logits_stay_close(quant_model, fmt, dense):
     folder, ref = quant_model
     model = engine.load(folder, quant=fmt, quant_dense=dense)
     bundle = model.experts.get(0, [0])[0]
-    assert bundle.gate.fmt == fmt and bundle.down.fmt == fmt
-    assert (model.weights.layers[0].q.fmt == fmt) == dense
+    # q4_0 is held interleaved by eight rows (q4_0x8) where the rows allow: the same bytes, moved
+    assert all(m.fmt == kernels.layout(fmt, m.rows) for m in (bundle.gate, bundle.up, bundle.down))
+    assert (kernels.gguf_format(model.weights.layers[0].q.fmt) == fmt) == dense
     logits = model.forward(IDS)
     err = _rel_rms(logits, ref)
     agree = float(np.mean(logits.argmax(-1) == ref.argmax(-1)))
     print(f"{fmt} dense={dense}: relative RMS {err:.4f}, top-1 agreement {agree:.0%}")
     assert err < (DENSE_BUDGET if dense else BUDGET)[fmt]
+
+
+def test_q4_0_experts_are_q4_0s_bytes_interleaved(quant_model):
+    folder, _ = quant_model
+    plain = engine.load(folder).experts.get(0, [1])[1]
+    model = engine.load(folder, quant="q4_0", dense_quant="q4_0")
+    x8 = model.experts.get(0, [1])[1]
+    for p, q in zip((plain.gate, plain.up, plain.down), (x8.gate, x8.up, x8.down)):
+        assert q.fmt == "q4_0x8"
+        assert np.array_equal(formats.deinterleave_q4_0(q.data), kernels.quantize(p.to_float(), "q4_0"))
+    assert model.weights.layers[0].q.fmt == "q4_0x8" and model.weights.lm_head.fmt == "q8_0"
 
 
 def test_bf16_checkpoint_keeps_bf16_without_a_float32_copy(checkpoint_dir):
