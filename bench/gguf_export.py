@@ -230,10 +230,10 @@ def export_gguf(hf_dir: str | Path, out: str | Path, *, expert_fmt: str = "q4_0"
 
 
 def _as_gguf(q) -> tuple[str, np.ndarray]:
-    """A QMatrix's GGUF format name and its bytes in GGUF's row order (q4_0x8 de-interleaved)."""
+    """A QMatrix's GGUF format name and its bytes in GGUF's row order (an x8 layout de-interleaved)."""
     data = np.asarray(q.data).reshape(q.rows, -1)
     if q.fmt in formats.INTERLEAVED:
-        data = formats.deinterleave_q4_0(data)
+        data = formats.deinterleave(data, q.fmt)
     return kernels.gguf_format(q.fmt), data
 
 

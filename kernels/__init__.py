@@ -34,10 +34,10 @@ from .formats import (
     FormatError,
     check_bytes,
     check_rows,
-    deinterleave_q4_0,
+    deinterleave,
     dequantize_ref,
     gguf_format,
-    interleave_q4_0,
+    interleave,
     layout,
     quantize_ref,
     row_bytes,
@@ -173,8 +173,12 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
 
     f16, bf16, q8_0 and q4_0 give the same bytes as gguf-py (ggml's reference quantizers);
     q4_k and q6_k follow ggml's reference algorithms (gguf-py has no quantizer for them).
-    q4_0x8 is q4_0's bytes with each run of eight rows interleaved (formats.interleave_q4_0).
+    The x8 layouts (q4_0x8, q4_kx8) are their GGUF format's bytes with each run of eight rows
+    interleaved (formats.interleave).
     """
+    if fmt in INTERLEAVED:
+        check_rows(fmt, np.shape(x)[0])
+        return interleave(quantize(x, INTERLEAVED[fmt]), fmt)
     if fmt in ("q4_k", "q6_k"):
         from .kquant import quantize_k
         return quantize_k(x, fmt)
@@ -223,7 +227,7 @@ def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.
     # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
     # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.
     rows = q.shape[0]
-    step = min(rows, max(16, TILE_BYTES // (4 * max(cols, 1))) // X8_ROWS * X8_ROWS)  # whole runs of q4_0x8
+    step = min(rows, max(16, TILE_BYTES // (4 * max(cols, 1))) // X8_ROWS * X8_ROWS)  # whole runs of an x8 layout
     buf = _scratch(step * cols)
     Yt = np.empty((rows, X.shape[0]), dtype=np.float32)
     for r0 in range(0, rows, step):
@@ -318,8 +322,8 @@ class QMatrix:
             return self
         if gguf_format(fmt) == gguf_format(self.fmt):
             check_rows(fmt, self.rows)
-            plain = deinterleave_q4_0(self.data) if self.fmt in INTERLEAVED else self.data
-            return QMatrix(interleave_q4_0(plain) if fmt in INTERLEAVED else plain, fmt, self.rows, self.cols)
+            plain = deinterleave(self.data, self.fmt) if self.fmt in INTERLEAVED else self.data
+            return QMatrix(interleave(plain, fmt) if fmt in INTERLEAVED else plain, fmt, self.rows, self.cols)
         return QMatrix.from_float(self.to_float(), fmt)
 
     @property

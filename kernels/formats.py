@@ -19,6 +19,7 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q4_k": (256, 144),
     "q6_k": (256, 210),
     "q4_0x8": (32, 18),
+    "q4_kx8": (256, 144),
 }
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
@@ -102,54 +103,80 @@ def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
 
 
-# q4_0x8 is q4_0 with each run of eight rows interleaved block by block, so that a kernel reads
-# eight rows as one sequential stream and finds their eight scales side by side: block b of rows
-# 8g..8g+7 is 144 bytes, the eight f16 scales, then the eight rows' 16 quant bytes two at a time
-# (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0..7).  The same bytes as q4_0, moved.
+# Interleaved layouts ("x8"): a GGUF block format with each run of eight rows interleaved block by
+# block, so that a kernel reads eight rows as one sequential stream, finds each field of their block
+# headers side by side (eight f16 scales in one 16-byte load), and puts one row in each 32-bit lane.
+# Block b of rows 8g..8g+7 is eight blocks' bytes: each header field for rows 0..7 in turn (q4_0: the
+# f16 scale; q4_k: d, dmin, then each of the 12 packed scale bytes), then the payload two bytes at a
+# time (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0, 1, ...).  The same bytes, moved.
 X8_ROWS = 8
-# A layout's format -> the GGUF format whose bytes it moves (and the rows it interleaves).
-INTERLEAVED: dict[str, str] = {"q4_0x8": "q4_0"}
+# layout -> (the GGUF format whose bytes it moves, its header fields as (count, bytes each))
+X8_FIELDS: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
+    "q4_0x8": ("q4_0", ((1, 2),)),
+    "q4_kx8": ("q4_k", ((2, 2), (12, 1))),
+}
+# A layout's format -> the GGUF format whose bytes it moves.
+INTERLEAVED: dict[str, str] = {fmt: base for fmt, (base, _) in X8_FIELDS.items()}
+_X8_OF = {base: fmt for fmt, base in INTERLEAVED.items()}
 
 
 def check_rows(fmt: str, rows: int) -> None:
-    """FormatError when `fmt` cannot hold a matrix of `rows` rows (q4_0x8: a multiple of 8)."""
+    """FormatError when `fmt` cannot hold a matrix of `rows` rows (an x8 layout: a multiple of 8)."""
     if fmt in INTERLEAVED and rows % X8_ROWS:
         raise FormatError(f"{fmt} needs a row count divisible by {X8_ROWS}, got {rows}")
 
 
 def layout(fmt: str | None, rows: int) -> str | None:
-    """The format the kernels hold a `rows`-row matrix of GGUF format `fmt` in: q4_0 interleaved by
-    eight rows (q4_0x8) where the rows allow it, every other format (and None) as it is."""
-    return "q4_0x8" if fmt == "q4_0" and rows % X8_ROWS == 0 else fmt
+    """The format the kernels hold a `rows`-row matrix of GGUF format `fmt` in: its x8 layout (q4_0x8,
+    q4_kx8) where there is one and the rows allow it, every other format (and None) as it is."""
+    x8 = _X8_OF.get(fmt)  # type: ignore[arg-type]
+    return x8 if x8 is not None and rows % X8_ROWS == 0 else fmt
 
 
 def gguf_format(fmt: str) -> str:
-    """The GGUF format whose bytes `fmt` holds: q4_0 for q4_0x8, else `fmt` itself."""
+    """The GGUF format whose bytes `fmt` holds: q4_0 for q4_0x8 (and so on), else `fmt` itself."""
     return INTERLEAVED.get(fmt, fmt)
 
 
-def _x8_shape(q: np.ndarray) -> tuple[int, int]:
-    rows, rb = q.shape
-    check_rows("q4_0x8", rows)
-    return rows // X8_ROWS, rb // 18
+def x8_positions(fmt: str) -> np.ndarray:
+    """(8, block bytes) int64: where byte i of row r's block lies in an x8 run's block of 8 blocks."""
+    base, fields = X8_FIELDS[fmt]
+    nbytes = BLOCK[base][1]
+    pos = np.empty((X8_ROWS, nbytes), dtype=np.int64)
+    rows = np.arange(X8_ROWS)
+    src = dst = 0
+    for count, width in fields:
+        for c in range(count):
+            for t in range(width):
+                pos[:, src + c * width + t] = dst + (c * X8_ROWS + rows) * width + t
+        src += count * width
+        dst += X8_ROWS * count * width
+    for k in range((nbytes - src) // 2):
+        for t in range(2):
+            pos[:, src + 2 * k + t] = dst + 16 * k + 2 * rows + t
+    return pos
 
 
-def interleave_q4_0(q: np.ndarray) -> np.ndarray:
-    """q4_0 bytes (rows, row_bytes) -> the same matrix as q4_0x8 (rows a multiple of 8)."""
-    g, nb = _x8_shape(q)
-    b = q.reshape(g, X8_ROWS, nb, 18)
-    scales = b[..., :2].transpose(0, 2, 1, 3).reshape(g, nb, 16)
-    qs = b[..., 2:].reshape(g, X8_ROWS, nb, 8, 2).transpose(0, 2, 3, 1, 4).reshape(g, nb, 128)
-    return np.concatenate([scales, qs], axis=2).reshape(q.shape)
+def _runs(q: np.ndarray, fmt: str) -> tuple[int, int, int, np.ndarray]:
+    check_rows(fmt, q.shape[0])
+    nbytes = BLOCK[INTERLEAVED[fmt]][1]
+    return q.shape[0] // X8_ROWS, q.shape[1] // nbytes, nbytes, x8_positions(fmt).reshape(-1)
 
 
-def deinterleave_q4_0(q: np.ndarray) -> np.ndarray:
-    """q4_0x8 bytes -> plain q4_0 bytes (interleave_q4_0 undone)."""
-    g, nb = _x8_shape(q)
-    b = q.reshape(g, nb, 144)
-    scales = b[..., :16].reshape(g, nb, X8_ROWS, 2).transpose(0, 2, 1, 3)
-    qs = b[..., 16:].reshape(g, nb, 8, X8_ROWS, 2).transpose(0, 3, 1, 2, 4).reshape(g, X8_ROWS, nb, 16)
-    return np.concatenate([scales, qs], axis=3).reshape(q.shape)
+def interleave(q: np.ndarray, fmt: str) -> np.ndarray:
+    """GGUF bytes (rows, row_bytes) of gguf_format(fmt) -> the same matrix in x8 layout `fmt`."""
+    g, nb, nbytes, pos = _runs(q, fmt)
+    blocks = q.reshape(g, X8_ROWS, nb, nbytes).transpose(0, 2, 1, 3).reshape(g, nb, X8_ROWS * nbytes)
+    out = np.empty_like(blocks)
+    out[..., pos] = blocks
+    return out.reshape(q.shape)
+
+
+def deinterleave(q: np.ndarray, fmt: str) -> np.ndarray:
+    """x8 layout `fmt` -> the GGUF bytes it holds (interleave undone)."""
+    g, nb, nbytes, pos = _runs(q, fmt)
+    blocks = q.reshape(g, nb, X8_ROWS * nbytes)[..., pos].reshape(g, nb, X8_ROWS, nbytes)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(q.shape)
 
 
 def quant_input(x: np.ndarray, fmt: str) -> tuple[np.ndarray, int, int, int]:
@@ -170,8 +197,10 @@ def quantize_ref(x: np.ndarray, fmt: str) -> np.ndarray:
         return x.astype(np.float16).view(np.uint8).reshape(rows, rb)
     if fmt == "bf16":
         return f32_to_bf16(x).view(np.uint8).reshape(rows, rb)
-    if fmt == "q4_0x8":
-        return interleave_q4_0(quantize_ref(x, "q4_0"))
+    if fmt in INTERLEAVED:
+        if INTERLEAVED[fmt] not in ("q8_0", "q4_0"):
+            raise FormatError(f"no numpy quantizer for {fmt}")
+        return interleave(quantize_ref(x, INTERLEAVED[fmt]), fmt)
     fn = {"q8_0": _quant_q8_0, "q4_0": _quant_q4_0}.get(fmt)
     if fn is None:
         raise FormatError(f"no numpy quantizer for {fmt}")
@@ -243,8 +272,8 @@ def dequantize_ref(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
         return q.view(np.float16).reshape(rows, cols).astype(np.float32)
     if fmt == "bf16":
         return bf16_to_f32(q.view(np.uint16).reshape(rows, cols))
-    if fmt == "q4_0x8":
-        return dequantize_ref(deinterleave_q4_0(q), "q4_0", cols)
+    if fmt in INTERLEAVED:
+        return dequantize_ref(deinterleave(q, fmt), INTERLEAVED[fmt], cols)
     per_block, nbytes = BLOCK[fmt]
     out = np.empty((rows, cols), dtype=np.float32)
     step = max(1, _CHUNK_WEIGHTS // max(cols, 1))

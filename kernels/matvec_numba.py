@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
+from .formats import x8_positions
+
 # float16 bit pattern -> float32 value, exact for every pattern (NaNs and infinities included).
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -104,43 +106,16 @@ def deq_q4_0(q, tab, out, r0, r1):
                 out[r, 32 * b + 16 + i] = d * (hi - F8)
 
 
-@njit(cache=True)
-def _x8(qf, rb, r, b, i):
-    # Byte i (0-17) of row r's block b, as plain q4_0 would hold it, in a q4_0x8 matrix (flat qf,
-    # row bytes rb): its run of eight rows, then the block's scales or its quant bytes two by two.
-    base = (r - r % 8) * rb + 144 * b
-    if i < 2:
-        return qf[base + 2 * (r % 8) + i]
-    k = i - 2
-    return qf[base + 16 + 16 * (k // 2) + 2 * (r % 8) + k % 2]
-
-
 @njit(nogil=True, cache=True)
-def deq_q4_0x8(qf, rb, tab, out, r0, r1):
-    cols = out.shape[1]
-    for r in range(r0, r1):
-        for b in range(cols // 32):
-            d = tab[np.int64(_x8(qf, rb, r, b, 0)) | (np.int64(_x8(qf, rb, r, b, 1)) << 8)]
-            for i in range(16):
-                lo, hi = _nibbles(np.float32(_x8(qf, rb, r, b, 2 + i)))
-                out[r, 32 * b + i] = d * (lo - F8)
-                out[r, 32 * b + 16 + i] = d * (hi - F8)
-
-
-@njit(nogil=True, fastmath=True, cache=True)
-def mm_q4_0x8(qf, rb, tab, X, Y, r0, r1):
-    n, cols = X.shape
-    acc = np.empty(16, np.float32)
-    for r in range(r0, r1):
-        for j in range(n):
-            acc[:] = F0
-            for b in range(cols // 32):
-                xo = 32 * b
-                d = tab[np.int64(_x8(qf, rb, r, b, 0)) | (np.int64(_x8(qf, rb, r, b, 1)) << 8)]
-                for i in range(16):
-                    lo, hi = _nibbles(np.float32(_x8(qf, rb, r, b, 2 + i)))
-                    acc[i] += d * ((lo - F8) * X[j, xo + i] + (hi - F8) * X[j, xo + 16 + i])
-            Y[j, r] = acc.sum()
+def _gather_row(qf, rb, pos, r, tmp):
+    # Row r of an x8-layout matrix (flat bytes qf, row bytes rb) as its GGUF format holds it, into
+    # tmp (1, rb): pos (8, block bytes) says where each byte of a row's block lies in its run's block.
+    nbytes = pos.shape[1]
+    base = (r - r % 8) * rb
+    for b in range(rb // nbytes):
+        o = base + 8 * nbytes * b
+        for i in range(nbytes):
+            tmp[0, nbytes * b + i] = qf[o + pos[r % 8, i]]
 
 
 @njit(cache=True)
@@ -353,6 +328,44 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+# x8 layouts: each row gathered back into its GGUF format's bytes, then the plain kernels.  The
+# portable path: correct, not fast (the C kernels read the layout directly).
+@njit(nogil=True, cache=True)
+def deq_x8_q4_0(qf, rb, pos, tab, out, r0, r1):
+    tmp = np.empty((1, rb), np.uint8)
+    for r in range(r0, r1):
+        _gather_row(qf, rb, pos, r, tmp)
+        deq_q4_0(tmp, tab, out[r:r + 1], 0, 1)
+
+
+@njit(nogil=True, cache=True)
+def deq_x8_q4_k(qf, rb, pos, tab, out, r0, r1):
+    tmp = np.empty((1, rb), np.uint8)
+    for r in range(r0, r1):
+        _gather_row(qf, rb, pos, r, tmp)
+        deq_q4_k(tmp, tab, out[r:r + 1], 0, 1)
+
+
+@njit(nogil=True, cache=True)
+def mm_x8_q4_0(qf, rb, pos, tab, X, Y, r0, r1):
+    tmp = np.empty((1, rb), np.uint8)
+    for r in range(r0, r1):
+        _gather_row(qf, rb, pos, r, tmp)
+        mm_q4_0(tmp, tab, X, Y[:, r:r + 1], 0, 1)
+
+
+@njit(nogil=True, cache=True)
+def mm_x8_q4_k(qf, rb, pos, tab, X, Y, r0, r1):
+    tmp = np.empty((1, rb), np.uint8)
+    for r in range(r0, r1):
+        _gather_row(qf, rb, pos, r, tmp)
+        mm_q4_k(tmp, tab, X, Y[:, r:r + 1], 0, 1)
+
+
+_X8_DEQ = {"q4_0x8": deq_x8_q4_0, "q4_kx8": deq_x8_q4_k}
+_X8_MM = {"q4_0x8": mm_x8_q4_0, "q4_kx8": mm_x8_q4_k}
+
+
 def _get_pool(n: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
@@ -399,8 +412,9 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
     elif fmt in ("q8_0", "q6_k"):  # these read signed bytes too: pass an int8 view of the same memory
         fn = deq_q8_0 if fmt == "q8_0" else deq_q6_k
         run_rows(fn, q.shape[0], q.nbytes, threads, q, q.view(np.int8), F16_TABLE, out)
-    elif fmt == "q4_0x8":
-        run_rows(deq_q4_0x8, q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], F16_TABLE, out)
+    elif fmt in _X8_DEQ:
+        run_rows(_X8_DEQ[fmt], q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
+                 F16_TABLE, out)
     else:
         fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
@@ -416,8 +430,9 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
     elif fmt in ("q8_0", "q6_k"):
         fn = mm_q8_0 if fmt == "q8_0" else mm_q6_k
         run_rows(fn, q.shape[0], work, threads, q, q.view(np.int8), F16_TABLE, X, Y)
-    elif fmt == "q4_0x8":
-        run_rows(mm_q4_0x8, q.shape[0], work, threads, q.reshape(-1), q.shape[1], F16_TABLE, X, Y)
+    elif fmt in _X8_MM:
+        run_rows(_X8_MM[fmt], q.shape[0], work, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
+                 F16_TABLE, X, Y)
     else:
         fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)

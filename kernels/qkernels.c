@@ -33,7 +33,10 @@
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
-enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7 };
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8 };
+
+/* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
+INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8; }
 
 /* Bytes of weights one thread claims at a time: large enough to amortize the claim, small
  * enough that a core slowed by another process holds up the call for little (see the pool). */
@@ -120,24 +123,43 @@ INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
 
 /* ---------- dequantization: bit-exact with ggml's dequantize_row_* ---------- */
 
-/* q4_0x8: q4_0 with eight rows interleaved block by block (rows 8g..8g+7 are one run of 8 * rb
- * bytes; block b of the run is 144 bytes: the eight rows' f16 scales, then their 16 quant bytes
- * two at a time, row by row).  Row rr of the run at grp, block b, as a plain 18-byte q4_0 block. */
-INLINE void x8_block(const uint8_t *grp, int rr, int64_t b, uint8_t blk[18]) {
-    const uint8_t *q = grp + 144 * b;
-    memcpy(blk, q + 2 * rr, 2);
-    for (int k = 0; k < 8; k++) memcpy(blk + 2 + 2 * k, q + 16 + 16 * k + 2 * rr, 2);
+/* x8 layouts: where byte i of row rr's block lies in its run's block of eight (formats.x8_positions):
+ * the header fields, each for rows 0..7 in turn (q4_0: the f16 scale; q4_k: d, dmin, then each of the
+ * 12 scale bytes), then the payload two bytes at a time, row by row. */
+INLINE int64_t x8_pos(int fmt, int rr, int i) {
+    int hdr;
+    if (fmt == Q4_0X8) {
+        if (i < 2) return 2 * rr + i;
+        hdr = 2;
+    } else {
+        if (i < 4) return (i / 2 * 8 + rr) * 2 + i % 2;
+        if (i < 16) return 32 + (i - 4) * 8 + rr;
+        hdr = 16;
+    }
+    return 8 * hdr + 16 * ((i - hdr) / 2) + 2 * rr + (i - hdr) % 2;
+}
+
+INLINE int x8_base(int fmt) { return fmt == Q4_0X8 ? Q4_0 : Q4_K; }
+INLINE int x8_block_bytes(int fmt) { return fmt == Q4_0X8 ? 18 : 144; }
+INLINE int x8_block_weights(int fmt) { return fmt == Q4_0X8 ? 32 : 256; }
+
+/* Row rr of the run at grp, block b, as its GGUF format's block (the portable paths). */
+static void x8_block(int fmt, const uint8_t *grp, int rr, int64_t b, uint8_t *blk) {
+    const int nbytes = x8_block_bytes(fmt);
+    const uint8_t *q = grp + 8 * nbytes * b;
+    for (int i = 0; i < nbytes; i++) blk[i] = q[x8_pos(fmt, rr, i)];
 }
 
 static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y);
 
-/* Row r of a q4_0x8 matrix (row stride rb) as float32. */
-static void deq_row_x8(const uint8_t *w, int64_t rb, int64_t r, int64_t cols, float *y) {
+/* Row r of an x8 matrix (row stride rb) as float32. */
+static void deq_row_x8(int fmt, const uint8_t *w, int64_t rb, int64_t r, int64_t cols, float *y) {
     const uint8_t *grp = w + (r - r % 8) * rb;
-    uint8_t blk[18];
-    for (int64_t b = 0; b < cols / 32; b++) {
-        x8_block(grp, (int)(r % 8), b, blk);
-        deq_row(Q4_0, blk, 32, y + 32 * b);
+    const int per = x8_block_weights(fmt);
+    uint8_t blk[144];
+    for (int64_t b = 0; b < cols / per; b++) {
+        x8_block(fmt, grp, (int)(r % 8), b, blk);
+        deq_row(x8_base(fmt), blk, per, y + per * b);
     }
 }
 
@@ -227,7 +249,7 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case F16: case BF16: return 2 * cols;
     case Q8_0: return cols / 32 * 34;
     case Q4_0: case Q4_0X8: return cols / 32 * 18;
-    case Q4_K: return cols / 256 * 144;
+    case Q4_K: case Q4_KX8: return cols / 256 * 144;
     case Q6_K: return cols / 256 * 210;
     }
     return -1;
@@ -444,14 +466,14 @@ static void deq_chunk(void *vctx, int64_t c) {
     const deq_ctx *x = vctx;
     const int64_t r1 = (c + 1) * x->ch < x->rows ? (c + 1) * x->ch : x->rows;
     for (int64_t r = c * x->ch; r < r1; r++) {
-        if (x->fmt == Q4_0X8) deq_row_x8(x->w, x->rb, r, x->cols, x->out + r * x->cols);
+        if (is_x8(x->fmt)) deq_row_x8(x->fmt, x->w, x->rb, r, x->cols, x->out + r * x->cols);
         else deq_row(x->fmt, x->w + r * x->rb, x->cols, x->out + r * x->cols);
     }
 }
 
 MK_API int mk_dequant(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, float *out,
                       int nthreads) {
-    if (fmt_row_bytes(fmt, cols) < 0 || (fmt == Q4_0X8 && rows % 8)) return -1;
+    if (fmt_row_bytes(fmt, cols) < 0 || (is_x8(fmt) && rows % 8)) return -1;
     deq_ctx x = {fmt, w, rb, rows, cols, chunk_rows(rb, 1), out};
     mk_parallel(deq_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb));
     return 0;
@@ -987,8 +1009,69 @@ INLINE void dot_q4_0x8(const uint8_t *w, int J, const xprep *p, int64_t j0, floa
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
+/* q4_kx8: one run of eight interleaved rows, super-block by super-block, as dot_q4_0x8 (one row per
+ * lane).  The eight rows' 6-bit scales and mins come from the 12 packed bytes, which the layout holds
+ * byte by byte for rows 0..7: one 8-byte load and a widening per byte position gives a vector of it. */
+INLINE __m256i kx8_byte(const uint8_t *q, int t) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 32 + 8 * t)));
+}
+
+/* Sub-block j's scale (min = 0) or min (min = 1) for the eight rows, as q4k_scales unpacks them. */
+INLINE __m256 kx8_scale(const uint8_t *q, int j, int min) {
+    const __m256i m6 = _mm256_set1_epi32(63);
+    __m256i v;
+    if (j < 4) {
+        v = _mm256_and_si256(kx8_byte(q, j + 4 * min), m6);
+    } else {
+        const __m256i lo = kx8_byte(q, j + 4), hi = _mm256_slli_epi32(_mm256_srli_epi32(kx8_byte(q, j - 4 + 4 * min), 6), 4);
+        v = _mm256_or_si256(min ? _mm256_srli_epi32(lo, 4) : _mm256_and_si256(lo, _mm256_set1_epi32(15)), hi);
+    }
+    return _mm256_cvtepi32_ps(v);
+}
+
+INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES;
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *q = w + 1152 * sb;
+        for (; next_pf < (uintptr_t)q + 1152 + PF_BYTES; next_pf += 64) pf((const uint8_t *)next_pf);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 16)));
+        /* the mins: minus dmin * sum_j m_j * (sum of x over sub-block j) */
+        for (int j = 0; j < 8; j++) {
+            const __m256 mn = _mm256_mul_ps(dmin, kx8_scale(q, j, 1));
+            for (int jj = 0; jj < J; jj++)
+                acc[jj] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(p->xs[(j0 + jj) * nb + 8 * sb + j]), acc[jj]);
+        }
+        for (int c = 0; c < 4; c++) {
+            __m256i sl[4], sh[4];
+            for (int jj = 0; jj < J; jj++) sl[jj] = sh[jj] = _mm256_setzero_si256();
+            for (int k = 0; k < 16; k++) {
+                const __m256i v = ld16(q + 128 + 16 * (16 * c + k));
+                const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+                for (int jj = 0; jj < J; jj++) {
+                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c + 2 * k;
+                    sl[jj] = _mm256_add_epi32(sl[jj], _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x))));
+                    sh[jj] = _mm256_add_epi32(sh[jj], _mm256_madd_epi16(hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 32)))));
+                }
+            }
+            const __m256 s0 = _mm256_mul_ps(d, kx8_scale(q, 2 * c, 0)), s1 = _mm256_mul_ps(d, kx8_scale(q, 2 * c + 1, 0));
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + 8 * sb + 2 * c;
+                acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl[jj]), _mm256_mul_ps(s0, _mm256_set1_ps(p->xd[k])), acc[jj]);
+                acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh[jj]), _mm256_mul_ps(s1, _mm256_set1_ps(p->xd[k + 1])), acc[jj]);
+            }
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
 #define MK_X8(J) \
-    static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_0x8(w, J, p, j0, out); }
+    static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_0x8(w, J, p, j0, out); } \
+    static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_kx8(w, J, p, j0, out); }
 MK_X8(1)
 MK_X8(2)
 MK_X8(3)
@@ -1067,17 +1150,18 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
     return s;
 }
 
-/* Portable q4_0x8 dot: row rr of the run at grp, block by block through a plain q4_0 block. */
-static float dot_generic_x8(const uint8_t *grp, int rr, const float *x, int64_t cols) {
+/* Portable x8 dot: row rr of the run at grp, block by block through its GGUF format's block. */
+static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x, int64_t cols) {
     float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    float buf[32];
-    uint8_t blk[18];
-    for (int64_t b = 0; b < cols / 32; b++) {
+    float buf[256];
+    uint8_t blk[144];
+    const int per = x8_block_weights(fmt);
+    for (int64_t b = 0; b < cols / per; b++) {
         float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        x8_block(grp, rr, b, blk);
-        deq_row(Q4_0, blk, 32, buf);
-        for (int k = 0; k < 32; k += 8)
-            for (int l = 0; l < 8; l++) part[l] += buf[k + l] * x[32 * b + k + l];
+        x8_block(fmt, grp, rr, b, blk);
+        deq_row(x8_base(fmt), blk, per, buf);
+        for (int k = 0; k < per; k += 8)
+            for (int l = 0; l < 8; l++) part[l] += buf[k + l] * x[per * b + k + l];
         for (int l = 0; l < 8; l++) lane[l] += part[l];
     }
     float s = 0.0f;
@@ -1085,22 +1169,23 @@ static float dot_generic_x8(const uint8_t *grp, int rr, const float *x, int64_t 
     return s;
 }
 
-/* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (q4_0x8: r0 and r1 are
+/* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (x8 layouts: r0 and r1 are
  * multiples of 8.) */
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
-    if (fmt == Q4_0X8) {
+    if (is_x8(fmt)) {
 #if MK_SIMD
         if (p->xq) {
             float o[32];
             for (int64_t r = r0; r < r1; r += 8)
                 for (int64_t j = 0; j < p->n; j += 4) {
                     const int64_t J = p->n - j < 4 ? p->n - j : 4;
+                    const int k = fmt == Q4_KX8;
                     switch (J) {
-                    case 1: dot_x8_1(w + r * rb, p, j, o); break;
-                    case 2: dot_x8_2(w + r * rb, p, j, o); break;
-                    case 3: dot_x8_3(w + r * rb, p, j, o); break;
-                    default: dot_x8_4(w + r * rb, p, j, o); break;
+                    case 1: (k ? dot_kx8_1 : dot_x8_1)(w + r * rb, p, j, o); break;
+                    case 2: (k ? dot_kx8_2 : dot_x8_2)(w + r * rb, p, j, o); break;
+                    case 3: (k ? dot_kx8_3 : dot_x8_3)(w + r * rb, p, j, o); break;
+                    default: (k ? dot_kx8_4 : dot_x8_4)(w + r * rb, p, j, o); break;
                     }
                     for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
                 }
@@ -1109,7 +1194,7 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
 #endif
         for (int64_t r = r0; r < r1; r++)
             for (int64_t j = 0; j < p->n; j++)
-                Y[j * ldy + r] = dot_generic_x8(w + (r - r % 8) * rb, (int)(r % 8), p->xf + j * p->cols, p->cols);
+                Y[j * ldy + r] = dot_generic_x8(fmt, w + (r - r % 8) * rb, (int)(r % 8), p->xf + j * p->cols, p->cols);
         return;
     }
 #if MK_SIMD
@@ -1189,11 +1274,11 @@ static void mm_chunk(void *vctx, int64_t c) {
 
 MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, const float *X,
                      int64_t n, float *Y, int nthreads) {
-    if (fmt_row_bytes(fmt, cols) < 0 || (fmt == Q4_0X8 && rows % 8)) return -1;
+    if (fmt_row_bytes(fmt, cols) < 0 || (is_x8(fmt) && rows % 8)) return -1;
     xprep p;
     if (xprep_init(&p, X, n, cols)) return -2;
     xprep_fill(&p, 0, n);
-    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, fmt == Q4_0X8 ? 8 : 4), &p, Y, rows};
+    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, is_x8(fmt) ? 8 : 4), &p, Y, rows};
     mk_parallel(mm_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb * (n < 4 ? n : 4)));
     xprep_free(&p);
     return 0;
@@ -1259,7 +1344,7 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
                   const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
                   const float *const *X, const int64_t *n, float *const *Y, int nthreads) {
     if (fmt_row_bytes(fmt_gu, hidden) < 0 || fmt_row_bytes(fmt_d, inter) < 0) return -1;
-    if ((fmt_gu == Q4_0X8 && inter % 8) || (fmt_d == Q4_0X8 && hidden % 8)) return -1;
+    if ((is_x8(fmt_gu) && inter % 8) || (is_x8(fmt_d) && hidden % 8)) return -1;
     if (E <= 0) return 0;
     int64_t ntok = 0;
     for (int64_t e = 0; e < E; e++) ntok += n[e];
@@ -1287,9 +1372,9 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
         Gi += 2 * ne * inter;
         ph[e].xf = Ge; /* filled (silu(gate) * up) before ph is quantized */
         xprep_fill(&px[e], 0, ne);
-        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, fmt_gu == Q4_0X8 ? 8 : 4), &px[e], Ge, inter};
-        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, fmt_gu == Q4_0X8 ? 8 : 4), &px[e], Ue, inter};
-        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, fmt_d == Q4_0X8 ? 8 : 4), &ph[e], Y[e], hidden};
+        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, is_x8(fmt_gu) ? 8 : 4), &px[e], Ge, inter};
+        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, is_x8(fmt_gu) ? 8 : 4), &px[e], Ue, inter};
+        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, is_x8(fmt_d) ? 8 : 4), &ph[e], Y[e], hidden};
         act[e] = (act_ctx){Ge, Ue, inter, &ph[e]};
         jgu[2 * e] = (subjob){mm_chunk, &mg[e], (inter + mg[e].ch - 1) / mg[e].ch};
         jgu[2 * e + 1] = (subjob){mm_chunk, &mu[e], (inter + mu[e].ch - 1) / mu[e].ch};

@@ -114,8 +114,8 @@ def synthetic_weights(fmt: str, rows: int, cols: int, rng: np.random.Generator) 
     if fmt in formats.FLOAT_FORMATS:
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
         return kernels.quantize(w, fmt)
-    if fmt == "q4_0x8":
-        return formats.interleave_q4_0(synthetic_weights("q4_0", rows, cols, rng))
+    if fmt in formats.INTERLEAVED:
+        return formats.interleave(synthetic_weights(formats.INTERLEAVED[fmt], rows, cols, rng), fmt)
     q = rng.integers(0, 256, (rows, formats.row_bytes(fmt, cols)), dtype=np.uint8)
     _, nbytes = formats.BLOCK[fmt]
     blocks = q.reshape(-1, nbytes)

@@ -184,7 +184,7 @@ def test_f16_rounding_of_k_quant_scales():
 
 def _ref(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
     if fmt in formats.INTERLEAVED:  # gguf-py reads the GGUF format it moves
-        q, fmt = formats.deinterleave_q4_0(q), formats.gguf_format(fmt)
+        q, fmt = formats.deinterleave(q, fmt), formats.gguf_format(fmt)
     W = gguf_deq(q, fmt, cols).astype(np.float64)
     return X.astype(np.float64) @ W.T
 
@@ -250,7 +250,10 @@ def test_matvec_and_qmatrix(backend, fmt):
     assert m.rows_f32(5).shape == (1, cols)
 
 
-# ---------------------------------------------------------------- q4_0x8: q4_0 interleaved by eight rows
+# ---------------------------------------------------------------- x8 layouts: runs of eight rows interleaved
+
+X8 = tuple(formats.INTERLEAVED)
+
 
 def test_q4_0x8_moves_q4_0s_bytes():
     x = np.concatenate([hard_matrix(64), np.random.default_rng(30).standard_normal((10, 64)).astype(np.float32)])
@@ -259,7 +262,7 @@ def test_q4_0x8_moves_q4_0s_bytes():
         x8 = kernels.quantize(x, "q4_0x8")
     assert x8.shape == plain.shape and not np.array_equal(x8, plain)
     assert np.array_equal(np.sort(x8, axis=None), np.sort(plain, axis=None))  # the same bytes, moved
-    assert np.array_equal(formats.deinterleave_q4_0(x8), plain)
+    assert np.array_equal(formats.deinterleave(x8, "q4_0x8"), plain)
     # the documented layout: run 1 (rows 8-15), block 1: scales of rows 8..15, then bytes 2k, 2k+1 row by row
     blk = x8[8:16].reshape(-1)[144:288]
     assert np.array_equal(blk[:16], plain[8:16, 18:20].reshape(-1))
@@ -267,39 +270,57 @@ def test_q4_0x8_moves_q4_0s_bytes():
     assert np.array_equal(blk[16 + 16 * k + 2 * r:18 + 16 * k + 2 * r], plain[8 + r, 18 + 2 + 2 * k:18 + 4 + 2 * k])
 
 
-def test_q4_0x8_dequantizes_as_q4_0(backend):
-    q = random_blocks("q4_0", 40, 256, seed=31)
-    want = gguf_deq(q, "q4_0", 256)
-    assert same_floats(kernels.dequantize(formats.interleave_q4_0(q), "q4_0x8", 256), want)
+def test_q4_kx8_moves_q4_ks_bytes():
+    x = np.random.default_rng(33).standard_normal((16, 512)).astype(np.float32)
+    plain, x8 = kernels.quantize(x, "q4_k"), kernels.quantize(x, "q4_kx8")
+    assert np.array_equal(np.sort(x8, axis=None), np.sort(plain, axis=None))
+    assert np.array_equal(formats.deinterleave(x8, "q4_kx8"), plain)
+    # run 1, super-block 1: d of rows 8..15, dmin of rows 8..15, then scale byte t of rows 8..15 for each t
+    blk, src = x8[8:16].reshape(-1)[1152:2304], plain[8:16, 144:288]
+    assert np.array_equal(blk[:16], src[:, 0:2].reshape(-1)) and np.array_equal(blk[16:32], src[:, 2:4].reshape(-1))
+    assert np.array_equal(blk[32:128].reshape(12, 8), src[:, 4:16].T)
+    k, r = 40, 6
+    assert np.array_equal(blk[128 + 16 * k + 2 * r:130 + 16 * k + 2 * r], src[r, 16 + 2 * k:18 + 2 * k])
 
 
+@pytest.mark.parametrize("fmt", X8)
+def test_x8_dequantizes_as_its_gguf_format(backend, fmt):
+    base = formats.INTERLEAVED[fmt]
+    q = random_blocks(base, 40, 512, seed=31)
+    assert same_floats(kernels.dequantize(formats.interleave(q, fmt), fmt, 512), gguf_deq(q, base, 512))
+
+
+@pytest.mark.parametrize("fmt", X8)
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 20, 40])
-def test_q4_0x8_products_match_dequantized(backend, n):
+def test_x8_products_match_dequantized(backend, fmt, n):
     rows, cols = 48, 512
-    q = formats.interleave_q4_0(random_blocks("q4_0", rows, cols, seed=32))
+    q = formats.interleave(random_blocks(formats.INTERLEAVED[fmt], rows, cols, seed=32), fmt)
     X = llm_like(n, cols, seed=n + 40)
-    Y = kernels.matmul(q, "q4_0x8", cols, X)
-    ref = _ref(q, "q4_0x8", cols, X)
+    Y = kernels.matmul(q, fmt, cols, X)
+    ref = _ref(q, fmt, cols, X)
     assert Y.shape == (n, rows) and _rel(Y, ref) < 3e-3
     assert np.max(np.abs(Y - ref)) < 3e-3 * np.max(np.abs(ref))
-    assert np.array_equal(kernels.matvec(q, "q4_0x8", cols, X[0]), kernels.matmul(q, "q4_0x8", cols, X[:1])[0])
+    assert np.array_equal(kernels.matvec(q, fmt, cols, X[0]), kernels.matmul(q, fmt, cols, X[:1])[0])
 
 
-def test_q4_0x8_needs_runs_of_eight_rows(backend):
-    w = np.ones((12, 64), np.float32)
+@pytest.mark.parametrize("fmt", X8)
+def test_x8_needs_runs_of_eight_rows(backend, fmt):
+    w = np.ones((12, 256), np.float32)
     with pytest.raises(kernels.FormatError, match="divisible by 8"):
-        kernels.quantize(w, "q4_0x8")
-    q = kernels.quantize(w[:8], "q4_0x8")
+        kernels.quantize(w, fmt)
+    q = kernels.quantize(w[:8], fmt)
     with pytest.raises(kernels.FormatError, match="divisible by 8"):
-        QMatrix(q[:4], "q4_0x8", 4, 64)
+        QMatrix(q[:4], fmt, 4, 256)
     with pytest.raises(kernels.FormatError, match="divisible by 8"):
-        kernels.matvec(q[:4], "q4_0x8", 64, np.ones(64, np.float32))
+        kernels.matvec(q[:4], fmt, 256, np.ones(256, np.float32))
 
 
-def test_layout_picks_the_interleaved_q4_0():
+def test_layout_picks_the_interleaved_formats():
     assert kernels.layout("q4_0", 1024) == "q4_0x8" and kernels.layout("q4_0", 1020) == "q4_0"
+    assert kernels.layout("q4_k", 2048) == "q4_kx8" and kernels.layout("q4_k", 12) == "q4_k"
     assert kernels.layout("q8_0", 1024) == "q8_0" and kernels.layout(None, 8) is None
-    assert kernels.gguf_format("q4_0x8") == "q4_0" and kernels.gguf_format("q4_k") == "q4_k"
+    assert kernels.gguf_format("q4_0x8") == "q4_0" and kernels.gguf_format("q4_kx8") == "q4_k"
+    assert kernels.gguf_format("q4_k") == "q4_k"
 
 
 def test_f32_matmul_is_numpy_exactly(backend):
@@ -355,7 +376,7 @@ def _ffn_ref(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.nda
 
 
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16"),
-                                  ("q8_0", "q4_k"), ("q4_0x8", "q4_0x8")])
+                                  ("q8_0", "q4_k"), ("q4_0x8", "q4_0x8"), ("q4_kx8", "q4_kx8")])
 @pytest.mark.parametrize("n", [1, 4, 12])
 def test_expert_ffn(backend, fmts, n):
     hidden, inter = 256, 512
@@ -380,7 +401,7 @@ def _experts(fmts: tuple[str, str], E: int, hidden: int, inter: int, seed: int) 
 
 
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16"),
-                                  ("q4_0x8", "q8_0")])
+                                  ("q4_0x8", "q8_0"), ("q4_kx8", "q6_k")])
 def test_experts_ffn_equals_one_expert_at_a_time(backend, fmts):
     # One layer's experts in one call (the fused C path splits all of them over the threads) must
     # give each expert exactly what expert_ffn gives it alone; big enough to use every thread.

@@ -50,7 +50,7 @@ def test_q4_0_experts_are_q4_0s_bytes_interleaved(quant_model):
     x8 = model.experts.get(0, [1])[1]
     for p, q in zip((plain.gate, plain.up, plain.down), (x8.gate, x8.up, x8.down)):
         assert q.fmt == "q4_0x8"
-        assert np.array_equal(formats.deinterleave_q4_0(q.data), kernels.quantize(p.to_float(), "q4_0"))
+        assert np.array_equal(formats.deinterleave(q.data, q.fmt), kernels.quantize(p.to_float(), "q4_0"))
     assert model.weights.layers[0].q.fmt == "q4_0x8" and model.weights.lm_head.fmt == "q8_0"
 
 
