@@ -65,7 +65,7 @@ class ExpertSource(ABC):
 
 def load_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int], quant: str | None) -> QMatrix:
     """A checkpoint matrix as a QMatrix, in its own format or quantized to `quant`, in the layout the
-    kernels run fastest (kernels.layout: q4_0 as q4_0x8 where the rows allow)."""
+    kernels run fastest (kernels.layout: q4_0 as q4_0x8 and so on, where the rows allow)."""
     raw, fmt = ckpt.read(name + ".weight", shape)
     q = QMatrix(raw.view("uint8").reshape(shape[0], -1), fmt, shape[0], shape[1])
     target = layout(quant, shape[0])

@@ -9,7 +9,7 @@ model.safetensors): safetensors has no dtype for GGUF blocks, so such a tensor i
 of shape (rows, row_bytes) -- each row its weights' blocks, exactly the bytes of a kernels.QMatrix --
 and two string entries in the file's `__metadata__` say how to read it:
 
-    "mer_tui.format:<tensor name>": "q8_0"      its kernels block format (q8_0, q4_0, q4_0x8, q4_k, q6_k)
+    "mer_tui.format:<tensor name>": "q8_0"      its kernels block format (q8_0, q4_0, q4_k, q6_k, q4_0x8, ...)
     "mer_tui.cols:<tensor name>":   "4096"      its logical column count (weights per row)
 
 TensorInfo then reports fmt "q8_0" and logical_shape (rows, 4096); the header's own shape stays the

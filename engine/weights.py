@@ -68,9 +68,10 @@ def head_format(dense_quant: str | None) -> str | None:
 def dense_formats(spec: ModelSpec, dense_quant: str | None) -> dict[str, tuple[tuple[int, int], str | None]]:
     """The large dense matrices `dense_quant` applies to -- attention q/k/v/o, dense MLP layers, shared
     experts, an untied lm_head -- as {tensor name (without .weight): ((rows, cols), format)}; format
-    None keeps the checkpoint's own; q4_0 is named in the kernels' layout for it (kernels.layout: q4_0x8
-    where the rows allow).  Embedding, norms, biases and routers are not in it: they stay in their own
-    format.  load_resident and `mer-tui convert --dense-quant` both follow this one list."""
+    None keeps the checkpoint's own; a block format is named in the kernels' layout for it
+    (kernels.layout: q4_0x8, q4_kx8, q8_0x8 where the rows allow).  Embedding, norms, biases and
+    routers are not in it: they stay in their own format.  load_resident and `mer-tui convert
+    --dense-quant` both follow this one list."""
     H, Q, KV = spec.hidden_size, spec.q_size, spec.kv_size
     out: dict[str, tuple[tuple[int, int], str | None]] = {}
 
@@ -87,7 +88,7 @@ def dense_formats(spec: ModelSpec, dense_quant: str | None) -> dict[str, tuple[t
         else:
             mlp(spec.names["dense"], spec.intermediate_size, i)
     if not spec.tie_word_embeddings:
-        out["lm_head"] = ((spec.vocab_size, H), head_format(dense_quant))
+        out["lm_head"] = ((spec.vocab_size, H), layout(head_format(dense_quant), spec.vocab_size))
     return out
 
 

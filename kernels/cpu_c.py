@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("qkernels.c")
-FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6, "q4_0x8": 7, "q4_kx8": 8}
+FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6,
+            "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9}
 ABI_VERSION = 6
 
 CDEF = """

@@ -20,6 +20,7 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q6_k": (256, 210),
     "q4_0x8": (32, 18),
     "q4_kx8": (256, 144),
+    "q8_0x8": (32, 34),
 }
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
@@ -107,13 +108,14 @@ def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
 # block, so that a kernel reads eight rows as one sequential stream, finds each field of their block
 # headers side by side (eight f16 scales in one 16-byte load), and puts one row in each 32-bit lane.
 # Block b of rows 8g..8g+7 is eight blocks' bytes: each header field for rows 0..7 in turn (q4_0: the
-# f16 scale; q4_k: d, dmin, then each of the 12 packed scale bytes), then the payload two bytes at a
+# f16 scale, as for q8_0; q4_k: d, dmin, then each of the 12 packed scale bytes), then the payload two bytes at a
 # time (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0, 1, ...).  The same bytes, moved.
 X8_ROWS = 8
 # layout -> (the GGUF format whose bytes it moves, its header fields as (count, bytes each))
 X8_FIELDS: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
     "q4_0x8": ("q4_0", ((1, 2),)),
     "q4_kx8": ("q4_k", ((2, 2), (12, 1))),
+    "q8_0x8": ("q8_0", ((1, 2),)),
 }
 # A layout's format -> the GGUF format whose bytes it moves.
 INTERLEAVED: dict[str, str] = {fmt: base for fmt, (base, _) in X8_FIELDS.items()}
@@ -128,7 +130,7 @@ def check_rows(fmt: str, rows: int) -> None:
 
 def layout(fmt: str | None, rows: int) -> str | None:
     """The format the kernels hold a `rows`-row matrix of GGUF format `fmt` in: its x8 layout (q4_0x8,
-    q4_kx8) where there is one and the rows allow it, every other format (and None) as it is."""
+    q4_kx8, q8_0x8) where there is one and the rows allow it, every other format (and None) as it is."""
     x8 = _X8_OF.get(fmt)  # type: ignore[arg-type]
     return x8 if x8 is not None and rows % X8_ROWS == 0 else fmt
 

@@ -362,8 +362,24 @@ def mm_x8_q4_k(qf, rb, pos, tab, X, Y, r0, r1):
         mm_q4_k(tmp, tab, X, Y[:, r:r + 1], 0, 1)
 
 
-_X8_DEQ = {"q4_0x8": deq_x8_q4_0, "q4_kx8": deq_x8_q4_k}
-_X8_MM = {"q4_0x8": mm_x8_q4_0, "q4_kx8": mm_x8_q4_k}
+@njit(nogil=True, cache=True)
+def deq_x8_q8_0(qf, rb, pos, tab, out, r0, r1):
+    tmp = np.empty((1, rb), np.uint8)
+    for r in range(r0, r1):
+        _gather_row(qf, rb, pos, r, tmp)
+        deq_q8_0(tmp, tmp.view(np.int8), tab, out[r:r + 1], 0, 1)
+
+
+@njit(nogil=True, cache=True)
+def mm_x8_q8_0(qf, rb, pos, tab, X, Y, r0, r1):
+    tmp = np.empty((1, rb), np.uint8)
+    for r in range(r0, r1):
+        _gather_row(qf, rb, pos, r, tmp)
+        mm_q8_0(tmp, tmp.view(np.int8), tab, X, Y[:, r:r + 1], 0, 1)
+
+
+_X8_DEQ = {"q4_0x8": deq_x8_q4_0, "q4_kx8": deq_x8_q4_k, "q8_0x8": deq_x8_q8_0}
+_X8_MM = {"q4_0x8": mm_x8_q4_0, "q4_kx8": mm_x8_q4_k, "q8_0x8": mm_x8_q8_0}
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:

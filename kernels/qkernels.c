@@ -33,10 +33,10 @@
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
-enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8 };
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9 };
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
-INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8; }
+INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8; }
 
 /* Bytes of weights one thread claims at a time: large enough to amortize the claim, small
  * enough that a core slowed by another process holds up the call for little (see the pool). */
@@ -124,11 +124,11 @@ INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
 /* ---------- dequantization: bit-exact with ggml's dequantize_row_* ---------- */
 
 /* x8 layouts: where byte i of row rr's block lies in its run's block of eight (formats.x8_positions):
- * the header fields, each for rows 0..7 in turn (q4_0: the f16 scale; q4_k: d, dmin, then each of the
- * 12 scale bytes), then the payload two bytes at a time, row by row. */
+ * the header fields, each for rows 0..7 in turn (q4_0, q8_0: the f16 scale; q4_k: d, dmin, then each
+ * of the 12 scale bytes), then the payload two bytes at a time, row by row. */
 INLINE int64_t x8_pos(int fmt, int rr, int i) {
     int hdr;
-    if (fmt == Q4_0X8) {
+    if (fmt != Q4_KX8) {
         if (i < 2) return 2 * rr + i;
         hdr = 2;
     } else {
@@ -139,9 +139,9 @@ INLINE int64_t x8_pos(int fmt, int rr, int i) {
     return 8 * hdr + 16 * ((i - hdr) / 2) + 2 * rr + (i - hdr) % 2;
 }
 
-INLINE int x8_base(int fmt) { return fmt == Q4_0X8 ? Q4_0 : Q4_K; }
-INLINE int x8_block_bytes(int fmt) { return fmt == Q4_0X8 ? 18 : 144; }
-INLINE int x8_block_weights(int fmt) { return fmt == Q4_0X8 ? 32 : 256; }
+INLINE int x8_base(int fmt) { return fmt == Q4_0X8 ? Q4_0 : fmt == Q8_0X8 ? Q8_0 : Q4_K; }
+INLINE int x8_block_bytes(int fmt) { return fmt == Q4_0X8 ? 18 : fmt == Q8_0X8 ? 34 : 144; }
+INLINE int x8_block_weights(int fmt) { return fmt == Q4_KX8 ? 256 : 32; }
 
 /* Row rr of the run at grp, block b, as its GGUF format's block (the portable paths). */
 static void x8_block(int fmt, const uint8_t *grp, int rr, int64_t b, uint8_t *blk) {
@@ -247,7 +247,7 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     switch (fmt) {
     case F32: return 4 * cols;
     case F16: case BF16: return 2 * cols;
-    case Q8_0: return cols / 32 * 34;
+    case Q8_0: case Q8_0X8: return cols / 32 * 34;
     case Q4_0: case Q4_0X8: return cols / 32 * 18;
     case Q4_K: case Q4_KX8: return cols / 256 * 144;
     case Q6_K: return cols / 256 * 210;
@@ -1069,9 +1069,37 @@ INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, floa
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
+/* q8_0x8: as q4_0x8, the 32 signed bytes of each row's block two at a time. */
+INLINE void dot_q8_0x8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = w + 272 * b;
+        for (; next_pf < (uintptr_t)q + 272 + PF_BYTES; next_pf += 64) pf((const uint8_t *)next_pf);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        __m256i s[4];
+        for (int jj = 0; jj < J; jj++) s[jj] = _mm256_setzero_si256();
+        for (int k = 0; k < 16; k++) {
+            const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 + 16 * k)));
+            for (int jj = 0; jj < J; jj++) {
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b + 2 * k;
+                s[jj] = _mm256_add_epi32(s[jj], _mm256_madd_epi16(v, _mm256_set1_epi32((int)rd32((const uint8_t *)x))));
+            }
+        }
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[jj]), _mm256_mul_ps(dw, _mm256_set1_ps(p->xd[k])), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
 #define MK_X8(J) \
     static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_0x8(w, J, p, j0, out); } \
-    static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_kx8(w, J, p, j0, out); }
+    static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_kx8(w, J, p, j0, out); } \
+    static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q8_0x8(w, J, p, j0, out); }
 MK_X8(1)
 MK_X8(2)
 MK_X8(3)
@@ -1180,13 +1208,11 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
             for (int64_t r = r0; r < r1; r += 8)
                 for (int64_t j = 0; j < p->n; j += 4) {
                     const int64_t J = p->n - j < 4 ? p->n - j : 4;
-                    const int k = fmt == Q4_KX8;
-                    switch (J) {
-                    case 1: (k ? dot_kx8_1 : dot_x8_1)(w + r * rb, p, j, o); break;
-                    case 2: (k ? dot_kx8_2 : dot_x8_2)(w + r * rb, p, j, o); break;
-                    case 3: (k ? dot_kx8_3 : dot_x8_3)(w + r * rb, p, j, o); break;
-                    default: (k ? dot_kx8_4 : dot_x8_4)(w + r * rb, p, j, o); break;
-                    }
+                    typedef void (*x8dot)(const uint8_t *, const xprep *, int64_t, float *);
+                    static const x8dot fns[3][4] = {{dot_x8_1, dot_x8_2, dot_x8_3, dot_x8_4},
+                                                    {dot_kx8_1, dot_kx8_2, dot_kx8_3, dot_kx8_4},
+                                                    {dot_8x8_1, dot_8x8_2, dot_8x8_3, dot_8x8_4}};
+                    fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : 2][J - 1](w + r * rb, p, j, o);
                     for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
                 }
             return;

@@ -30,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 QUALITY_IDS = list(range(3, 120, 7))
 
 
+def _gguf(m: kernels.QMatrix) -> str:
+    """The GGUF format a matrix holds (the engine keeps block formats in their x8 layouts)."""
+    return kernels.gguf_format(m.fmt)
+
+
 def _rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
     """As tests/test_quant_engine.py measures the cost of quantization."""
     return float(np.sqrt(np.mean((a - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
@@ -84,16 +89,16 @@ def test_a_dense_quant_store_matches_quantizing_at_load(sources, stores, variant
         w = m.weights
     assert np.array_equal(got, want)
     lw, rl = w.layers, ref_w.layers
-    assert all(x.q.fmt == x.k.fmt == x.v.fmt == x.o.fmt == "q8_0" for x in lw)
+    assert all(_gguf(m) == "q8_0" for x in lw for m in (x.q, x.k, x.v, x.o))
     for x, r in zip(lw, rl):
         assert np.array_equal(x.q.data, r.q.data) and np.array_equal(x.o.data, r.o.data)
         for mats in ("dense", "shared"):
             if getattr(r, mats) is not None:
-                assert [q.fmt for q in getattr(x, mats)] == ["q8_0"] * 3
+                assert [_gguf(q) for q in getattr(x, mats)] == ["q8_0"] * 3
                 assert all(np.array_equal(q.data, p.data) for q, p in zip(getattr(x, mats), getattr(r, mats)))
         if r.router is not None:
             assert x.router.fmt == "bf16"       # routers keep their own format
-    assert w.lm_head.fmt == "q8_0" and w.embed.fmt == "bf16"
+    assert _gguf(w.lm_head) == "q8_0" and w.embed.fmt == "bf16"
     if variant == "qwen2_moe":   # the layers this variant exists to cover are there
         assert any(x.dense is not None for x in lw) and any(x.shared is not None for x in lw)
     # dense_quant equal to the stored format is a no-op (still no float copy) ...
@@ -107,7 +112,7 @@ def test_another_dense_quant_requantizes_a_stored_matrix(sources, stores):
     src, (_, store) = sources["mixtral"], stores["mixtral"]
     with engine.load(store, dense_quant="q4_0") as m:
         assert m.weights.layers[0].q.fmt == kernels.layout("q4_0", m.weights.layers[0].q.rows)
-        assert m.weights.lm_head.fmt == "q8_0"
+        assert _gguf(m.weights.lm_head) == "q8_0"
         requant = m.forward(IDS)
     with engine.load(src, quant="q4_0", dense_quant="q8_0") as m:
         stored = m.forward(IDS)
@@ -127,8 +132,10 @@ def test_b_dense_matrices_are_stored_as_u8_blocks(stores, variant):
     for n in names:
         i, o = st.tensors[n], old.tensors[n]
         cols = o.shape[1]
-        assert i.fmt == "q8_0" and i.shape == (o.shape[0], cols // 32 * 34) and i.logical_shape == o.shape
-        assert st.metadata["mer_tui.format:" + n] == "q8_0" and st.metadata["mer_tui.cols:" + n] == str(cols)
+        # q8_0, held as q8_0x8 where the rows come in runs of eight (kernels.layout)
+        assert i.fmt == kernels.layout("q8_0", o.shape[0])
+        assert i.shape == (o.shape[0], cols // 32 * 34) and i.logical_shape == o.shape
+        assert st.metadata["mer_tui.format:" + n] == i.fmt and st.metadata["mer_tui.cols:" + n] == str(cols)
     for n in set(st.tensors) - names:      # embedding, norms, routers: the source's bytes
         assert st.tensors[n].dtype == "BF16" and np.array_equal(st.read(n), old.read(n))
     # Only the resident file differs: the experts are the same bytes.
@@ -165,7 +172,7 @@ def test_c_dense_q8_0_logits_stay_close_to_float32(checkpoint_dir, tmp_path):
     folder = checkpoint_dir("quant")           # float32, transformers' own init (as test_quant_engine)
     ref = engine.load(folder).forward(QUALITY_IDS)
     model = engine.load(folder, dense_quant="q8_0")
-    assert model.weights.layers[0].q.fmt == "q8_0" and model.weights.lm_head.fmt == "q8_0"
+    assert _gguf(model.weights.layers[0].q) == "q8_0" and _gguf(model.weights.lm_head) == "q8_0"
     assert model.experts.get(0, [0])[0].gate.fmt == "f32"     # independent of the experts' format
     logits = model.forward(QUALITY_IDS)
     err = _rel_rms(logits, ref)
@@ -218,7 +225,7 @@ def test_d_engine_and_load_commands_refuse_unknown_formats(mixtral_bf16):  # noq
 def test_quant_dense_keeps_its_meaning(sources):
     src = sources["mixtral"]
     with engine.load(src, quant="q8_0", quant_dense=True) as m:
-        assert m.weights.layers[0].q.fmt == "q8_0" and m.experts.get(0, [0])[0].gate.fmt == "q8_0"
+        assert _gguf(m.weights.layers[0].q) == "q8_0" and _gguf(m.experts.get(0, [0])[0].gate) == "q8_0"
         old = m.forward(IDS)
     with engine.load(src, quant="q8_0", dense_quant="q8_0") as m:
         assert np.array_equal(m.forward(IDS), old)
@@ -242,9 +249,9 @@ def test_load_commands_pass_dense_quant(stores, sources, command):
     else:
         model = load_from_args(args)
     with model:
-        assert model.weights.layers[0].q.fmt == "q8_0" and model.weights.lm_head.fmt == "q8_0"
+        assert _gguf(model.weights.layers[0].q) == "q8_0" and _gguf(model.weights.lm_head) == "q8_0"
         gate = model.experts.get(0, [0])[0].gate
-        assert gate.fmt == kernels.layout("q4_0", gate.rows)
+        assert gate.fmt == kernels.layout("q4_0", gate.rows) and _gguf(gate) == "q4_0"
     args = build_parser().parse_args(argv)
     assert args.dense_quant is None
 
@@ -255,7 +262,7 @@ def test_cli_convert_with_dense_quant(sources, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resident weights (q8_0)" in r.stdout
     with engine.load(dst) as m, engine.load(src, quant="q8_0", dense_quant="q8_0") as ref:
-        assert m.weights.layers[0].q.fmt == "q8_0"
+        assert _gguf(m.weights.layers[0].q) == "q8_0"
         assert np.array_equal(m.forward(IDS), ref.forward(IDS))
 
 
@@ -275,7 +282,7 @@ def test_e_an_old_style_store_still_loads(tiny_store, reference, mixtral_bf16, t
         assert np.array_equal(m.forward(IDS), reference[0])
     # and dense_quant quantizes its bf16 matrices at load, as it does a Hugging Face folder's
     with engine.load(old, dense_quant="q8_0") as m, engine.load(mixtral_bf16, dense_quant="q8_0") as ref:
-        assert m.weights.layers[0].q.fmt == "q8_0"
+        assert _gguf(m.weights.layers[0].q) == "q8_0"
         assert np.array_equal(m.forward(IDS), ref.forward(IDS))
 
 

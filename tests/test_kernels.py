@@ -270,6 +270,17 @@ def test_q4_0x8_moves_q4_0s_bytes():
     assert np.array_equal(blk[16 + 16 * k + 2 * r:18 + 16 * k + 2 * r], plain[8 + r, 18 + 2 + 2 * k:18 + 4 + 2 * k])
 
 
+def test_q8_0x8_moves_q8_0s_bytes():
+    x = np.concatenate([hard_matrix(64)[:8], np.random.default_rng(34).standard_normal((8, 64)).astype(np.float32)])
+    with np.errstate(all="ignore"):
+        plain, x8 = gguf_bytes(x, "q8_0"), kernels.quantize(x, "q8_0x8")
+    assert np.array_equal(formats.deinterleave(x8, "q8_0x8"), plain)
+    blk = x8[8:16].reshape(-1)[272:544]   # run 1, block 1
+    assert np.array_equal(blk[:16], plain[8:16, 34:36].reshape(-1))
+    k, r = 15, 7
+    assert np.array_equal(blk[16 + 16 * k + 2 * r:18 + 16 * k + 2 * r], plain[8 + r, 34 + 2 + 2 * k:34 + 4 + 2 * k])
+
+
 def test_q4_kx8_moves_q4_ks_bytes():
     x = np.random.default_rng(33).standard_normal((16, 512)).astype(np.float32)
     plain, x8 = kernels.quantize(x, "q4_k"), kernels.quantize(x, "q4_kx8")
@@ -318,7 +329,8 @@ def test_x8_needs_runs_of_eight_rows(backend, fmt):
 def test_layout_picks_the_interleaved_formats():
     assert kernels.layout("q4_0", 1024) == "q4_0x8" and kernels.layout("q4_0", 1020) == "q4_0"
     assert kernels.layout("q4_k", 2048) == "q4_kx8" and kernels.layout("q4_k", 12) == "q4_k"
-    assert kernels.layout("q8_0", 1024) == "q8_0" and kernels.layout(None, 8) is None
+    assert kernels.layout("q8_0", 1024) == "q8_0x8" and kernels.layout("q6_k", 1024) == "q6_k"
+    assert kernels.layout("bf16", 1024) == "bf16" and kernels.layout(None, 8) is None
     assert kernels.gguf_format("q4_0x8") == "q4_0" and kernels.gguf_format("q4_kx8") == "q4_k"
     assert kernels.gguf_format("q4_k") == "q4_k"
 
@@ -376,7 +388,7 @@ def _ffn_ref(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.nda
 
 
 @pytest.mark.parametrize("fmts", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("bf16", "bf16"), ("f32", "f16"),
-                                  ("q8_0", "q4_k"), ("q4_0x8", "q4_0x8"), ("q4_kx8", "q4_kx8")])
+                                  ("q8_0", "q4_k"), ("q4_0x8", "q4_0x8"), ("q4_kx8", "q4_kx8"), ("q8_0x8", "q8_0x8")])
 @pytest.mark.parametrize("n", [1, 4, 12])
 def test_expert_ffn(backend, fmts, n):
     hidden, inter = 256, 512

@@ -51,7 +51,7 @@ def test_q4_0_experts_are_q4_0s_bytes_interleaved(quant_model):
     for p, q in zip((plain.gate, plain.up, plain.down), (x8.gate, x8.up, x8.down)):
         assert q.fmt == "q4_0x8"
         assert np.array_equal(formats.deinterleave(q.data, q.fmt), kernels.quantize(p.to_float(), "q4_0"))
-    assert model.weights.layers[0].q.fmt == "q4_0x8" and model.weights.lm_head.fmt == "q8_0"
+    assert model.weights.layers[0].q.fmt == "q4_0x8" and model.weights.lm_head.fmt == "q8_0x8"
 
 
 def test_bf16_checkpoint_keeps_bf16_without_a_float32_copy(checkpoint_dir):
