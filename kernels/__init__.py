@@ -148,8 +148,10 @@ def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
     # The C kernels take a row stride, so a view of whole rows need not be copied.
     rb = row_bytes(fmt, cols)
     if fmt in INTERLEAVED:  # its rows come in runs of eight: no row view of it is a matrix
-        q = check_bytes(q, fmt, cols)
-        check_rows(fmt, q.shape[0])
+        if not (isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 2 and q.shape[1] == rb
+                and q.strides == (rb, 1) and q.shape[0] % X8_ROWS == 0):
+            q = check_bytes(q, fmt, cols)
+            check_rows(fmt, q.shape[0])
         return q
     if (isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 2 and q.shape[1] == rb
             and q.strides[1] == 1 and q.strides[0] >= rb):
