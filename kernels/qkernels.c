@@ -7,6 +7,8 @@
  * explicit _mm256_fmadd_ps intrinsics below fuse.
  *
  * Weights: `rows` rows of `rb` bytes each (rb is the row stride; a row is row_bytes(fmt, cols)).
+ * The x8 layouts (q4_0x8, q4_kx8, q8_0x8: eight rows interleaved, formats.py) are contiguous runs
+ * of eight rows, so for them rb is the row size and rows a multiple of 8.
  * Activations: X is float32 (n, cols), row-major; results Y are float32 (n, rows), row-major.
  *
  * SIMD dot products quantize each activation vector to int16 per 32-weight block (scale = the
@@ -37,6 +39,14 @@ enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
 INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8; }
+
+static int64_t fmt_row_bytes(int fmt, int64_t cols);
+
+/* A matrix an x8 layout cannot be: its rows not whole runs of eight, or not contiguous (a run is
+ * eight rows' bytes in one piece, so no other row stride means anything). */
+INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
+    return is_x8(fmt) && (rows % 8 || rb != fmt_row_bytes(fmt, cols));
+}
 
 /* Bytes of weights one thread claims at a time: large enough to amortize the claim, small
  * enough that a core slowed by another process holds up the call for little (see the pool). */
@@ -473,7 +483,7 @@ static void deq_chunk(void *vctx, int64_t c) {
 
 MK_API int mk_dequant(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, float *out,
                       int nthreads) {
-    if (fmt_row_bytes(fmt, cols) < 0 || (is_x8(fmt) && rows % 8)) return -1;
+    if (fmt_row_bytes(fmt, cols) < 0 || x8_misfit(fmt, rb, rows, cols)) return -1;
     deq_ctx x = {fmt, w, rb, rows, cols, chunk_rows(rb, 1), out};
     mk_parallel(deq_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb));
     return 0;
@@ -1300,7 +1310,7 @@ static void mm_chunk(void *vctx, int64_t c) {
 
 MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_t cols, const float *X,
                      int64_t n, float *Y, int nthreads) {
-    if (fmt_row_bytes(fmt, cols) < 0 || (is_x8(fmt) && rows % 8)) return -1;
+    if (fmt_row_bytes(fmt, cols) < 0 || x8_misfit(fmt, rb, rows, cols)) return -1;
     xprep p;
     if (xprep_init(&p, X, n, cols)) return -2;
     xprep_fill(&p, 0, n);
@@ -1370,7 +1380,7 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
                   const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
                   const float *const *X, const int64_t *n, float *const *Y, int nthreads) {
     if (fmt_row_bytes(fmt_gu, hidden) < 0 || fmt_row_bytes(fmt_d, inter) < 0) return -1;
-    if ((is_x8(fmt_gu) && inter % 8) || (is_x8(fmt_d) && hidden % 8)) return -1;
+    if (x8_misfit(fmt_gu, rb_gu, inter, hidden) || x8_misfit(fmt_d, rb_d, hidden, inter)) return -1;
     if (E <= 0) return 0;
     int64_t ntok = 0;
     for (int64_t e = 0; e < E; e++) ntok += n[e];

@@ -326,6 +326,17 @@ def test_x8_needs_runs_of_eight_rows(backend, fmt):
         kernels.matvec(q[:4], fmt, 256, np.ones(256, np.float32))
 
 
+def test_x8_c_kernels_refuse_a_row_stride():
+    # a run of eight rows is one piece of memory: the C library refuses any other stride rather than
+    # reading rows that are not there (kernels' own wrappers never pass one)
+    ck = cpu_c.load("generic")
+    q = kernels.quantize(np.ones((16, 256), np.float32), "q4_0x8")
+    wide = np.zeros((16, 2 * q.shape[1]), np.uint8)
+    wide[:, :q.shape[1]] = q
+    with pytest.raises(RuntimeError, match="failed with -1"):
+        ck.matmul(wide[:, :q.shape[1]], "q4_0x8", 256, np.ones((1, 256), np.float32), 1)
+
+
 def test_layout_picks_the_interleaved_formats():
     assert kernels.layout("q4_0", 1024) == "q4_0x8" and kernels.layout("q4_0", 1020) == "q4_0"
     assert kernels.layout("q4_k", 2048) == "q4_kx8" and kernels.layout("q4_k", 12) == "q4_k"
