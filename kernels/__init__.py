@@ -60,8 +60,22 @@ BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
 # cheap).  The block formats take the upper end: at 32 vectors the kernels are within ~10% of
 # BLAS on an idle machine, and on a busy one OpenBLAS's threads stall (its two-thread sgemv fell
 # to a tenth of its speed here while other jobs ran) where the kernels' pool does not.
-SMALL_N = {("c", "quant"): 32, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
+# The x8 layouts' AVX2 kernels (one row per lane, no fold) keep ahead of the tiles to 64 vectors:
+# `bench kernels --formats q4_0x8,q8_0x8,q4_kx8 --shapes 2048x1024,8192x4096 --batch 64,65` (two
+# cores, hot), tokens/s at 64 (kernels) vs 65 (tiles): 2048x1024 q4_0x8 34k vs 13k, q8_0x8 34k vs 12k,
+# q4_kx8 29k vs 17k; 8192x4096 2.8k vs 1.1k, 2.2k vs 0.7k, 1.3k vs 0.7k.  At 128 vectors the tiles win
+# on 8192x4096 q4_kx8 (1.6k).
+SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
            ("numpy", "quant"): 0, ("numpy", "half"): 0}
+
+
+def _kind(ck, fmts: Sequence[str]) -> str:
+    """Which SMALL_N column products in these formats follow on the C backend `ck`."""
+    if any(f in FLOAT_FORMATS for f in fmts):
+        return "half"
+    if ck is not None and ck.variant == "avx2" and all(f in INTERLEAVED for f in fmts):
+        return "x8"
+    return "quant"
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
@@ -267,7 +281,7 @@ def _matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
         Y = X @ np.ascontiguousarray(q).view(np.float32).reshape(rows, cols).T
     else:
         b, ck = _state()
-        kind = ("c" if ck is not None else b, "half" if fmt in FLOAT_FORMATS else "quant")
+        kind = ("c" if ck is not None else b, _kind(ck, (fmt,)))
         if n > SMALL_N[kind]:
             Y = _tiled(q, fmt, cols, X, b, ck)
         elif ck is not None:
@@ -371,7 +385,7 @@ def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.n
             f"down {down.rows}x{down.cols}")
     X, one = _vectors(X, hidden)
     b, ck = _state()
-    kind = "half" if gate.fmt in FLOAT_FORMATS or down.fmt in FLOAT_FORMATS else "quant"
+    kind = _kind(ck, (gate.fmt, down.fmt))
     if (ck is not None and 0 < X.shape[0] <= SMALL_N["c", kind] and gate.fmt == up.fmt
             and gate.fmt != "f32" and down.fmt != "f32"):
         g = _rows(gate.data, gate.fmt, hidden)
@@ -397,7 +411,7 @@ def experts_ffn(experts: Sequence[tuple[QMatrix, QMatrix, QMatrix]], Xs: Sequenc
         return []
     b, ck = _state()
     g0, _, d0 = experts[0]
-    kind = "half" if g0.fmt in FLOAT_FORMATS or d0.fmt in FLOAT_FORMATS else "quant"
+    kind = _kind(ck, (g0.fmt, d0.fmt))
     fused = (ck is not None and g0.fmt != "f32" and d0.fmt != "f32"
              and (d0.rows, d0.cols) == (g0.cols, g0.rows))   # else expert_ffn names the misfit
     if fused:

@@ -326,6 +326,19 @@ def test_x8_needs_runs_of_eight_rows(backend, fmt):
         kernels.matvec(q[:4], fmt, 256, np.ones(256, np.float32))
 
 
+def test_x8_products_reach_tiles_later_on_avx2(backend):
+    # The x8 kernels stay ahead of dequantize-then-BLAS up to 64 vectors (kernels.SMALL_N): 48 vectors
+    # still go through the kernels (int16 activations: a small error), 80 through float32 tiles.
+    q = formats.interleave(random_blocks("q4_0", 48, 512, seed=35), "q4_0x8")
+    err = {n: _rel(kernels.matmul(q, "q4_0x8", 512, X), _ref(q, "q4_0x8", 512, X))
+           for n, X in ((48, llm_like(48, 512, seed=36)), (80, llm_like(80, 512, seed=37)))}
+    assert err[80] < 1e-5 and err[48] < 3e-3
+    if backend == "c-avx2":
+        assert err[48] > 1e-6     # the kernels, not the tiles
+    else:
+        assert err[48] < 1e-5     # elsewhere x8 takes the tiles above 32 (c-generic) or 2 (numba)
+
+
 def test_x8_c_kernels_refuse_a_row_stride():
     # a run of eight rows is one piece of memory: the C library refuses any other stride rather than
     # reading rows that are not there (kernels' own wrappers never pass one)
