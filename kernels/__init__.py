@@ -67,17 +67,17 @@ BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
 # on 8192x4096 q4_kx8 (1.6k).
 SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
            ("numpy", "quant"): 0, ("numpy", "half"): 0}
+# Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
+TILE_BYTES = 4 << 20
 
 
 def _kind(ck, fmts: Sequence[str]) -> str:
-    """Which SMALL_N column products in these formats follow on the C backend `ck`."""
+    """Which SMALL_N column products in these formats follow (`ck`: the C kernels, or None)."""
     if any(f in FLOAT_FORMATS for f in fmts):
         return "half"
     if ck is not None and ck.variant == "avx2" and all(f in INTERLEAVED for f in fmts):
         return "x8"
     return "quant"
-# Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
-TILE_BYTES = 4 << 20
 
 _init_lock = threading.Lock()
 # (backend name, cpu_c.CKernels or None), swapped as one object so that a thread never sees a
@@ -189,8 +189,8 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
 
     f16, bf16, q8_0 and q4_0 give the same bytes as gguf-py (ggml's reference quantizers);
     q4_k and q6_k follow ggml's reference algorithms (gguf-py has no quantizer for them).
-    The x8 layouts (q4_0x8, q4_kx8) are their GGUF format's bytes with each run of eight rows
-    interleaved (formats.interleave).
+    The x8 layouts (q4_0x8, q8_0x8, q4_kx8) are their GGUF format's bytes with each run of eight
+    rows interleaved (formats.interleave).
     """
     if fmt in INTERLEAVED:
         check_rows(fmt, np.shape(x)[0])

@@ -107,9 +107,10 @@ def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
 # Interleaved layouts ("x8"): a GGUF block format with each run of eight rows interleaved block by
 # block, so that a kernel reads eight rows as one sequential stream, finds each field of their block
 # headers side by side (eight f16 scales in one 16-byte load), and puts one row in each 32-bit lane.
-# Block b of rows 8g..8g+7 is eight blocks' bytes: each header field for rows 0..7 in turn (q4_0: the
-# f16 scale, as for q8_0; q4_k: d, dmin, then each of the 12 packed scale bytes), then the payload two bytes at a
-# time (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0, 1, ...).  The same bytes, moved.
+# Block b of rows 8g..8g+7 is eight blocks' bytes: each header field for rows 0..7 in turn (q4_0 and
+# q8_0: the f16 scale; q4_k: d, dmin, then each of the 12 packed scale bytes), then the payload two
+# bytes at a time (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0, 1, ...).  The same
+# bytes, moved: what llama.cpp's CPU repacking does at load, here written so in stores.
 X8_ROWS = 8
 # layout -> (the GGUF format whose bytes it moves, its header fields as (count, bytes each))
 X8_FIELDS: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {

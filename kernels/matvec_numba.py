@@ -328,58 +328,35 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-# x8 layouts: each row gathered back into its GGUF format's bytes, then the plain kernels.  The
-# portable path: correct, not fast (the C kernels read the layout directly).
-@njit(nogil=True, cache=True)
-def deq_x8_q4_0(qf, rb, pos, tab, out, r0, r1):
-    tmp = np.empty((1, rb), np.uint8)
-    for r in range(r0, r1):
-        _gather_row(qf, rb, pos, r, tmp)
-        deq_q4_0(tmp, tab, out[r:r + 1], 0, 1)
+# x8 layouts: each row gathered back into its GGUF format's bytes (base: 0 q4_0, 1 q4_k, 2 q8_0), then
+# the plain kernels.  The portable path: correct, not fast (the C kernels read the layout directly).
+_X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2}
 
 
 @njit(nogil=True, cache=True)
-def deq_x8_q4_k(qf, rb, pos, tab, out, r0, r1):
+def deq_x8(qf, rb, pos, base, tab, out, r0, r1):
     tmp = np.empty((1, rb), np.uint8)
     for r in range(r0, r1):
         _gather_row(qf, rb, pos, r, tmp)
-        deq_q4_k(tmp, tab, out[r:r + 1], 0, 1)
+        if base == 0:
+            deq_q4_0(tmp, tab, out[r:r + 1], 0, 1)
+        elif base == 1:
+            deq_q4_k(tmp, tab, out[r:r + 1], 0, 1)
+        else:
+            deq_q8_0(tmp, tmp.view(np.int8), tab, out[r:r + 1], 0, 1)
 
 
 @njit(nogil=True, cache=True)
-def mm_x8_q4_0(qf, rb, pos, tab, X, Y, r0, r1):
+def mm_x8(qf, rb, pos, base, tab, X, Y, r0, r1):
     tmp = np.empty((1, rb), np.uint8)
     for r in range(r0, r1):
         _gather_row(qf, rb, pos, r, tmp)
-        mm_q4_0(tmp, tab, X, Y[:, r:r + 1], 0, 1)
-
-
-@njit(nogil=True, cache=True)
-def mm_x8_q4_k(qf, rb, pos, tab, X, Y, r0, r1):
-    tmp = np.empty((1, rb), np.uint8)
-    for r in range(r0, r1):
-        _gather_row(qf, rb, pos, r, tmp)
-        mm_q4_k(tmp, tab, X, Y[:, r:r + 1], 0, 1)
-
-
-@njit(nogil=True, cache=True)
-def deq_x8_q8_0(qf, rb, pos, tab, out, r0, r1):
-    tmp = np.empty((1, rb), np.uint8)
-    for r in range(r0, r1):
-        _gather_row(qf, rb, pos, r, tmp)
-        deq_q8_0(tmp, tmp.view(np.int8), tab, out[r:r + 1], 0, 1)
-
-
-@njit(nogil=True, cache=True)
-def mm_x8_q8_0(qf, rb, pos, tab, X, Y, r0, r1):
-    tmp = np.empty((1, rb), np.uint8)
-    for r in range(r0, r1):
-        _gather_row(qf, rb, pos, r, tmp)
-        mm_q8_0(tmp, tmp.view(np.int8), tab, X, Y[:, r:r + 1], 0, 1)
-
-
-_X8_DEQ = {"q4_0x8": deq_x8_q4_0, "q4_kx8": deq_x8_q4_k, "q8_0x8": deq_x8_q8_0}
-_X8_MM = {"q4_0x8": mm_x8_q4_0, "q4_kx8": mm_x8_q4_k, "q8_0x8": mm_x8_q8_0}
+        if base == 0:
+            mm_q4_0(tmp, tab, X, Y[:, r:r + 1], 0, 1)
+        elif base == 1:
+            mm_q4_k(tmp, tab, X, Y[:, r:r + 1], 0, 1)
+        else:
+            mm_q8_0(tmp, tmp.view(np.int8), tab, X, Y[:, r:r + 1], 0, 1)
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
@@ -428,9 +405,9 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
     elif fmt in ("q8_0", "q6_k"):  # these read signed bytes too: pass an int8 view of the same memory
         fn = deq_q8_0 if fmt == "q8_0" else deq_q6_k
         run_rows(fn, q.shape[0], q.nbytes, threads, q, q.view(np.int8), F16_TABLE, out)
-    elif fmt in _X8_DEQ:
-        run_rows(_X8_DEQ[fmt], q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
-                 F16_TABLE, out)
+    elif fmt in _X8_BASE:
+        run_rows(deq_x8, q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
+                 _X8_BASE[fmt], F16_TABLE, out)
     else:
         fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
@@ -446,9 +423,9 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
     elif fmt in ("q8_0", "q6_k"):
         fn = mm_q8_0 if fmt == "q8_0" else mm_q6_k
         run_rows(fn, q.shape[0], work, threads, q, q.view(np.int8), F16_TABLE, X, Y)
-    elif fmt in _X8_MM:
-        run_rows(_X8_MM[fmt], q.shape[0], work, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
-                 F16_TABLE, X, Y)
+    elif fmt in _X8_BASE:
+        run_rows(mm_x8, q.shape[0], work, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
+                 _X8_BASE[fmt], F16_TABLE, X, Y)
     else:
         fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)
