@@ -239,7 +239,7 @@ def _as_gguf(q) -> tuple[str, np.ndarray]:
 
 def verify_same_experts(gguf_path: str | Path, model, pairs: list[tuple[int, int]]) -> None:
     """Check that the GGUF's expert bytes equal what our engine serves for these (layer, expert) pairs
-    (the engine's q4_0x8 is q4_0's bytes interleaved: compared de-interleaved)."""
+    (the engine's x8 layouts hold the GGUF format's bytes interleaved: compared de-interleaved)."""
     reader = gguf.GGUFReader(str(gguf_path))
     by_name = {t.name: t for t in reader.tensors}
     for layer, e in pairs:

@@ -353,8 +353,10 @@ class StreamingExperts(ExpertSource):
             data = np.frombuffer(buf, np.uint8, count=part.nbytes, offset=at).reshape(part.rows, -1)
             q = QMatrix(data, part.fmt, part.rows, part.cols)
             target = kernels.layout(self.quant, part.rows)
-            if target is not None and target != part.fmt:
-                q = q.to_format(target)   # as InMemoryExperts does: same bytes out
+            # As InMemoryExperts does (same bytes out), except that a store already in `quant`'s GGUF
+            # format keeps its layout: moving 3.5 MiB of bytes on every read would cost milliseconds.
+            if target is not None and kernels.gguf_format(target) != kernels.gguf_format(part.fmt):
+                q = q.to_format(target)
             mats.append(q)
         bundle = ExpertBundle(*mats)
         converted = self.quant is not None and any(m.fmt != part.fmt for m, part in zip(mats, loc.parts))
