@@ -170,15 +170,15 @@ def interleave(q: np.ndarray, fmt: str) -> np.ndarray:
     """GGUF bytes (rows, row_bytes) of gguf_format(fmt) -> the same matrix in x8 layout `fmt`."""
     g, nb, nbytes, pos = _runs(q, fmt)
     blocks = q.reshape(g, X8_ROWS, nb, nbytes).transpose(0, 2, 1, 3).reshape(g, nb, X8_ROWS * nbytes)
-    out = np.empty_like(blocks)
-    out[..., pos] = blocks
-    return out.reshape(q.shape)
+    source = np.empty_like(pos)   # which byte of the eight blocks each x8 byte is: a gather, which
+    source[pos] = np.arange(pos.size)  # numpy does twice as fast as the scatter out[..., pos] = blocks
+    return np.take(blocks, source, axis=2).reshape(q.shape)
 
 
 def deinterleave(q: np.ndarray, fmt: str) -> np.ndarray:
     """x8 layout `fmt` -> the GGUF bytes it holds (interleave undone)."""
     g, nb, nbytes, pos = _runs(q, fmt)
-    blocks = q.reshape(g, nb, X8_ROWS * nbytes)[..., pos].reshape(g, nb, X8_ROWS, nbytes)
+    blocks = np.take(q.reshape(g, nb, X8_ROWS * nbytes), pos, axis=2).reshape(g, nb, X8_ROWS, nbytes)
     return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(q.shape)
 
 
