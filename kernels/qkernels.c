@@ -983,43 +983,52 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
-/* q4_0x8: one run of eight interleaved rows against J prepared vectors, out[jj * 8 + rr].  Each
- * 32-bit lane of a madd is one row's two adjacent weights times the same two activations in every
- * lane (a broadcast), so the eight lanes are the eight rows' sums: no horizontal fold, and one
- * conversion, one scale vector (eight contiguous f16) and one FMA serve eight rows. */
-INLINE void dot_q4_0x8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t cols = p->cols, nb = p->nb;
+/* x8 runs are read front to back: the kernels prefetch each run PF_BYTES ahead, line by line.
+ * *next starts at the run's first line plus PF_BYTES; pf_run_upto issues every line up to `end`. */
+INLINE uintptr_t pf_run_start(const uint8_t *w) { return ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES; }
+INLINE void pf_run_upto(uintptr_t *next, const uint8_t *end) {
+    for (; *next < (uintptr_t)end + PF_BYTES; *next += 64) pf((const uint8_t *)*next);
+}
+
+/* q4_0x8 (q8 = 0) and q8_0x8 (q8 = 1): one run of eight interleaved rows against J prepared vectors,
+ * out[jj * 8 + rr].  Each 32-bit lane of a madd is one row's two adjacent weights times the same two
+ * activations in every lane (a broadcast), so the eight lanes are the eight rows' sums: no
+ * horizontal fold, and one conversion, one scale vector (eight contiguous f16) and one FMA serve
+ * eight rows.  A q4_0 byte holds weights i (low nibble) and 16 + i (high); q8_0's are signed. */
+INLINE void dot_x8_32(int q8, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, bs = q8 ? 272 : 144;
     const __m256i m4 = _mm256_set1_epi16(0x0F);
     __m256 acc[4];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
-    /* The eight rows are one sequential run: prefetch it PF_BYTES ahead, line by line. */
-    uintptr_t next_pf = ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES;
+    uintptr_t next_pf = pf_run_start(w);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = w + 144 * b;
-        for (; next_pf < (uintptr_t)q + 144 + PF_BYTES; next_pf += 64) pf((const uint8_t *)next_pf);
+        const uint8_t *q = w + bs * b;
+        pf_run_upto(&next_pf, q + bs);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
         __m256i s[4];
         for (int jj = 0; jj < J; jj++) s[jj] = _mm256_setzero_si256();
-        for (int k = 0; k < 8; k++) {
-            const __m256i v = ld16(q + 16 + 16 * k);
-            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+        for (int k = 0; k < (q8 ? 16 : 8); k++) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(q + 16 + 16 * k));
+            const __m256i v = q8 ? _mm256_cvtepi8_epi16(raw) : _mm256_cvtepu8_epi16(raw);
+            const __m256i lo = q8 ? v : _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
             for (int jj = 0; jj < J; jj++) {
                 const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b + 2 * k;
-                s[jj] = _mm256_add_epi32(s[jj], _mm256_add_epi32(
-                    _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x))),
-                    _mm256_madd_epi16(hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 16))))));
+                const __m256i m = _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x)));
+                s[jj] = _mm256_add_epi32(s[jj], q8 ? m : _mm256_add_epi32(m, _mm256_madd_epi16(
+                                                              hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 16))))));
             }
         }
         for (int jj = 0; jj < J; jj++) {
             const int64_t k = (j0 + jj) * nb + b;
-            const __m256i t = _mm256_sub_epi32(s[jj], _mm256_set1_epi32(p->xc1[k]));
+            /* q4_0's nibbles are weight + 8: take 8 * (the block's sum of xq) back off */
+            const __m256i t = q8 ? s[jj] : _mm256_sub_epi32(s[jj], _mm256_set1_epi32(p->xc1[k]));
             acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, _mm256_set1_ps(p->xd[k])), acc[jj]);
         }
     }
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
-/* q4_kx8: one run of eight interleaved rows, super-block by super-block, as dot_q4_0x8 (one row per
+/* q4_kx8: one run of eight interleaved rows, super-block by super-block, as dot_x8_32 (one row per
  * lane).  The eight rows' 6-bit scales and mins come from the 12 packed bytes, which the layout holds
  * byte by byte for rows 0..7: one 8-byte load and a widening per byte position gives a vector of it. */
 INLINE __m256i kx8_byte(const uint8_t *q, int t) {
@@ -1044,10 +1053,10 @@ INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, floa
     const __m256i m4 = _mm256_set1_epi16(0x0F);
     __m256 acc[4];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
-    uintptr_t next_pf = ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES;
+    uintptr_t next_pf = pf_run_start(w);
     for (int64_t sb = 0; sb < nb / 8; sb++) {
         const uint8_t *q = w + 1152 * sb;
-        for (; next_pf < (uintptr_t)q + 1152 + PF_BYTES; next_pf += 64) pf((const uint8_t *)next_pf);
+        pf_run_upto(&next_pf, q + 1152);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 16)));
         /* the mins: minus dmin * sum_j m_j * (sum of x over sub-block j) */
@@ -1079,37 +1088,10 @@ INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, floa
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
-/* q8_0x8: as q4_0x8, the 32 signed bytes of each row's block two at a time. */
-INLINE void dot_q8_0x8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t cols = p->cols, nb = p->nb;
-    __m256 acc[4];
-    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
-    uintptr_t next_pf = ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES;
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = w + 272 * b;
-        for (; next_pf < (uintptr_t)q + 272 + PF_BYTES; next_pf += 64) pf((const uint8_t *)next_pf);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
-        __m256i s[4];
-        for (int jj = 0; jj < J; jj++) s[jj] = _mm256_setzero_si256();
-        for (int k = 0; k < 16; k++) {
-            const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 + 16 * k)));
-            for (int jj = 0; jj < J; jj++) {
-                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b + 2 * k;
-                s[jj] = _mm256_add_epi32(s[jj], _mm256_madd_epi16(v, _mm256_set1_epi32((int)rd32((const uint8_t *)x))));
-            }
-        }
-        for (int jj = 0; jj < J; jj++) {
-            const int64_t k = (j0 + jj) * nb + b;
-            acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[jj]), _mm256_mul_ps(dw, _mm256_set1_ps(p->xd[k])), acc[jj]);
-        }
-    }
-    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
-}
-
 #define MK_X8(J) \
-    static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_0x8(w, J, p, j0, out); } \
+    static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
     static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_kx8(w, J, p, j0, out); } \
-    static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q8_0x8(w, J, p, j0, out); }
+    static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); }
 MK_X8(1)
 MK_X8(2)
 MK_X8(3)
