@@ -24,7 +24,7 @@ from engine import format_size
 
 from .cli import CliError
 from .generate import load_from_args
-from .machine import best_direct_read_bandwidth, dram_read_bandwidth, peak_rss_bytes
+from .machine import best_direct_read_bandwidth, block_device, disk_counters, dram_read_bandwidth, peak_rss_bytes
 
 #: a decode's reads count as a measure of the disk only when they kept it busy this long in all: a few
 #: reads in a few milliseconds (or ones the host's own cache served) say little about its speed
@@ -112,6 +112,10 @@ def run_bench(args: argparse.Namespace) -> int:
     resident_bpt = _resident_bytes_per_token(model)
     preloaded = _preload(model) if getattr(args, "preload", False) else 0
     model.reset_telemetry()
+    # The device's own view of the same decoding (io_ticks): the engine's counts a batch of reads busy
+    # until the reader hands the whole batch back, which the device may have finished long before.
+    device = block_device(_largest_weight_file(Path(args.model)))
+    device_at = (lambda: disk_counters(device)) if device else (lambda: None)
 
     runs = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -122,15 +126,15 @@ def run_bench(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             t_first = None
             n = 0
-            start_snap = None
+            start_snap = dev0 = None
             for _ in model.generate(prompt, max_new_tokens=args.decode_tokens, ignore_eos=True):
                 n += 1
                 if t_first is None:
                     t_first = time.perf_counter()
-                    start_snap = model.telemetry()
+                    start_snap, dev0 = model.telemetry(), device_at()
                 bar.advance(task)
             t_end = time.perf_counter()
-            end_snap = model.telemetry()
+            end_snap, dev1 = model.telemetry(), device_at()
             ssd0 = _tier(start_snap, "ssd").get("bytes_read", 0)
             ssd1 = _tier(end_snap, "ssd").get("bytes_read", 0)
             busy = _tier(end_snap, "ssd").get("busy_s", 0.0) - _tier(start_snap, "ssd").get("busy_s", 0.0)
@@ -144,6 +148,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 "disk_busy_fraction": busy / (t_end - t_first) if n > 1 else 0.0,
                 "read_bytes_per_s_while_busy": (ssd1 - ssd0) / busy if busy >= MIN_BUSY_S else 0.0,
             })
+            if dev0 and dev1 and n > 1:
+                dev_bytes, dev_busy = dev1[0] - dev0[0], dev1[1] - dev0[1]
+                enough = dev_busy >= max(MIN_BUSY_S, 1e-3)   # io_ticks counts whole milliseconds
+                runs[-1].update({
+                    "device_busy_fraction": dev_busy / (t_end - t_first),
+                    "device_read_bytes_per_s_while_busy": dev_bytes / dev_busy if enough else 0.0,
+                })
     peak_rss = peak_rss_bytes()
     snap = model.telemetry()
     model.close()
@@ -154,11 +165,13 @@ def run_bench(args: argparse.Namespace) -> int:
         disk_bw, disk_how = args.disk_bw, "given with --disk-bw"
     else:
         disk_bw, disk_how = best_direct_read_bandwidth(_largest_weight_file(Path(args.model)))
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
     # The disk's speed only from the runs that kept it busy long enough (the others say 0, which a
     # median would average in: two runs, one short, gave half the speed).
-    measured = [r["read_bytes_per_s_while_busy"] for r in runs if r["read_bytes_per_s_while_busy"] > 0]
-    med["read_bytes_per_s_while_busy"] = statistics.median(measured) if measured else 0.0
+    for key in ("read_bytes_per_s_while_busy", "device_read_bytes_per_s_while_busy"):
+        measured = [r[key] for r in runs if r.get(key, 0) > 0]
+        if key in med:
+            med[key] = statistics.median(measured) if measured else 0.0
     # A bound the engine's own reads beat is no bound: where they were faster while the disk was busy
     # than the probe (this VM's disk drifts from minute to minute), the roofline takes their speed.
     engine_bw = med["read_bytes_per_s_while_busy"]
@@ -177,6 +190,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
         "preloaded_experts": preloaded,
+        "device": device,
         **{k: round(v, 4) for k, v in med.items()},
         "runs": runs,
         "hit_rate": {name: t.get("hit_rate") for name, t in snap.get("tiers", {}).items() if "hit_rate" in t},
@@ -216,6 +230,9 @@ def _print_report(r: dict) -> None:
         f"queue depth max {r['queue_depth_max']}",
         f"disk busy        {r['disk_busy_fraction']:.0%} of decoding, "
         f"{r['read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy",
+        *([f"device busy      {r['device_busy_fraction']:.0%} of decoding, "
+           f"{r['device_read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy ({r['device']}, /proc/diskstats)"]
+          if "device_busy_fraction" in r else []),
         f"peak RSS         {format_size(r['peak_rss_bytes'])}",
         f"DRAM read        {roof['dram_read_bytes_per_s'] / gb:.2f} GB/s",
         f"disk read        {roof['disk_read_bytes_per_s'] / gb:.2f} GB/s ({roof['disk_read_mode']})",

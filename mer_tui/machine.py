@@ -102,6 +102,30 @@ def best_direct_read_bandwidth(path: str | os.PathLike, samples: int = 3, second
     return max(runs)
 
 
+def block_device(path: str | os.PathLike) -> str | None:
+    """The /proc/diskstats name of the block device that holds `path` (None where there is none: a
+    tmpfs, an overlay, a machine without sysfs)."""
+    try:
+        st = os.stat(path)
+        return Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve(strict=True).name
+    except OSError:
+        return None
+
+
+def disk_counters(device: str, stats: str | os.PathLike = "/proc/diskstats") -> tuple[int, float] | None:
+    """(bytes read, seconds with a request in flight) of `device` since boot, from /proc/diskstats
+    (sectors read x 512, io_ticks): the device's own view, every process's requests included."""
+    try:
+        with open(stats) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 13 and fields[2] == device:
+                    return int(fields[5]) * 512, int(fields[12]) / 1000
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set (VmHWM).  getrusage's ru_maxrss is not used: Linux carries it
     across exec, so a child started from a large parent reports the parent's peak."""

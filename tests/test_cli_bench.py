@@ -39,6 +39,26 @@ def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
     # every decode step misses (40 KiB holds no token's experts), so the disk had work part of the time
     assert 0 < out["disk_busy_fraction"] <= 1.0
     assert all(0 < r["disk_busy_fraction"] <= 1.0 for r in out["runs"])
+    # the device's own count of the same time (/proc/diskstats), where the model sits on a block device
+    if out["device"]:
+        assert all(0 <= r["device_busy_fraction"] <= 1.0 for r in out["runs"])
+        assert out["device_read_bytes_per_s_while_busy"] >= 0
+
+
+def test_disk_counters_read_the_devices_line(tmp_path):
+    from mer_tui.machine import block_device, disk_counters
+
+    stats = tmp_path / "diskstats"
+    stats.write_text(" 253       0 vda 1000 5 8192 300 40 2 64 9 0 1234 5678 0 0 0 0\n"
+                     " 253       1 vda1 10 0 80 3 0 0 0 0 0 7 9 0 0 0 0\n")
+    assert disk_counters("vda", stats) == (8192 * 512, 1.234)
+    assert disk_counters("vda1", stats) == (80 * 512, 0.007)
+    assert disk_counters("sdz", stats) is None and disk_counters("vda", tmp_path / "none") is None
+    # this file's own device, where it has one, is a line of the real file
+    dev = block_device(tmp_path / "diskstats")
+    if dev is not None:
+        assert disk_counters(dev) is not None
+    assert block_device(tmp_path / "missing") is None
 
 
 def test_bench_takes_bandwidths_from_the_caller(chat_model_dir):
