@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mer_tui.bench_kernels import main
 
 
@@ -34,3 +36,18 @@ def test_bench_kernels_bad_options(capsys):
     assert main(["--settle-ms", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("mer-tui bench kernels: ") for line in err)
+
+
+def test_layout_ab_builds_and_compares(capsys):
+    # bench/layout_ab.c must keep building against qkernels.c; a tiny hot run prints one row per pair
+    from bench.layout_ab import main as layout_ab
+    from kernels import cpu_c
+
+    if cpu_c.best_variant() != "avx2":
+        pytest.skip("the layout comparison times the AVX2 kernels")
+    assert layout_ab(["--pairs", "q4_0:q4_0x8,q8_0:q8_0x8", "--shapes", "64x256", "--ring-mib", "0",
+                      "--threads", "1", "--samples", "3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[1:3] for r in rows] == [["q4_0", "q4_0x8"], ["q8_0", "q8_0x8"]]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    assert layout_ab(["--pairs", "q4_0:q9_9"]) == 2
