@@ -114,8 +114,8 @@ def run_bench(args: argparse.Namespace) -> int:
     model.reset_telemetry()
     # The device's own view of the same decoding (io_ticks): the engine's counts a batch of reads busy
     # until the reader hands the whole batch back, which the device may have finished long before.
-    device = block_device(_largest_weight_file(Path(args.model)))
-    device_at = (lambda: disk_counters(device)) if device else (lambda: None)
+    weight_file = _largest_weight_file(Path(args.model))
+    device = block_device(weight_file)
 
     runs = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -131,10 +131,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 n += 1
                 if t_first is None:
                     t_first = time.perf_counter()
-                    start_snap, dev0 = model.telemetry(), device_at()
+                    start_snap, dev0 = model.telemetry(), device and disk_counters(device)
                 bar.advance(task)
             t_end = time.perf_counter()
-            end_snap, dev1 = model.telemetry(), device_at()
+            end_snap, dev1 = model.telemetry(), device and disk_counters(device)
             ssd0 = _tier(start_snap, "ssd").get("bytes_read", 0)
             ssd1 = _tier(end_snap, "ssd").get("bytes_read", 0)
             busy = _tier(end_snap, "ssd").get("busy_s", 0.0) - _tier(start_snap, "ssd").get("busy_s", 0.0)
@@ -164,13 +164,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.disk_bw:
         disk_bw, disk_how = args.disk_bw, "given with --disk-bw"
     else:
-        disk_bw, disk_how = best_direct_read_bandwidth(_largest_weight_file(Path(args.model)))
+        disk_bw, disk_how = best_direct_read_bandwidth(weight_file)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
     # The disk's speed only from the runs that kept it busy long enough (the others say 0, which a
     # median would average in: two runs, one short, gave half the speed).
     for key in ("read_bytes_per_s_while_busy", "device_read_bytes_per_s_while_busy"):
-        measured = [r[key] for r in runs if r.get(key, 0) > 0]
         if key in med:
+            measured = [r[key] for r in runs if r[key] > 0]
             med[key] = statistics.median(measured) if measured else 0.0
     # A bound the engine's own reads beat is no bound: where they were faster while the disk was busy
     # than the probe (this VM's disk drifts from minute to minute), the roofline takes their speed.

@@ -73,7 +73,7 @@ def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: byt
         return
     src_row = info.nbytes // info.shape[0]
     rows_per = max(1, len(buf) // src_row)
-    if rows_per >= kernels.X8_ROWS:  # whole runs of eight rows, which q4_0x8 interleaves
+    if rows_per >= kernels.X8_ROWS:  # whole runs of eight rows, which the x8 layouts interleave
         rows_per -= rows_per % kernels.X8_ROWS
     for raw in pieces(path, info.start, info.nbytes, memoryview(buf)[:rows_per * src_row]):
         block = np.frombuffer(raw, np.uint8).reshape(-1, src_row)
@@ -136,7 +136,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
 
     largest = max(ckpt.where[n].tensors[n].nbytes for n in ckpt.where)
     widest_row = max(ckpt.info(n).nbytes // max(1, ckpt.info(n).shape[0]) for n in expert_names | set(dense))
-    # the one read buffer, reused for every piece: at least eight of the widest rows (a q4_0x8 run)
+    # the one read buffer, reused for every piece: at least eight of the widest rows (an x8 run)
     buf = bytearray(max(1, min(PIECE, largest), kernels.X8_ROWS * widest_row))
     # model.safetensors: its header (every tensor's dtype, shape, size and, for block formats, the
     # metadata that marks them) is known before a byte is converted.
