@@ -158,9 +158,16 @@ def backend() -> str:
     return _state()[0]
 
 
+# row_bytes of the quantized formats' (format, columns) pairs that matvec has met: its fast path
+# looks a row's size up here instead of computing and checking it (f32 stays off it: numpy's product).
+_ROW_BYTES: dict[tuple[str, int], int] = {}
+
+
 def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
     # The C kernels take a row stride, so a view of whole rows need not be copied.
     rb = row_bytes(fmt, cols)
+    if fmt != "f32" and len(_ROW_BYTES) < 4096:
+        _ROW_BYTES[(fmt, cols)] = rb
     if fmt in INTERLEAVED:  # its rows come in runs of eight: no row view of it is a matrix
         if not (isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 2 and q.shape[1] == rb
                 and q.strides == (rb, 1) and q.shape[0] % X8_ROWS == 0):
@@ -294,6 +301,14 @@ def _matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
 
 def matvec(q: np.ndarray, fmt: str, cols: int, x: np.ndarray) -> np.ndarray:
     """W @ x for x of shape (cols,): returns float32 (rows,)."""
+    active = _active
+    if (active is not None and active[1] is not None and type(q) is np.ndarray and type(x) is np.ndarray
+            and q.ndim == 2 and q.dtype == np.uint8 and q.flags.c_contiguous and q.shape[0]
+            and x.ndim == 1 and x.dtype == np.float32 and x.flags.c_contiguous and x.shape[0] == cols
+            and q.shape[1] == _ROW_BYTES.get((fmt, cols)) and (q.shape[0] % X8_ROWS == 0 or fmt not in INTERLEAVED)):
+        # The checks of matmul's path, for the common case in one go: a small product spends ~9 us
+        # in Python on the general path, ~5 on this one (a cold 2048x1024 q4_0 product takes ~60).
+        return active[1].matvec(q, fmt, cols, x, _threads or _default_threads())
     x = np.asarray(x)
     if x.ndim != 1:
         raise FormatError(f"matvec expects a vector, got shape {x.shape}")

@@ -147,6 +147,8 @@ class CKernels:
             raise CompileError(f"{self.path} has ABI {self.lib.mk_version()}, expected {ABI_VERSION}")
         if variant == "avx2" and not self.lib.mk_simd():
             raise CompileError(f"{self.path} was built without its SIMD paths")
+        # from_buffer with a type object rather than its name: ~0.3 us less per array and call
+        self._u8, self._f32 = self.ffi.typeof("uint8_t[]"), self.ffi.typeof("float[]")
 
     def _p(self, a: np.ndarray, ctype: str):
         # A pointer to the array's first element.  from_buffer is the cheapest way (~0.5 us, and
@@ -181,8 +183,8 @@ class CKernels:
         """matmul for one contiguous float32 vector x (cols,): returns (rows,)."""
         y = np.empty(q.shape[0], dtype=np.float32)
         buf = self.ffi.from_buffer
-        rc = self.lib.mk_matmul(FMT_CODE[fmt], buf("uint8_t[]", q) if q.flags.c_contiguous else self._p(q, "uint8_t"),
-                                q.strides[0], q.shape[0], cols, buf("float[]", x), 1, buf("float[]", y), threads)
+        rc = self.lib.mk_matmul(FMT_CODE[fmt], buf(self._u8, q) if q.flags.c_contiguous else self._p(q, "uint8_t"),
+                                q.strides[0], q.shape[0], cols, buf(self._f32, x), 1, buf(self._f32, y), threads)
         if rc:
             raise RuntimeError(f"mk_matmul({fmt}) failed with {rc}")
         return y

@@ -326,6 +326,27 @@ def test_x8_needs_runs_of_eight_rows(backend, fmt):
         kernels.matvec(q[:4], fmt, 256, np.ones(256, np.float32))
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_0x8"])
+def test_matvec_fast_path_still_checks(backend, fmt):
+    # matvec's one-look path for the common case must send every odd input through the full checks.
+    w = llm_like(16, 64, seed=7)
+    q = kernels.quantize(w, fmt)
+    x = llm_like(1, 64, seed=8)[0]
+    y = kernels.matvec(q, fmt, 64, x)   # a second call takes the fast path
+    assert np.array_equal(kernels.matvec(q, fmt, 64, x), y)
+    assert _rel(y, _ref(q, fmt, 64, x[None])[0]) < 3e-3
+    with pytest.raises(kernels.FormatError, match="columns"):
+        kernels.matvec(q, fmt, 64, np.ones(32, np.float32))
+    with pytest.raises(kernels.FormatError, match="shape"):
+        kernels.matvec(q[:, :-2], fmt, 64, x)
+    if fmt in formats.INTERLEAVED:
+        with pytest.raises(kernels.FormatError, match="divisible by 8"):
+            kernels.matvec(q[:12], fmt, 64, x)
+    else:   # a view of every other row: not contiguous, still the right product
+        assert np.array_equal(kernels.matvec(q[::2], fmt, 64, x), y[::2])
+    assert np.array_equal(kernels.matvec(q, fmt, 64, x.astype(np.float64)), y)
+
+
 def test_x8_products_reach_tiles_later_on_avx2(backend):
     # The x8 kernels stay ahead of dequantize-then-BLAS up to 64 vectors (kernels.SMALL_N): 48 vectors
     # still go through the kernels (int16 activations: a small error), 80 through float32 tiles.
