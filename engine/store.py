@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -288,7 +287,7 @@ class ExpertFileWriter:
         b = self._bundle
         assert b is not None
         mv = memoryview(data).cast("B")
-        b["crc32"] = zlib.crc32(mv, b["crc32"])
+        b["crc32"] = kernels.crc32(mv, b["crc32"])
         self._f.write(mv)
         b["size"] += mv.nbytes
         self.pos += mv.nbytes

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from .formats import (
 )
 
 __all__ = [
-    "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "dequantize", "expert_ffn",
+    "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "crc32", "dequantize", "expert_ffn",
     "experts_ffn", "gguf_format", "layout", "matmul", "matvec", "quantize", "row_bytes", "set_backend",
     "set_threads", "threads", "warmup", "X8_ROWS",
 ]
@@ -161,6 +162,15 @@ def backend() -> str:
 # row_bytes of the quantized formats' (format, columns) pairs that matvec has met: its fast path
 # looks a row's size up here instead of computing and checking it (f32 stays off it: numpy's product).
 _ROW_BYTES: dict[tuple[str, int], int] = {}
+
+
+def crc32(data, value: int = 0) -> int:
+    """zlib.crc32(data, value) of a contiguous buffer: the C kernels fold it with carry-less multiplication
+    where the CPU has PCLMULQDQ (~4x zlib's speed on a 3.5 MiB expert bundle), else zlib computes it."""
+    ck = _state()[1]
+    if ck is not None and ck.crc32_fast:
+        return ck.crc32(data, value)
+    return zlib.crc32(data, value)
 
 
 def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("qkernels.c")
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6,
             "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9}
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 CDEF = """
 int mk_version(void);
@@ -37,6 +37,8 @@ int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t E, cons
            const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
            const float *const *X, const int64_t *n, float *const *Y, int nthreads);
 double mk_read_sum(const float *buf, int64_t n, int nthreads);
+int mk_crc32_fast(void);
+uint32_t mk_crc32(uint32_t crc, const uint8_t *p, int64_t n);
 """
 
 FLAGS = {
@@ -147,6 +149,7 @@ class CKernels:
             raise CompileError(f"{self.path} has ABI {self.lib.mk_version()}, expected {ABI_VERSION}")
         if variant == "avx2" and not self.lib.mk_simd():
             raise CompileError(f"{self.path} was built without its SIMD paths")
+        self.crc32_fast = bool(self.lib.mk_crc32_fast())
         # from_buffer with a type object rather than its name: ~0.3 us less per array and call
         self._u8, self._f32 = self.ffi.typeof("uint8_t[]"), self.ffi.typeof("float[]")
 
@@ -218,6 +221,10 @@ class CKernels:
         if rc:
             raise RuntimeError(f"mk_moe failed with {rc}")
         return Ys
+
+    def crc32(self, data, value: int = 0) -> int:
+        """zlib.crc32(data, value) for any contiguous buffer."""
+        return int(self.lib.mk_crc32(value, self.ffi.from_buffer(data), memoryview(data).nbytes))
 
     def read_sum(self, buf: np.ndarray, threads: int) -> float:
         buf = np.ascontiguousarray(buf, dtype=np.float32)

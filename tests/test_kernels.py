@@ -666,3 +666,30 @@ def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MER_TUI_CACHE_DIR", str(blocker / "cache"))
     lib = cpu_c._build("generic")
     assert lib.exists() and not str(lib).startswith(str(blocker))
+
+
+@pytest.mark.parametrize("variant", ["generic", "avx2"] if cpu_c.best_variant() == "avx2" else ["generic"])
+def test_crc32_equals_zlibs(variant):
+    # The engine checks every bundle it reads against index.json's zlib CRC-32: the folded C code must
+    # agree with zlib at every length (the 64-byte folds, the 16-byte steps, the bitwise tail), at any
+    # alignment, and when continuing a running value (the store writes a bundle in parts).
+    import zlib
+    ck = cpu_c.load(variant)
+    if "pclmulqdq" in cpu_c.cpu_flags():
+        assert ck.crc32_fast   # so that the folds are what this test checks
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    for n in (0, 1, 15, 16, 17, 63, 64, 65, 79, 80, 127, 128, 129, 1000, 4096, 65536 + 13, 1 << 20):
+        for start in (0, 1, 7):
+            chunk = memoryview(data)[start:start + n]
+            for value in (0, 0x1234_5678, 0xFFFF_FFFF):
+                assert ck.crc32(chunk, value) == zlib.crc32(chunk, value), (n, start, value)
+    half = len(data) // 3
+    assert ck.crc32(data[half:], ck.crc32(data[:half])) == zlib.crc32(data)
+    assert ck.crc32(bytes(4096)) == zlib.crc32(bytes(4096)) and ck.crc32(b"\xff" * 200) == zlib.crc32(b"\xff" * 200)
+
+
+def test_crc32_falls_back_to_zlib(backend):
+    import zlib
+    buf = np.random.default_rng(6).integers(0, 256, 70_000, dtype=np.uint8)
+    assert kernels.crc32(buf) == zlib.crc32(buf) and kernels.crc32(buf[3:], 99) == zlib.crc32(buf[3:], 99)
