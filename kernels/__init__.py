@@ -159,18 +159,19 @@ def backend() -> str:
     return _state()[0]
 
 
-# row_bytes of the quantized formats' (format, columns) pairs that matvec has met: its fast path
-# looks a row's size up here instead of computing and checking it (f32 stays off it: numpy's product).
-_ROW_BYTES: dict[tuple[str, int], int] = {}
-
-
 def crc32(data, value: int = 0) -> int:
     """zlib.crc32(data, value) of a contiguous buffer: the C kernels fold it with carry-less multiplication
-    where the CPU has PCLMULQDQ (~4x zlib's speed on a 3.5 MiB expert bundle), else zlib computes it."""
+    where the CPU has PCLMULQDQ (a 3.5 MiB expert bundle in 0.29 ms, zlib's table code 0.98), else zlib
+    computes it."""
     ck = _state()[1]
     if ck is not None and ck.crc32_fast:
         return ck.crc32(data, value)
     return zlib.crc32(data, value)
+
+
+# row_bytes of the quantized formats' (format, columns) pairs that matvec has met: its fast path
+# looks a row's size up here instead of computing and checking it (f32 stays off it: numpy's product).
+_ROW_BYTES: dict[tuple[str, int], int] = {}
 
 
 def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
