@@ -20,8 +20,10 @@ from .weights import ResidentWeights
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    var = np.mean(np.square(x), axis=-1, keepdims=True)
-    return (x / np.sqrt(var + eps)) * w
+    # einsum's sum of squares: 10.6 us for a (1, 2048) row against np.mean(np.square(x))'s 33.7, and a
+    # decode step takes ~5 norms a layer
+    var = np.einsum("...i,...i->...", x, x)[..., None] * np.float32(1.0 / x.shape[-1])
+    return (x / np.sqrt(var + np.float32(eps))) * w
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -104,11 +106,22 @@ class Model:
             self._prefetch(nxt, residual)
         bundles = self.experts.get(i, chosen.tolist())
         out = np.zeros_like(h)
+        ffns = [(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)]
+        if h.shape[0] == 1:
+            # Decode: one token, every chosen expert takes it.  The same sums in the same order as below,
+            # without a row search per expert (~0.1 ms a layer of numpy calls).
+            slots = np.argsort(top[0], kind="stable")
+            for slot, y in zip(slots.tolist(), kernels.experts_ffn(ffns, [h] * len(ffns)), strict=True):
+                out += w[:, slot:slot + 1] * y
+            return self._shared(lw, h, out)
         picks = [np.nonzero(top == e) for e in chosen]   # (rows, slot) of the tokens each expert takes
-        ys = kernels.experts_ffn([(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)],
-                                 [h[rows] for rows, _ in picks])
+        ys = kernels.experts_ffn(ffns, [h[rows] for rows, _ in picks])
         for (rows, slot), y in zip(picks, ys, strict=True):
             out[rows] += w[rows, slot][:, None] * y
+        return self._shared(lw, h, out)
+
+    def _shared(self, lw, h: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Add the layer's shared expert (Qwen-MoE), if it has one, to the routed experts' `out`."""
         if lw.shared is not None:
             y = kernels.expert_ffn(*lw.shared, h)
             if lw.shared_gate is not None:
