@@ -232,6 +232,11 @@ class StreamingExperts(ExpertSource):
     # ------------------------------------------------------------------ reading
     def _read(self, items: list[tuple[Key, _Flight]], demand: bool) -> None:
         """Read `items` as one batch with retries; settle every flight (bundle or error)."""
+        # Making room evicts bundles, and this batch's buffers should be their slots, not fresh memory.
+        with self.pool.expecting(sum(self._plans[key].size for key, _ in items)):
+            self._read_batch(items, demand)
+
+    def _read_batch(self, items: list[tuple[Key, _Flight]], demand: bool) -> None:
         reserved = {}
         with self._lock:
             for key, fl in list(items):

@@ -335,3 +335,32 @@ def test_pool_gives_memory_back_but_never_under_a_reader():
     del again
     pool.collect()
     assert pool.mapped_bytes == 0 and not any(pool._slabs.values())   # every slot released: slab unmapped
+
+
+def test_pool_keeps_what_a_batch_is_about_to_get():
+    # A batch of reads frees its room first (evictions put slots back), then takes its buffers: the
+    # slots it freed must be the ones it gets, not fresh memory, however many more than the limit.
+    from engine.io.buffers import BufferPool
+
+    size = 256 << 10
+    pool = BufferPool(limit=size)
+    bufs = [pool.get(size) for _ in range(6)]
+    assert pool.allocated == 6
+    with pool.expecting(6 * size):
+        for b in bufs:
+            pool.put(b)
+        del b, bufs
+        bufs = [pool.get(size) for _ in range(6)]
+    assert pool.allocated == 6 and pool.reused == 6 and pool.mapped_bytes == 6 * size
+    for b in bufs:       # outside: all but the limit's one slot go back to the kernel, as before
+        pool.put(b)
+    del b, bufs
+    pool.collect()
+    assert pool.mapped_bytes == size
+    bufs = [pool.get(size) for _ in range(6)]
+    assert pool.reused == 7 and pool.allocated == 11
+    with pool.expecting(2 * size):   # what is kept beyond the limit ends with the block
+        for b in bufs[:3]:
+            pool.put(b)
+        assert pool.nbytes == 3 * size
+    assert pool.nbytes == size
