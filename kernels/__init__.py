@@ -17,6 +17,7 @@ prefetch thread at once.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -169,16 +170,19 @@ def crc32(data, value: int = 0) -> int:
     return zlib.crc32(data, value)
 
 
-# row_bytes of the quantized formats' (format, columns) pairs that matvec has met: its fast path
-# looks a row's size up here instead of computing and checking it (f32 stays off it: numpy's product).
-_ROW_BYTES: dict[tuple[str, int], int] = {}
+@functools.lru_cache(maxsize=1024)
+def _kernel_row_bytes(fmt: str, cols: int) -> int | None:
+    """row_bytes for matvec's fast path, looked up rather than computed and checked on every call; None
+    for f32 (numpy's product) and for what row_bytes refuses (the general path names the problem)."""
+    try:
+        return None if fmt == "f32" else row_bytes(fmt, cols)
+    except (ValueError, TypeError):
+        return None
 
 
 def _rows(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:
     # The C kernels take a row stride, so a view of whole rows need not be copied.
     rb = row_bytes(fmt, cols)
-    if fmt != "f32" and len(_ROW_BYTES) < 4096:
-        _ROW_BYTES[(fmt, cols)] = rb
     if fmt in INTERLEAVED:  # its rows come in runs of eight: no row view of it is a matrix
         if not (isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 2 and q.shape[1] == rb
                 and q.strides == (rb, 1) and q.shape[0] % X8_ROWS == 0):
@@ -316,7 +320,7 @@ def matvec(q: np.ndarray, fmt: str, cols: int, x: np.ndarray) -> np.ndarray:
     if (active is not None and active[1] is not None and type(q) is np.ndarray and type(x) is np.ndarray
             and q.ndim == 2 and q.dtype == np.uint8 and q.flags.c_contiguous and q.shape[0]
             and x.ndim == 1 and x.dtype == np.float32 and x.flags.c_contiguous and x.shape[0] == cols
-            and q.shape[1] == _ROW_BYTES.get((fmt, cols)) and (q.shape[0] % X8_ROWS == 0 or fmt not in INTERLEAVED)):
+            and q.shape[1] == _kernel_row_bytes(fmt, cols) and (q.shape[0] % X8_ROWS == 0 or fmt not in INTERLEAVED)):
         # The checks of matmul's path, for the common case in one go: a small product spends ~9 us
         # in Python on the general path, ~5 on this one (a cold 2048x1024 q4_0 product takes ~60).
         return active[1].matvec(q, fmt, cols, x, _threads or _default_threads())

@@ -332,7 +332,7 @@ def test_matvec_fast_path_still_checks(backend, fmt):
     w = llm_like(16, 64, seed=7)
     q = kernels.quantize(w, fmt)
     x = llm_like(1, 64, seed=8)[0]
-    y = kernels.matvec(q, fmt, 64, x)   # a second call takes the fast path
+    y = kernels.matvec(q, fmt, 64, x)   # the fast path
     assert np.array_equal(kernels.matvec(q, fmt, 64, x), y)
     assert _rel(y, _ref(q, fmt, 64, x[None])[0]) < 3e-3
     with pytest.raises(kernels.FormatError, match="columns"):
