@@ -48,6 +48,7 @@ def routing_stats(model, prompt_tokens: int = 32, decode_tokens: int = 64, seed:
         seq = picks[layer]
         layers.append({
             "layer": layer,
+            "picks": int(counts[layer].sum()),
             "entropy_bits": float(-(nz * np.log2(nz)).sum()),
             "busiest_share": float(np.sort(p)[::-1][:busiest].sum()),
             "shared_with_previous": float(np.mean([len(a & b) for a, b in zip(seq, seq[1:])])) if len(seq) > 1
