@@ -478,10 +478,8 @@ def render_section(data: dict) -> str:
         "store and the GGUF hold the *same* q4_0 expert bytes (checked: " + data.get("verify", "not checked") + "); "
         + _dense_words(cfg["dense_fmt"]) + " Random weights do not spread tokens evenly over the experts: "
         "decoding greedily, this model's routers keep to a few experts a layer (`python -m bench.routing_stats "
-        "--model STORE`: over 64 decode tokens 4.0-5.0 bits of routing entropy a layer, where an even spread has "
-        "6.0; the 20 busiest of 64 experts take 79-99% of a layer's picks; a token shares 2.6-5.3 of its 8 "
-        "experts with the one before, on 2026-11-29). A real model routes otherwise, so these hit rates say "
-        "how this model routes, not what any model gets.",
+        "--model STORE` measures how few; figures in \"Reads checked by carry-less multiplication\" above). A "
+        "real model routes otherwise, so these hit rates say how this model routes, not what any model gets.",
         "",
         f"Each run is a fresh process after `echo 3 > /proc/sys/vm/drop_caches`; {cfg['prompt_tokens']} prompt "
         f"tokens (the same ids for both engines), {cfg['decode_tokens']} greedy decode tokens, median of "
