@@ -193,24 +193,29 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: Sequence[str] | None = None, ignore_eos: bool = False,
-                 cancel: threading.Event | None = None) -> Iterator[int]:
+                 cancel: threading.Event | None = None, forced: Sequence[int] | None = None) -> Iterator[int]:
         """Yield new token ids until max_new_tokens, an eos id (not yielded) or a stop string (yielded).
 
         ignore_eos decodes exactly max_new_tokens tokens (benchmarks).  Setting `cancel` ends the
-        generation at the next prompt chunk or token, so a UI can stop even a long prefill."""
+        generation at the next prompt chunk or token, so a UI can stop even a long prefill.  `forced`
+        gives the tokens to emit instead of sampled ones (teacher forcing, at most max_new_tokens of
+        them): a benchmark can then make two engines do the same work whatever their logits say."""
         arr = self._check_ids(ids)
         if max_new_tokens < 0:
             raise EngineError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        if forced is not None:
+            forced = self._check_ids(forced).tolist() if len(forced) else []
+            max_new_tokens = min(max_new_tokens, len(forced))
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed)
         stops = [st for st in (stop or []) if st]
         if stops and self.tokenizer is None:
             raise EngineError("stop: stop strings need a tokenizer, and this model has none")
         eos = set() if ignore_eos else set(self.spec.eos_token_ids)
-        return self._generate(arr, max_new_tokens, sampler, stops, eos, cancel or threading.Event())
+        return self._generate(arr, max_new_tokens, sampler, stops, eos, cancel or threading.Event(), forced)
 
     def _generate(self, arr: np.ndarray, max_new: int, sampler: Sampler, stops: list[str],
-                  eos: set[int], cancel: threading.Event) -> Iterator[int]:
+                  eos: set[int], cancel: threading.Event, forced: list[int] | None = None) -> Iterator[int]:
         with self._run_lock:
             t0 = time.perf_counter()
             self._telemetry.generation_started()
@@ -225,7 +230,7 @@ class Model:
             for n in range(max_new):
                 if cancel.is_set():
                     return
-                tok = sampler.sample(logits, history)
+                tok = sampler.sample(logits, history) if forced is None else forced[n]
                 if tok in eos:
                     return
                 if n == 0:

@@ -69,3 +69,25 @@ def test_cancel_ends_generation_between_tokens_and_before_prefill(checkpoint_dir
             cancel.set()
     assert len(got) == 3
     assert list(model.generate([1, 2, 3], max_new_tokens=20, cancel=cancel)) == []
+
+
+def test_forced_tokens_are_decoded_as_if_they_had_been_sampled(checkpoint_dir, monkeypatch):
+    # Teacher forcing: the forced continuation comes out as given, and each decode step runs on the
+    # token forced before it, as it would on a sampled one.
+    model = engine.load(checkpoint_dir("olmoe"))
+    prompt, forced = [1, 2, 3], [7, 11, 5, 9]
+    fed = []
+    real_step = model._step
+
+    def step(ids, cache, last_only):
+        fed.append(ids.tolist())
+        return real_step(ids, cache, last_only)
+
+    monkeypatch.setattr(model, "_step", step)
+    assert list(model.generate(prompt, max_new_tokens=10, forced=forced)) == forced
+    assert fed == [prompt, [7], [11], [5]]          # the last token is emitted, never stepped on
+    fed.clear()
+    assert list(model.generate(prompt, max_new_tokens=2, forced=forced)) == forced[:2]
+    assert fed == [prompt, [7]]
+    with pytest.raises(engine.EngineError, match="outside the vocabulary"):
+        list(model.generate(prompt, max_new_tokens=2, forced=[10**9]))
