@@ -51,6 +51,8 @@ def replay(trace: Path, bundle_bytes: int, budget: int, policy: str) -> float:
             if rec["step"] != last_step:
                 cache.step()
                 last_step = rec["step"]
+            if "probs" in rec:   # the router's probabilities (traces since the router policy)
+                cache.observe(rec["layer"], rec["probs"], rec["experts"])
             for e in rec["experts"]:
                 key = (rec["layer"], e)
                 hit = cache.lookup(key) is not None

@@ -141,9 +141,11 @@ def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache:
             runs.append(Run(f"over-mer-{io}-{'pf' if pf else 'nopf'}", "over", "mer-tui",
                             f"mer-tui io={io}, prefetch {'on' if pf else 'off'}",
                             [*mer, *cache, "--io", io, *([] if pf else ["--no-prefetch"])]))
-    # The default policy is LRU; decayed frequency keeps more of what random routers pick again.
-    runs.append(Run("over-mer-uring-pf-lfu-decay", "over", "mer-tui", "mer-tui io=uring, prefetch on, lfu-decay",
-                    [*mer, *cache, "--io", "uring", "--policy", "lfu-decay"]))
+    # The default policy is LRU; the others rank by the router's recent probabilities (router) or by
+    # decayed pick counts over ~64 tokens (lfu-decay).
+    for policy in ("router", "lfu-decay"):
+        runs.append(Run(f"over-mer-uring-pf-{policy}", "over", "mer-tui", f"mer-tui io=uring, prefetch on, {policy}",
+                        [*mer, *cache, "--io", "uring", "--policy", policy]))
     runs.append(Run("over-mer-mmap", "over", "mer-tui", "mer-tui io=mmap (page cache)",
                     [*mer, *cache, "--io", "mmap"]))
     runs.append(Run("over-llama", "over", "llama.cpp", "llama.cpp mmap, no repack", llama))

@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from kernels import FormatError, QMatrix, layout, row_bytes
 
 from .checkpoint import Checkpoint
@@ -42,6 +44,10 @@ class ExpertSource(ABC):
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         """A hint that `experts` at `layer` will be asked for soon; must not block."""
+
+    def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
+        """The router's probabilities over `layer`'s experts at this step (mean over its tokens) and the
+        experts it picked, just before get() asks for them: evidence for an eviction policy."""
 
     def stats(self) -> dict:
         """Telemetry of this source: the tiers, io and prefetch parts of the snapshot."""

@@ -36,7 +36,7 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         load (InMemoryExperts), as before.
     `io` picks the reader: "uring" (io_uring, O_DIRECT), "pread" (thread pool, O_DIRECT), "mmap"
     (page cache), or "auto" (uring, else pread; buffered where O_DIRECT is refused; the reason is
-    logged and shown in telemetry as io.backend_reason).  `policy` is lru, lfu or lfu-decay;
+    logged and shown in telemetry as io.backend_reason).  `policy` is lru, lfu, lfu-decay or router;
     `prefetch` reads the next layer's likely experts in the background.  Budget, policy, prefetch and
     pins can change while the model runs (Model.configure, Model.experts.pin).
 

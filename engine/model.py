@@ -104,6 +104,7 @@ class Model:
         nxt = self._next_moe.get(i)
         if self.prefetch_enabled and nxt is not None:
             self._prefetch(nxt, residual)
+        self.experts.observe_routing(i, probs.mean(axis=0), chosen.tolist())
         bundles = self.experts.get(i, chosen.tolist())
         out = np.zeros_like(h)
         ffns = [(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)]

@@ -147,6 +147,7 @@ class StreamingExperts(ExpertSource):
         self._last_layer = -1
         self._guess: dict[int, set[int]] = {}
         self._trace = None
+        self._observed: tuple[int, np.ndarray, list[int]] | None = None   # observe_routing's, for get()
         self.reset_stats()
 
     @property
@@ -163,9 +164,14 @@ class StreamingExperts(ExpertSource):
                 raise EngineError("experts: the model was closed")
             self._new_step_if(layer)
             self._score_guess(layer, experts)
+            observed, self._observed = self._observed, None
+            if observed is not None and observed[0] == layer:   # after the step's clock moved on
+                self.cache.observe(*observed)
             if self._trace is not None:
-                self._trace.write(json.dumps({"step": self.cache.step_no, "layer": layer,
-                                              "experts": [int(e) for e in experts]}) + "\n")
+                rec = {"step": self.cache.step_no, "layer": layer, "experts": [int(e) for e in experts]}
+                if observed is not None and observed[0] == layer:
+                    rec["probs"] = [round(float(p), 5) for p in observed[1]]
+                self._trace.write(json.dumps(rec) + "\n")
             for e in experts:   # all checked before any flight is registered
                 if (layer, int(e)) not in self._plans:
                     raise EngineError(f"experts: layer {layer} has no expert {e}")
@@ -373,6 +379,11 @@ class StreamingExperts(ExpertSource):
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         tail = f" (after {self.attempts} attempts)" if final else ""
         return f"{path}: layer {key[0]} expert {key[1]}: {why}{tail}"
+
+    def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
+        # Applied by the get() that follows, once that has moved the cache's step clock.
+        with self._lock:
+            self._observed = (layer, np.asarray(probs, dtype=np.float64), [int(e) for e in picked])
 
     # ------------------------------------------------------------------ prefetch and pins
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:

@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-cache", metavar="SIZE", help="RAM budget for cached experts, e.g. 512MiB, 4GiB")
     p.add_argument("--io", default="auto", choices=["auto", "uring", "pread", "mmap"], help="expert reader")
-    p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfu-decay")
+    p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, lfu-decay, router")
     p.add_argument("--quant", help="quantize experts at load: q4_0, q8_0, q4_k, bf16")
     p.add_argument("--dense-quant", metavar="FMT", choices=FORMATS,
                    help="format of the dense matrices (attention, dense MLPs, shared experts, lm_head) at load: "

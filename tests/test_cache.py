@@ -1,10 +1,10 @@
-"""The RAM tier: budget, the three policies, pins and the hot set, reservations."""
+"""The RAM tier: budget, the policies, pins and the hot set, reservations."""
 from __future__ import annotations
 
 import pytest
 
 from engine import EngineError
-from engine.cache import RamCache, detect_vram
+from engine.cache import ROUTER_HALF_LIFE, RamCache, detect_vram
 
 
 def _fill(c: RamCache, keys, size=10):
@@ -173,3 +173,65 @@ def test_unknown_policy_is_named():
 def test_no_vram_tier_here():
     # This machine has no GPU; the tier interface exists but nothing pretends to be a VRAM tier.
     assert detect_vram() is None
+
+
+def _observe_at(c: RamCache, step: int, layer: int, probs, picked=()):
+    while c.step_no < step:
+        c.step()
+    c.observe(layer, probs, picked)
+
+
+@pytest.mark.parametrize("step, victim", [(2, (1, 0)), (3, (0, 0))])
+def test_router_ranks_by_decayed_probability(step, victim):
+    # (0, 0) had probability 0.8 at step 0, (1, 0) has 0.5 at `step`: with a half-life of 4 steps,
+    # 0.8 * 2^(-step/4) is still above 0.5 at step 2 and below it at step 3.
+    assert ROUTER_HALF_LIFE == 4.0
+    c = RamCache(budget=20, policy="router")
+    _observe_at(c, 0, 0, [0.8, 0.2])
+    _fill(c, [(0, 0)])
+    _observe_at(c, step, 1, [0.5, 0.5])
+    _fill(c, [(1, 0)])
+    _fill(c, [(2, 0)])                     # needs room: the lower score goes
+    assert set(c.entries) == {(0, 0), (1, 0), (2, 0)} - {victim}
+
+
+def test_router_keeps_the_favourite_that_lru_drops():
+    # Expert 0 has high probability at every step but was not picked at the last one; expert 2 was
+    # picked once with a low one, a moment later.  LRU drops 0 (the older use), router drops 2.
+    survivors = {}
+    for policy in ("lru", "router"):
+        c = RamCache(budget=30, policy=policy)
+        _observe_at(c, 0, 0, [0.5, 0.4, 0.1, 0.0], [0, 1])
+        _fill(c, [(0, 0), (0, 1)])
+        _observe_at(c, 1, 0, [0.45, 0.1, 0.45, 0.0], [0, 2])
+        c.touch((0, 0))
+        _fill(c, [(0, 2)])
+        _observe_at(c, 2, 0, [0.1, 0.45, 0.05, 0.4], [1, 3])
+        c.touch((0, 1))
+        _fill(c, [(0, 3)])
+        survivors[policy] = set(c.entries)
+    assert survivors["lru"] == {(0, 1), (0, 2), (0, 3)}
+    assert survivors["router"] == {(0, 0), (0, 1), (0, 3)}
+
+
+def test_router_prefetched_bundle_is_not_the_next_victim():
+    # A prefetched bundle ranks as if picked now with its layer's usual pick probability; unused,
+    # it ages like the rest.
+    c = RamCache(budget=20, policy="router")
+    _observe_at(c, 0, 0, [0.6, 0.3, 0.1], [0])
+    _fill(c, [(0, 0)])
+    assert c.insert((0, 1), "guess", 10, prefetched=True)   # p 0.3 now, but ranked as a pick (0.6)
+    _observe_at(c, 1, 1, [0.5, 0.5], [0])
+    c.touch((1, 0))
+    assert c.insert((1, 0), "v", 10)
+    assert (0, 1) in c.entries and (0, 0) not in c.entries   # both a step old: 0.6 < 0.3 + 0.6
+
+
+def test_observe_is_kept_under_every_policy_so_a_switch_starts_informed():
+    c = RamCache(budget=20, policy="lru")
+    _observe_at(c, 0, 0, [0.1, 0.9])
+    _fill(c, [(0, 1), (0, 0)])           # lru would drop (0, 1), the older
+    c.set_policy("router")
+    c.touch((1, 0))
+    assert c.insert((1, 0), "v", 10)
+    assert set(c.entries) == {(0, 1), (1, 0)}

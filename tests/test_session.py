@@ -138,6 +138,8 @@ def test_settings_actions_reach_the_engine(model):
     s.cycle_policy()
     assert calls[-1] == ("configure", {"policy": "lfu-decay"})
     s.cycle_policy()
+    assert calls[-1] == ("configure", {"policy": "router"})
+    s.cycle_policy()
     assert calls[-1] == ("configure", {"policy": "lru"})
     assert s.toggle_prefetch() == "Prefetch off" and model.prefetch_enabled is False
     assert calls[-1] == ("configure", {"prefetch": False})

@@ -37,7 +37,7 @@ def _same(got, ref) -> bool:
 
 @pytest.mark.parametrize("io", KINDS)
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("policy", ["lru", "lfu", "lfu-decay"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfu-decay", "router"])
 def test_store_is_bit_identical(tiny_store, reference, io, budget, policy):
     for prefetch in (True, False):
         with engine.load(tiny_store, io=io, ram_cache=budget, policy=policy, prefetch=prefetch) as m:
