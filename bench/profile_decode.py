@@ -31,8 +31,6 @@ import sys
 import time
 from collections import defaultdict
 
-import numpy as np
-
 
 class Timers:
     def __init__(self) -> None:
@@ -127,12 +125,13 @@ def instrument(model, timers: Timers) -> None:
         reader.read = timers.wrap_reads(reader.read)
 
 
-def decode(model, prompt: list[int], n: int, timers: Timers | None) -> tuple[float, int]:
+def decode(model, inputs: tuple[list[int], list[int]], n: int, timers: Timers | None) -> tuple[float, int]:
     """Seconds from the first token to the last, and tokens decoded in that time (timers.window:
-    when that was)."""
+    when that was).  `inputs`: a prompt and its forced continuation (mer_tui.bench.bench_inputs)."""
     t_first = None
     count = 0
-    for _ in model.generate(prompt, max_new_tokens=n, ignore_eos=True):
+    prompt, continuation = inputs
+    for _ in model.generate(prompt, max_new_tokens=n, ignore_eos=True, forced=continuation):
         count += 1
         if t_first is None:
             t_first = time.perf_counter()
@@ -147,6 +146,7 @@ def decode(model, prompt: list[int], n: int, timers: Timers | None) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     import engine
+    from mer_tui.bench import bench_inputs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -160,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model = engine.load(args.model, ram_cache=args.ram_cache, io=args.io, prefetch=not args.no_prefetch)
-    prompt = np.random.default_rng(0).integers(0, model.spec.vocab_size, args.prompt_tokens).tolist()
+    # mer-tui bench's inputs: the warm-up, the timed decode and the cProfile'd one each a prompt of their own
+    warm, timed, profiled = bench_inputs(model.spec.vocab_size, args.prompt_tokens, args.decode_tokens, 3)
     timers = Timers()
     instrument(model, timers)
-    decode(model, prompt, 2, None)              # warm up: JIT compilation, first reads
-    seconds, tokens = decode(model, prompt, args.decode_tokens, timers)
+    decode(model, warm, 2, None)                # warm up: JIT compilation, first reads
+    seconds, tokens = decode(model, timed, args.decode_tokens, timers)
     parts = dict(timers.total)
     parts["other"] = seconds - sum(parts.values())
     result: dict = {
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cprofile:
         prof = cProfile.Profile()
         prof.enable()
-        decode(model, prompt, args.decode_tokens, None)
+        decode(model, profiled, args.decode_tokens, None)
         prof.disable()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)

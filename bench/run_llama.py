@@ -1,8 +1,9 @@
 """llama.cpp (through llama-cpp-python) measured the way `mer-tui bench` measures mer-tui.
 
-Same prompt (numpy default_rng(0) token ids, no tokenizer), same counting: prefill tokens/s is
+Same inputs (mer_tui.bench.bench_inputs: random token ids, a new prompt each repeat and a forced
+continuation, no tokenizer), same counting: prefill tokens/s is
 prompt tokens over the time to the first token; decode tokens/s is (decode_tokens - 1) over the
-time from the first token to the last, greedy; the median of `repeats` runs in one process;
+time from the first token to the last; the median of `repeats` runs in one process;
 peak RSS as VmHWM.  Prints one JSON object.
 
     .venv/bin/python -m bench.run_llama --model M.gguf [--repack] [--prompt-tokens 32] [--decode-tokens 16]
@@ -24,6 +25,8 @@ import sys
 import time
 
 import numpy as np
+
+from mer_tui.bench import bench_inputs
 
 
 def load(model: str, *, repack: bool, n_ctx: int, n_batch: int, threads: int):
@@ -96,16 +99,19 @@ def read_bytes() -> int:
     return 0
 
 
-def run_once(llm, prompt: list[int], decode_tokens: int) -> dict:
+def run_once(llm, prompt: list[int], continuation: list[int]) -> dict:
+    """Prefill `prompt`, then decode `continuation` forced (as mer-tui bench does): each token's logits
+    are computed, the next token is the given one."""
+    decode_tokens = len(continuation)
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(last_logits(llm)))
+    last_logits(llm)
     t_first = time.perf_counter()
     read0 = read_bytes()
-    for _ in range(decode_tokens - 1):
+    for tok in continuation[:-1]:
         llm.eval([tok])
-        tok = int(np.argmax(last_logits(llm)))
+        last_logits(llm)
     t_end = time.perf_counter()
     return {
         "ttft_s": t_first - t0,
@@ -147,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                n_batch=max(args.prompt_tokens, 32), threads=args.threads)
     load_s = time.perf_counter() - t0
     advised = madvise_random(args.model) if args.madvise_random else 0
-    rng = np.random.default_rng(0)      # the prompt mer-tui bench uses
-    prompt = rng.integers(0, llm.n_vocab(), args.prompt_tokens).tolist()
-    runs = [run_once(llm, prompt, args.decode_tokens) for _ in range(args.repeats)]
+    inputs = bench_inputs(llm.n_vocab(), args.prompt_tokens, args.decode_tokens, args.repeats)  # mer-tui bench's
+    runs = [run_once(llm, prompt, continuation) for prompt, continuation in inputs]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     result = {
         "engine": "llama.cpp",

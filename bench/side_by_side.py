@@ -129,6 +129,11 @@ class Run:
     result: dict = field(default_factory=dict)
 
 
+#: What each repeat decodes (mer_tui.bench.bench_inputs); earlier suites' figures carry over only when
+#: it matches (the first suites decoded one prompt, greedily, every repeat).
+INPUTS = "own prompt each repeat, forced random continuation"
+
+
 def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache: int) -> list[Run]:
     common = ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
               "--repeats", str(args.repeats)]
@@ -479,13 +484,17 @@ def render_section(data: dict) -> str:
         "16 heads, vocab 50304) and random weights (N(0, 1/sqrt(fan_in)), seeded), experts in q4_0. Our expert "
         "store and the GGUF hold the *same* q4_0 expert bytes (checked: " + data.get("verify", "not checked") + "); "
         + _dense_words(cfg["dense_fmt"]) + " Random weights do not spread tokens evenly over the experts: "
-        "decoding greedily, this model's routers keep to a few experts a layer (`python -m bench.routing_stats "
-        "--model STORE` measures how few; figures in \"Reads checked by carry-less multiplication\" above). A "
-        "real model routes otherwise, so these hit rates say how this model routes, not what any model gets.",
+        "this model's routers keep to a few experts a layer (`python -m bench.routing_stats --model STORE` "
+        "measures how few; figures in \"Reads checked by carry-less multiplication\" above). A real model "
+        "routes otherwise, so these hit rates say how this model routes, not what any model gets.",
         "",
-        f"Each run is a fresh process after `echo 3 > /proc/sys/vm/drop_caches`; {cfg['prompt_tokens']} prompt "
-        f"tokens (the same ids for both engines), {cfg['decode_tokens']} greedy decode tokens, median of "
-        f"{cfg['repeats']} runs within the process. *Over the limit* runs sit in one memory cgroup of "
+        f"Each run is a fresh process after `echo 3 > /proc/sys/vm/drop_caches`; each of its {cfg['repeats']} "
+        f"repeats (median quoted) prefills its own {cfg['prompt_tokens']} random token ids and decodes "
+        f"{cfg['decode_tokens']} tokens, the same ids for both engines (`mer_tui.bench.bench_inputs`). "
+        "The decoded tokens are forced, not sampled: greedy decoding of random weights falls into loops of "
+        "one to a few tokens whose routing repeats and hits any cache, and one prompt repeated let a cache "
+        "remember the previous repeat's routing (the suites before 2026-11-29 09:40 measured that way: one "
+        "prompt, greedy tokens). *Over the limit* runs sit in one memory cgroup of "
         f"{mib(cfg['limit_bytes'])} that charges RAM **and page cache** alike (the model is "
         f"{data['model_bytes'] / GiB:.2f} GiB), so llama.cpp's mmap gets the same memory our RAM cache "
         f"({mib(cfg['ram_cache_bytes'])} of experts) plus resident weights get. *In RAM* runs have no limit. "
@@ -680,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     after = measure_bandwidths(store)
     samples = {k: samples[k] + after[k] for k in samples}
     prev = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if prev.get("config", {}).get("inputs") != INPUTS:
+        prev = {}   # suites that decoded other inputs measured something else: no history, no merging
     # Results from earlier invocations stay in the table, so their bandwidth samples stay in the roofline.
     for k, vs in (prev.get("bandwidth_samples_gbs") or {}).items():
         samples[k] = [v * 1e9 for v in vs] + samples[k]
@@ -703,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         "dram_gbs": round(dram_bw / 1e9, 2),
         "disk_gbs": round(disk_bw / 1e9, 2),
         "bandwidth_samples_gbs": {k: [round(v / 1e9, 2) for v in vs] for k, vs in samples.items()},
-        "config": {"limit_bytes": args.limit, "ram_cache_bytes": ram_cache, "prompt_tokens": args.prompt_tokens,
+        "config": {"inputs": INPUTS, "limit_bytes": args.limit, "ram_cache_bytes": ram_cache,
+                   "prompt_tokens": args.prompt_tokens,
                    "decode_tokens": args.decode_tokens, "repeats": args.repeats, "dense_fmt": args.dense_format},
         "resident_bytes": resident,
         "model_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),

@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure prefill/decode speed against this machine's roofline "
                                      "(`mer-tui bench kernels` for the kernel benchmark)")
     p.add_argument("--model", metavar="PATH")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="random token ids prefilled per repeat")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="tokens decoded per repeat (a forced random continuation, the same every run)")
+    p.add_argument("--repeats", type=int, default=3, help="runs, each with its own prompt; medians are reported")
     p.add_argument("--dram-bw", type=float, metavar="BYTES_PER_S",
                    help="use this DRAM read bandwidth for the roofline instead of measuring it")
     p.add_argument("--disk-bw", type=float, metavar="BYTES_PER_S",

@@ -139,3 +139,34 @@ def test_profile_decode_reports_the_disk_on_a_streaming_model(chat_model_dir):
     assert 0 < d["busy_share"] <= 1.0                           # every token misses at 40 KiB
     idle_s = sum(d["idle_ms_per_token"].values()) * out["decode_tokens"] / 1e3
     assert idle_s == pytest.approx((1 - d["busy_share"]) * out["decode_s"], rel=1e-6, abs=1e-6)
+
+
+def test_each_repeat_decodes_inputs_of_its_own(chat_model_dir, monkeypatch, capsys):
+    # One prompt repeated would hand the second run the first one's routing (a cache that remembers
+    # would make the median measure the repetition); the continuation is forced, the same for
+    # bench.run_llama, so both engines decode the same tokens.
+    from mer_tui import bench
+    from mer_tui.cli import main
+
+    seen, vocab = [], []
+    real_load = bench.load_from_args
+
+    def load(args):
+        model = real_load(args)
+        vocab.append(model.spec.vocab_size)
+        real_generate = model.generate
+
+        def generate(ids, *a, **k):
+            out = list(real_generate(ids, *a, **k))
+            seen.append((list(ids), out))
+            return iter(out)
+        model.generate = generate
+        return model
+
+    monkeypatch.setattr(bench, "load_from_args", load)
+    rc = main(["bench", "--model", str(chat_model_dir), "--io", "pread", "--prompt-tokens", "5",
+               "--decode-tokens", "3", "--repeats", "3", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["decode_tokens_per_s"] > 0
+    assert len({tuple(p) for p, _ in seen}) == 3
+    assert seen == [tuple(x) for x in bench.bench_inputs(vocab[0], 5, 3, 3)]
