@@ -1,6 +1,8 @@
 """How a model routes while it decodes: per MoE layer, how evenly its picks spread over the experts.
 
-Greedy decoding of `--decode-tokens` tokens after a seeded random prompt, with every expert in RAM;
+Decoding of `--decode-tokens` tokens after a random prompt, both from `mer-tui bench`'s inputs (the
+continuation forced, as the benchmarks decode it: greedy decoding of random weights loops), with
+every expert in RAM;
 the engine's routing telemetry hook counts each decode token's top-k picks. Per layer it prints the
 entropy of the picks (log2 of the expert count when spread evenly), the share of picks on the
 busiest 31% of the experts (the share of OLMoE's experts the side-by-side suite's cache holds), and
@@ -20,8 +22,10 @@ import numpy as np
 import engine
 
 
-def routing_stats(model, prompt_tokens: int = 32, decode_tokens: int = 64, seed: int = 0) -> dict:
-    """Decode greedily and summarize each MoE layer's picks (see the module docstring)."""
+def routing_stats(model, prompt_tokens: int = 32, decode_tokens: int = 64) -> dict:
+    """Decode mer-tui bench's first inputs and summarize each MoE layer's picks (see the module docstring)."""
+    from mer_tui.bench import bench_inputs
+
     E, L = model.spec.num_experts, model.spec.num_layers
     counts = np.zeros((L, E))
     picks: dict[int, list[set[int]]] = {}
@@ -36,8 +40,9 @@ def routing_stats(model, prompt_tokens: int = 32, decode_tokens: int = 64, seed:
 
     telemetry.routed = routed
     try:
-        prompt = np.random.default_rng(seed).integers(0, model.spec.vocab_size, prompt_tokens).tolist()
-        decoded = sum(1 for _ in model.generate(prompt, max_new_tokens=decode_tokens, ignore_eos=True))
+        prompt, continuation = bench_inputs(model.spec.vocab_size, prompt_tokens, decode_tokens, 1)[0]
+        decoded = sum(1 for _ in model.generate(prompt, max_new_tokens=decode_tokens, ignore_eos=True,
+                                                forced=continuation))
     finally:
         del telemetry.routed   # the class's method again
     busiest = max(1, round(0.31 * E))

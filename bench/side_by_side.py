@@ -483,10 +483,10 @@ def render_section(data: dict) -> str:
         "An MoE with OLMoE-1B-7B's exact dimensions (hidden 2048, 16 layers, 64 experts of width 1024, top-8, "
         "16 heads, vocab 50304) and random weights (N(0, 1/sqrt(fan_in)), seeded), experts in q4_0. Our expert "
         "store and the GGUF hold the *same* q4_0 expert bytes (checked: " + data.get("verify", "not checked") + "); "
-        + _dense_words(cfg["dense_fmt"]) + " Random weights do not spread tokens evenly over the experts: "
-        "this model's routers keep to a few experts a layer (`python -m bench.routing_stats --model STORE` "
-        "measures how few; figures in \"Reads checked by carry-less multiplication\" above). A real model "
-        "routes otherwise, so these hit rates say how this model routes, not what any model gets.",
+        + _dense_words(cfg["dense_fmt"]) + " Random weights do not spread tokens evenly over the experts in "
+        "every layer: the deeper layers' routers keep to a few experts (`python -m bench.routing_stats --model "
+        "STORE` measures how few; figures in \"Inputs that do not loop\" above). A real model routes "
+        "otherwise, so these hit rates say how this model routes, not what any model gets.",
         "",
         f"Each run is a fresh process after `echo 3 > /proc/sys/vm/drop_caches`; each of its {cfg['repeats']} "
         f"repeats (median quoted) prefills its own {cfg['prompt_tokens']} random token ids and decodes "
