@@ -34,10 +34,12 @@ from .errors import EngineError
 POLICIES = ("lru", "lfu", "lfu-decay", "router")
 #: lfu-decay: an access counts half as much after this many forward steps (tokens in decode)
 HALF_LIFE = 64.0
-#: router: a step's router probability counts half as much this many steps later.  Replaying two
-#: models' routing (the trained demo's chat replies; the OLMoE-sized random model's decode) through
-#: caches of 25-75% of the experts, half-lives of 3-5 steps beat LRU on both; 64 (lfu-decay's) lost
-#: to LRU on the OLMoE-sized one, whose routing changes faster.
+#: router: a step's router probability counts half as much this many steps later.  In ad-hoc replays
+#: of two models' routing (the trained demo's chat replies, the OLMoE-sized random model on the
+#: benchmarks' inputs), half-lives of 2.4-4.3 steps came within 0.012 of the best hit rate on the
+#: OLMoE-sized model and within 0.02 on the demo, whose hot experts stay hot (longer ones win there,
+#: and fall to LRU's level or below on the OLMoE-sized model).  The engine's own replays at 4 are in
+#: docs/BENCHMARKS.md.
 ROUTER_HALF_LIFE = 4.0
 
 
