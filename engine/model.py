@@ -104,8 +104,9 @@ class Model:
         nxt = self._next_moe.get(i)
         if self.prefetch_enabled and nxt is not None:
             self._prefetch(nxt, residual)
-        self.experts.observe_routing(i, probs.mean(axis=0), chosen.tolist())
-        bundles = self.experts.get(i, chosen.tolist())
+        picked = chosen.tolist()
+        self.experts.observe_routing(i, probs.mean(axis=0), picked)
+        bundles = self.experts.get(i, picked)
         out = np.zeros_like(h)
         ffns = [(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)]
         if h.shape[0] == 1:

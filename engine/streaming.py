@@ -165,11 +165,13 @@ class StreamingExperts(ExpertSource):
             self._new_step_if(layer)
             self._score_guess(layer, experts)
             observed, self._observed = self._observed, None
-            if observed is not None and observed[0] == layer:   # after the step's clock moved on
+            if observed is not None and observed[0] != layer:
+                observed = None   # another layer's (its get never came): stale
+            if observed is not None:   # applied now that the step's clock has moved on
                 self.cache.observe(*observed)
             if self._trace is not None:
                 rec = {"step": self.cache.step_no, "layer": layer, "experts": [int(e) for e in experts]}
-                if observed is not None and observed[0] == layer:
+                if observed is not None:
                     rec["probs"] = [round(float(p), 5) for p in observed[1]]
                 self._trace.write(json.dumps(rec) + "\n")
             for e in experts:   # all checked before any flight is registered

@@ -355,3 +355,10 @@ def test_routing_trace(tiny_store, tmp_path):
     assert len(rows) == 3 * layers                   # the prompt step and two decode steps
     assert [r["layer"] for r in rows[:layers]] == list(range(layers))
     assert all(len(r["experts"]) == 2 for r in rows[layers:])
+    # the router's probabilities reach the source with each step (the router policy's evidence);
+    # a decode step's picks are its most probable experts
+    for r in rows:
+        assert len(r["probs"]) == m.spec.num_experts and sum(r["probs"]) == pytest.approx(1.0, abs=1e-3)
+    for r in rows[layers:]:
+        others = [p for e, p in enumerate(r["probs"]) if e not in r["experts"]]
+        assert min(r["probs"][e] for e in r["experts"]) >= max(others)
