@@ -46,8 +46,9 @@ class ExpertSource(ABC):
         """A hint that `experts` at `layer` will be asked for soon; must not block."""
 
     def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
-        """The router's probabilities over `layer`'s experts at this step (mean over its tokens) and the
-        experts it picked, just before get() asks for them: evidence for an eviction policy."""
+        """The router's probabilities over `layer`'s experts for each of this step's tokens (n, experts)
+        and the experts it picked, just before get() asks for them: evidence for an eviction policy (a
+        source that has none ignores them, at no cost on the decoding thread)."""
 
     def stats(self) -> dict:
         """Telemetry of this source: the tiers, io and prefetch parts of the snapshot."""

@@ -105,7 +105,7 @@ class Model:
         if self.prefetch_enabled and nxt is not None:
             self._prefetch(nxt, residual)
         picked = chosen.tolist()
-        self.experts.observe_routing(i, probs.mean(axis=0), picked)
+        self.experts.observe_routing(i, probs, picked)
         bundles = self.experts.get(i, picked)
         out = np.zeros_like(h)
         ffns = [(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)]

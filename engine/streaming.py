@@ -383,9 +383,11 @@ class StreamingExperts(ExpertSource):
         return f"{path}: layer {key[0]} expert {key[1]}: {why}{tail}"
 
     def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
-        # Applied by the get() that follows, once that has moved the cache's step clock.
+        # Applied by the get() that follows, once that has moved the cache's step clock; the cache takes
+        # the step's mean over its tokens.
+        mean = np.asarray(probs, dtype=np.float64).reshape(-1, np.shape(probs)[-1]).mean(axis=0)
         with self._lock:
-            self._observed = (layer, np.asarray(probs, dtype=np.float64), [int(e) for e in picked])
+            self._observed = (layer, mean, [int(e) for e in picked])
 
     # ------------------------------------------------------------------ prefetch and pins
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
