@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of one timed sample (default 20); short samples with --stat min find "
                         "the calls no other process interrupted")
     p.add_argument("--settle-ms", type=float, default=150.0,
-                   help="idle time before each kernel sample, so that numpy's BLAS workers, which spin "
-                        "~0.1 s after each call, have gone to sleep (default 150)")
+                   help="untimed kernel calls before each kernel sample, so that numpy's BLAS workers, "
+                        "which spin ~0.1 s after each call, have gone to sleep (default 150)")
     p.add_argument("--dram-mib", type=int, default=512,
                    help="buffer size of the DRAM read probe (default 512; at least 4x the last-level cache)")
     p.add_argument("--batch", default="", help="also time matmul for these token counts, e.g. 1,2,4,8,16,64")
@@ -149,6 +149,13 @@ class _Timer:
         # however short the samples are.
         self.per_sample = max(1, math.ceil(sample_s / one))
 
+    def run_for(self, seconds: float) -> None:
+        """Untimed calls for `seconds` (the ring walked on, as by sample())."""
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            self.call(self.items[self.k % len(self.items)])
+            self.k += 1
+
     def sample(self) -> float:
         t = time.perf_counter()
         for _ in range(self.per_sample):
@@ -173,15 +180,19 @@ def _paired(a: _Timer, b: _Timer, repeats: int, stat: str = "median",
     stat "median": medians, and the median of the per-pair ratios; "min": the fastest samples
     (what each side does when nothing interrupts it: the closest to an idle machine).
 
-    settle_s: idle time before each sample of a.  b is numpy, and OpenBLAS keeps its worker
-    threads spinning for about 2**28 cycles (~0.1 s) after a multi-threaded call, waiting for
-    the next; a sample of a taken at once shares the cores with them (on two cores the C
+    settle_s: untimed calls of a before each sample of a.  b is numpy, and OpenBLAS keeps its
+    worker threads spinning for about 2**28 cycles (~0.1 s) after a multi-threaded call, waiting
+    for the next; a sample of a taken at once shares the cores with them (on two cores the C
     kernels measured at half their speed that way).  Each side must be timed as it runs on its
-    own, numpy with its spinning workers and the kernels without them."""
+    own, numpy with its spinning workers and the kernels without them.  The settling time is spent
+    calling a, not sleeping: b's samples follow a's with no pause, and on this VM a sample taken
+    after 150 ms idle ran 15-20% slower than one taken while the cores were busy (a cold 2048x1024
+    q4_0 product, three pairs of processes; the cause is the VM's, not measured here), which
+    counted against a alone."""
     ta, tb = [], []
     for _ in range(max(1, repeats)):
         if settle_s > 0:
-            time.sleep(settle_s)
+            a.run_for(settle_s)
         ta.append(a.sample())
         tb.append(b.sample())
     ta_, tb_ = np.array(ta), np.array(tb)

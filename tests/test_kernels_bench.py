@@ -51,3 +51,19 @@ def test_layout_ab_builds_and_compares(capsys):
     assert [r[1:3] for r in rows] == [["q4_0", "q4_0x8"], ["q8_0", "q8_0x8"]]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
     assert layout_ab(["--pairs", "q4_0:q9_9"]) == 2
+
+def test_settling_calls_the_kernel_instead_of_sleeping():
+    # The settle before each kernel sample is spent in untimed calls of the kernel (walking its
+    # ring on), not idle: numpy's samples follow the kernel's with no pause, so both run warm.
+    from mer_tui.bench_kernels import _paired, _Timer
+
+    calls = {"a": [], "b": []}
+    a = _Timer(lambda item: calls["a"].append(item), list(range(5)), sample_s=1e-4)
+    b = _Timer(lambda item: calls["b"].append(item), [None], sample_s=1e-4)
+    calls["a"].clear()
+    calls["b"].clear()
+    _paired(a, b, repeats=2, settle_s=0.02)
+    timed = 2 * a.per_sample
+    assert len(calls["a"]) > timed + 10          # 20 ms of settling, twice, made calls
+    assert calls["a"][:5] == [0, 1, 2, 3, 4]     # the ring walked round from where the timer was
+    assert len(calls["b"]) == 2 * b.per_sample   # the baseline is only timed
