@@ -7,7 +7,8 @@ lists the functions with the most time of their own.
     .venv/bin/python -m bench.profile_decode --model STORE --ram-cache 700MiB --io uring --json
 
 Categories (times on the thread that decodes):
-- I/O wait: inside the expert source's get(): cache lookups, and blocking on reads not yet done;
+- I/O wait: inside the expert source's request() and the wait for its misses: cache lookups, and
+  blocking on reads not yet done (the cached experts are computed in between, as expert compute);
 - expert compute: kernels.experts_ffn and expert_ffn (gate, up, silu, down of the chosen experts);
 - attention: the attention block (q/k/v/o matmuls, qk-norm, rope, scores, KV cache);
 - lm_head: the output projection over the vocabulary;
@@ -111,10 +112,14 @@ def disk_idle(timers: Timers, t0: float, t1: float, tokens: int) -> dict | None:
 
 def instrument(model, timers: Timers) -> None:
     import kernels
+    from engine.experts import Pending
 
     model._attention = timers.wrap("attention", model._attention)
     model._prefetch = timers.wrap("prefetch", model._prefetch)
-    model.experts.get = timers.wrap("io_wait", model.experts.get)
+    # The model asks for a layer's experts with request() (the cached ones at once, misses read on the
+    # demand thread) and then waits for the rest: both count as waiting for the source.
+    model.experts.request = timers.wrap("io_wait", model.experts.request)
+    Pending.wait = timers.wrap("io_wait", Pending.wait)
     # engine/model.py calls kernels.expert_ffn through the module, so patching the module is enough.
     kernels.expert_ffn = timers.wrap("expert_compute", kernels.expert_ffn)
     kernels.experts_ffn = timers.wrap("expert_compute", kernels.experts_ffn)

@@ -32,6 +32,21 @@ class ExpertBundle:
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes
 
 
+class Pending:
+    """One layer's bundles as a source hands them over: `ready` at once, the rest from wait()."""
+
+    __slots__ = ("ready", "_rest")
+
+    def __init__(self, ready: dict[int, ExpertBundle],
+                 rest: Callable[[], dict[int, ExpertBundle]] | None = None):
+        self.ready = ready
+        self._rest = rest
+
+    def wait(self) -> dict[int, ExpertBundle]:
+        """The bundles not in `ready`; blocks until they are read and raises as get() would."""
+        return self._rest() if self._rest is not None else {}
+
+
 class ExpertSource(ABC):
     """Where expert bundles come from.  Implementations must be thread-safe."""
 
@@ -41,6 +56,12 @@ class ExpertSource(ABC):
     @abstractmethod
     def get(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertBundle]:
         """The bundles of `experts` at `layer`; blocks until all are available."""
+
+    def request(self, layer: int, experts: Sequence[int]) -> Pending:
+        """The bundles of `experts` at `layer` without waiting for all of them: those available now in
+        `ready`, the others (read meanwhile) from the result's wait(), which must be called.  The caller
+        computes with the first while the rest are read."""
+        return Pending(self.get(layer, experts))
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         """A hint that `experts` at `layer` will be asked for soon; must not block."""

@@ -10,7 +10,7 @@ import numpy as np
 import kernels
 
 from .errors import EngineError
-from .experts import ExpertSource
+from .experts import ExpertBundle, ExpertSource
 from .kv_cache import KVCache
 from .rope import Rope
 from .sampling import Sampler
@@ -106,20 +106,30 @@ class Model:
             self._prefetch(nxt, residual)
         picked = chosen.tolist()
         self.experts.observe_routing(i, probs, picked)
-        bundles = self.experts.get(i, picked)
+        # The cached experts are computed while the source reads the others; the sums below run in the
+        # chosen experts' order whatever came first, so the result does not depend on what was cached.
+        pending = self.experts.request(i, picked)
+        ys: dict[int, np.ndarray] = {}
+        decode = h.shape[0] == 1
+        picks = {} if decode else {e: np.nonzero(top == e) for e in picked}   # (rows, slot) of its tokens
+
+        def run(bundles: dict[int, ExpertBundle]) -> None:
+            es = [e for e in picked if e in bundles]
+            ffns = [(bundles[e].gate, bundles[e].up, bundles[e].down) for e in es]
+            # Decode: one token, every chosen expert takes it (no row search: ~0.2 ms a layer of numpy).
+            ys.update(zip(es, kernels.experts_ffn(ffns, [h if decode else h[picks[e][0]] for e in es]),
+                          strict=True))
+
+        run(pending.ready)
+        run(pending.wait())
         out = np.zeros_like(h)
-        ffns = [(b.gate, b.up, b.down) for b in (bundles[int(e)] for e in chosen)]
-        if h.shape[0] == 1:
-            # Decode: one token, every chosen expert takes it.  The same sums in the same order as below,
-            # without a row search per expert (~0.2 ms a layer of numpy calls).
-            slots = np.argsort(top[0], kind="stable")
-            for slot, y in zip(slots.tolist(), kernels.experts_ffn(ffns, [h] * len(ffns)), strict=True):
-                out += w[:, slot:slot + 1] * y
-            return self._shared(lw, h, out)
-        picks = [np.nonzero(top == e) for e in chosen]   # (rows, slot) of the tokens each expert takes
-        ys = kernels.experts_ffn(ffns, [h[rows] for rows, _ in picks])
-        for (rows, slot), y in zip(picks, ys, strict=True):
-            out[rows] += w[rows, slot][:, None] * y
+        if decode:
+            for e, slot in zip(picked, np.argsort(top[0], kind="stable").tolist(), strict=True):
+                out += w[:, slot:slot + 1] * ys[e]
+        else:
+            for e in picked:
+                rows, slot = picks[e]
+                out[rows] += w[rows, slot][:, None] * ys[e]
         return self._shared(lw, h, out)
 
     def _shared(self, lw, h: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -4,6 +4,8 @@ get(layer, experts): hits come from the cache; the misses of the whole layer go 
 batch (each bundle one or a few aligned requests), are checked, kept if the budget allows, and handed
 to the caller, who holds them only while computing the layer.  So memory stays within the budget
 plus one layer's bundles, even when the budget is smaller than one layer's experts.
+request(layer, experts) is get() in two halves: the cached bundles at once, the misses read on a
+demand thread meanwhile, so that the model computes the first while the disk reads the rest.
 
 Single-flight: a bundle being read (by the model thread or the prefetch thread) is never read
 twice; a second asker waits for the first read.  A read that fails is retried, then raised as
@@ -20,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from kernels import QMatrix
 
 from .cache import RamCache, Tier, detect_vram
 from .errors import EngineError, ExpertReadError
-from .experts import ExpertBundle, ExpertSource
+from .experts import ExpertBundle, ExpertSource, Pending
 from .io import Reader, ReadJob, Span, align_down, align_up
 from .io.buffers import BufferPool
 from .sizes import parse_size
@@ -143,6 +146,7 @@ class StreamingExperts(ExpertSource):
         self._precision = 1.0     # recent prefetch precision, optimistic at first
         self._probe = 0
         self._worker: threading.Thread | None = None
+        self._demand: ThreadPoolExecutor | None = None   # reads a request()'s misses (see request)
         self._closed = False
         self._last_layer = -1
         self._guess: dict[int, set[int]] = {}
@@ -156,6 +160,36 @@ class StreamingExperts(ExpertSource):
 
     # ------------------------------------------------------------------ demand
     def get(self, layer: int, experts: Sequence[int]) -> dict[int, ExpertBundle]:
+        out, mine, theirs = self._claim(layer, experts)
+        if mine:
+            self._read(mine, demand=True)
+        out.update(self._settle(mine, theirs))
+        return out
+
+    def request(self, layer: int, experts: Sequence[int]) -> Pending:
+        """As get(), but the cached bundles come back at once and the misses are read on the demand
+        thread meanwhile, so that the caller computes the first while the disk reads the rest."""
+        out, mine, theirs = self._claim(layer, experts)
+        if not mine and not theirs:
+            return Pending(out)
+        job = None
+        if mine:
+            if out:
+                job = self._demand_pool().submit(self._read, mine, True)
+            else:   # nothing to compute meanwhile: no hand-over to another thread
+                self._read(mine, demand=True)
+        return Pending(out, lambda: self._settle(mine, theirs, job))
+
+    def _demand_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._demand is None:
+                self._demand = ThreadPoolExecutor(1, thread_name_prefix="mer-demand")
+            return self._demand
+
+    def _claim(self, layer: int, experts: Sequence[int]) -> tuple[dict[int, ExpertBundle], list[tuple[Key, _Flight]],
+                                                                  list[tuple[Key, _Flight]]]:
+        """Bookkeeping of a layer's request: (the cached bundles, the flights this caller must read, the
+        flights already under way that it waits for)."""
         out: dict[int, ExpertBundle] = {}
         mine: list[tuple[Key, _Flight]] = []
         theirs: list[tuple[Key, _Flight]] = []
@@ -199,9 +233,15 @@ class StreamingExperts(ExpertSource):
                     self._flights[key] = fl
                     mine.append((key, fl))
                     self.misses += 1
+        return out, mine, theirs
+
+    def _settle(self, mine: list[tuple[Key, _Flight]], theirs: list[tuple[Key, _Flight]],
+                job: Future | None = None) -> dict[int, ExpertBundle]:
+        """The bundles of `mine` (read by the caller, or by `job` on the demand thread) and `theirs` (being
+        read by others), waited for; a read of theirs that failed or was skipped is read again here."""
+        if job is not None:
+            job.result()   # _read settles every flight even when it raises; a bug still surfaces here
         final = dict(mine + theirs)
-        if mine:
-            self._read(mine, demand=True)
         retry = []
         for key, fl in theirs:
             fl.event.wait()
@@ -216,6 +256,7 @@ class StreamingExperts(ExpertSource):
                 final[key] = fl2
         if retry:
             self._read(retry, demand=True)
+        out: dict[int, ExpertBundle] = {}
         for key, fl in final.items():
             fl.event.wait()
             if fl.bundle is None:
@@ -547,9 +588,11 @@ class StreamingExperts(ExpertSource):
                 return
             self._closed = True
             self._wake.notify_all()
-            worker = self._worker
+            worker, demand = self._worker, self._demand
         if worker is not None:
             worker.join(timeout=10)
+        if demand is not None:
+            demand.shutdown(wait=True)
         with self._lock:
             if self._trace is not None:
                 self._trace.close()

@@ -169,6 +169,62 @@ def test_prefetch_reads_while_a_demand_read_is_in_flight(tiny_store):
         assert src.get(1, [2])[2] is not None and src.reader.reads[(1, 2)] == 1   # and it is used
 
 
+def test_request_hands_over_the_cached_bundles_while_the_misses_are_read(tiny_store):
+    # Model._moe computes the cached experts while the disk reads the others.
+    with engine.load(tiny_store, ram_cache=None, prefetch=False) as m:
+        src = m.experts
+        cached = src.get(0, [1])[1]
+        reading, release = threading.Event(), threading.Event()
+        readers = []
+
+        def hold() -> None:
+            readers.append(threading.current_thread().name)
+            reading.set()
+            release.wait(10)
+
+        src.reader = FaultyReader(src.reader, delay=hold)
+        p = src.request(0, [1, 4])
+        try:
+            assert reading.wait(10)                           # the miss is being read ...
+            assert set(p.ready) == {1} and p.ready[1] is cached   # ... and the cached one is handed over
+        finally:
+            release.set()
+        assert set(p.wait()) == {4} and src.reader.reads == {(0, 4): 1}
+        assert len(readers) == 1 and readers[0].startswith("mer-demand")
+        # Nothing cached, nothing to compute meanwhile: the caller reads, with no hand-over.
+        p = src.request(1, [2, 3])
+        assert p.ready == {} and readers[1:] == [threading.current_thread().name]
+        assert set(p.wait()) == {2, 3}
+        # Everything cached: nothing to wait for.
+        p = src.request(1, [2])
+        assert set(p.ready) == {2} and p.wait() == {}
+        demand = src._demand
+    assert not any(t.is_alive() for t in demand._threads)   # close() ended the demand thread
+
+
+def test_a_failed_read_behind_request_raises_from_wait(tiny_store, reference):
+    class Broken(FaultyReader):
+        def read(self, jobs):
+            raise RuntimeError("reader bug")
+
+    with engine.load(tiny_store, ram_cache="60KiB", prefetch=False) as m:
+        src = m.experts
+        src.get(1, [0])
+        real = src.reader
+        _faulty(m, {(1, 5)}, times=None)
+        p = src.request(1, [0, 5])
+        assert set(p.ready) == {0}
+        with pytest.raises(ExpertReadError, match="layer 1 expert 5"):
+            p.wait()
+        src.reader = Broken(real)
+        p = src.request(1, [0, 4])
+        with pytest.raises(RuntimeError, match="reader bug"):
+            p.wait()
+        assert not src._flights and (1, 5) not in src.cache.entries and (1, 4) not in src.cache.entries
+        src.reader = real
+        assert _same(_run(m), reference)
+
+
 def test_buffers_are_reused_but_never_under_a_bundle_in_use(tiny_store):
     with engine.load(tiny_store, ram_cache=0, prefetch=False) as m:   # nothing cached: every ask reads
         src = m.experts
