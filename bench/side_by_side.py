@@ -215,7 +215,7 @@ def execute(run: Run, cg: MemoryCgroup | None, logdir: Path, timeout: float) -> 
 
 
 PROFILE_LABELS = {
-    "io_wait": "I/O wait (expert source get(): cache lookups + blocking on reads)",
+    "io_wait": "I/O wait (expert source request() and the wait for its misses: cache lookups + blocking on reads)",
     "expert_compute": "expert compute (kernels.experts_ffn)",
     "attention": "attention (q/k/v/o matmuls, qk-norm, rope, scores)",
     "lm_head": "lm_head (vocabulary projection)",
@@ -583,7 +583,8 @@ def render_section(data: dict) -> str:
         "It builds the model files once into `--out` (default `/work/bench-models`: a 13.8 GB bf16 "
         "Hugging Face folder, the q4_0 store and the GGUFs, 4-5 GB each; 5-15 minutes "
         "here), measures the roofline's bandwidths, then runs. Runs re-run with `--only` keep the others' "
-        "results. The last invocation was `side_by_side " + data["argv"] + "`. Single runs, as the script "
+        "results. The last invocation was `" + shlex.join(["side_by_side", *shlex.split(data["argv"])])
+        + "`. Single runs, as the script "
         "starts them (`run_mer` takes `MER_BENCH_DRAM_BW` / `MER_BENCH_DISK_BW` from the script; without "
         "them it measures its own roofline, whose 512 MiB DRAM probe does not fit in the 2 GiB cgroup):",
         "",
