@@ -18,6 +18,9 @@ Categories (times on the thread that decodes):
 With an expert store it also times the reader's reads (from every thread: demand reads and the
 prefetch worker's) and reports how much of decoding the disk was busy, and in which stage the
 decoding thread was while the disk sat idle: reads can only overlap work that is still ahead.
+And it splits the reads by kind (demand or prefetch: bundles a token, milliseconds a bundle, how much
+of decoding both, one or neither was under way) and counts how many of a layer's experts were ready
+(cached or prefetched) when the model asked for them.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import io
 import json
 import pstats
 import sys
+import threading
 import time
 from collections import defaultdict
 
@@ -41,6 +45,8 @@ class Timers:
         self.depth = 0
         self.spans: list[tuple[str, float, float]] = []   # top-level stages on the decoding thread
         self.reads: list[tuple[float, float]] = []        # reader.read calls, any thread
+        self.read_kinds: list[tuple[str, int]] = []       # for each of those: "prefetch" or "demand", bundles
+        self.asked: list[tuple[int, int]] = []            # per request(): bundles ready at once, asked for
         self.window = (0.0, 0.0)                          # the last timed decode, first token to last
 
     def wrap(self, name: str, fn):
@@ -62,14 +68,29 @@ class Timers:
 
     def wrap_reads(self, fn):
         @functools.wraps(fn)
-        def timed(*a, **k):
+        def timed(jobs, *a, **k):
             t0 = time.perf_counter()
             try:
-                return fn(*a, **k)
+                return fn(jobs, *a, **k)
             finally:
                 if self.on:
                     self.reads.append((t0, time.perf_counter()))
+                    # The prefetch worker's reads, and the rest: the demand thread's and the decoding thread's.
+                    kind = "prefetch" if threading.current_thread().name.startswith("mer-prefetch") else "demand"
+                    self.read_kinds.append((kind, len(jobs)))
         return timed
+
+    def wrap_request(self, fn):
+        """The source's request(), timed as I/O wait, counting the bundles it handed over at once."""
+        timed = self.wrap("io_wait", fn)
+
+        @functools.wraps(fn)
+        def counted(layer, experts):
+            pending = timed(layer, experts)
+            if self.on:
+                self.asked.append((len(pending.ready), len(experts)))
+            return pending
+        return counted
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -110,6 +131,35 @@ def disk_idle(timers: Timers, t0: float, t1: float, tokens: int) -> dict | None:
             "idle_ms_per_token": {k: 1e3 * v / per_token for k, v in sorted(idle.items(), key=lambda kv: -kv[1])}}
 
 
+def reads_by_kind(timers: Timers, t0: float, t1: float, tokens: int) -> dict | None:
+    """Demand and prefetch reads in [t0, t1): bundles a token, milliseconds a bundle (a read's time over
+    its bundles), and the shares of the window in which both kinds, one, or none were under way."""
+    rows = [(max(a, t0), min(b, t1), kind, n) for (a, b), (kind, n) in zip(timers.reads, timers.read_kinds, strict=True)
+            if b > t0 and a < t1]   # clipped to the window, as disk_idle does
+    if not rows or t1 <= t0:
+        return None
+    per_token = max(tokens, 1)
+    out: dict = {}
+    for kind in ("demand", "prefetch"):
+        mine = [(a, b, n) for a, b, k, n in rows if k == kind]
+        bundles = sum(n for _, _, n in mine)
+        out[kind] = {"bundles_per_token": bundles / per_token,
+                     "ms_per_bundle": 1e3 * sum(b - a for a, b, _ in mine) / bundles if bundles else 0.0}
+    events = sorted([(a, kind, 1) for a, _, kind, _ in rows] + [(b, kind, -1) for _, b, kind, _ in rows]
+                    + [(t1, "", 0)])
+    open_ = {"demand": 0, "prefetch": 0}
+    share = dict.fromkeys(("both", "demand_only", "prefetch_only", "none"), 0.0)
+    last = t0
+    for t, kind, step in events:
+        d, p = open_["demand"] > 0, open_["prefetch"] > 0
+        share["both" if d and p else "demand_only" if d else "prefetch_only" if p else "none"] += t - last
+        last = t
+        if kind:
+            open_[kind] += step
+    out["share"] = {k: v / (t1 - t0) for k, v in share.items()}
+    return out
+
+
 def instrument(model, timers: Timers) -> None:
     import kernels
     from engine.experts import Pending
@@ -118,7 +168,7 @@ def instrument(model, timers: Timers) -> None:
     model._prefetch = timers.wrap("prefetch", model._prefetch)
     # The model asks for a layer's experts with request() (the cached ones at once, misses read on the
     # demand thread) and then waits for the rest: both count as waiting for the source.
-    model.experts.request = timers.wrap("io_wait", model.experts.request)
+    model.experts.request = timers.wrap_request(model.experts.request)
     Pending.wait = timers.wrap("io_wait", Pending.wait)
     # engine/model.py calls kernels.expert_ffn through the module, so patching the module is enough.
     kernels.expert_ffn = timers.wrap("expert_compute", kernels.expert_ffn)
@@ -180,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         "share": {k: v / seconds for k, v in parts.items()} if seconds else {},
         "telemetry": {k: model.telemetry().get(k) for k in ("tiers", "io", "prefetch")},
         "disk": disk_idle(timers, *timers.window, tokens),
+        "reads": reads_by_kind(timers, *timers.window, tokens),
+        "ready_at_request": ({"ready": sum(r for r, _ in timers.asked) / len(timers.asked),
+                              "asked": sum(n for _, n in timers.asked) / len(timers.asked)}
+                             if timers.asked else None),
     }
     if args.cprofile:
         prof = cProfile.Profile()
@@ -200,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
             d = result["disk"]
             print(f"disk busy {d['busy_share']:.1%} of decoding; idle, by what the decoding thread was doing: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in d["idle_ms_per_token"].items()) + " ms a token")
+        if result["ready_at_request"]:
+            r = result["ready_at_request"]
+            print(f"a layer's experts: {r['ready']:.2f} of {r['asked']:.2f} ready when asked for (cached or "
+                  "prefetched); the rest read on demand or still in flight")
+        if result["reads"]:
+            r = result["reads"]
+            print("reads: " + "; ".join(f"{k} {r[k]['bundles_per_token']:.1f} bundles a token, "
+                                         f"{r[k]['ms_per_bundle']:.2f} ms a bundle" for k in ("demand", "prefetch"))
+                  + "; under way: " + ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in r["share"].items()))
         if "cprofile_top" in result:
             print(result["cprofile_top"])
     return 0

@@ -139,6 +139,11 @@ def test_profile_decode_reports_the_disk_on_a_streaming_model(chat_model_dir):
     assert 0 < d["busy_share"] <= 1.0                           # every token misses at 40 KiB
     idle_s = sum(d["idle_ms_per_token"].values()) * out["decode_tokens"] / 1e3
     assert idle_s == pytest.approx((1 - d["busy_share"]) * out["decode_s"], rel=1e-6, abs=1e-6)
+    reads, asked = out["reads"], out["ready_at_request"]
+    assert sum(reads["share"].values()) == pytest.approx(1.0)
+    assert reads["share"]["none"] == pytest.approx(1 - d["busy_share"])   # the same reads, the same window
+    assert reads["demand"]["bundles_per_token"] > 0               # 40 KiB holds few bundles: misses
+    assert 0 <= asked["ready"] < asked["asked"]
 
 
 def test_each_repeat_decodes_inputs_of_its_own(chat_model_dir, monkeypatch, capsys):
@@ -170,3 +175,17 @@ def test_each_repeat_decodes_inputs_of_its_own(chat_model_dir, monkeypatch, caps
     assert json.loads(capsys.readouterr().out)["decode_tokens_per_s"] > 0
     assert len({tuple(p) for p, _ in seen}) == 3
     assert seen == [tuple(x) for x in bench.bench_inputs(vocab[0], 5, 3, 3)]
+
+
+def test_profile_splits_the_reads_into_demand_and_prefetch():
+    from bench.profile_decode import Timers, disk_idle, reads_by_kind
+
+    t = Timers()
+    t.reads = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (9.0, 11.0), (11.0, 12.0)]   # clipped to [0, 10)
+    t.read_kinds = [("demand", 2), ("prefetch", 1), ("prefetch", 1), ("demand", 1), ("prefetch", 4)]
+    r = reads_by_kind(t, 0.0, 10.0, tokens=2)
+    assert r["demand"] == {"bundles_per_token": 1.5, "ms_per_bundle": pytest.approx(1000.0)}
+    assert r["prefetch"] == {"bundles_per_token": 1.0, "ms_per_bundle": pytest.approx(1500.0)}
+    assert r["share"] == pytest.approx({"both": 0.1, "demand_only": 0.2, "prefetch_only": 0.2, "none": 0.5})
+    assert r["share"]["none"] == pytest.approx(1 - disk_idle(t, 0.0, 10.0, tokens=2)["busy_share"])
+    assert reads_by_kind(Timers(), 0.0, 1.0, 1) is None
