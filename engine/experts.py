@@ -66,6 +66,11 @@ class ExpertSource(ABC):
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         """A hint that `experts` at `layer` will be asked for soon; must not block."""
 
+    def wants_hints(self) -> bool:
+        """Whether prefetch() hints would lead to any read now.  The model guesses the next layer's
+        experts (its router on the residual, every layer) only when they would."""
+        return False
+
     def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
         """The router's probabilities over `layer`'s experts for each of this step's tokens (n, experts)
         and the experts it picked, just before get() asks for them: evidence for an eviction policy (a

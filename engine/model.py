@@ -102,7 +102,7 @@ class Model:
         self._telemetry.routed(i, top)
         chosen = np.unique(top)
         nxt = self._next_moe.get(i)
-        if self.prefetch_enabled and nxt is not None:
+        if self.prefetch_enabled and nxt is not None and self.experts.wants_hints():
             self._prefetch(nxt, residual)
         picked = chosen.tolist()
         self.experts.observe_routing(i, probs, picked)

@@ -431,6 +431,12 @@ class StreamingExperts(ExpertSource):
             self._observed = (layer, mean, [int(e) for e in picked])
 
     # ------------------------------------------------------------------ prefetch and pins
+    def wants_hints(self) -> bool:
+        # With every bundle cached or being read (a budget that holds the model, once it is read) there
+        # is nothing left to read ahead: in RAM the guesses cost ~2 ms of a ~58 ms token on the OLMoE-sized
+        # model.
+        return self.prefetch_enabled and not self._closed and len(self.cache.entries) < len(self._plans)
+
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         if not self.prefetch_enabled or self._closed:
             return

@@ -225,6 +225,30 @@ def test_a_failed_read_behind_request_raises_from_wait(tiny_store, reference):
         assert _same(_run(m), reference)
 
 
+def test_the_model_guesses_only_while_a_hint_can_lead_to_a_read(tiny_store, mixtral_bf16, reference):
+    # Guessing the next layer's experts costs a router product a layer: not once every bundle is
+    # cached (a budget that holds the model), and never for experts held in RAM.
+    def watch(m) -> list:
+        guesses, guess = [], m._prefetch
+        m._prefetch = lambda layer, residual: (guesses.append(layer), guess(layer, residual))
+        return guesses
+
+    with engine.load(tiny_store, ram_cache=None) as m:
+        assert m.experts.wants_hints()
+        for layer in m.moe_layer_ids:
+            m.experts.get(layer, list(range(m.spec.num_experts)))
+        assert not m.experts.wants_hints()
+        guesses = watch(m)
+        assert _same(_run(m), reference) and guesses == []
+    with engine.load(tiny_store, ram_cache="16KiB") as m:
+        guesses = watch(m)
+        assert _same(_run(m), reference) and guesses
+        m.set_prefetch(False)
+        assert not m.experts.wants_hints()
+    with engine.load(mixtral_bf16) as m:
+        assert not isinstance(m.experts, StreamingExperts) and not m.experts.wants_hints()
+
+
 def test_buffers_are_reused_but_never_under_a_bundle_in_use(tiny_store):
     with engine.load(tiny_store, ram_cache=0, prefetch=False) as m:   # nothing cached: every ask reads
         src = m.experts
