@@ -201,13 +201,16 @@ def decode(model, inputs: tuple[list[int], list[int]], n: int, timers: Timers | 
 
 def main(argv: list[str] | None = None) -> int:
     import engine
-    from mer_tui.bench import bench_inputs
+    from mer_tui.bench import bench_inputs, preload_experts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--ram-cache")
     p.add_argument("--io", default="auto")
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--preload", action="store_true",
+                   help="read experts into the RAM cache first, up to its budget (all of them without one): "
+                        "the in-RAM case, as `mer-tui bench --preload`")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--cprofile", action="store_true", help="also profile a second decode with cProfile")
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model = engine.load(args.model, ram_cache=args.ram_cache, io=args.io, prefetch=not args.no_prefetch)
+    if args.preload:
+        preload_experts(model)
     # mer-tui bench's inputs: the warm-up, the timed decode and the cProfile'd one each a prompt of their own
     warm, timed, profiled = bench_inputs(model.spec.vocab_size, args.prompt_tokens, args.decode_tokens, 3)
     timers = Timers()

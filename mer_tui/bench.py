@@ -58,7 +58,7 @@ def roofline_tokens_per_s(active_bytes: float, missed_bytes: float, dram_bw: flo
     return tuple(1.0 / t if t > 0 else float("inf") for t in (dram_s + disk_s, max(dram_s, disk_s)))
 
 
-def _preload(model: engine.Model) -> int:
+def preload_experts(model: engine.Model) -> int:
     """Read experts into the RAM cache, layer by layer, until its budget is full; returns how many.
     With no budget that is every expert: the model then runs from RAM, as llama.cpp's does after
     mmap with MAP_POPULATE.  Shows a line of progress on a terminal (a 4 GB model takes seconds)."""
@@ -128,7 +128,7 @@ def run_bench(args: argparse.Namespace) -> int:
     inputs = bench_inputs(model.spec.vocab_size, args.prompt_tokens, args.decode_tokens, args.repeats)
     expert_bpt = _expert_bytes_per_token(model)
     resident_bpt = _resident_bytes_per_token(model)
-    preloaded = _preload(model) if getattr(args, "preload", False) else 0
+    preloaded = preload_experts(model) if getattr(args, "preload", False) else 0
     model.reset_telemetry()
     # The device's own view of the same decoding (io_ticks): the engine's counts a batch of reads busy
     # until the reader hands the whole batch back, which the device may have finished long before.

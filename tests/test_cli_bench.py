@@ -140,6 +140,7 @@ def test_profile_decode_reports_the_disk_on_a_streaming_model(chat_model_dir):
     idle_s = sum(d["idle_ms_per_token"].values()) * out["decode_tokens"] / 1e3
     assert idle_s == pytest.approx((1 - d["busy_share"]) * out["decode_s"], rel=1e-6, abs=1e-6)
     reads, asked = out["reads"], out["ready_at_request"]
+    assert out["seconds"]["prefetch"] > 0                            # 40 KiB: the model guesses ahead
     assert sum(reads["share"].values()) == pytest.approx(1.0)
     assert reads["share"]["none"] == pytest.approx(1 - d["busy_share"])   # the same reads, the same window
     assert reads["demand"]["bundles_per_token"] > 0               # 40 KiB holds few bundles: misses
@@ -189,3 +190,13 @@ def test_profile_splits_the_reads_into_demand_and_prefetch():
     assert r["share"] == pytest.approx({"both": 0.1, "demand_only": 0.2, "prefetch_only": 0.2, "none": 0.5})
     assert r["share"]["none"] == pytest.approx(1 - disk_idle(t, 0.0, 10.0, tokens=2)["busy_share"])
     assert reads_by_kind(Timers(), 0.0, 1.0, 1) is None
+
+
+def test_profile_decode_preloads_the_in_ram_case(chat_model_dir):
+    r = subprocess.run([sys.executable, "-m", "bench.profile_decode", "--model", str(chat_model_dir),
+                        "--io", "pread", "--preload", "--prompt-tokens", "4", "--decode-tokens", "5", "--json"],
+                       capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["reads"] is None and out["disk"] is None           # every expert read before decoding
+    assert "prefetch" not in out["seconds"]                       # nothing left to read: no guesses
