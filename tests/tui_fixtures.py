@@ -100,6 +100,9 @@ class RecordingExperts(ExpertSource):
     def prefetch(self, layer, experts):
         self.inner.prefetch(layer, experts)
 
+    def wants_hints(self):
+        return self.inner.wants_hints()
+
     def stats(self):
         return self.inner.stats()
 
