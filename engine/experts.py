@@ -73,8 +73,8 @@ class ExpertSource(ABC):
 
     def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
         """The router's probabilities over `layer`'s experts for each of this step's tokens (n, experts)
-        and the experts it picked, just before get() asks for them: evidence for an eviction policy (a
-        source that has none ignores them, at no cost on the decoding thread)."""
+        and the experts it picked, just before get() or request() asks for them: evidence for an
+        eviction policy (a source that has none ignores them, at no cost on the decoding thread)."""
 
     def stats(self) -> dict:
         """Telemetry of this source: the tiers, io and prefetch parts of the snapshot."""

@@ -182,6 +182,8 @@ class StreamingExperts(ExpertSource):
 
     def _demand_pool(self) -> ThreadPoolExecutor:
         with self._lock:
+            if self._closed:   # close() may have shut the pool down since _claim's check
+                raise EngineError("experts: the model was closed")
             if self._demand is None:
                 self._demand = ThreadPoolExecutor(1, thread_name_prefix="mer-demand")
             return self._demand
