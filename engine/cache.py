@@ -183,8 +183,9 @@ class RamCache(Tier):
         old = self._routing.get(layer)
         self._routing[layer] = term if old is None or len(old) != len(term) else np.logaddexp(old, term)
         picked = [int(e) for e in picked]
-        if picked and probs[picked].mean() > 0:
-            self._pick_weight[layer] = float(probs[picked].mean())
+        weight = float(probs[picked].mean()) if picked else 0.0
+        if weight > 0:
+            self._pick_weight[layer] = weight
         if self.policy == "router":
             for e in range(len(probs)):
                 entry = self.entries.get((layer, e))
