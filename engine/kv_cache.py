@@ -1,4 +1,5 @@
-"""Keys and values of the sequence so far, per layer, in buffers that grow by doubling.
+"""Keys and values of the sequence so far, per layer, in buffers that grow by doubling; and each
+layer's attention output for the sequence's last token, which the next token's resembles.
 
 Doubling keeps appends amortised O(1), so a decoded token costs O(sequence) (the attention
 itself), never O(sequence^2) in copies.
@@ -14,6 +15,9 @@ class KVCache:
         self._shape = (kv_heads, capacity, head_dim)
         self.k = [np.zeros(self._shape, np.float32) for _ in range(layers)]
         self.v = [np.zeros(self._shape, np.float32) for _ in range(layers)]
+        # (1, hidden) per layer, once a step has run: Model._prefetch adds it to the residual to guess
+        # the next layer's experts before that layer's own attention has run
+        self.last_attention: list[np.ndarray | None] = [None] * layers
 
     @property
     def capacity(self) -> int:

@@ -230,7 +230,7 @@ def test_the_model_guesses_only_while_a_hint_can_lead_to_a_read(tiny_store, mixt
     # cached (a budget that holds the model), and never for experts held in RAM.
     def watch(m) -> list:
         guesses, guess = [], m._prefetch
-        m._prefetch = lambda layer, residual: (guesses.append(layer), guess(layer, residual))
+        m._prefetch = lambda layer, *rest: (guesses.append(layer), guess(layer, *rest))
         return guesses
 
     with engine.load(tiny_store, ram_cache=None) as m:
@@ -247,6 +247,45 @@ def test_the_model_guesses_only_while_a_hint_can_lead_to_a_read(tiny_store, mixt
         assert not m.experts.wants_hints()
     with engine.load(mixtral_bf16) as m:
         assert not isinstance(m.experts, StreamingExperts) and not m.experts.wants_hints()
+
+
+def test_decode_guesses_add_the_previous_tokens_attention(tiny_store, reference):
+    # Decoding, the next layer's router input is estimated as the residual plus that layer's attention
+    # output of the token before (the prompt's last token for the first decoded one); a prompt's rows
+    # are guessed from the residual alone.
+    from engine.model import rms_norm
+
+    with engine.load(tiny_store, ram_cache="16KiB") as m:
+        events: list[tuple] = []
+        attention, moe, prefetch = m._attention, m._moe, m.experts.prefetch
+        m._attention = lambda i, x, *rest: events.append(("attn", i, attention(i, x, *rest))) or events[-1][2]
+        m._moe = lambda i, h, residual, cache: events.append(("res", i, residual.copy())) or moe(i, h, residual, cache)
+        m.experts.prefetch = lambda layer, experts: (events.append(("guess", layer, list(experts))),
+                                                     prefetch(layer, experts))
+        assert list(m.generate(IDS[:4], max_new_tokens=12)) == reference[1]
+
+    def top(layer: int, x: np.ndarray) -> list[int]:
+        lw = m.weights.layers[layer]
+        logits = lw.router.matmul(rms_norm(x, lw.mlp_norm, m.spec.rms_norm_eps))
+        return list(dict.fromkeys(np.argsort(-logits, axis=-1)[:, : m.spec.top_k].T.ravel().tolist()))
+
+    last_attention: dict[int, np.ndarray] = {}
+    residual: np.ndarray | None = None
+    checked = differs = 0
+    for kind, layer, value in events:
+        if kind == "res":
+            residual = value
+        elif kind == "guess":
+            if residual.shape[0] > 1:    # the prompt
+                assert value == top(layer, residual)
+            else:
+                assert value == top(layer, residual + last_attention[layer])
+                checked += 1
+                differs += value != top(layer, residual)
+        else:   # a layer's attention runs after the layer before made its guess for it
+            last_attention[layer] = value[-1:]
+    assert checked == 11 * (len(m.moe_layer_ids) - 1)
+    assert differs > 0   # the estimate changed some guesses on this model: the assertion above has teeth
 
 
 def test_buffers_are_reused_but_never_under_a_bundle_in_use(tiny_store):
