@@ -63,8 +63,9 @@ class ExpertSource(ABC):
         computes with the first while the rest are read."""
         return Pending(self.get(layer, experts))
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        """A hint that `experts` at `layer` will be asked for soon; must not block."""
+    def prefetch(self, hints: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Hints that these (layer, experts) will be asked for soon, the most urgent first (the next
+        layer's before the one after it); they replace earlier hints.  Must not block."""
 
     def wants_hints(self) -> bool:
         """Whether prefetch() hints would lead to any read now.  The model guesses the next layer's

@@ -34,6 +34,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T).
 PREFILL_CHUNK = 256
 
+# Decoding guesses this many MoE layers ahead (Model._prefetch).  Two against one, over the 2 GiB limit on
+# the OLMoE-sized model: see docs/BENCHMARKS.md.
+PREFETCH_AHEAD = 2
+
 
 class Model:
     """A loaded model.  forward/generate may be called from one thread at a time (a lock enforces it);
@@ -92,8 +96,8 @@ class Model:
         return y + lw.o_bias if lw.o_bias is not None else y
 
     def _moe(self, i: int, h: np.ndarray, residual: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Layer i's experts on h (the normalised residual); `residual` and the next layer's attention
-        output of the token before (in `cache`) feed the next layer's prefetch."""
+        """Layer i's experts on h (the normalised residual); `residual` and the attention outputs of the
+        token before (in `cache`) feed the prefetch of the layers ahead."""
         s, lw = self.spec, self.weights.layers[i]
         probs = softmax(lw.router.matmul(h).astype(np.float32))
         top = np.argsort(-probs, axis=-1, kind="stable")[:, : s.top_k]
@@ -104,7 +108,7 @@ class Model:
         chosen = np.unique(top)
         nxt = self._next_moe.get(i)
         if self.prefetch_enabled and nxt is not None and self.experts.wants_hints():
-            self._prefetch(nxt, residual, cache.last_attention[nxt])
+            self._prefetch(i, residual, cache)
         picked = chosen.tolist()
         self.experts.observe_routing(i, probs, picked)
         # The cached experts are computed while the source reads the others; the sums below run in the
@@ -142,27 +146,44 @@ class Model:
             out += y
         return out
 
-    def _prefetch(self, layer: int, residual: np.ndarray, attention_before: np.ndarray | None) -> None:
-        """Guess the next MoE layer's experts from the current residual stream and start reading them.
+    def _prefetch(self, layer: int, residual: np.ndarray, cache: KVCache) -> None:
+        """Guess the experts of the MoE layers after `layer` from the residual stream and start reading them.
 
-        The next layer's router input differs from the residual only by the updates in between: this
-        layer's experts and the next layer's attention.  Decoding, the attention output is estimated by
-        the previous token's at that layer (`attention_before`): its softmax mixes mostly the same
-        values from one token to the next.  On the OLMoE-sized benchmark model that raised the guesses'
-        recall of the next layer's picks from 0.73 to 0.92, and on the trained demo from 0.70 to 0.73
-        (docs/BENCHMARKS.md).  The router applied to the estimate (through the layer's own norm)
-        usually picks the same experts; a wrong guess costs a wasted read, never a wrong result.
+        A later layer's router input differs from the residual only by the updates in between: the
+        experts' outputs and the attention outputs of the layers up to it.  Decoding, each attention
+        output is estimated by the previous token's at that layer (in `cache`): its softmax mixes mostly
+        the same values from one token to the next.  On the OLMoE-sized benchmark model that raised the
+        guesses' recall of the next layer's picks from 0.73 to 0.92 (0.64 -> 0.90 for the layer after it),
+        and on the trained demo from 0.70 to 0.73 (docs/BENCHMARKS.md).  So decoding guesses
+        PREFETCH_AHEAD layers ahead, giving the disk a layer more of lead; a prompt's rows (no token
+        before each) guess the next layer from the residual alone.  A wrong guess costs a wasted read,
+        never a wrong result.
         """
+        decode = residual.shape[0] == 1
+        hints = []
+        x, at = residual, layer
+        while len(hints) < (PREFETCH_AHEAD if decode else 1):
+            nxt = self._next_moe.get(at)
+            if nxt is None:
+                break
+            if decode:
+                before = cache.last_attention[at + 1:nxt + 1]
+                if any(a is None for a in before):   # no step yet: nothing to estimate with
+                    break
+                x = x + sum(before)
+            hints.append((nxt, self._guess(nxt, x)))
+            at = nxt
+        if hints:
+            self.experts.prefetch(hints)
+
+    def _guess(self, layer: int, x: np.ndarray) -> list[int]:
+        """The experts `layer`'s router would pick for router input `x` (before the layer's norm), every
+        row's first choice first, then the second ...: a source that reads only some of the guesses
+        before the layer comes reads the likeliest."""
         lw = self.weights.layers[layer]
-        if attention_before is not None and residual.shape[0] == 1:   # a prompt's rows: no token before each
-            residual = residual + attention_before
-        hn = rms_norm(residual, lw.mlp_norm, self.spec.rms_norm_eps)
-        logits = lw.router.matmul(hn)
+        logits = lw.router.matmul(rms_norm(x, lw.mlp_norm, self.spec.rms_norm_eps))
         ranked = np.argsort(-logits, axis=-1)[:, : self.spec.top_k]
-        # Most likely first (every token's first choice, then the second ...): a source that reads only
-        # some of the guesses before the layer comes reads the best ones.
-        guess = list(dict.fromkeys(ranked.T.ravel().tolist()))
-        self.experts.prefetch(layer, guess)
+        return list(dict.fromkeys(ranked.T.ravel().tolist()))
 
     def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
         """Run `ids` through the model after what `cache` holds; return logits."""

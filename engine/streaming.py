@@ -439,14 +439,16 @@ class StreamingExperts(ExpertSource):
         # model.
         return self.prefetch_enabled and not self._closed and len(self.cache.entries) < len(self._plans)
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+    def prefetch(self, hints: Sequence[tuple[int, Sequence[int]]]) -> None:
         if not self.prefetch_enabled or self._closed:
             return
         with self._lock:
-            self._guess[layer] = {int(e) for e in experts}
-            # A new hint makes older ones stale: the model has moved past their layers (pins stay).
+            # New hints make older ones stale: the model has moved past their layers, or guesses again
+            # with more to go on (pins stay).  Read in the order given: the next layer first.
             self._pending = [p for p in self._pending if not p[1]]
-            self._pending += [((layer, int(e)), True) for e in experts]
+            for layer, experts in hints:
+                self._guess[layer] = {int(e) for e in experts}
+                self._pending += [((layer, int(e)), True) for e in experts]
             self._start_worker()
             self._wake.notify_all()
 

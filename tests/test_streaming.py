@@ -127,7 +127,7 @@ def test_prefetch_and_demand_share_one_read(tiny_store):
     with engine.load(tiny_store, ram_cache=None) as m:
         src = m.experts
         src.reader = FaultyReader(src.reader, delay=lambda: time.sleep(0.05))
-        src.prefetch(2, [1, 3])
+        src.prefetch([(2, [1, 3])])
         deadline = time.time() + 5
         while not src._flights and time.time() < deadline:   # wait until the prefetch read is out
             time.sleep(0.001)
@@ -157,7 +157,7 @@ def test_prefetch_reads_while_a_demand_read_is_in_flight(tiny_store):
         demand.start()
         try:
             assert demand_reading.wait(10)
-            src.prefetch(1, [2])
+            src.prefetch([(1, [2])])
             deadline = time.time() + 10
             while (1, 2) not in src.reader.reads and time.time() < deadline:
                 time.sleep(0.001)
@@ -249,20 +249,21 @@ def test_the_model_guesses_only_while_a_hint_can_lead_to_a_read(tiny_store, mixt
         assert not isinstance(m.experts, StreamingExperts) and not m.experts.wants_hints()
 
 
-def test_decode_guesses_add_the_previous_tokens_attention(tiny_store, reference):
-    # Decoding, the next layer's router input is estimated as the residual plus that layer's attention
-    # output of the token before (the prompt's last token for the first decoded one); a prompt's rows
-    # are guessed from the residual alone.
-    from engine.model import rms_norm
+def test_decode_guesses_two_layers_ahead_with_the_previous_tokens_attention(tiny_store, reference):
+    # Decoding, a later layer's router input is estimated as the residual plus the attention outputs of
+    # the token before at the layers up to it (the prompt's last token for the first decoded one); a
+    # prompt's rows are guessed from the residual alone, one layer ahead.
+    from engine.model import PREFETCH_AHEAD, rms_norm
 
     with engine.load(tiny_store, ram_cache="16KiB") as m:
         events: list[tuple] = []
         attention, moe, prefetch = m._attention, m._moe, m.experts.prefetch
         m._attention = lambda i, x, *rest: events.append(("attn", i, attention(i, x, *rest))) or events[-1][2]
         m._moe = lambda i, h, residual, cache: events.append(("res", i, residual.copy())) or moe(i, h, residual, cache)
-        m.experts.prefetch = lambda layer, experts: (events.append(("guess", layer, list(experts))),
-                                                     prefetch(layer, experts))
+        m.experts.prefetch = lambda hints: (events.append(("hints", None, hints)), prefetch(hints))
         assert list(m.generate(IDS[:4], max_new_tokens=12)) == reference[1]
+    layers = m.moe_layer_ids
+    assert PREFETCH_AHEAD == 2 and layers == [0, 1, 2]
 
     def top(layer: int, x: np.ndarray) -> list[int]:
         lw = m.weights.layers[layer]
@@ -270,21 +271,22 @@ def test_decode_guesses_add_the_previous_tokens_attention(tiny_store, reference)
         return list(dict.fromkeys(np.argsort(-logits, axis=-1)[:, : m.spec.top_k].T.ravel().tolist()))
 
     last_attention: dict[int, np.ndarray] = {}
-    residual: np.ndarray | None = None
-    checked = differs = 0
+    at = residual = None
+    decoded = differs = 0
     for kind, layer, value in events:
         if kind == "res":
-            residual = value
-        elif kind == "guess":
-            if residual.shape[0] > 1:    # the prompt
-                assert value == top(layer, residual)
-            else:
-                assert value == top(layer, residual + last_attention[layer])
-                checked += 1
-                differs += value != top(layer, residual)
-        else:   # a layer's attention runs after the layer before made its guess for it
+            at, residual = layer, value
+        elif kind == "attn":   # a layer's attention runs after the layers before it guessed for it
             last_attention[layer] = value[-1:]
-    assert checked == 11 * (len(m.moe_layer_ids) - 1)
+        elif residual.shape[0] > 1:    # the prompt
+            assert value == [(at + 1, top(at + 1, residual))]
+        else:
+            ahead = [n for n in layers if n > at][:2]
+            want = [(n, top(n, residual + sum(last_attention[j] for j in range(at + 1, n + 1)))) for n in ahead]
+            assert value == want
+            decoded += 1
+            differs += value[0][1] != top(at + 1, residual)
+    assert decoded == 11 * (len(layers) - 1)
     assert differs > 0   # the estimate changed some guesses on this model: the assertion above has teeth
 
 

@@ -97,8 +97,8 @@ class RecordingExperts(ExpertSource):
             time.sleep(self.delay)
         return self.inner.get(layer, experts)
 
-    def prefetch(self, layer, experts):
-        self.inner.prefetch(layer, experts)
+    def prefetch(self, hints):
+        self.inner.prefetch(hints)
 
     def wants_hints(self):
         return self.inner.wants_hints()
