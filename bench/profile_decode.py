@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     timers = Timers()
     instrument(model, timers)
     decode(model, warm, 2, None)                # warm up: JIT compilation, first reads
+    model.reset_telemetry()                     # the counts below: the timed decode's (its prompt included)
     seconds, tokens = decode(model, timed, args.decode_tokens, timers)
     parts = dict(timers.total)
     parts["other"] = seconds - sum(parts.values())
@@ -263,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             r = result["ready_at_request"]
             print(f"a layer's experts: {r['ready']:.2f} of {r['asked']:.2f} ready when asked for (cached or "
                   "prefetched); the rest read on demand or still in flight")
+        pf = result["telemetry"].get("prefetch") or {}
+        if pf.get("guess_recall") is not None:
+            print(f"guesses of a layer's experts (prompt included): recall {pf['guess_recall']:.2f}, "
+                  f"precision {pf['guess_precision']:.2f}")
         if result["reads"]:
             r = result["reads"]
             print("reads: " + "; ".join(f"{k} {r[k]['bundles_per_token']:.1f} bundles a token, "

@@ -145,6 +145,8 @@ def test_profile_decode_reports_the_disk_on_a_streaming_model(chat_model_dir):
     assert reads["share"]["none"] == pytest.approx(1 - d["busy_share"])   # the same reads, the same window
     assert reads["demand"]["bundles_per_token"] > 0               # 40 KiB holds few bundles: misses
     assert 0 <= asked["ready"] < asked["asked"]
+    pf = out["telemetry"]["prefetch"]        # counted over the timed decode (the warm-up's reset)
+    assert pf["issued"] > 0 and 0 <= pf["guess_recall"] <= 1 and 0 <= pf["guess_precision"] <= 1
 
 
 def test_each_repeat_decodes_inputs_of_its_own(chat_model_dir, monkeypatch, capsys):
