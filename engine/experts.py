@@ -68,8 +68,8 @@ class ExpertSource(ABC):
         layer's before the one after it); they replace earlier hints.  Must not block."""
 
     def wants_hints(self) -> bool:
-        """Whether prefetch() hints would lead to any read now.  The model guesses the next layer's
-        experts (its router on the residual, every layer) only when they would."""
+        """Whether prefetch() hints would lead to any read now.  The model guesses the experts of the
+        layers ahead (their routers on an estimate of their input, every layer) only when they would."""
         return False
 
     def observe_routing(self, layer: int, probs: np.ndarray, picked: Sequence[int]) -> None:
