@@ -219,7 +219,7 @@ PROFILE_LABELS = {
     "expert_compute": "expert compute (kernels.experts_ffn)",
     "attention": "attention (q/k/v/o matmuls, qk-norm, rope, scores)",
     "lm_head": "lm_head (vocabulary projection)",
-    "prefetch": "prefetch (next layer's router, queueing reads)",
+    "prefetch": "prefetch (guessing the next two layers' experts, queueing reads)",
     "other": "other: router, norms, top-k, sampling, Python glue",
 }
 
@@ -245,8 +245,8 @@ def profile(args: argparse.Namespace, store: Path, ram_cache: int, cg: MemoryCgr
         disk = [f"The disk was busy (a read under way, demand or prefetch) {r['disk']['busy_share']:.0%} of the "
                 "decoding time. While it sat idle, the decoding thread was in: "
                 + ", ".join(f"{short.get(k, k)} {v:.1f}" for k, v in idle.items() if v >= 0.05)
-                + " ms a token. Reads can overlap only work still ahead: in these stages the next layer's guessed "
-                "experts were read already and the rest not yet known.", ""]
+                + " ms a token. Reads can overlap only work still ahead: in these stages the guessed experts "
+                "of the layers ahead were read already and the rest not yet known.", ""]
     return "\n".join([
         f"`{_command_line(Run('', '', '', '', cmd))}` ({where}): {r['decode_tokens']} tokens in "
         f"{r['decode_s']:.1f} s = {r['decode_tokens_per_s']:.2f} tok/s with wall-clock timers on the decoding "
