@@ -58,6 +58,7 @@ class Model:
         self._next_moe = {a: b for a, b in zip(self.moe_layer_ids, self.moe_layer_ids[1:])}
         self._telemetry = Telemetry(spec.num_layers, spec.num_experts)
         self._run_lock = threading.Lock()
+        self._guess_routers: dict[int, np.ndarray] = {}   # float32, the norm's weights folded in (_guess)
 
     # ----------------------------------------------------------------- layers
     def _attention(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -180,9 +181,14 @@ class Model:
         """The experts `layer`'s router would pick for router input `x` (before the layer's norm), every
         row's first choice first, then the second ...: a source that reads only some of the guesses
         before the layer comes reads the likeliest."""
-        lw = self.weights.layers[layer]
-        logits = lw.router.matmul(rms_norm(x, lw.mlp_norm, self.spec.rms_norm_eps))
-        ranked = np.argsort(-logits, axis=-1)[:, : self.spec.top_k]
+        # The norm divides each row by a positive number, which leaves the order of its logits as it is:
+        # the router with the norm's weights folded in ranks the raw rows alike, in one product instead of
+        # a norm and a product (17 vs 50 us a guess on the OLMoE-sized model, two guesses a layer).
+        w = self._guess_routers.get(layer)
+        if w is None:
+            lw = self.weights.layers[layer]
+            w = self._guess_routers[layer] = np.ascontiguousarray(lw.router.to_float() * lw.mlp_norm, np.float32)
+        ranked = np.argsort(-(x @ w.T), axis=-1)[:, : self.spec.top_k]
         return list(dict.fromkeys(ranked.T.ravel().tolist()))
 
     def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
