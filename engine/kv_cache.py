@@ -15,8 +15,8 @@ class KVCache:
         self._shape = (kv_heads, capacity, head_dim)
         self.k = [np.zeros(self._shape, np.float32) for _ in range(layers)]
         self.v = [np.zeros(self._shape, np.float32) for _ in range(layers)]
-        # (1, hidden) per layer, once a step has run: Model._prefetch adds it to the residual to guess
-        # the next layer's experts before that layer's own attention has run
+        # (1, hidden) per layer, once a step has run: Model._prefetch adds these to the residual to guess
+        # the experts of the layers ahead before their own attention has run
         self.last_attention: list[np.ndarray | None] = [None] * layers
 
     @property
