@@ -34,7 +34,7 @@ TUNING = [
     ("budget_down", "f2", "RAM−", "RAM budget down", "Shrink the RAM cache budget (x0.8)"),
     ("budget_up", "f3", "RAM+", "RAM budget up", "Grow the RAM cache budget (x1.25)"),
     ("cycle_policy", "f4", "Policy", "Cycle eviction policy", "lru → lfu → lfu-decay → router"),
-    ("toggle_prefetch", "f5", "Prefetch", "Toggle prefetch", "Read the next layer's experts ahead, or not"),
+    ("toggle_prefetch", "f5", "Prefetch", "Toggle prefetch", "Read the experts of the next two layers ahead, or not"),
     ("pin_hottest", "f6", "Pin", "Pin hottest experts", "Keep the most used experts resident"),
     ("unpin_all", "f7", "Unpin", "Unpin all experts", "Let every expert be evicted again"),
     ("reset_counters", "f8", "Reset", "Reset counters", "Zero hit rates, reads and activation counts"),

@@ -87,6 +87,17 @@ def test_tiers_show_how_busy_the_disk_was():
     assert "0% busy" in "\n".join(lines(render_tiers(snap, 54), 54))
 
 
+def test_tiers_show_how_well_the_prefetch_guessed():
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    assert "Guessed" not in "\n".join(lines(render_tiers(snap, 54), 54))   # a source that does not guess
+    pf = {**snap["prefetch"], "enabled": True, "issued": 40, "useful": 30, "guess_recall": 0.924,
+          "guess_precision": 0.913}
+    out = "\n".join(lines(render_tiers({**snap, "prefetch": pf}, 54), 54))
+    assert "Guessed" in out and "92% of picks, 91% right" in out
+    pf["enabled"] = False   # off: no guesses to show
+    assert "Guessed" not in "\n".join(lines(render_tiers({**snap, "prefetch": pf}, 54), 54))
+
+
 def test_tiers_show_a_vram_tier_when_present():
     snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
     snap = {**snap, "tiers": {**snap["tiers"], "vram": {"hits": 5, "misses": 5, "hit_rate": 0.5,

@@ -85,6 +85,12 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
     on = bool(pf.get("enabled"))
     t.add_row("Prefetch", Text("on" if on else "off", style=styles["on"] if on else styles["off"]),
               Text(f"{100 * useful / issued:.0f}% of {issued} useful" if issued else ""))
+    if on and pf.get("guess_recall") is not None and issued:
+        # How much of what the routers then picked the guesses of the layers ahead foresaw: what is not
+        # foreseen is read while decoding waits.
+        recall, precision = pf["guess_recall"], pf.get("guess_precision") or 0.0
+        t.add_row("Guessed", bar(recall, gauge_w, styles["hit"], styles["track"]),
+                  Text(f"{100 * recall:.0f}% of picks, {100 * precision:.0f}% right"))
     t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
     return t
 
