@@ -23,7 +23,6 @@ import sys
 import numpy as np
 
 import engine
-from engine.model import rms_norm
 
 # (name, layers ahead, what the estimate adds to the residual at this layer's router):
 # "experts" this layer's expert output, "attention" the previous token's attention outputs at the layers
@@ -43,7 +42,7 @@ def record(model: engine.Model, runs) -> list[dict]:
     """Per decode step, per layer: residual at the router, attention and expert outputs, picks."""
     steps: list[dict] = []
     step: dict = {}
-    attention, moe = model._attention, model._moe
+    attention, moe, routed = model._attention, model._moe, model._telemetry.routed
 
     def on_attention(i, x, *rest):
         y = attention(i, x, *rest)
@@ -51,26 +50,28 @@ def record(model: engine.Model, runs) -> list[dict]:
             step.setdefault(i, {})["attention"] = y
         return y
 
+    def on_routed(i, top):   # the engine's own picks, reported by _moe
+        if top.shape[0] == 1:
+            step[i]["picks"] = set(top[0].tolist())
+        routed(i, top)
+
     def on_moe(i, h, residual, cache):
         y = moe(i, h, residual, cache)
         if h.shape[0] == 1:
-            lw = model.weights.layers[i]
-            logits = lw.router.matmul(h)[0]
-            step[i].update(residual=residual.copy(), experts=y,
-                           picks=set(np.argsort(-logits, kind="stable")[: model.spec.top_k].tolist()))
+            step[i].update(residual=residual.copy(), experts=y)
             if i == model.moe_layer_ids[-1]:
                 steps.append(dict(step))
                 step.clear()
         return y
 
-    model._attention, model._moe = on_attention, on_moe
+    model._attention, model._moe, model._telemetry.routed = on_attention, on_moe, on_routed
     try:
         for run in runs:
             steps.append({})   # a new sequence: no token before
             for _ in run():
                 pass
     finally:
-        del model._attention, model._moe
+        del model._attention, model._moe, model._telemetry.routed   # the methods again
     return steps
 
 
@@ -95,8 +96,7 @@ def recall(model: engine.Model, steps: list[dict]) -> dict[str, list[float]]:
                     x = x + now[layer]["experts"]
                 if "attention" in parts:
                     x = x + sum(before[j]["attention"] for j in range(layer + 1, target + 1))
-                lw = model.weights.layers[target]
-                ranked = np.argsort(-lw.router.matmul(rms_norm(x, lw.mlp_norm, s.rms_norm_eps))[0], kind="stable")
+                ranked = model._rank_experts(target, x)[0]   # as the engine's prefetch ranks them
                 picks = now[target]["picks"]
                 hits[name] += [len(picks & set(ranked[:k].tolist())) for k in ks]
                 asked[name] += len(picks)

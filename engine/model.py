@@ -58,7 +58,7 @@ class Model:
         self._next_moe = {a: b for a, b in zip(self.moe_layer_ids, self.moe_layer_ids[1:])}
         self._telemetry = Telemetry(spec.num_layers, spec.num_experts)
         self._run_lock = threading.Lock()
-        self._guess_routers: dict[int, np.ndarray] = {}   # float32, the norm's weights folded in (_guess)
+        self._guess_routers: dict[int, np.ndarray] = {}   # float32, the norm's weights folded in (_rank_experts)
 
     # ----------------------------------------------------------------- layers
     def _attention(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -107,8 +107,7 @@ class Model:
             w = w / w.sum(axis=-1, keepdims=True)
         self._telemetry.routed(i, top)
         chosen = np.unique(top)
-        nxt = self._next_moe.get(i)
-        if self.prefetch_enabled and nxt is not None and self.experts.wants_hints():
+        if self.prefetch_enabled and i in self._next_moe and self.experts.wants_hints():
             self._prefetch(i, residual, cache)
         picked = chosen.tolist()
         self.experts.observe_routing(i, probs, picked)
@@ -172,15 +171,16 @@ class Model:
                 if any(a is None for a in before):   # no step yet: nothing to estimate with
                     break
                 x = x + sum(before)
-            hints.append((nxt, self._guess(nxt, x)))
+            ranked = self._rank_experts(nxt, x)[:, : self.spec.top_k]
+            # every row's first choice first, then the second ...: a source that reads only some of the
+            # guesses before the layer comes reads the likeliest
+            hints.append((nxt, list(dict.fromkeys(ranked.T.ravel().tolist()))))
             at = nxt
         if hints:
             self.experts.prefetch(hints)
 
-    def _guess(self, layer: int, x: np.ndarray) -> list[int]:
-        """The experts `layer`'s router would pick for router input `x` (before the layer's norm), every
-        row's first choice first, then the second ...: a source that reads only some of the guesses
-        before the layer comes reads the likeliest."""
+    def _rank_experts(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """`layer`'s experts for each row of router input `x` (before the layer's norm), likeliest first."""
         # The norm divides each row by a positive number, which leaves the order of its logits as it is:
         # the router with the norm's weights folded in ranks the raw rows alike, in one product instead of
         # a norm and a product (17 vs 50 us a guess on the OLMoE-sized model, two guesses a layer).
@@ -188,8 +188,7 @@ class Model:
         if w is None:
             lw = self.weights.layers[layer]
             w = self._guess_routers[layer] = np.ascontiguousarray(lw.router.to_float() * lw.mlp_norm, np.float32)
-        ranked = np.argsort(-(x @ w.T), axis=-1)[:, : self.spec.top_k]
-        return list(dict.fromkeys(ranked.T.ravel().tolist()))
+        return np.argsort(-(x @ w.T), axis=-1, kind="stable")
 
     def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
         """Run `ids` through the model after what `cache` holds; return logits."""

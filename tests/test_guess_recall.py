@@ -17,6 +17,7 @@ def test_the_routers_own_input_is_recalled_whole(checkpoint_dir, variant):
                 for p, c in bench_inputs(model.spec.vocab_size, 5, 6, 2)]
         steps = record(model, runs)
         assert "_moe" not in vars(model) and "_attention" not in vars(model)   # the methods again
+        assert "routed" not in vars(model._telemetry)
         # two sequences of 5 single-token steps, each opened by an empty mark
         assert len(steps) == 2 + 2 * 5 and steps[0] == {} and steps[6] == {}
         got = recall(model, steps)
