@@ -46,7 +46,9 @@ class Timers:
         self.spans: list[tuple[str, float, float]] = []   # top-level stages on the decoding thread
         self.reads: list[tuple[float, float]] = []        # reader.read calls, any thread
         self.read_kinds: list[tuple[str, int]] = []       # for each of those: "prefetch" or "demand", bundles
-        self.asked: list[tuple[int, int]] = []            # per request(): bundles ready at once, asked for
+        self.asked: list[tuple[int, int, int]] = []       # per request(): layer, bundles ready at once, asked for
+        self.layer_wait: dict[int, float] = defaultdict(float)   # seconds in request() and its wait, by layer
+        self.layer = -1                                   # the layer of the last request()
         self.window = (0.0, 0.0)                          # the last timed decode, first token to last
 
     def wrap(self, name: str, fn):
@@ -86,10 +88,27 @@ class Timers:
 
         @functools.wraps(fn)
         def counted(layer, experts):
+            t0 = time.perf_counter()
             pending = timed(layer, experts)
+            self.layer = layer
             if self.on:
-                self.asked.append((len(pending.ready), len(experts)))
+                self.layer_wait[layer] += time.perf_counter() - t0
+                self.asked.append((layer, len(pending.ready), len(experts)))
             return pending
+        return counted
+
+    def wrap_wait(self, fn):
+        """Pending.wait, timed as I/O wait and counted to the layer of the request() before it."""
+        timed = self.wrap("io_wait", fn)
+
+        @functools.wraps(fn)
+        def counted(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return timed(*a, **k)
+            finally:
+                if self.on:
+                    self.layer_wait[self.layer] += time.perf_counter() - t0
         return counted
 
 
@@ -160,6 +179,19 @@ def reads_by_kind(timers: Timers, t0: float, t1: float, tokens: int) -> dict | N
     return out
 
 
+def waits_by_layer(timers: Timers, tokens: int) -> dict[int, dict[str, float]] | None:
+    """By MoE layer: milliseconds a token the decoding thread waited for its experts (request() and the
+    wait for its misses), and how many of them a token were not ready when asked for."""
+    if not timers.asked:
+        return None
+    per_token = max(tokens, 1)
+    not_ready: dict[int, int] = defaultdict(int)
+    for layer, ready, asked in timers.asked:
+        not_ready[layer] += asked - ready
+    return {layer: {"wait_ms_per_token": 1e3 * timers.layer_wait[layer] / per_token,
+                    "not_ready_per_token": not_ready[layer] / per_token} for layer in sorted(not_ready)}
+
+
 def instrument(model, timers: Timers) -> None:
     import kernels
     from engine.experts import Pending
@@ -169,7 +201,7 @@ def instrument(model, timers: Timers) -> None:
     # The model asks for a layer's experts with request() (the cached ones at once, misses read on the
     # demand thread) and then waits for the rest: both count as waiting for the source.
     model.experts.request = timers.wrap_request(model.experts.request)
-    Pending.wait = timers.wrap("io_wait", Pending.wait)
+    Pending.wait = timers.wrap_wait(Pending.wait)
     # engine/model.py calls kernels.expert_ffn through the module, so patching the module is enough.
     kernels.expert_ffn = timers.wrap("expert_compute", kernels.expert_ffn)
     kernels.experts_ffn = timers.wrap("expert_compute", kernels.experts_ffn)
@@ -237,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         "telemetry": {k: model.telemetry().get(k) for k in ("tiers", "io", "prefetch")},
         "disk": disk_idle(timers, *timers.window, tokens),
         "reads": reads_by_kind(timers, *timers.window, tokens),
-        "ready_at_request": ({"ready": sum(r for r, _ in timers.asked) / len(timers.asked),
-                              "asked": sum(n for _, n in timers.asked) / len(timers.asked)}
+        "ready_at_request": ({"ready": sum(r for _, r, _ in timers.asked) / len(timers.asked),
+                              "asked": sum(n for _, _, n in timers.asked) / len(timers.asked)}
                              if timers.asked else None),
+        "by_layer": waits_by_layer(timers, tokens),
     }
     if args.cprofile:
         prof = cProfile.Profile()
@@ -264,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             r = result["ready_at_request"]
             print(f"a layer's experts: {r['ready']:.2f} of {r['asked']:.2f} ready when asked for (cached or "
                   "prefetched); the rest read on demand or still in flight")
+        if result["by_layer"]:
+            print("waiting for experts, by layer (ms a token, experts not ready a token): "
+                  + ", ".join(f"{layer}: {v['wait_ms_per_token']:.1f} ({v['not_ready_per_token']:.1f})"
+                              for layer, v in result["by_layer"].items()))
         pf = result["telemetry"].get("prefetch") or {}
         if pf.get("guess_recall") is not None:
             print(f"guesses of a layer's experts (prompt included): recall {pf['guess_recall']:.2f}, "

@@ -247,6 +247,13 @@ def profile(args: argparse.Namespace, store: Path, ram_cache: int, cg: MemoryCgr
                 + ", ".join(f"{short.get(k, k)} {v:.1f}" for k, v in idle.items() if v >= 0.05)
                 + " ms a token. Reads can overlap only work still ahead: in these stages the guessed experts "
                 "of the layers ahead were read already and the rest not yet known.", ""]
+    if r.get("by_layer"):
+        # JSON made the layers' keys strings
+        waits = sorted(r["by_layer"].items(), key=lambda kv: int(kv[0]))
+        disk += ["The decoding thread waited for experts, by layer (ms a token, and in brackets how many of "
+                 "its experts a token were not ready when asked for): "
+                 + ", ".join(f"{layer}: {v['wait_ms_per_token']:.1f} ({v['not_ready_per_token']:.1f})"
+                             for layer, v in waits) + ".", ""]
     return "\n".join([
         f"`{_command_line(Run('', '', '', '', cmd))}` ({where}): {r['decode_tokens']} tokens in "
         f"{r['decode_s']:.1f} s = {r['decode_tokens_per_s']:.2f} tok/s with wall-clock timers on the decoding "

@@ -147,6 +147,13 @@ def test_profile_decode_reports_the_disk_on_a_streaming_model(chat_model_dir):
     assert 0 <= asked["ready"] < asked["asked"]
     pf = out["telemetry"]["prefetch"]        # counted over the timed decode (the warm-up's reset)
     assert pf["issued"] > 0 and 0 <= pf["guess_recall"] <= 1 and 0 <= pf["guess_precision"] <= 1
+    # The same waits and requests, split by layer: one request a layer a decoded token.
+    layers = out["by_layer"]
+    assert len(layers) >= 2 and all(v["wait_ms_per_token"] >= 0 for v in layers.values())
+    wait_s = sum(v["wait_ms_per_token"] for v in layers.values()) * out["decode_tokens"] / 1e3
+    assert wait_s == pytest.approx(out["seconds"]["io_wait"], rel=0.05, abs=1e-4)
+    assert sum(v["not_ready_per_token"] for v in layers.values()) == pytest.approx(
+        (asked["asked"] - asked["ready"]) * len(layers))
 
 
 def test_each_repeat_decodes_inputs_of_its_own(chat_model_dir, monkeypatch, capsys):
@@ -192,6 +199,19 @@ def test_profile_splits_the_reads_into_demand_and_prefetch():
     assert r["share"] == pytest.approx({"both": 0.1, "demand_only": 0.2, "prefetch_only": 0.2, "none": 0.5})
     assert r["share"]["none"] == pytest.approx(1 - disk_idle(t, 0.0, 10.0, tokens=2)["busy_share"])
     assert reads_by_kind(Timers(), 0.0, 1.0, 1) is None
+
+
+def test_profile_splits_the_waits_by_layer():
+    from bench.profile_decode import Timers, waits_by_layer
+
+    t = Timers()
+    t.asked = [(0, 1, 2), (3, 2, 2), (0, 0, 2), (3, 1, 2)]   # (layer, ready, asked) over two tokens
+    t.layer_wait.update({0: 0.004, 3: 0.001})
+    got = waits_by_layer(t, tokens=2)
+    assert list(got) == [0, 3]
+    assert got[0] == {"wait_ms_per_token": pytest.approx(2.0), "not_ready_per_token": 1.5}
+    assert got[3] == {"wait_ms_per_token": pytest.approx(0.5), "not_ready_per_token": 0.5}
+    assert waits_by_layer(Timers(), 1) is None
 
 
 def test_profile_decode_preloads_the_in_ram_case(chat_model_dir):
