@@ -113,7 +113,9 @@ class Model:
         self.experts.observe_routing(i, probs, picked)
         # The cached experts are computed while the source reads the others; the sums below run in the
         # chosen experts' order whatever came first, so the result does not depend on what was cached.
+        t_ask = time.perf_counter()
         pending = self.experts.request(i, picked)
+        waited = time.perf_counter() - t_ask
         ys: dict[int, np.ndarray] = {}
         decode = h.shape[0] == 1
         picks = {} if decode else {e: np.nonzero(top == e) for e in picked}   # (rows, slot) of its tokens
@@ -126,7 +128,11 @@ class Model:
                           strict=True))
 
         run(pending.ready)
-        run(pending.wait())
+        t_wait = time.perf_counter()
+        rest = pending.wait()
+        if decode:   # the waits shown are per decoded token; a prompt's step waits once for many tokens
+            self._telemetry.waited(i, waited + time.perf_counter() - t_wait)
+        run(rest)
         out = np.zeros_like(h)
         if decode:
             for e, slot in zip(picked, np.argsort(top[0], kind="stable").tolist(), strict=True):

@@ -30,6 +30,13 @@ class Telemetry:
             self._decode_times: deque[float] = deque(maxlen=32)
             self.counts = np.zeros((self.layers, max(self.experts, 1)), dtype=np.float64)
             self._last_decay_layer = -1
+            # Seconds decoding waited for each layer's experts: in all since the reset (with the decode
+            # steps they add up over), and decayed per step as the counts are (with the steps' weight).
+            self.wait_total = np.zeros(self.layers, dtype=np.float64)
+            self.wait_steps = 0
+            self.wait_recent = np.zeros(self.layers, dtype=np.float64)
+            self._recent_steps = 0.0
+            self._last_wait_layer = -1
 
     def prefill_done(self, n_tokens: int, seconds: float) -> None:
         with self._lock:
@@ -57,6 +64,21 @@ class Telemetry:
             self._last_decay_layer = layer
             np.add.at(self.counts[layer], experts.ravel(), 1.0)
 
+    def waited(self, layer: int, seconds: float) -> None:
+        """Record how long a decode step (one token) waited for `layer`'s experts: asking the source
+        for them and waiting for the misses it reads.  Called for every MoE layer of every step, a
+        zero included, so that the steps are counted."""
+        with self._lock:
+            if layer <= self._last_wait_layer:
+                self.wait_steps += 1
+                self.wait_recent *= DECAY_PER_TOKEN
+                self._recent_steps = self._recent_steps * DECAY_PER_TOKEN + 1.0
+            elif self._last_wait_layer < 0:   # the first step since the reset
+                self.wait_steps, self._recent_steps = 1, 1.0
+            self._last_wait_layer = layer
+            self.wait_total[layer] += seconds
+            self.wait_recent[layer] += seconds
+
     def counts_now(self) -> np.ndarray:
         """A copy of the decayed activation counts (layers x experts)."""
         with self._lock:
@@ -76,5 +98,9 @@ class Telemetry:
                 "ttft_s": self.ttft_s,
                 "tokens": self.tokens,
                 "experts": {"layers": self.layers, "experts": self.experts, "counts": self.counts.tolist()},
+                # ms a decoded token by layer: lately (decayed as the counts are), and since the reset
+                "waits": {"recent_ms_per_token": (1e3 * self.wait_recent / self._recent_steps).tolist()
+                          if self._recent_steps else [0.0] * self.layers,
+                          "total_s": self.wait_total.tolist(), "steps": self.wait_steps},
                 "time": time.time(),
             }

@@ -290,6 +290,35 @@ def test_decode_guesses_two_layers_ahead_with_the_previous_tokens_attention(tiny
     assert differs > 0   # the estimate changed some guesses on this model: the assertion above has teeth
 
 
+def test_decode_counts_its_waits_for_experts_by_layer(tiny_store, reference):
+    # Every read is slowed to 10 ms and nothing fits the cache or is read ahead, so a decoded token waits
+    # at each layer for about as long as that layer's reads took; the prompt's reads are not counted.
+    with engine.load(tiny_store, ram_cache="1KiB", prefetch=False) as m:
+        decoding = threading.Event()
+        reads: dict[int, int] = {}
+        read = m.experts.reader.read
+
+        def slow(jobs):
+            time.sleep(0.010)
+            if decoding.is_set():
+                for layer in {job.tag[0] for job in jobs}:
+                    reads[layer] = reads.get(layer, 0) + 1
+            return read(jobs)
+        m.experts.reader.read = slow
+        out = []
+        for tok in m.generate(IDS[:4], max_new_tokens=6):
+            out.append(tok)
+            decoding.set()
+        assert out == reference[1][:6]
+        waits = m.telemetry()["waits"]
+    assert waits["steps"] == 5                          # six tokens: the prompt's step and five decode steps
+    assert sorted(reads) == m.moe_layer_ids == [0, 1, 2]
+    for layer, n in reads.items():
+        assert n >= 5                                   # a read a step at least: nothing is cached
+        assert waits["total_s"][layer] >= 0.9 * 0.010 * n
+    assert sum(waits["recent_ms_per_token"]) >= 0.9 * 10.0 * 3
+
+
 def test_buffers_are_reused_but_never_under_a_bundle_in_use(tiny_store):
     with engine.load(tiny_store, ram_cache=0, prefetch=False) as m:   # nothing cached: every ask reads
         src = m.experts
