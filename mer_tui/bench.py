@@ -50,6 +50,25 @@ def _expert_bytes_per_token(model: engine.Model) -> int:
     return bundle.nbytes * s.top_k * len(model.moe_layer_ids)
 
 
+def _waits_per_token(start: dict | None, end: dict) -> list[float]:
+    """Milliseconds a decoded token waited for each layer's experts between two snapshots."""
+    w0, w1 = (start or {}).get("waits") or {}, end.get("waits") or {}
+    steps = (w1.get("steps") or 0) - (w0.get("steps") or 0)
+    t1 = w1.get("total_s") or []
+    t0 = w0.get("total_s") or [0.0] * len(t1)
+    return [1e3 * (b - a) / steps if steps > 0 else 0.0 for a, b in zip(t0, t1)]
+
+
+def waits_line(by_layer: list[float], top: int = 3) -> str:
+    """'12.3 ms a token for experts; most at layers 0 (8.1), 3 (1.2), 1 (0.9)': the total and where it gathers."""
+    total = sum(by_layer)
+    worst = sorted(range(len(by_layer)), key=lambda i: -by_layer[i])[:top]
+    worst = [i for i in worst if by_layer[i] >= 0.05]
+    return f"{total:.1f} ms a token for experts" + (
+        "; most at layer" + ("s " if len(worst) > 1 else " ")
+        + ", ".join(f"{i} ({by_layer[i]:.1f})" for i in worst) if worst else "")
+
+
 def roofline_tokens_per_s(active_bytes: float, missed_bytes: float, dram_bw: float,
                           disk_bw: float) -> tuple[float, float]:
     """Best decode tokens/s for a token reading `active_bytes`, `missed_bytes` of them from the disk
@@ -136,6 +155,7 @@ def run_bench(args: argparse.Namespace) -> int:
     device = block_device(weight_file)
 
     runs = []
+    waits: list[list[float]] = []   # each run's ms a decoded token waited for experts, by layer
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=None, transient=True, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task("benchmark", total=args.repeats * args.decode_tokens)
@@ -157,7 +177,9 @@ def run_bench(args: argparse.Namespace) -> int:
             ssd0 = _tier(start_snap, "ssd").get("bytes_read", 0)
             ssd1 = _tier(end_snap, "ssd").get("bytes_read", 0)
             busy = _tier(end_snap, "ssd").get("busy_s", 0.0) - _tier(start_snap, "ssd").get("busy_s", 0.0)
+            waits.append(_waits_per_token(start_snap, end_snap))
             runs.append({
+                "wait_ms_per_token": sum(waits[-1]),
                 "ttft_s": t_first - t0,
                 "prefill_tokens_per_s": args.prompt_tokens / (t_first - t0),
                 "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
@@ -212,6 +234,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "device": device,
         **{k: round(v, 4) for k, v in med.items()},
         "runs": runs,
+        "wait_ms_per_token_by_layer": [round(statistics.median(w), 3) for w in zip(*waits)],
         "hit_rate": {name: t.get("hit_rate") for name, t in snap.get("tiers", {}).items() if "hit_rate" in t},
         "read_mb_s": _tier(snap, "ssd").get("read_mb_s", 0.0),
         "queue_depth_max": snap.get("io", {}).get("queue_depth_max", 0),
@@ -247,6 +270,8 @@ def _print_report(r: dict) -> None:
         "hit rate         " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items() if v is not None),
         f"missed bytes     {format_size(r['missed_bytes_per_token'])} per token, read {r['read_mb_s']:.0f} MB/s, "
         f"queue depth max {r['queue_depth_max']}",
+        *([f"waits            {waits_line(r['wait_ms_per_token_by_layer'])}"]
+          if any(r.get("wait_ms_per_token_by_layer") or []) else []),
         f"disk busy        {r['disk_busy_fraction']:.0%} of decoding, "
         f"{r['read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy",
         *([f"device busy      {r['device_busy_fraction']:.0%} of decoding, "

@@ -39,10 +39,24 @@ def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
     # every decode step misses (40 KiB holds no token's experts), so the disk had work part of the time
     assert 0 < out["disk_busy_fraction"] <= 1.0
     assert all(0 < r["disk_busy_fraction"] <= 1.0 for r in out["runs"])
+    # every token misses at every layer and nothing is read ahead: each MoE layer waited, each run
+    by_layer = out["wait_ms_per_token_by_layer"]
+    assert len(by_layer) == 3 and all(v > 0 for v in by_layer)
+    # a run's waits lie inside its decoding, on the decoding thread: less than a token's time
+    assert all(0 < r["wait_ms_per_token"] < 1e3 / r["decode_tokens_per_s"] for r in out["runs"])
     # the device's own count of the same time (/proc/diskstats), where the model sits on a block device
     if out["device"]:
         assert all(0 <= r["device_busy_fraction"] <= 1.0 for r in out["runs"])
         assert out["device_read_bytes_per_s_while_busy"] >= 0
+
+
+def test_the_waits_line_names_the_layers_that_waited_most():
+    from mer_tui.bench import waits_line
+
+    assert waits_line([12.04, 0.5, 0.01, 5.1]) == ("17.6 ms a token for experts; "
+                                                   "most at layers 0 (12.0), 3 (5.1), 1 (0.5)")
+    assert waits_line([0.0, 2.0, 0.0]) == "2.0 ms a token for experts; most at layer 1 (2.0)"
+    assert waits_line([0.0, 0.01]) == "0.0 ms a token for experts"
 
 
 def test_disk_counters_read_the_devices_line(tmp_path):

@@ -98,6 +98,21 @@ def test_tiers_show_how_well_the_prefetch_guessed():
     assert "Guessed" not in "\n".join(lines(render_tiers({**snap, "prefetch": pf}, 54), 54))
 
 
+def test_tiers_show_where_decoding_waited_for_experts():
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    assert "Waits" not in "\n".join(lines(render_tiers(snap, 54), 54))   # a recording from before the field
+    recent = [12.0, 4.8, 0.01, 5.1] + [0.0] * 12
+    waits = {"recent_ms_per_token": recent, "total_s": [0.0] * 16, "steps": 40}
+    out = "\n".join(lines(render_tiers({**snap, "waits": waits, "tokens_per_s": 10.0}, 60), 60))
+    assert "Waits" in out and "21.9 ms: L0 12.0, L3 5.1" in out
+    # 21.9 ms of a 100 ms token (10 tokens/s): the gauge a fifth full
+    row = next(line for line in lines(render_tiers({**snap, "waits": waits, "tokens_per_s": 10.0}, 60), 60)
+               if line.startswith("Waits"))
+    assert row.count("█") == 5 and "░" in row   # 0.219 of a 24-cell gauge
+    no_steps = {**waits, "steps": 0}   # nothing decoded since the reset yet
+    assert "Waits" not in "\n".join(lines(render_tiers({**snap, "waits": no_steps}, 54), 54))
+
+
 def test_tiers_show_a_vram_tier_when_present():
     snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
     snap = {**snap, "tiers": {**snap["tiers"], "vram": {"hits": 5, "misses": 5, "hit_rate": 0.5,

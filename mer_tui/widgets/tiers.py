@@ -91,6 +91,18 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
         recall, precision = pf["guess_recall"], pf.get("guess_precision") or 0.0
         t.add_row("Guessed", bar(recall, gauge_w, styles["hit"], styles["track"]),
                   Text(f"{100 * recall:.0f}% of picks, {100 * precision:.0f}% right"))
+    waits = snap.get("waits") or {}
+    recent = waits.get("recent_ms_per_token") or []
+    if waits.get("steps") and tiers.get("ssd"):
+        # How long a decoded token lately waited for experts the cache did not have, as a share of
+        # the token's time, and the layers where it waited most: the first layers of a token wait
+        # the longest (their experts are known only once the token is), which a budget or a policy
+        # can change and the prefetch cannot.
+        total = sum(recent)
+        tps = snap.get("tokens_per_s") or 0.0
+        worst = [i for i in sorted(range(len(recent)), key=lambda i: -recent[i])[:2] if recent[i] >= 0.05]
+        t.add_row("Waits", bar(min(1.0, total * tps / 1e3) if tps else None, gauge_w, styles["off"], styles["track"]),
+                  Text(f"{total:.1f} ms:" + ",".join(f" L{i} {recent[i]:.1f}" for i in worst)))
     t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
     return t
 
@@ -111,7 +123,8 @@ class TierGauges(Static):
         # Repaint only when what this panel shows changed (most ticks of an idle engine change nothing).
         s = snap or {}
         # repr, not the dicts: a snapshot's parts may be mutated in place between ticks.
-        shown = repr((s.get("tiers"), s.get("io"), s.get("prefetch"), s.get("policy"), requested_budget))
+        shown = repr((s.get("tiers"), s.get("io"), s.get("prefetch"), s.get("policy"), s.get("waits"),
+                      s.get("tokens_per_s"), requested_budget))
         if self._snap is not None and shown == self._shown:
             return
         self._snap, self._requested, self._shown = snap, requested_budget, shown
