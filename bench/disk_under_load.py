@@ -40,8 +40,8 @@ def kernel_load(nbytes: int = LOAD_BYTES) -> Iterator[list[int]]:
     rb = kernels.row_bytes("q4_0", LOAD_COLS)
     rows = max(8, nbytes // rb // 8 * 8)
     rng = np.random.default_rng(0)
-    # Random bytes make valid q4_0 blocks except for the scales: a float16 scale of NaN or inf would
-    # only slow nothing down, but keep them finite and small all the same.
+    # Random bytes are valid q4_0 blocks but for their float16 scales, some of which would be NaN or
+    # inf: every scale is set to a small finite value, so that the products compute ordinary numbers.
     data = rng.integers(0, 256, size=(rows, rb), dtype=np.uint8)
     scales = data.reshape(rows, -1, 18)[:, :, :2]
     scales[:] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)

@@ -17,7 +17,8 @@ Categories (times on the thread that decodes):
 
 With an expert store it also times the reader's reads (from every thread: demand reads and the
 prefetch worker's) and reports how much of decoding the disk was busy, and in which stage the
-decoding thread was while the disk sat idle: reads can only overlap work that is still ahead.
+decoding thread was while the disk sat idle: reads can only overlap work that is still ahead; and, by
+layer, how long decoding waited for experts (the engine's own telemetry) and how many were not ready.
 And it splits the reads by kind (demand or prefetch: bundles a token, milliseconds a bundle, how much
 of decoding both, one or neither was under way) and counts how many of a layer's experts were ready
 (cached or prefetched) when the model asked for them.
@@ -47,8 +48,6 @@ class Timers:
         self.reads: list[tuple[float, float]] = []        # reader.read calls, any thread
         self.read_kinds: list[tuple[str, int]] = []       # for each of those: "prefetch" or "demand", bundles
         self.asked: list[tuple[int, int, int]] = []       # per request(): layer, bundles ready at once, asked for
-        self.layer_wait: dict[int, float] = defaultdict(float)   # seconds in request() and its wait, by layer
-        self.layer = -1                                   # the layer of the last request()
         self.window = (0.0, 0.0)                          # the last timed decode, first token to last
 
     def wrap(self, name: str, fn):
@@ -88,27 +87,10 @@ class Timers:
 
         @functools.wraps(fn)
         def counted(layer, experts):
-            t0 = time.perf_counter()
             pending = timed(layer, experts)
-            self.layer = layer
             if self.on:
-                self.layer_wait[layer] += time.perf_counter() - t0
                 self.asked.append((layer, len(pending.ready), len(experts)))
             return pending
-        return counted
-
-    def wrap_wait(self, fn):
-        """Pending.wait, timed as I/O wait and counted to the layer of the request() before it."""
-        timed = self.wrap("io_wait", fn)
-
-        @functools.wraps(fn)
-        def counted(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return timed(*a, **k)
-            finally:
-                if self.on:
-                    self.layer_wait[self.layer] += time.perf_counter() - t0
         return counted
 
 
@@ -179,16 +161,18 @@ def reads_by_kind(timers: Timers, t0: float, t1: float, tokens: int) -> dict | N
     return out
 
 
-def waits_by_layer(timers: Timers, tokens: int) -> dict[int, dict[str, float]] | None:
-    """By MoE layer: milliseconds a token the decoding thread waited for its experts (request() and the
-    wait for its misses), and how many of them a token were not ready when asked for."""
+def waits_by_layer(timers: Timers, waits: dict, tokens: int) -> dict[int, dict[str, float]] | None:
+    """By MoE layer: milliseconds a token the decoding thread waited for its experts (the engine's own
+    count, telemetry's "waits" since the reset before the timed decode: request() and the wait for its
+    misses), and how many of them a token were not ready when asked for."""
     if not timers.asked:
         return None
     per_token = max(tokens, 1)
     not_ready: dict[int, int] = defaultdict(int)
     for layer, ready, asked in timers.asked:
         not_ready[layer] += asked - ready
-    return {layer: {"wait_ms_per_token": 1e3 * timers.layer_wait[layer] / per_token,
+    total_s = waits.get("total_s") or []
+    return {layer: {"wait_ms_per_token": 1e3 * (total_s[layer] if layer < len(total_s) else 0.0) / per_token,
                     "not_ready_per_token": not_ready[layer] / per_token} for layer in sorted(not_ready)}
 
 
@@ -201,7 +185,7 @@ def instrument(model, timers: Timers) -> None:
     # The model asks for a layer's experts with request() (the cached ones at once, misses read on the
     # demand thread) and then waits for the rest: both count as waiting for the source.
     model.experts.request = timers.wrap_request(model.experts.request)
-    Pending.wait = timers.wrap_wait(Pending.wait)
+    Pending.wait = timers.wrap("io_wait", Pending.wait)
     # engine/model.py calls kernels.expert_ffn through the module, so patching the module is enough.
     kernels.expert_ffn = timers.wrap("expert_compute", kernels.expert_ffn)
     kernels.experts_ffn = timers.wrap("expert_compute", kernels.experts_ffn)
@@ -272,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "ready_at_request": ({"ready": sum(r for _, r, _ in timers.asked) / len(timers.asked),
                               "asked": sum(n for _, _, n in timers.asked) / len(timers.asked)}
                              if timers.asked else None),
-        "by_layer": waits_by_layer(timers, tokens),
+        "by_layer": waits_by_layer(timers, model.telemetry().get("waits") or {}, tokens),
     }
     if args.cprofile:
         prof = cProfile.Profile()

@@ -220,12 +220,12 @@ def test_profile_splits_the_waits_by_layer():
 
     t = Timers()
     t.asked = [(0, 1, 2), (3, 2, 2), (0, 0, 2), (3, 1, 2)]   # (layer, ready, asked) over two tokens
-    t.layer_wait.update({0: 0.004, 3: 0.001})
-    got = waits_by_layer(t, tokens=2)
+    waits = {"total_s": [0.004, 0.0, 0.0, 0.001], "steps": 2}  # the engine's telemetry, dense layers 0 s
+    got = waits_by_layer(t, waits, tokens=2)
     assert list(got) == [0, 3]
     assert got[0] == {"wait_ms_per_token": pytest.approx(2.0), "not_ready_per_token": 1.5}
     assert got[3] == {"wait_ms_per_token": pytest.approx(0.5), "not_ready_per_token": 0.5}
-    assert waits_by_layer(Timers(), 1) is None
+    assert waits_by_layer(Timers(), waits, 1) is None
 
 
 def test_profile_decode_preloads_the_in_ram_case(chat_model_dir):
