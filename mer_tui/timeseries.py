@@ -18,7 +18,7 @@ DEFAULT_CAPACITY = 600
 IDLE_AFTER_S = 1.0
 
 FIELDS = ("t", "tokens_per_s", "prefill_tokens_per_s", "tokens", "ram_hit_rate", "ram_bytes_used",
-          "queue_depth", "read_mb_s", "prefetch_useful")
+          "queue_depth", "read_mb_s", "prefetch_useful", "wait_ms_per_token")
 
 
 def _get(d: dict, *keys, default=0.0):
@@ -65,6 +65,8 @@ class TimeSeries:
             "queue_depth": float(_get(snap, "io", "queue_depth")),
             "read_mb_s": float(_get(snap, "tiers", "ssd", "read_mb_s")),
             "prefetch_useful": float(_get(snap, "prefetch", "useful")),
+            # what a decoded token lately waited for experts, all layers together (engine telemetry)
+            "wait_ms_per_token": float(sum(_get(snap, "waits", "recent_ms_per_token", default=[]))),
         }
         for k, v in row.items():
             self.cols[k].append(v)

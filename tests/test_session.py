@@ -224,6 +224,9 @@ def test_timeseries_ring_and_idle_decay():
     # No new token for longer than the idle limit: the plotted rate drops to 0.
     ts.push({"time": 103.0, "tokens": 7, "tokens_per_s": 10.0})
     assert ts.column("tokens_per_s")[-1] == 0.0
+    assert ts.column("wait_ms_per_token")[-1] == 0.0           # a recording from before the field
+    ts.push({"time": 103.1, "tokens": 8, "waits": {"recent_ms_per_token": [1.5, 0.0, 2.25], "steps": 3}})
+    assert ts.column("wait_ms_per_token")[-1] == 3.75           # all layers together
     ts.clear()
     assert len(ts) == 0
 
