@@ -93,7 +93,7 @@ def test_tiers_show_how_well_the_prefetch_guessed():
     pf = {**snap["prefetch"], "enabled": True, "issued": 40, "useful": 30, "guess_recall": 0.924,
           "guess_precision": 0.913}
     out = "\n".join(lines(render_tiers({**snap, "prefetch": pf}, 54), 54))
-    assert "Guessed" in out and "92% of picks, 91% right" in out
+    assert "Guessed" in out and "92% picks, 91% right" in out
     pf["enabled"] = False   # off: no guesses to show
     assert "Guessed" not in "\n".join(lines(render_tiers({**snap, "prefetch": pf}, 54), 54))
 

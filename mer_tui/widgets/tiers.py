@@ -90,7 +90,7 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
         # foreseen is read while decoding waits.
         recall, precision = pf["guess_recall"], pf.get("guess_precision") or 0.0
         t.add_row("Guessed", bar(recall, gauge_w, styles["hit"], styles["track"]),
-                  Text(f"{100 * recall:.0f}% of picks, {100 * precision:.0f}% right"))
+                  Text(f"{100 * recall:.0f}% picks, {100 * precision:.0f}% right"))
     waits = snap.get("waits") or {}
     recent = waits.get("recent_ms_per_token") or []
     if waits.get("steps") and tiers.get("ssd"):
