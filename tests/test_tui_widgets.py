@@ -104,7 +104,7 @@ def test_tiers_show_where_decoding_waited_for_experts():
     recent = [12.0, 4.8, 0.01, 5.1] + [0.0] * 12
     waits = {"recent_ms_per_token": recent, "total_s": [0.0] * 16, "steps": 40}
     out = "\n".join(lines(render_tiers({**snap, "waits": waits, "tokens_per_s": 10.0}, 60), 60))
-    assert "Waits" in out and "21.9 ms: L0 12.0, L3 5.1" in out
+    assert "Waits" in out and "22 ms: L0 12, L3 5.1" in out
     # 21.9 ms of a 100 ms token (10 tokens/s): the gauge a fifth full
     row = next(line for line in lines(render_tiers({**snap, "waits": waits, "tokens_per_s": 10.0}, 60), 60)
                if line.startswith("Waits"))

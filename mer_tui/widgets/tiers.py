@@ -37,6 +37,11 @@ def bar(fraction: float | None, width: int, style: StyleType, track: StyleType =
     return t
 
 
+def _ms(v: float) -> str:
+    """Milliseconds in two or three digits, so that the Waits row fits its column."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
 def render_tiers(snap: dict | None, width: int, requested_budget: int | None = None,
                  styles: Mapping[str, StyleType] = DEFAULT_STYLES) -> Table | Text:
     if not snap:
@@ -102,7 +107,7 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
         tps = snap.get("tokens_per_s") or 0.0
         worst = [i for i in sorted(range(len(recent)), key=lambda i: -recent[i])[:2] if recent[i] >= 0.05]
         t.add_row("Waits", bar(min(1.0, total * tps / 1e3) if tps else None, gauge_w, styles["off"], styles["track"]),
-                  Text(f"{total:.1f} ms:" + ",".join(f" L{i} {recent[i]:.1f}" for i in worst)))
+                  Text(f"{_ms(total)} ms:" + ",".join(f" L{i} {_ms(recent[i])}" for i in worst)))
     t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
     return t
 
