@@ -10,7 +10,7 @@ import time
 from textual.widgets import Markdown
 
 import engine
-from mer_tui.app import TUNING, MerApp
+from mer_tui.app import HEATMAP_EVERY_BUSY, PLOTS_EVERY_BUSY, TUNING, MerApp
 from mer_tui.session import ModelInfo, Session
 from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader
 from tests.tui_fixtures import greedy_and_long
@@ -80,6 +80,34 @@ async def test_prompt_streams_tokens_into_the_chat(model):
             reply.translate({c: None for c in range(32) if c not in (9, 10)}).replace("\ufffd", "").replace(
                 "\x7f", "")
         assert "tokens in" in str(chat.query(".meta").last().render())
+
+
+@aio
+async def test_costly_panels_are_drawn_less_often_while_generating(model):
+    # The plots and the heatmap take the interpreter from the decoding thread and its readers while they
+    # draw: while a reply streams they are drawn every few ticks, the header and gauges at every tick.
+    app = make_app(model)
+    model.experts.delay = 0.025                # ~50 ms a token: a reply of 40 takes a couple of seconds
+    greedy_and_long(app.session, 40)           # sampling may end the reply after a few tokens
+    drawn = {"header": 0, "heatmap": 0, "plots": 0}
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.panels, what="the panels")
+        header, _, heatmap, throughput, _ = app.panels
+
+        def counted(name, fn):
+            def call(*a, **k):
+                drawn[name] += app.session.busy
+                return fn(*a, **k)
+            return call
+        header.update_from = counted("header", header.update_from)
+        heatmap.update_from = counted("heatmap", heatmap.update_from)
+        throughput.update_from = counted("plots", throughput.update_from)
+        await send(pilot, "hello there")
+        await until(pilot, lambda: len(app.session.messages) >= 2, timeout=20, what="the reply")
+    ticks = drawn["header"]
+    assert ticks >= 10, drawn
+    assert 1 <= drawn["plots"] <= ticks // PLOTS_EVERY_BUSY + 1, drawn
+    assert 1 <= drawn["heatmap"] <= ticks // HEATMAP_EVERY_BUSY + 1, drawn
 
 
 @aio
