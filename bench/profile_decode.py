@@ -245,18 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     seconds, tokens = decode(model, timed, args.decode_tokens, timers)
     parts = dict(timers.total)
     parts["other"] = seconds - sum(parts.values())
+    telemetry = model.telemetry()   # the timed decode's counts (reset before it)
     result: dict = {
         "decode_s": seconds, "decode_tokens": tokens,
         "decode_tokens_per_s": tokens / seconds if seconds else 0.0,
         "seconds": parts, "calls": dict(timers.calls),
         "share": {k: v / seconds for k, v in parts.items()} if seconds else {},
-        "telemetry": {k: model.telemetry().get(k) for k in ("tiers", "io", "prefetch")},
+        "telemetry": {k: telemetry.get(k) for k in ("tiers", "io", "prefetch")},
         "disk": disk_idle(timers, *timers.window, tokens),
         "reads": reads_by_kind(timers, *timers.window, tokens),
         "ready_at_request": ({"ready": sum(r for _, r, _ in timers.asked) / len(timers.asked),
                               "asked": sum(n for _, _, n in timers.asked) / len(timers.asked)}
                              if timers.asked else None),
-        "by_layer": waits_by_layer(timers, model.telemetry().get("waits") or {}, tokens),
+        "by_layer": waits_by_layer(timers, telemetry.get("waits") or {}, tokens),
     }
     if args.cprofile:
         prof = cProfile.Profile()
