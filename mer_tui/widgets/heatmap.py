@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 
+from rich.segment import Segment
 from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 # A viridis-like ramp: dark and blue when cold, yellow when hot; readable on dark and light themes
@@ -112,19 +114,37 @@ def render_heatmap(counts: list[list[float]], width: int, height: int) -> Text:
 
 
 class ExpertHeatmap(Widget):
-    """Draws the latest counts at whatever size the layout gives it."""
+    """Draws the latest counts at whatever size the layout gives it.
+
+    Line by line (render_line) from strips made once per change of counts or size: a map is a styled
+    span per cell, and handing Textual the whole Text to convert cell by cell took ~100 ms of the
+    interpreter per redraw on a 90x20 panel, time the decoding thread and the readers wait for."""
 
     DEFAULT_CSS = "ExpertHeatmap { height: 1fr; }"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._counts: list[list[float]] = []
+        self._strips: list[Strip] | None = None
+        self._strips_for: tuple = ()
 
     def update_from(self, snap: dict | None) -> None:
         counts = ((snap or {}).get("experts") or {}).get("counts") or []
         if counts != self._counts:
             self._counts = counts
+            self._strips = None
             self.refresh()
 
     def render(self) -> Text:
         return render_heatmap(self._counts, self.content_size.width, self.content_size.height)
+
+    def render_line(self, y: int) -> Strip:
+        width, height = self.content_size.width, self.content_size.height
+        base = self.rich_style
+        if self._strips is None or self._strips_for != (width, height, base):
+            lines = self.render().split("\n", allow_blank=True)
+            console = self.app.console
+            self._strips = [Strip(Segment.apply_style(line.render(console), base), line.cell_len)
+                            .adjust_cell_length(width, base) for line in lines[:height]]
+            self._strips_for = (width, height, base)
+        return self._strips[y] if y < len(self._strips) else Strip.blank(width, base)
