@@ -27,10 +27,11 @@ from .widgets.responsive import fit
 TICK_S = 0.1          # telemetry poll and token drain: about 10 Hz
 # The plots (plotext) and the heatmap (a style per cell) are the costly panels to draw, and the
 # interpreter that draws them is the one the decoding thread and the readers need: drawn at every
-# tick they cut decoding in the app to 12 tok/s on the stress demo against 32 without the app
-# (28 with the app but neither panel).  While generating the plots are drawn at 2 Hz and the heatmap
-# (decayed counts, which change slowly) at 1 Hz, both again when a reply ends; when idle at 1 Hz (the
-# plots only scroll then).  The text, header and gauges are drawn at every tick.
+# tick they cut decoding in the app to 12 tok/s on the stress demo against 28-32 without the app
+# (28 with the app but neither panel; bench/app_decode.py measures it).  While generating the plots
+# are drawn at 2 Hz and the heatmap (decayed counts, which change slowly) at 1 Hz, both again when a
+# reply ends; when idle at 1 Hz (the plots only scroll then).  The text, header and gauges are drawn
+# at every tick.
 PLOTS_EVERY_BUSY, HEATMAP_EVERY_BUSY, PANELS_EVERY_IDLE = 5, 10, 10
 
 # (action, key, footer label, palette name, palette help)

@@ -117,8 +117,9 @@ class ExpertHeatmap(Widget):
     """Draws the latest counts at whatever size the layout gives it.
 
     Line by line (render_line) from strips made once per change of counts or size: a map is a styled
-    span per cell, and handing Textual the whole Text to convert cell by cell took ~100 ms of the
-    interpreter per redraw on a 90x20 panel, time the decoding thread and the readers wait for."""
+    span per cell, and handing Textual the whole Text to convert span by span at every repaint took
+    the interpreter from the decoding thread and the readers (redrawn at every tick, the stress demo
+    decoded at 8.7 tok/s in the app this way, 13.3 line by line)."""
 
     DEFAULT_CSS = "ExpertHeatmap { height: 1fr; }"
 
