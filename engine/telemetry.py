@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,12 +32,11 @@ class Telemetry:
             self.counts = np.zeros((self.layers, max(self.experts, 1)), dtype=np.float64)
             self._last_decay_layer = -1
             # Seconds decoding waited for each layer's experts: in all since the reset (with the decode
-            # steps they add up over), and decayed per step as the counts are (with the steps' weight).
+            # steps they add up over), and decayed per step as the counts are.
             self.wait_total = np.zeros(self.layers, dtype=np.float64)
             self.wait_steps = 0
             self.wait_recent = np.zeros(self.layers, dtype=np.float64)
-            self._recent_steps = 0.0
-            self._last_wait_layer = -1
+            self._last_wait_layer = self.layers   # above every layer: the first call opens a step
 
     def prefill_done(self, n_tokens: int, seconds: float) -> None:
         with self._lock:
@@ -69,12 +69,9 @@ class Telemetry:
         for them and waiting for the misses it reads.  Called for every MoE layer of every step, a
         zero included, so that the steps are counted."""
         with self._lock:
-            if layer <= self._last_wait_layer:
+            if layer <= self._last_wait_layer:   # a new step
                 self.wait_steps += 1
                 self.wait_recent *= DECAY_PER_TOKEN
-                self._recent_steps = self._recent_steps * DECAY_PER_TOKEN + 1.0
-            elif self._last_wait_layer < 0:   # the first step since the reset
-                self.wait_steps, self._recent_steps = 1, 1.0
             self._last_wait_layer = layer
             self.wait_total[layer] += seconds
             self.wait_recent[layer] += seconds
@@ -92,6 +89,8 @@ class Telemetry:
 
     def snapshot(self) -> dict:
         with self._lock:
+            # the decayed waits' weight: one a step, decayed as they are (a geometric sum)
+            steps_weight = (1.0 - DECAY_PER_TOKEN ** self.wait_steps) / (1.0 - DECAY_PER_TOKEN)
             return {
                 "tokens_per_s": self.tokens_per_s(),
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
@@ -99,8 +98,15 @@ class Telemetry:
                 "tokens": self.tokens,
                 "experts": {"layers": self.layers, "experts": self.experts, "counts": self.counts.tolist()},
                 # ms a decoded token by layer: lately (decayed as the counts are), and since the reset
-                "waits": {"recent_ms_per_token": (1e3 * self.wait_recent / self._recent_steps).tolist()
-                          if self._recent_steps else [0.0] * self.layers,
+                "waits": {"recent_ms_per_token": (1e3 * self.wait_recent / steps_weight).tolist()
+                          if self.wait_steps else [0.0] * self.layers,
                           "total_s": self.wait_total.tolist(), "steps": self.wait_steps},
                 "time": time.time(),
             }
+
+
+def most_waited(ms_by_layer: Sequence[float], n: int) -> list[int]:
+    """The `n` layers whose decoded tokens waited longest for experts, longest first; layers that
+    waited under 0.05 ms (nothing worth naming) left out."""
+    ranked = sorted(range(len(ms_by_layer)), key=lambda i: -ms_by_layer[i])[:n]
+    return [i for i in ranked if ms_by_layer[i] >= 0.05]

@@ -21,6 +21,7 @@ import numpy as np
 
 import engine
 from engine import format_size
+from engine.telemetry import most_waited
 
 from .cli import CliError
 from .generate import load_from_args
@@ -62,8 +63,7 @@ def _waits_per_token(start: dict | None, end: dict) -> list[float]:
 def waits_line(by_layer: list[float], top: int = 3) -> str:
     """'12.3 ms a token for experts; most at layers 0 (8.1), 3 (1.2), 1 (0.9)': the total and where it gathers."""
     total = sum(by_layer)
-    worst = sorted(range(len(by_layer)), key=lambda i: -by_layer[i])[:top]
-    worst = [i for i in worst if by_layer[i] >= 0.05]
+    worst = most_waited(by_layer, top)
     return f"{total:.1f} ms a token for experts" + (
         "; most at layer" + ("s " if len(worst) > 1 else " ")
         + ", ".join(f"{i} ({by_layer[i]:.1f})" for i in worst) if worst else "")

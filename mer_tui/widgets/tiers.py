@@ -14,6 +14,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from engine import format_size
+from engine.telemetry import most_waited
 
 # Colours come from the stylesheet (component classes tiers--hit etc. in app.tcss); these are the
 # fallbacks for rendering without an app (tests, exports).
@@ -105,7 +106,7 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
         # can change and the prefetch cannot.
         total = sum(recent)
         tps = snap.get("tokens_per_s") or 0.0
-        worst = [i for i in sorted(range(len(recent)), key=lambda i: -recent[i])[:2] if recent[i] >= 0.05]
+        worst = most_waited(recent, 2)
         t.add_row("Waits", bar(min(1.0, total * tps / 1e3) if tps else None, gauge_w, styles["off"], styles["track"]),
                   Text(f"{_ms(total)} ms:" + ",".join(f" L{i} {_ms(recent[i])}" for i in worst)))
     t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
