@@ -78,4 +78,4 @@ class ModelHeader(Static):
         key = (text.plain, tuple(text.spans))
         if key != self._last:       # a repaint costs more than this comparison; most ticks change nothing
             self._last = key
-            self.update(text)
+            self.update(text, layout=False)     # one line, its size set by the layout, not by the text

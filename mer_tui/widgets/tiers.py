@@ -134,7 +134,9 @@ class TierGauges(Static):
         if self._snap is not None and shown == self._shown:
             return
         self._snap, self._requested, self._shown = snap, requested_budget, shown
-        self.update(render_tiers(snap, self.content_size.width or 60, requested_budget, self._styles()))
+        # The panel's size is its grid cell's, whatever it shows: no layout (a layout of the whole
+        # screen at every tick cost decoding more than drawing this panel).
+        self.update(render_tiers(snap, self.content_size.width or 60, requested_budget, self._styles()), layout=False)
 
     def on_resize(self) -> None:
         self.update(render_tiers(self._snap, self.content_size.width or 60, self._requested, self._styles()))
