@@ -25,14 +25,18 @@ from .widgets import ChatPane, ExpertHeatmap, IOQueuePlot, LoadingScreen, ModelH
 from .widgets.responsive import fit
 
 TICK_S = 0.1          # telemetry poll and token drain: about 10 Hz
-# The plots (plotext) and the heatmap (a style per cell) are the costly panels to draw, and the
-# interpreter that draws them is the one the decoding thread and the readers need: drawn at every
-# tick they cut decoding in the app to 12 tok/s on the stress demo against 28-32 without the app
-# (28 with the app but neither panel; bench/app_decode.py measures it).  While generating the plots
-# are drawn at 2 Hz and the heatmap (decayed counts, which change slowly) at 1 Hz, both again when a
-# reply ends; when idle at 1 Hz (the plots only scroll then).  The text, header and gauges are drawn
-# at every tick.
-PLOTS_EVERY_BUSY, HEATMAP_EVERY_BUSY, PANELS_EVERY_IDLE = 5, 10, 10
+# The panels are drawn in the interpreter that the decoding thread and the expert readers also need,
+# so what they cost comes off decoding (bench/app_decode.py measures it: drawn at every tick they cut
+# the stress demo to 12 tok/s against 28-32 without the app).  The reply's text and the header (one
+# line) are drawn at every tick; while a reply streams the gauges at 5 Hz, and the plots (plotext,
+# ~10 ms each) and the heatmap (decayed counts, which change slowly) at 1 Hz each, on different ticks
+# so that no tick draws two of them; all of them again when the reply ends.  When idle the gauges
+# and the header are checked at every tick (a key's effect shows at once; they draw only what
+# changed) and the rest drawn at 1 Hz (the plots only scroll then).
+# Panel -> (ticks between two draws, the tick of those it is drawn on).
+BUSY_CADENCE = {"header": (1, 0), "tiers": (2, 1), "throughput": (10, 0), "ioqueue": (10, 4), "heatmap": (10, 8)}
+IDLE_CADENCE = {"header": (1, 0), "tiers": (1, 0), "throughput": (10, 0), "ioqueue": (10, 0), "heatmap": (10, 0)}
+PANELS = frozenset(BUSY_CADENCE)
 
 # (action, key, footer label, palette name, palette help)
 TUNING = [
@@ -149,7 +153,7 @@ class MerApp(App):
             for snap in history():
                 self._push(snap)
         chat.input.focus()
-        self._ticks = -1      # the first tick after this draws the plots too
+        self._ticks = -1      # the first tick after this draws every panel
 
     # ------------------------------------------------------------------ the timer
     def _tick(self) -> None:
@@ -185,8 +189,12 @@ class MerApp(App):
                 self._push(snap)
                 self.snapshot = snap
             ended = any(isinstance(ev, (TurnDone, Failure)) for ev in events)
-            every = (PLOTS_EVERY_BUSY, HEATMAP_EVERY_BUSY) if s.busy else (PANELS_EVERY_IDLE, PANELS_EVERY_IDLE)
-            self._redraw(plots=ended or self._ticks % every[0] == 0, heatmap=ended or self._ticks % every[1] == 0)
+            first = self._ticks == 0
+            self._redraw(PANELS if ended or first else self._due(BUSY_CADENCE if s.busy else IDLE_CADENCE))
+
+    def _due(self, cadence: dict[str, tuple[int, int]]) -> frozenset[str]:
+        """The panels whose turn it is at this tick."""
+        return frozenset(name for name, (every, at) in cadence.items() if self._ticks % every == at)
 
     def _push(self, snap: dict) -> None:
         t = snap.get("time")
@@ -195,16 +203,19 @@ class MerApp(App):
         self._last_time = t
         self.series.push(snap)
 
-    def _redraw(self, plots: bool = True, heatmap: bool = True) -> None:
+    def _redraw(self, panels: frozenset[str] = PANELS) -> None:
         header, tiers, activations, throughput, ioqueue = self.panels
         snap, state = self.snapshot, ("generating" if self.session.busy else "idle")
-        tps = self.series.cols["tokens_per_s"][-1] if len(self.series) else None
-        header.update_from(self.session.info, snap, state, tps)
-        tiers.update_from(snap, self.session.requested_budget)
-        if heatmap:
+        if "header" in panels:
+            tps = self.series.cols["tokens_per_s"][-1] if len(self.series) else None
+            header.update_from(self.session.info, snap, state, tps)
+        if "tiers" in panels:
+            tiers.update_from(snap, self.session.requested_budget)
+        if "heatmap" in panels:
             activations.update_from(snap)
-        if plots:
+        if "throughput" in panels:
             throughput.update_from(self.series)
+        if "ioqueue" in panels:
             ioqueue.update_from(self.series)
 
     def _handle(self, ev: Event) -> None:

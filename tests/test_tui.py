@@ -10,7 +10,7 @@ import time
 from textual.widgets import Markdown
 
 import engine
-from mer_tui.app import HEATMAP_EVERY_BUSY, PLOTS_EVERY_BUSY, TUNING, MerApp
+from mer_tui.app import BUSY_CADENCE, TUNING, MerApp
 from mer_tui.session import ModelInfo, Session
 from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader
 from tests.tui_fixtures import greedy_and_long
@@ -84,30 +84,34 @@ async def test_prompt_streams_tokens_into_the_chat(model):
 
 @aio
 async def test_costly_panels_are_drawn_less_often_while_generating(model):
-    # The plots and the heatmap take the interpreter from the decoding thread and its readers while they
-    # draw: while a reply streams they are drawn every few ticks, the header and gauges at every tick.
+    # The panels take the interpreter from the decoding thread and its readers while they draw: while a
+    # reply streams the header is drawn at every tick, the gauges every other one, the plots and the
+    # heatmap every tenth, and never two of those three on the same tick.
     app = make_app(model)
     model.experts.delay = 0.025                # ~50 ms a token: a reply of 40 takes a couple of seconds
     greedy_and_long(app.session, 40)           # sampling may end the reply after a few tokens
-    drawn = {"header": 0, "heatmap": 0, "plots": 0}
+    names = ("header", "tiers", "heatmap", "throughput", "ioqueue")
+    drawn = {name: [] for name in names}
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.panels, what="the panels")
-        header, _, heatmap, throughput, _ = app.panels
 
         def counted(name, fn):
             def call(*a, **k):
-                drawn[name] += app.session.busy
+                if app.session.busy:
+                    drawn[name].append(app._ticks)
                 return fn(*a, **k)
             return call
-        header.update_from = counted("header", header.update_from)
-        heatmap.update_from = counted("heatmap", heatmap.update_from)
-        throughput.update_from = counted("plots", throughput.update_from)
+        for name, panel in zip(names, app.panels):
+            panel.update_from = counted(name, panel.update_from)
         await send(pilot, "hello there")
         await until(pilot, lambda: len(app.session.messages) >= 2, timeout=20, what="the reply")
-    ticks = drawn["header"]
+    ticks = len(drawn["header"])
     assert ticks >= 10, drawn
-    assert 1 <= drawn["plots"] <= ticks // PLOTS_EVERY_BUSY + 1, drawn
-    assert 1 <= drawn["heatmap"] <= ticks // HEATMAP_EVERY_BUSY + 1, drawn
+    for name in names[1:]:
+        every = BUSY_CADENCE[name][0]
+        assert 1 <= len(drawn[name]) <= ticks // every + 1, (name, drawn)
+    costly = [t for name in ("heatmap", "throughput", "ioqueue") for t in drawn[name]]
+    assert len(costly) == len(set(costly)), drawn
 
 
 @aio
