@@ -10,7 +10,7 @@ from mer_tui.session import ModelInfo
 from mer_tui.widgets.chat import printable
 from mer_tui.widgets.header import render_header
 from mer_tui.widgets.heatmap import RAMP, colour, render_heatmap
-from mer_tui.widgets.seriesplot import thin
+from mer_tui.widgets.seriesplot import changes, thin
 from mer_tui.widgets.tiers import bar, render_tiers
 from tests.tui_fixtures import load_recording
 
@@ -143,3 +143,12 @@ def test_thin_keeps_the_newest_sample():
     xs = list(range(1000))
     tx, ty = thin(xs, xs, 100)
     assert len(tx) <= 100 and tx[-1] == 999 and ty == tx
+
+
+def test_a_held_figure_plots_as_its_changes():
+    # The prefill column keeps the last prompt's speed: two prompts are two events, not a line, and a
+    # figure already there when the window begins is no event inside it.
+    xs = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    ys = [50.0, 50.0, 80.0, 80.0, 80.0, 0.0, 30.0]
+    assert changes(xs, ys) == ([2.0, 6.0], [80.0, 30.0])
+    assert changes(xs, [0.0] * 7) == ([], [])

@@ -25,6 +25,13 @@ def thin(xs: list[float], ys: list[float], points: int) -> tuple[list[float], li
     return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
+def changes(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """The samples whose value differs from the sample before, zeros left out: where a column that
+    holds the latest event's figure until the next (a prefill's speed) got a new event."""
+    idx = [i for i in range(1, len(ys)) if ys[i] != ys[i - 1] and ys[i]]
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
 def hex_rgb(colour: str) -> tuple[int, int, int]:
     return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
 
@@ -35,6 +42,9 @@ class SeriesPlot(PlotextPlot):
     LEFT: tuple[str, str, str] = ("", "", "#ffffff")
     RIGHT: tuple[str, str, str] | None = None
     UNIT = ""
+    # The right series as events: a stroke from 0 at each change of its column, not a line, for a
+    # column that keeps the last event's figure (a line would show a prefill under way all the time).
+    RIGHT_EVENTS = False
     COMPONENT_CLASSES = {"plot--left", "plot--right"}
 
     def _colour(self, side: str, fallback: str) -> str:
@@ -79,10 +89,15 @@ class SeriesPlot(PlotextPlot):
                 continue
             col, _name, fallback = spec
             colour = self._colour(side, fallback)
-            xs, ys = thin(x, s.column(col), 2 * max(10, self.size.width))
+            events = side == "right" and self.RIGHT_EVENTS
+            xs, ys = changes(x, s.column(col)) if events else thin(x, s.column(col), 2 * max(10, self.size.width))
             if side == "right" and not any(ys):
                 continue   # nothing on the right axis: leave the room to the left series
-            plt.plot(xs, ys, color=hex_rgb(colour), marker="braille", yside=side)
+            if events:
+                for ex, ey in zip(xs, ys):
+                    plt.plot([ex, ex], [0.0, ey], color=hex_rgb(colour), marker="braille", yside=side)
+            else:
+                plt.plot(xs, ys, color=hex_rgb(colour), marker="braille", yside=side)
             top = max(ys)
             plt.ylim(0, top * 1.15 if top > 0 else 1.0, yside=side)
         plt.xlim(-span, 0)
