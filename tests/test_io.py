@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,34 @@ def test_uring_keeps_the_queue_full(files):
     assert 1.0 < snap["queue_depth_mean"] <= 4.0
     assert snap["requests"] == 32
     r.close()
+
+
+@pytest.mark.skipif("uring" not in KINDS, reason="io_uring unavailable here")
+def test_uring_shows_a_lone_request_in_flight(files):
+    # The telemetry polls the depth from another thread while a reader waits; a read of one request
+    # (an expert bundle under 4 MiB) must show in flight, as it was not when the count rose only once
+    # the call that submitted it had returned, with its completion.
+    paths, datas = files
+    r = open_reader("uring", paths, queue_depth=4)
+    if not r.direct:
+        pytest.skip(f"no O_DIRECT here ({r.reason}): reads from the page cache end too soon to be seen")
+    seen, stop = [], threading.Event()
+
+    def read_again():
+        while not stop.is_set():
+            jobs, _ = _jobs([(0, 0, 3 << 20)], datas)   # one request of 3 MiB
+            r.read(jobs)
+    t = threading.Thread(target=read_again)
+    t.start()
+    try:
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and max(seen, default=0) < 1:
+            seen.append(r.stats.snapshot()["queue_depth"])
+    finally:
+        stop.set()
+        t.join()
+        r.close()
+    assert max(seen) == 1, f"never seen in flight in {len(seen)} polls"
 
 
 def test_auto_prefers_uring_and_says_why_not(files, monkeypatch):

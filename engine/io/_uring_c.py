@@ -201,7 +201,11 @@ int mer_ring_read(mer_ring *r, unsigned n, const int32_t *fds, const uint64_t *o
         }
         inflight = __atomic_load_n(&r->inflight, __ATOMIC_RELAXED);
         unsigned wait = (inflight > 0 || pending > 0) ? 1 : 0;
+        /* Counted in flight before the call that submits them and waits: counted after it, a lone
+           request (one bundle) was never seen in flight by the telemetry polling from another thread. */
+        __atomic_fetch_add(&r->inflight, (int)pending, __ATOMIC_RELAXED);
         int ret = sys_enter(r->fd, pending, wait, IORING_ENTER_GETEVENTS);
+        if (ret < 0) __atomic_fetch_sub(&r->inflight, (int)pending, __ATOMIC_RELAXED);   /* none went out */
         if (ret < 0) {
             int e = errno;
             if (e == EINTR || e == EAGAIN || e == EBUSY) {
@@ -220,8 +224,8 @@ int mer_ring_read(mer_ring *r, unsigned n, const int32_t *fds, const uint64_t *o
             break;
         }
         if ((unsigned)ret > pending) ret = (int)pending;
+        __atomic_fetch_sub(&r->inflight, (int)pending - ret, __ATOMIC_RELAXED);   /* left in the queue */
         pending -= (unsigned)ret;
-        __atomic_fetch_add(&r->inflight, ret, __ATOMIC_RELAXED);
         done += reap(r, res, lat_ns, dests, staging, slot_of, free_slots, &nfree);
     }
     free(slot_of);
