@@ -137,6 +137,13 @@ def test_header_fits_and_keeps_model_reader_budget(width):
 
 def test_printable_replaces_control_characters():
     assert printable("a\x00b\x1bc\nd\te\x7f") == "a\ufffdb\ufffdc\nd\te\ufffd"
+    # C1 controls, a bidi override and an isolate, a line separator, an unassigned code point
+    assert printable("x\x85\x9b1m\u202eab\u2066c\u2028\u0378") == "x\ufffd\ufffd1m\ufffdab\ufffdc\ufffd\ufffd"
+
+
+def test_printable_keeps_real_text():
+    text = "naïve café — 東京, हिन्दी, עברית, 👍🏽, 🫨, e\u0301"
+    assert printable(text) == text
 
 
 def test_thin_keeps_the_newest_sample():

@@ -7,19 +7,32 @@ reply streams, until the user scrolls up to read.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Markdown, Static
 
-# Model output may contain control characters (a random model emits any byte); the terminal must
-# only ever get printable text.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Model output may contain anything (a random model emits any byte); the terminal must only ever get
+# text it draws as Textual measured it.  Replaced: control characters (C0 but newline and tab, DEL,
+# and C1, which some terminals still obey: U+009B is a CSI), the bidirectional embeddings, overrides
+# and isolates (a terminal that reorders text would draw it elsewhere than Textual placed it), the
+# line and paragraph separators, and code points this Python's Unicode does not assign (Textual counts
+# them one cell, terminals zero or one: the stress demo's replies shifted the panels beside them).
+# Unassigned points in the pictograph planes are kept: newer emoji than this Python knows land there.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _assigned(c: str) -> bool:
+    return unicodedata.category(c) != "Cn" or 0x1F000 <= ord(c) <= 0x1FFFF
 
 
 def printable(text: str) -> str:
-    return _CONTROL.sub("\ufffd", text)
+    text = _UNSAFE.sub("\ufffd", text)
+    if text.isascii():
+        return text
+    return "".join(c if _assigned(c) else "\ufffd" for c in text)
 
 
 class ChatPane(Vertical):
