@@ -25,7 +25,7 @@ def lines(renderable, width: int) -> list[str]:
 
 
 @pytest.mark.parametrize("layers,experts", [(8, 8), (16, 64), (48, 128), (2, 4), (60, 256)])
-@pytest.mark.parametrize("width,height", [(30, 6), (60, 12), (90, 20), (150, 40)])
+@pytest.mark.parametrize("width,height", [(30, 2), (30, 6), (60, 12), (90, 20), (150, 40)])
 def test_heatmap_fits_its_box_and_never_wraps(layers, experts, width, height):
     counts = [[float((i * 7 + e * 13) % 11) for e in range(experts)] for i in range(layers)]
     text = render_heatmap(counts, width, height)
@@ -55,6 +55,19 @@ def test_heatmap_small_models_get_big_cells_and_labels():
 
 def test_heatmap_without_counts():
     assert "no expert activity" in render_heatmap([], 60, 10).plain
+
+
+@pytest.mark.parametrize("height", [1, 2])
+def test_a_short_heatmap_keeps_the_map(height):
+    # A short terminal leaves the panel a row or two: the map, without its axis and legend, not a note
+    # that there is no activity.
+    counts = [[0.0] * 32 for _ in range(8)]
+    counts[7][31] = 5.0
+    text = render_heatmap(counts, 60, height)
+    rows = text.plain.split("\n")
+    assert len(rows) == height and "no expert" not in text.plain
+    assert rows[0].startswith("L0") and max(len(r) for r in rows) <= 60
+    assert any(colour(1.0) in str(span.style) for span in text.spans)      # the hot expert is drawn
 
 
 def test_colour_ramp_ends():

@@ -46,15 +46,19 @@ def render_heatmap(counts: list[list[float]], width: int, height: int) -> Text:
     """The heatmap (axis row, map, legend) drawn into width x height cells."""
     layers = len(counts)
     experts = len(counts[0]) if layers else 0
-    if layers == 0 or experts == 0 or width < LABEL_W + 4 or height < 3:
+    if layers == 0 or experts == 0:
         return Text("no expert activity yet" if width >= 22 else "", style="dim")
+    if width < LABEL_W + 4 or height < 1:
+        return Text("")
+    # Under 3 rows (a short terminal) the map takes them all: no axis, no legend.
+    chrome = height >= 3
     peak = max((max(row) for row in counts), default=0.0)
     scale = (1.0 / peak) if peak > 0 else 0.0
 
     cols_avail = width - LABEL_W
     col_bins = _bins(experts, cols_avail)
     cell_w = max(1, min(6, cols_avail // len(col_bins)))
-    rows_avail = height - 2           # axis row + legend
+    rows_avail = height - 2 if chrome else height      # axis row + legend
     per_row = 1 if layers <= rows_avail else 2
     row_bins = _bins(layers, rows_avail * per_row)
     # Small models get taller cells (up to 2 rows a layer), so an 8x8 map is not a speck.
@@ -72,8 +76,9 @@ def render_heatmap(counts: list[list[float]], width: int, height: int) -> Text:
         pos = c * cell_w
         if pos + len(label) <= len(axis) and all(ch == " " for ch in axis[max(0, pos - 1):pos + len(label)]):
             axis[pos:pos + len(label)] = label
-    out.append("exp " if LABEL_W == 4 else " " * LABEL_W, style="dim")
-    out.append("".join(axis) + "\n", style="dim")
+    if chrome:
+        out.append("exp " if LABEL_W == 4 else " " * LABEL_W, style="dim")
+        out.append("".join(axis) + "\n", style="dim")
 
     for r in range(0, len(row_bins), per_row):
         top = row_bins[r]
@@ -94,6 +99,9 @@ def render_heatmap(counts: list[list[float]], width: int, height: int) -> Text:
                     out.append("▀" * cell_w, style=f"{fg} on {colour(level(bottom, cb))}")
             out.append("\n")
 
+    if not chrome:
+        out.right_crop(1)   # the last map row's newline
+        return out
     # Legend: the ramp from 0 to the current peak, and what one cell stands for.
     out.append(" " * LABEL_W)
     out.append("0 ", style="dim")
