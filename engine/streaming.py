@@ -583,7 +583,8 @@ class StreamingExperts(ExpertSource):
             "tiers": tiers,
             "io": {"backend": self.reader.name, "backend_reason": self.reader.reason,
                    "direct": self.reader.direct,
-                   "queue_depth": io["queue_depth"], "queue_depth_max": io["queue_depth_max"],
+                   "queue_depth": io["queue_depth"], "queue_depth_avg": io["queue_depth_avg"],
+                   "queue_depth_max": io["queue_depth_max"],
                    "queue_depth_mean": io["queue_depth_mean"], "read_ms_p50": io["read_ms_p50"],
                    "read_ms_p99": io["read_ms_p99"], "requests": io["requests"],
                    # wall time spent in batch reads (demand and prefetch) since the last reset

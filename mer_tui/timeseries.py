@@ -18,7 +18,7 @@ DEFAULT_CAPACITY = 600
 IDLE_AFTER_S = 1.0
 
 FIELDS = ("t", "tokens_per_s", "prefill_tokens_per_s", "tokens", "ram_hit_rate", "ram_bytes_used",
-          "queue_depth", "read_mb_s", "prefetch_useful", "wait_ms_per_token")
+          "queue_depth", "queue_depth_avg", "read_mb_s", "prefetch_useful", "wait_ms_per_token")
 
 
 def _get(d: dict, *keys, default=0.0):
@@ -63,6 +63,9 @@ class TimeSeries:
             "ram_hit_rate": float(_get(snap, "tiers", "ram", "hit_rate")),
             "ram_bytes_used": float(_get(snap, "tiers", "ram", "bytes_used")),
             "queue_depth": float(_get(snap, "io", "queue_depth")),
+            # requests in flight on average over the reader's last 2 s (a recording from before the
+            # field has only the depth at the instant)
+            "queue_depth_avg": float(_get(snap, "io", "queue_depth_avg", default=_get(snap, "io", "queue_depth"))),
             "read_mb_s": float(_get(snap, "tiers", "ssd", "read_mb_s")),
             "prefetch_useful": float(_get(snap, "prefetch", "useful")),
             # what a decoded token lately waited for experts, all layers together (engine telemetry)

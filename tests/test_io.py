@@ -134,6 +134,23 @@ def test_uring_shows_a_lone_request_in_flight(files):
     assert max(seen) == 1, f"never seen in flight in {len(seen)} polls"
 
 
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "mmap"])
+def test_readers_report_the_mean_depth_in_flight(files, kind):
+    # The NVMe plot draws requests in flight averaged over the last seconds (their summed latencies
+    # over the window): kept busy at a depth of 4, the mean is near 4 and never above it.
+    paths, datas = files
+    r = open_reader(kind, paths, queue_depth=4)
+    if hasattr(r, "chunk"):
+        r.chunk = 64 << 10
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        jobs, _ = _jobs([(0, 0, 3 << 20)], datas)
+        r.read(jobs)
+    snap = r.stats.snapshot()
+    r.close()
+    assert 1.0 < snap["queue_depth_avg"] <= 4.0, snap
+
+
 def test_auto_prefers_uring_and_says_why_not(files, monkeypatch):
     paths, _ = files
     r = open_reader("auto", paths)

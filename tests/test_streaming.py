@@ -481,8 +481,8 @@ def test_telemetry_schema_and_counters(tiny_store):
     ram, ssd, io, pf = s["tiers"]["ram"], s["tiers"]["ssd"], s["io"], s["prefetch"]
     assert set(ram) >= {"hits", "misses", "hit_rate", "bytes_used", "bytes_budget", "entries", "pinned"}
     assert set(ssd) >= {"reads", "bytes_read", "read_mb_s"}
-    assert set(io) >= {"backend", "backend_reason", "queue_depth", "queue_depth_max", "queue_depth_mean",
-                       "read_ms_p50", "read_ms_p99"}
+    assert set(io) >= {"backend", "backend_reason", "queue_depth", "queue_depth_avg", "queue_depth_max",
+                       "queue_depth_mean", "read_ms_p50", "read_ms_p99"}
     assert set(pf) >= {"enabled", "issued", "useful", "precision", "recall"}
     assert "vram" not in s["tiers"]        # no GPU here: no tier pretends to be one
     assert ram["hit_rate"] == pytest.approx(ram["hits"] / (ram["hits"] + ram["misses"]))
@@ -490,6 +490,7 @@ def test_telemetry_schema_and_counters(tiny_store):
     assert 0 <= pf["useful"] <= pf["issued"] and 0.0 <= pf["precision"] <= 1.0 and 0.0 <= pf["recall"] <= 1.0
     assert 0.0 <= pf["guess_precision"] <= 1.0 and pf["guess_recall"] > 0
     assert io["queue_depth_max"] >= 1 and io["read_ms_p99"] >= io["read_ms_p50"] > 0
+    assert io["queue_depth_avg"] > 0.0        # reads of the last 2 s, the run's own
     assert s["policy"] == "lfu-decay" and ram["bytes_budget"] == 40 << 10
     m.reset_telemetry()
 

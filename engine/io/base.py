@@ -80,7 +80,7 @@ class IoStats:
             self.depth_max = 0
             self._depth_sum = 0
             self._lat_ms: deque[float] = deque(maxlen=2048)
-            self._done: deque[tuple[float, int]] = deque()
+            self._done: deque[tuple[float, int, float]] = deque()   # (when, bytes, seconds) a request
             self._since = time.monotonic()
             self._busy_s = 0.0
             self._busy_recent: deque[tuple[float, float]] = deque()   # busy spans ended in the window
@@ -133,7 +133,7 @@ class IoStats:
         self.requests += 1
         self.bytes += nbytes
         self._lat_ms.append(seconds * 1e3)
-        self._done.append((now, nbytes))
+        self._done.append((now, nbytes, seconds))
         while self._done and self._done[0][0] < now - RATE_WINDOW_S:
             self._done.popleft()
 
@@ -155,8 +155,12 @@ class IoStats:
                 "busy": min(1.0, recent / span),
                 "requests": self.requests,
                 "bytes": self.bytes,
-                "mb_s": sum(n for _, n in self._done) / span / 1e6,
+                "mb_s": sum(n for _, n, _ in self._done) / span / 1e6,
                 "queue_depth": depth,
+                # requests in flight on average over the window, as iostat's aqu-sz: their summed
+                # latencies over its length (Little's law).  Sampled at 10 Hz, the depth at an
+                # instant misses reads shorter than the interval; this counts every one.
+                "queue_depth_avg": sum(t for _, _, t in self._done) / span,
                 "queue_depth_max": self.depth_max,
                 "queue_depth_mean": self._depth_sum / self.requests if self.requests else 0.0,
                 "read_ms_p50": _pct(lat, 0.50),
