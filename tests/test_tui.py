@@ -276,3 +276,31 @@ async def test_ctrl_q_quits_promptly_while_generating(model):
     assert time.monotonic() - t0 < 3
     assert not app.session.busy
     assert not any(t.name == "mer-generate" and t.is_alive() for t in threading.enumerate())
+
+
+@aio
+async def test_text_sent_as_a_reply_begins_is_shown():
+    # The app begins a reply and may feed it within the same tick, before its widget is mounted; a
+    # Markdown's mount replaces its source with the initial text, which lost that first text.
+    from textual.app import App
+
+    class Host(App):
+        def compose(self):
+            yield ChatPane()
+
+    app = Host()
+    async with app.run_test(size=(80, 24)) as pilot:
+        chat = app.query_one(ChatPane)
+        chat.begin_reply()
+        chat.append_reply("Once upon a time")
+        chat.append_reply(" there")
+        await pilot.pause(0.1)
+        chat.append_reply(" was a cat.")
+        await pilot.pause(0.1)
+        assert chat._reply.source == "Once upon a time there was a cat."
+        chat.end_reply()
+        chat.begin_reply()          # a reply that ends with no text, in the same tick
+        empty = chat._reply
+        chat.end_reply()
+        await pilot.pause(0.1)
+        assert empty.source == "*(no text)*"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from textual import events
 from textual.app import ComposeResult
+from textual.await_complete import AwaitComplete
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Markdown, Static
@@ -35,6 +37,31 @@ def printable(text: str) -> str:
     return "".join(c if _assigned(c) else "\ufffd" for c in text)
 
 
+class _StreamedMarkdown(Markdown):
+    """The reply being streamed.  Markdown's own mount handler sets its source to the initial text,
+    replacing whatever was appended before: text that comes first (a reply begun and fed within one
+    tick) is held and appended once that handler has run, and what follows after it, in order."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("", **kwargs)
+        self._early: str | None = ""      # None once appended
+
+    def append(self, markdown: str) -> AwaitComplete:
+        if self._early is not None:
+            self._early += markdown
+            return AwaitComplete()
+        return super().append(markdown)
+
+    def _on_mount(self, event: events.Mount) -> None:
+        # Textual calls Markdown's _on_mount after this one (a handler per class): append after it.
+        self.call_later(self._append_early)
+
+    def _append_early(self) -> None:
+        early, self._early = self._early, None
+        if early:
+            super().append(early)
+
+
 class ChatPane(Vertical):
     class Submitted(Message):
         def __init__(self, text: str) -> None:
@@ -43,7 +70,7 @@ class ChatPane(Vertical):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._reply: Markdown | None = None
+        self._reply: Markdown | None = None     # the reply being streamed
         self._reply_text = ""
 
     def compose(self) -> ComposeResult:
@@ -81,7 +108,7 @@ class ChatPane(Vertical):
 
     def begin_reply(self) -> None:
         self._reply_text = ""
-        self._reply = Markdown("", classes="msg assistant streaming")
+        self._reply = _StreamedMarkdown(classes="msg assistant streaming")
         self._add(self._reply)
 
     def append_reply(self, text: str) -> None:
@@ -95,7 +122,7 @@ class ChatPane(Vertical):
         if self._reply is not None:
             self._reply.remove_class("streaming")
             if not self._reply_text.strip():
-                self._reply.update("*(no text)*")
+                self._reply.append("*(no text)*")   # held like any text if the reply is not mounted yet
         if footer:
             self._add(Static(footer, classes="msg meta", markup=False))
         self._reply = None
