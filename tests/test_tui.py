@@ -304,3 +304,48 @@ async def test_text_sent_as_a_reply_begins_is_shown():
         chat.end_reply()
         await pilot.pause(0.1)
         assert empty.source == "*(no text)*"
+
+
+@aio
+async def test_an_idle_plot_is_not_drawn_again_each_second():
+    # Once the minute of samples is all the same (an idle engine), the picture no longer changes as
+    # time passes: plotext does not build it again until a value, the size or the theme changes.
+    from textual.app import App
+
+    from mer_tui.timeseries import TimeSeries
+    from mer_tui.widgets import ThroughputPlot
+
+    class Host(App):
+        def compose(self):
+            yield ThroughputPlot()
+
+    series = TimeSeries()
+    now, tokens = 1000.0, 0
+
+    def advance(seconds: float, tps: float = 0.0) -> None:
+        nonlocal now, tokens
+        for _ in range(round(seconds * 10)):
+            now += 0.1
+            tokens += round(tps / 10)
+            series.push({"time": now, "tokens": tokens, "tokens_per_s": tps, "prefill_tokens_per_s": 500.0})
+
+    app = Host()
+    async with app.run_test(size=(100, 20)) as pilot:
+        plot = app.query_one(ThroughputPlot)
+        builds = []
+        build = plot.plt.build
+        plot.plt.build = lambda: builds.append(1) or build()
+        advance(60.0)
+        plot.update_from(series)
+        await pilot.pause(0.1)
+        drawn = len(builds)
+        assert drawn >= 1
+        for _ in range(3):                      # idle seconds go by
+            advance(1.0)
+            plot.update_from(series)
+            await pilot.pause(0.05)
+        assert len(builds) == drawn
+        advance(1.0, tps=20.0)                  # a token: drawn again
+        plot.update_from(series)
+        await pilot.pause(0.1)
+        assert len(builds) > drawn

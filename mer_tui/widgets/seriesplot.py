@@ -56,6 +56,7 @@ class SeriesPlot(PlotextPlot):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._series: TimeSeries | None = None
+        self._drawn_still: tuple | None = None
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -73,17 +74,36 @@ class SeriesPlot(PlotextPlot):
     def on_resize(self) -> None:
         self.replot()
 
+    def _still(self, s: TimeSeries, start: float, span: float) -> tuple | None:
+        """The picture, when passing time leaves it as it is: every series the same value in every
+        sample held, from a start that no longer moves (the ring is full).  None otherwise."""
+        values = []
+        for spec, side in ((self.LEFT, "left"), (self.RIGHT, "right")):
+            if spec is not None:
+                col = s.cols[spec[0]]
+                if any(v != col[0] for v in col):
+                    return None
+                values.append((col[0], self._colour(side, spec[2])))   # a new theme redraws it
+        return span, round(start, 1), tuple(self.size), tuple(values)
+
     def replot(self) -> None:
         plt = self.plt
-        plt.clear_data()
         s = self._series
         if s is None or len(s) == 0:
+            plt.clear_data()
             self.refresh()
             return
         t = s.column("t")
         now = t[-1]
         x = [v - now for v in t]
         span = next((sp for sp in SPANS if sp >= -x[0]), SPANS[-1])
+        # An idle engine's minute of samples ends up all the same: drawn once, not again every
+        # second (plotext's build was most of what the app cost the CPU while idle).
+        still = self._still(s, x[0], span)
+        if still is not None and still == self._drawn_still:
+            return
+        self._drawn_still = still
+        plt.clear_data()
         for spec, side in ((self.LEFT, "left"), (self.RIGHT, "right")):
             if spec is None:
                 continue
