@@ -7,6 +7,7 @@ import sys
 import time
 
 import engine
+from engine import format_size
 
 from .cli import CliError
 
@@ -57,22 +58,41 @@ def run_generate(args: argparse.Namespace) -> int:
     parts.append(tail)
     t_end = time.perf_counter()
     text = "".join(parts)
+    snap = model.telemetry()
+    timings = {
+        "load_s": round(load_s, 4),
+        "ttft_s": round((t_first - t0) if t_first is not None else 0.0, 4),
+        "total_s": round(t_end - t0, 4),
+        "prefill_tokens_per_s": round(snap["prefill_tokens_per_s"], 2),
+        # the first token comes out of the prefill: the decode rate counts the ones after it
+        "decode_tokens_per_s": round((len(out) - 1) / (t_end - t_first), 2)
+        if len(out) > 1 and t_end > t_first else 0.0,
+    }
     if args.json:
-        decode_s = (t_end - t_first) if t_first is not None else 0.0
-        snap = model.telemetry()
-        print(json.dumps({
-            "prompt_ids": ids,
-            "ids": out,
-            "text": text,
-            "timings": {
-                "load_s": round(load_s, 4),
-                "ttft_s": round((t_first - t0) if t_first is not None else 0.0, 4),
-                "total_s": round(t_end - t0, 4),
-                "prefill_tokens_per_s": round(snap["prefill_tokens_per_s"], 2),
-                "decode_tokens_per_s": round((len(out) - 1) / decode_s, 2) if len(out) > 1 and decode_s > 0 else 0.0,
-            },
-        }))
+        print(json.dumps({"prompt_ids": ids, "ids": out, "text": text, "timings": timings}))
     else:
         sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+        print(summary(len(ids), len(out), timings, snap), file=sys.stderr)
     model.close()
     return 0
+
+
+def summary(n_prompt: int, n_reply: int, timings: dict, snap: dict) -> str:
+    """One line for stderr after the text, as llama.cpp prints its timings: the speeds, and what the
+    expert cache did."""
+    parts = [f"prompt {n_prompt} tokens, {timings['prefill_tokens_per_s']:.1f} tok/s",
+             f"first token after {timings['ttft_s']:.2f} s",
+             f"reply {n_reply} tokens" + (f", {timings['decode_tokens_per_s']:.1f} tok/s"
+                                          if timings["decode_tokens_per_s"] else "")]
+    io, tiers = snap.get("io") or {}, snap.get("tiers") or {}
+    if io.get("backend", "ram") == "ram":
+        parts.append("experts held in RAM")
+    else:
+        ram, ssd = tiers.get("ram") or {}, tiers.get("ssd") or {}
+        seen = (ram.get("hits") or 0) + (ram.get("misses") or 0)
+        hits = f"{100 * (ram.get('hit_rate') or 0.0):.1f}% hits" if seen else "no lookups"
+        reader = io["backend"] + (" O_DIRECT" if io.get("direct") else "")
+        parts.append(f"RAM cache {hits}, {format_size(ssd.get('bytes_read') or 0)} read ({reader})")
+    parts.append(f"loaded in {timings['load_s']:.1f} s")
+    return "mer-tui: " + " · ".join(parts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,19 @@ def test_generate_prints_the_models_text(chat_model_dir):
     ids = list(model.generate(model.tokenizer.encode("the cat"), max_new_tokens=8))
     assert r.stdout == model.tokenizer.decode(ids) + "\n"
     assert r.stdout.strip()
+
+
+def test_generate_ends_with_its_timings_on_stderr(chat_model_dir):
+    # As llama.cpp does: after the text (stdout, left as it was), one line of speeds and of what the
+    # expert cache did.
+    r = _run("--model", str(chat_model_dir), "--prompt", "the cat", "--max-new-tokens", "8", "--ram-cache", "64KiB")
+    assert r.returncode == 0, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"mer-tui: prompt \d+ tokens, [\d.]+ tok/s · first token after [\d.]+ s · reply 8 tokens, "
+                        r"[\d.]+ tok/s · RAM cache [\d.]+% hits, [\d.]+ [KMG]?i?B read \(\w+( O_DIRECT)?\) · "
+                        r"loaded in [\d.]+ s", line), line
+    r = _run("--model", str(chat_model_dir), "--prompt", "the cat", "--max-new-tokens", "8")
+    assert "experts held in RAM" in r.stderr.strip().splitlines()[-1]
 
 
 def test_generate_json_chat(chat_model_dir):
