@@ -573,7 +573,7 @@ class StreamingExperts(ExpertSource):
                   "guess_precision": self.guess_right / self.guess_made if self.guess_made else 0.0,
                   "guess_recall": self.guess_right / self.guess_needed if self.guess_needed else 0.0}
             ssd = {"reads": self.bundles_read, "bytes_read": io["bytes"], "read_mb_s": io["mb_s"],
-                   "busy_s": io["busy_s"], "busy": io["busy"],
+                   "busy_s": io["busy_s"], "busy": io["busy"], "request_s": io["request_s"],
                    "errors": self.read_errors, "retries": self.retries}
             policy = self.cache.policy
         tiers = {"ram": ram, "ssd": ssd}

@@ -177,6 +177,7 @@ def run_bench(args: argparse.Namespace) -> int:
             ssd0 = _tier(start_snap, "ssd").get("bytes_read", 0)
             ssd1 = _tier(end_snap, "ssd").get("bytes_read", 0)
             busy = _tier(end_snap, "ssd").get("busy_s", 0.0) - _tier(start_snap, "ssd").get("busy_s", 0.0)
+            in_flight = _tier(end_snap, "ssd").get("request_s", 0.0) - _tier(start_snap, "ssd").get("request_s", 0.0)
             waits.append(_waits_per_token(start_snap, end_snap))
             runs.append({
                 "wait_ms_per_token": sum(waits[-1]),
@@ -188,6 +189,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 # disk delivered then (the engine's own measure of the disk, at the very moment)
                 "disk_busy_fraction": busy / (t_end - t_first) if n > 1 else 0.0,
                 "read_bytes_per_s_while_busy": (ssd1 - ssd0) / busy if busy >= MIN_BUSY_S else 0.0,
+                # and how many requests it had on average then (their latencies summed over the busy
+                # time): the probe of the roofline keeps 8 in flight
+                "requests_in_flight_while_busy": in_flight / busy if busy >= MIN_BUSY_S else 0.0,
             })
             if dev0 and dev1 and n > 1:
                 dev_bytes, dev_busy = dev1[0] - dev0[0], dev1[1] - dev0[1]
@@ -209,7 +213,7 @@ def run_bench(args: argparse.Namespace) -> int:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
     # The disk's speed only from the runs that kept it busy long enough (the others say 0, which a
     # median would average in: two runs, one short, gave half the speed).
-    for key in ("read_bytes_per_s_while_busy", "device_read_bytes_per_s_while_busy"):
+    for key in ("read_bytes_per_s_while_busy", "requests_in_flight_while_busy", "device_read_bytes_per_s_while_busy"):
         if key in med:
             measured = [r[key] for r in runs if r[key] > 0]
             med[key] = statistics.median(measured) if measured else 0.0
@@ -273,9 +277,13 @@ def _print_report(r: dict) -> None:
         *([f"waits            {waits_line(r['wait_ms_per_token_by_layer'])}"]
           if any(r.get("wait_ms_per_token_by_layer") or []) else []),
         f"disk busy        {r['disk_busy_fraction']:.0%} of decoding, "
-        f"{r['read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy",
+        + (f"{r['read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy with "
+           f"{r['requests_in_flight_while_busy']:.1f} requests in flight on average"
+           if r["read_bytes_per_s_while_busy"] else f"too little (under {MIN_BUSY_S} s a run) to time the disk"),
         *([f"device busy      {r['device_busy_fraction']:.0%} of decoding, "
-           f"{r['device_read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy ({r['device']}, /proc/diskstats)"]
+           + (f"{r['device_read_bytes_per_s_while_busy'] / 1e6:.0f} MB/s while busy"
+              if r["device_read_bytes_per_s_while_busy"] else "too little to time it")
+           + f" ({r['device']}, /proc/diskstats)"]
           if "device_busy_fraction" in r else []),
         f"peak RSS         {format_size(r['peak_rss_bytes'])}",
         f"DRAM read        {roof['dram_read_bytes_per_s'] / gb:.2f} GB/s",

@@ -39,6 +39,11 @@ def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
     # every decode step misses (40 KiB holds no token's experts), so the disk had work part of the time
     assert 0 < out["disk_busy_fraction"] <= 1.0
     assert all(0 < r["disk_busy_fraction"] <= 1.0 for r in out["runs"])
+    # requests in flight while busy: some wherever the busy time was long enough to count, never more
+    # than the reader keeps (16); demand reads alone, a batch at a time
+    for run in out["runs"]:
+        assert 0.0 <= run["requests_in_flight_while_busy"] <= 16.0
+        assert (run["requests_in_flight_while_busy"] > 0) == (run["read_bytes_per_s_while_busy"] > 0)
     # every token misses at every layer and nothing is read ahead: each MoE layer waited, each run
     by_layer = out["wait_ms_per_token_by_layer"]
     assert len(by_layer) == 3 and all(v > 0 for v in by_layer)
@@ -236,3 +241,18 @@ def test_profile_decode_preloads_the_in_ram_case(chat_model_dir):
     out = json.loads(r.stdout)
     assert out["reads"] is None and out["disk"] is None           # every expert read before decoding
     assert "prefetch" not in out["seconds"]                       # nothing left to read: no guesses
+
+
+def test_the_report_says_how_many_requests_the_busy_disk_had(chat_model_dir, capsys):
+    from mer_tui.bench import _print_report
+
+    r = _bench("--model", str(chat_model_dir), "--ram-cache", "40KiB", "--prompt-tokens", "4",
+               "--decode-tokens", "3", "--repeats", "1", "--dram-bw", "1e10", "--disk-bw", "5e8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    out.update(read_bytes_per_s_while_busy=1.5e9, requests_in_flight_while_busy=2.34)
+    _print_report(out)
+    assert "1500 MB/s while busy with 2.3 requests in flight on average" in capsys.readouterr().out
+    out.update(read_bytes_per_s_while_busy=0.0, requests_in_flight_while_busy=0.0)
+    _print_report(out)
+    assert "too little (under 0.25 s a run) to time the disk" in capsys.readouterr().out

@@ -77,6 +77,7 @@ class IoStats:
         with self._lock:
             self.requests = 0
             self.bytes = 0
+            self.request_s = 0.0     # the requests' latencies summed: / a span = mean requests in flight
             self.depth_max = 0
             self._depth_sum = 0
             self._lat_ms: deque[float] = deque(maxlen=2048)
@@ -132,6 +133,7 @@ class IoStats:
         now = time.monotonic()
         self.requests += 1
         self.bytes += nbytes
+        self.request_s += seconds
         self._lat_ms.append(seconds * 1e3)
         self._done.append((now, nbytes, seconds))
         while self._done and self._done[0][0] < now - RATE_WINDOW_S:
@@ -154,6 +156,7 @@ class IoStats:
                 "busy_s": busy,
                 "busy": min(1.0, recent / span),
                 "requests": self.requests,
+                "request_s": self.request_s,
                 "bytes": self.bytes,
                 "mb_s": sum(n for _, n, _ in self._done) / span / 1e6,
                 "queue_depth": depth,
