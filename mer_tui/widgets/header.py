@@ -73,7 +73,7 @@ class ModelHeader(Static):
     _last: tuple | None = None
 
     def update_from(self, info: ModelInfo, snap: dict | None, state: str, tokens_per_s: float | None = None) -> None:
-        styles = {k: self.get_component_rich_style(f"header--{k}", partial=True) for k in DEFAULT_STYLES}
+        styles = {k: self.get_component_rich_style(f"header--{k}") for k in DEFAULT_STYLES}
         text = render_header(info, snap, state, self.size.width or 160, tokens_per_s, styles)
         key = (text.plain, tuple(text.spans))
         if key != self._last:       # a repaint costs more than this comparison; most ticks change nothing
