@@ -8,6 +8,7 @@ snapshots, no model) gives the same screen every time, for the snapshot tests.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from textual.widgets import Footer
 
 from .export import export_bundle
 from .session import Event, Failure, ModelInfo, Notice, Text, TurnDone
+from .textpace import TextPacer
 from .timeseries import TimeSeries
 from .widgets import ChatPane, ExpertHeatmap, IOQueuePlot, LoadingScreen, ModelHeader, ThroughputPlot, TierGauges
 from .widgets.responsive import fit
@@ -114,6 +116,7 @@ class MerApp(App):
         self._loaded = False
         self._failed = False
         self._last_time: float | None = None
+        self._pacer = TextPacer()
         self.chat: ChatPane | None = None
         self.panels: tuple = ()
 
@@ -180,11 +183,16 @@ class MerApp(App):
         if main is None or not main.is_attached or main._pruning:
             return          # shutting down: the screen's widgets are going away
         self._ticks += 1
+        self._pacer.tick(time.thread_time())
         events = s.drain()
         snap = s.telemetry()
         with self.batch_update():
             for ev in events:
                 self._handle(ev)
+            now = time.monotonic()
+            if self.chat.undrawn and self._pacer.due(now):
+                self.chat.draw_reply()
+                self._pacer.drew(now)
             if snap is not None:
                 self._push(snap)
                 self.snapshot = snap
@@ -221,7 +229,7 @@ class MerApp(App):
     def _handle(self, ev: Event) -> None:
         chat = self.chat
         if isinstance(ev, Text):
-            chat.append_reply(ev.text)
+            chat.append_reply(ev.text, draw=False)     # drawn when the pacer says (see _tick)
         elif isinstance(ev, TurnDone):
             parts = [f"{ev.tokens} tokens in {ev.seconds:.1f} s"]
             if ev.tokens:

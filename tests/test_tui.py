@@ -13,6 +13,7 @@ import engine
 from mer_tui.app import BUSY_CADENCE, TUNING, MerApp
 from mer_tui.session import ModelInfo, Session
 from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader
+from mer_tui.widgets.chat import printable
 from tests.tui_fixtures import greedy_and_long
 
 SIZE = (160, 50)
@@ -349,3 +350,41 @@ async def test_an_idle_plot_is_not_drawn_again_each_second():
         plot.update_from(series)
         await pilot.pause(0.1)
         assert len(builds) > drawn
+
+
+@aio
+async def test_a_costly_reply_is_drawn_less_often_and_whole(model, monkeypatch):
+    # A reply whose drawing costs the main thread 150 ms a time (as a long code block does) is drawn
+    # every few ticks, not at each, and ends with all its text.
+    from mer_tui.widgets import chat as chat_module
+
+    appends: list[int] = []
+    append = chat_module._StreamedMarkdown.append
+
+    def costly(self, markdown):
+        t = time.thread_time()
+        while time.thread_time() - t < 0.15:
+            pass
+        appends.append(app._ticks)
+        return append(self, markdown)
+    monkeypatch.setattr(chat_module._StreamedMarkdown, "append", costly)
+    app = make_app(model)
+    model.experts.delay = 0.02
+    greedy_and_long(app.session, 40)
+    texts: list[int] = []
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.panels, what="the panels")
+        handle = app._handle
+
+        def seen(ev):
+            if type(ev).__name__ == "Text":
+                texts.append(app._ticks)
+            handle(ev)
+        app._handle = seen
+        await send(pilot, "hello there")
+        await until(pilot, lambda: len(app.session.messages) >= 2, timeout=30, what="the reply")
+        await pilot.pause(0.3)
+        shown = app.main.query(Markdown)[-1].source
+    assert len(set(texts)) >= 8, texts
+    assert len(appends) <= 0.5 * len(set(texts)), (appends, texts)
+    assert shown == printable(app.session.messages[-1]["content"])

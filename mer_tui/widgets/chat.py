@@ -1,8 +1,8 @@
 """The chat pane: the conversation as Markdown, an input line, and the reply streaming in.
 
-The app feeds text in batches (whatever the generation thread produced since the last tick), so
-one Markdown.append per tick however fast tokens come; the log is anchored to its end while a
-reply streams, until the user scrolls up to read.
+The app feeds text in batches (whatever the generation thread produced since the last tick) and
+draws it at most once a tick, less often when drawing the reply grows costly (mer_tui/textpace.py);
+the log is anchored to its end while a reply streams, until the user scrolls up to read.
 """
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ class ChatPane(Vertical):
         super().__init__(**kwargs)
         self._reply: Markdown | None = None     # the reply being streamed
         self._reply_text = ""
+        self._drawn = 0
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="chat-log")
@@ -108,18 +109,31 @@ class ChatPane(Vertical):
 
     def begin_reply(self) -> None:
         self._reply_text = ""
+        self._drawn = 0          # how much of _reply_text the widget has been given
         self._reply = _StreamedMarkdown(classes="msg assistant streaming")
         self._add(self._reply)
 
-    def append_reply(self, text: str) -> None:
+    def append_reply(self, text: str, draw: bool = True) -> None:
+        """Add text to the reply being streamed; drawn now, or (draw=False) at the next draw_reply()."""
         if self._reply is None:
             self.begin_reply()
-        text = printable(text)
-        self._reply_text += text
-        self._reply.append(text)
+        self._reply_text += printable(text)
+        if draw:
+            self.draw_reply()
+
+    @property
+    def undrawn(self) -> bool:
+        return self._reply is not None and self._drawn < len(self._reply_text)
+
+    def draw_reply(self) -> None:
+        """Hand the reply's widget the text that came since it was last drawn."""
+        if self.undrawn:
+            self._reply.append(self._reply_text[self._drawn:])
+            self._drawn = len(self._reply_text)
 
     def end_reply(self, footer: str | None = None) -> None:
         if self._reply is not None:
+            self.draw_reply()
             self._reply.remove_class("streaming")
             if not self._reply_text.strip():
                 self._reply.append("*(no text)*")   # held like any text if the reply is not mounted yet
