@@ -37,6 +37,10 @@ class Telemetry:
             self.wait_steps = 0
             self.wait_recent = np.zeros(self.layers, dtype=np.float64)
             self._last_wait_layer = self.layers   # above every layer: the first call opens a step
+            # A decoded token's time (from the token before, in the same generation), decayed per
+            # token as the waits are, so that the two make a share of the same recent tokens.
+            self.token_recent = 0.0
+            self.token_steps = 0
 
     def prefill_done(self, n_tokens: int, seconds: float) -> None:
         with self._lock:
@@ -48,8 +52,12 @@ class Telemetry:
 
     def token(self) -> None:
         with self._lock:
+            now = time.perf_counter()
             self.tokens += 1
-            self._decode_times.append(time.perf_counter())
+            if self._decode_times:   # none before a generation's first token (the prompt's)
+                self.token_recent = self.token_recent * DECAY_PER_TOKEN + (now - self._decode_times[-1])
+                self.token_steps += 1
+            self._decode_times.append(now)
 
     def generation_started(self) -> None:
         with self._lock:
@@ -89,8 +97,9 @@ class Telemetry:
 
     def snapshot(self) -> dict:
         with self._lock:
-            # the decayed waits' weight: one a step, decayed as they are (a geometric sum)
+            # the decayed sums' weights: one a step, decayed as they are (a geometric sum)
             steps_weight = (1.0 - DECAY_PER_TOKEN ** self.wait_steps) / (1.0 - DECAY_PER_TOKEN)
+            tokens_weight = (1.0 - DECAY_PER_TOKEN ** self.token_steps) / (1.0 - DECAY_PER_TOKEN)
             return {
                 "tokens_per_s": self.tokens_per_s(),
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
@@ -100,7 +109,9 @@ class Telemetry:
                 # ms a decoded token by layer: lately (decayed as the counts are), and since the reset
                 "waits": {"recent_ms_per_token": (1e3 * self.wait_recent / steps_weight).tolist()
                           if self.wait_steps else [0.0] * self.layers,
-                          "total_s": self.wait_total.tolist(), "steps": self.wait_steps},
+                          "total_s": self.wait_total.tolist(), "steps": self.wait_steps,
+                          # a decoded token's time lately, decayed alike: the waits' share of it
+                          "recent_token_ms": 1e3 * self.token_recent / tokens_weight if self.token_steps else 0.0},
                 "time": time.time(),
             }
 

@@ -122,6 +122,12 @@ def test_tiers_show_where_decoding_waited_for_experts():
     row = next(line for line in lines(render_tiers({**snap, "waits": waits, "tokens_per_s": 10.0}, 60), 60)
                if line.startswith("Waits"))
     assert row.count("█") == 5 and "░" in row   # 0.219 of a 24-cell gauge
+    # With the engine's own token time of the same recent tokens (here 43.8 ms), that is the measure,
+    # not the speed of the last 32 tokens: the gauge half full
+    timed = {**waits, "recent_token_ms": 43.8}
+    row = next(line for line in lines(render_tiers({**snap, "waits": timed, "tokens_per_s": 10.0}, 60), 60)
+               if line.startswith("Waits"))
+    assert row.count("█") == 12, row
     no_steps = {**waits, "steps": 0}   # nothing decoded since the reset yet
     assert "Waits" not in "\n".join(lines(render_tiers({**snap, "waits": no_steps}, 54), 54))
 

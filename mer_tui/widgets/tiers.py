@@ -105,9 +105,13 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
         # the longest (their experts are known only once the token is), which a budget or a policy
         # can change and the prefetch cannot.
         total = sum(recent)
-        tps = snap.get("tokens_per_s") or 0.0
+        token_ms = waits.get("recent_token_ms")
+        if token_ms is None:   # a recording from before the field: the speed of the last tokens instead
+            tps = snap.get("tokens_per_s") or 0.0
+            token_ms = 1e3 / tps if tps else 0.0
         worst = most_waited(recent, 2)
-        t.add_row("Waits", bar(min(1.0, total * tps / 1e3) if tps else None, gauge_w, styles["off"], styles["track"]),
+        share = min(1.0, total / token_ms) if token_ms else None
+        t.add_row("Waits", bar(share, gauge_w, styles["off"], styles["track"]),
                   Text(f"{_ms(total)} ms:" + ",".join(f" L{i} {_ms(recent[i])}" for i in worst)))
     t.add_row("Policy", Text(str(snap.get("policy", "?"))), "")
     return t
