@@ -263,6 +263,7 @@ class MerApp(App):
             chat.input.value = ""
             chat.add_user(message.text)
             chat.begin_reply()
+            self._pacer.new_reply()
 
     def action_stop(self) -> None:
         if self.session.busy:

@@ -32,6 +32,10 @@ class TextPacer:
                 self.base_s += 0.2 * (spent - self.base_s)
         self._mark, self._drew = cpu_s, False
 
+    def new_reply(self) -> None:
+        """A reply begins: its first block is new, so what drawing the last one cost no longer holds."""
+        self.cost_s, self._last_draw = 0.0, float("-inf")
+
     def due(self, now: float) -> bool:
         """Whether text waiting to be drawn should be drawn at `now` (time.monotonic())."""
         return now - self._last_draw >= min(MAX_WAIT_S, self.cost_s / SHARE)

@@ -45,3 +45,10 @@ def test_never_less_often_than_the_longest_wait():
 
 def test_nothing_waiting_nothing_drawn():
     assert draws(0.003, 20, waiting=False)[1] == []
+
+
+def test_a_new_reply_starts_cheap():
+    pacer, _ = draws(1.0, 30)           # a reply that grew costly to draw
+    assert not pacer.due(30 * TICK_S)
+    pacer.new_reply()
+    assert pacer.due(30 * TICK_S)
