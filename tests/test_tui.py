@@ -6,7 +6,10 @@ import asyncio
 import functools
 import threading
 import time
+from collections.abc import Callable
 
+from textual.app import App
+from textual.widget import Widget
 from textual.widgets import Markdown
 
 import engine
@@ -38,6 +41,14 @@ async def until(pilot, cond, timeout: float = 10.0, what: str = "condition") -> 
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await pilot.pause(0.05)
+
+
+def hosting(widget: Callable[[], Widget]) -> App:
+    """An app of one widget, to drive that widget alone."""
+    class Host(App):
+        def compose(self):
+            yield widget()
+    return Host()
 
 
 def notes(app) -> list[str]:
@@ -283,13 +294,7 @@ async def test_ctrl_q_quits_promptly_while_generating(model):
 async def test_text_sent_as_a_reply_begins_is_shown():
     # The app begins a reply and may feed it within the same tick, before its widget is mounted; a
     # Markdown's mount replaces its source with the initial text, which lost that first text.
-    from textual.app import App
-
-    class Host(App):
-        def compose(self):
-            yield ChatPane()
-
-    app = Host()
+    app = hosting(ChatPane)
     async with app.run_test(size=(80, 24)) as pilot:
         chat = app.query_one(ChatPane)
         chat.begin_reply()
@@ -311,14 +316,8 @@ async def test_text_sent_as_a_reply_begins_is_shown():
 async def test_an_idle_plot_is_not_drawn_again_each_second():
     # Once the minute of samples is all the same (an idle engine), the picture no longer changes as
     # time passes: plotext does not build it again until a value, the size or the theme changes.
-    from textual.app import App
-
     from mer_tui.timeseries import TimeSeries
     from mer_tui.widgets import ThroughputPlot
-
-    class Host(App):
-        def compose(self):
-            yield ThroughputPlot()
 
     series = TimeSeries()
     now, tokens = 1000.0, 0
@@ -330,7 +329,7 @@ async def test_an_idle_plot_is_not_drawn_again_each_second():
             tokens += round(tps / 10)
             series.push({"time": now, "tokens": tokens, "tokens_per_s": tps, "prefill_tokens_per_s": 500.0})
 
-    app = Host()
+    app = hosting(ThroughputPlot)
     async with app.run_test(size=(100, 20)) as pilot:
         plot = app.query_one(ThroughputPlot)
         builds = []
