@@ -81,10 +81,13 @@ def run_generate(args: argparse.Namespace) -> int:
 def summary(n_prompt: int, n_reply: int, timings: dict, snap: dict) -> str:
     """One line for stderr after the text, as llama.cpp prints its timings: the speeds, and what the
     expert cache did."""
-    parts = [f"prompt {n_prompt} tokens, {timings['prefill_tokens_per_s']:.1f} tok/s",
-             f"first token after {timings['ttft_s']:.2f} s",
-             f"reply {n_reply} tokens" + (f", {timings['decode_tokens_per_s']:.1f} tok/s"
-                                          if timings["decode_tokens_per_s"] else "")]
+    def tokens(n: int) -> str:
+        return f"{n} token" + ("" if n == 1 else "s")
+
+    parts = [f"prompt {tokens(n_prompt)}, {timings['prefill_tokens_per_s']:.1f} tok/s",
+             *([f"first token after {timings['ttft_s']:.2f} s"] if n_reply else []),
+             f"reply {tokens(n_reply)}" + (f", {timings['decode_tokens_per_s']:.1f} tok/s"
+                                           if timings["decode_tokens_per_s"] else "")]
     io, tiers = snap.get("io") or {}, snap.get("tiers") or {}
     if io.get("backend", "ram") == "ram":
         parts.append("experts held in RAM")

@@ -34,6 +34,9 @@ def test_generate_ends_with_its_timings_on_stderr(chat_model_dir):
                         r"loaded in [\d.]+ s", line), line
     r = _run("--model", str(chat_model_dir), "--prompt", "the cat", "--max-new-tokens", "8")
     assert "experts held in RAM" in r.stderr.strip().splitlines()[-1]
+    r = _run("--model", str(chat_model_dir), "--prompt", "the cat", "--max-new-tokens", "0")
+    line = r.stderr.strip().splitlines()[-1]
+    assert "reply 0 tokens" in line and "first token" not in line     # no token: no time to it
 
 
 def test_generate_json_chat(chat_model_dir):
