@@ -97,9 +97,7 @@ class Telemetry:
 
     def snapshot(self) -> dict:
         with self._lock:
-            # the decayed sums' weights: one a step, decayed as they are (a geometric sum)
-            steps_weight = (1.0 - DECAY_PER_TOKEN ** self.wait_steps) / (1.0 - DECAY_PER_TOKEN)
-            tokens_weight = (1.0 - DECAY_PER_TOKEN ** self.token_steps) / (1.0 - DECAY_PER_TOKEN)
+            steps_weight, tokens_weight = _decayed_weight(self.wait_steps), _decayed_weight(self.token_steps)
             return {
                 "tokens_per_s": self.tokens_per_s(),
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
@@ -114,6 +112,12 @@ class Telemetry:
                           "recent_token_ms": 1e3 * self.token_recent / tokens_weight if self.token_steps else 0.0},
                 "time": time.time(),
             }
+
+
+def _decayed_weight(steps: int) -> float:
+    """What `steps` ones weigh after decaying as the recent sums do, one step at a time (a geometric
+    sum): a decayed sum over it is a mean."""
+    return (1.0 - DECAY_PER_TOKEN ** steps) / (1.0 - DECAY_PER_TOKEN)
 
 
 def most_waited(ms_by_layer: Sequence[float], n: int) -> list[int]:

@@ -174,21 +174,20 @@ def run_bench(args: argparse.Namespace) -> int:
                 bar.advance(task)
             t_end = time.perf_counter()
             end_snap, dev1 = model.telemetry(), device and disk_counters(device)
-            ssd0 = _tier(start_snap, "ssd").get("bytes_read", 0)
-            ssd1 = _tier(end_snap, "ssd").get("bytes_read", 0)
-            busy = _tier(end_snap, "ssd").get("busy_s", 0.0) - _tier(start_snap, "ssd").get("busy_s", 0.0)
-            in_flight = _tier(end_snap, "ssd").get("request_s", 0.0) - _tier(start_snap, "ssd").get("request_s", 0.0)
+            ssd0, ssd1 = _tier(start_snap, "ssd"), _tier(end_snap, "ssd")
+            # bytes read, seconds the disk was busy, requests' seconds in flight: while decoding
+            read, busy, in_flight = (ssd1.get(k, 0) - ssd0.get(k, 0) for k in ("bytes_read", "busy_s", "request_s"))
             waits.append(_waits_per_token(start_snap, end_snap))
             runs.append({
                 "wait_ms_per_token": sum(waits[-1]),
                 "ttft_s": t_first - t0,
                 "prefill_tokens_per_s": args.prompt_tokens / (t_first - t0),
                 "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
-                "missed_bytes_per_token": (ssd1 - ssd0) / max(n - 1, 1),
+                "missed_bytes_per_token": read / max(n - 1, 1),
                 # while decoding: the share of the time some read was under way, and the speed the
                 # disk delivered then (the engine's own measure of the disk, at the very moment)
                 "disk_busy_fraction": busy / (t_end - t_first) if n > 1 else 0.0,
-                "read_bytes_per_s_while_busy": (ssd1 - ssd0) / busy if busy >= MIN_BUSY_S else 0.0,
+                "read_bytes_per_s_while_busy": read / busy if busy >= MIN_BUSY_S else 0.0,
                 # and how many requests it had on average then (their latencies summed over the busy
                 # time): the probe of the roofline keeps 8 in flight
                 "requests_in_flight_while_busy": in_flight / busy if busy >= MIN_BUSY_S else 0.0,
