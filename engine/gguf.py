@@ -1,0 +1,168 @@
+"""A strict reader of a GGUF file's header: its metadata and where each tensor's bytes lie.
+
+Only the header is parsed (a few MB even for a large vocabulary); tensor data stays on disk and is
+read by offset, as the converter and the streaming readers read safetensors.  Every defect surfaces
+as an EngineError naming the file.  Layout (GGUF v2/v3, little-endian): magic "GGUF", version, tensor
+count, metadata count; the metadata (key, type, value); per tensor its name, dimensions (innermost
+first), ggml type and offset from the data section, which starts at the next multiple of
+`general.alignment` (default 32) after the header.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.formats import row_bytes
+
+from .errors import EngineError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# ggml type id -> kernels format name, for the formats the kernels read; names of the others, for errors
+GGML_FORMATS = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 12: "q4_k", 14: "q6_k", 30: "bf16"}
+GGML_NAMES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 13: "Q5_K", 15: "Q8_K",
+              16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0",
+              35: "TQ2_0", 39: "MXFP4"}
+
+# metadata value types: id -> struct format of a scalar (8: string, 9: array, handled apart)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+          12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    dims: tuple[int, ...]   # ggml order: dims[0] is the innermost (columns of a matrix)
+    ggml_type: int
+    start: int              # absolute offset of its first byte in the file
+    nbytes: int
+
+    @property
+    def fmt(self) -> str | None:
+        """The kernels format of its bytes, or None where the kernels cannot read the type."""
+        return GGML_FORMATS.get(self.ggml_type)
+
+    @property
+    def type_name(self) -> str:
+        fmt = self.fmt
+        return fmt.upper() if fmt else GGML_NAMES.get(self.ggml_type, f"type {self.ggml_type}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy order (outermost first): (experts, rows, cols) of a merged expert tensor."""
+        return tuple(reversed(self.dims))
+
+
+class _Cursor:
+    def __init__(self, data: memoryview, path: Path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise EngineError(f"{self.path}: GGUF header ends early (truncated file?)")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        try:
+            return bytes(self.take(n)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise EngineError(f"{self.path}: GGUF string at byte {self.pos - n} is not UTF-8") from None
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, n = self.unpack("<I"), self.unpack("<Q")
+            if itype in _NUMPY:   # numbers: one array, not n Python objects (scores of a 150k vocabulary)
+                dt = np.dtype(_NUMPY[itype])
+                return np.frombuffer(self.take(n * dt.itemsize), dt).tolist()
+            return [self.value(itype) for _ in range(n)]
+        raise EngineError(f"{self.path}: unknown GGUF metadata type {vtype}")
+
+
+class GgufFile:
+    """The metadata and tensor table of one GGUF file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, 2)
+                if size < 24:
+                    raise EngineError(f"{self.path}: not a GGUF file (only {size} bytes)")
+                # Mapped, not read: the header's size is known only once parsed, and only its pages are
+                # touched (a large vocabulary's tokens and merges are a few MB of a file of many GB).
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    view = memoryview(mm)
+                    try:
+                        self._parse(view, size)
+                    finally:
+                        view.release()
+        except OSError as e:
+            raise EngineError(f"{self.path}: cannot read ({e.strerror or e})") from None
+
+    def _parse(self, data: memoryview, file_size: int) -> None:
+        cur = _Cursor(data, self.path)
+        if bytes(data[:4]) != MAGIC:
+            raise EngineError(f"{self.path}: not a GGUF file (no GGUF magic)")
+        cur.take(4)
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise EngineError(f"{self.path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        self.version = version
+        self.metadata: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.unpack("<I"))
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.unpack("<I")
+            if not 1 <= n_dims <= 4:
+                raise EngineError(f"{self.path}: tensor {name} has {n_dims} dimensions")
+            dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
+            ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
+            raw.append((name, dims, ggml_type, offset))
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0:
+            raise EngineError(f"{self.path}: general.alignment {align!r} is not a positive integer")
+        data_start = -(-cur.pos // align) * align
+        self.tensors: dict[str, GgufTensor] = {}
+        for name, dims, ggml_type, offset in raw:
+            t = GgufTensor(name, dims, ggml_type, data_start + offset, _nbytes(name, dims, ggml_type, self.path))
+            if t.start + t.nbytes > file_size:
+                raise EngineError(f"{self.path}: tensor {name} runs past the end of the file (truncated?)")
+            self.tensors[name] = t
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+
+def _nbytes(name: str, dims: tuple[int, ...], ggml_type: int, path: Path) -> int:
+    """Bytes of a tensor: its rows times a row's bytes.  For the types the kernels cannot read the size is
+    not needed (such a tensor is refused by name before any read), so 0."""
+    fmt = GGML_FORMATS.get(ggml_type)
+    if fmt is None:
+        return 0
+    rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+    try:
+        return rows * row_bytes(fmt, dims[0])
+    except ValueError as e:
+        raise EngineError(f"{path}: tensor {name}: {e}") from None
