@@ -11,6 +11,7 @@ from .cache import POLICIES
 from .checkpoint import Checkpoint
 from .errors import EngineError
 from .experts import ExpertSource, InMemoryExperts
+from .gguf_import import GgufCheckpoint, gguf_side_files, is_gguf
 from .model import Model
 from .sizes import parse_size
 from .spec import ModelSpec, load_spec
@@ -25,13 +26,15 @@ Progress = Callable[[str, int, int], None]
 def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str = "auto",
          policy: str = "lru", prefetch: bool = True, quant: str | None = None, dense_quant: str | None = None,
          quant_dense: bool = False, threads: int | None = None, progress: Progress | None = None) -> Model:
-    """Open a Hugging Face checkpoint folder or an expert store (`mer-tui convert`) and return a Model.
+    """Open a Hugging Face checkpoint folder, an expert store (`mer-tui convert`) or a GGUF file and
+    return a Model.
 
     Where experts come from:
       * an expert store always streams (StreamingExperts): bundles are read on demand into a RAM
         cache of `ram_cache` bytes (None: no limit, the cache grows to hold what was asked for);
-      * a Hugging Face folder streams too, straight from its shards without converting, when
-        `ram_cache` is given or `io` is not "auto";
+      * a Hugging Face folder or a GGUF file streams too, straight from its shards without converting,
+        when `ram_cache` is given or `io` is not "auto" (a GGUF's experts in their GGUF formats: a store
+        converted from it holds them in the kernels' faster x8 layouts);
       * otherwise (a Hugging Face folder, ram_cache=None, io="auto") every expert is read into RAM at
         load (InMemoryExperts), as before.
     `io` picks the reader: "uring" (io_uring, O_DIRECT), "pread" (thread pool, O_DIRECT), "mmap"
@@ -53,8 +56,9 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     folder = Path(path)
     if not folder.exists():
         raise EngineError(f"{folder}: no such model folder")
-    if not folder.is_dir():
-        raise EngineError(f"{folder}: not a folder (expected a checkpoint folder with config.json)")
+    gguf = is_gguf(folder)
+    if not gguf and not folder.is_dir():
+        raise EngineError(f"{folder}: not a folder (expected a checkpoint folder with config.json, or a GGUF file)")
     for option, fmt in (("quant", quant), ("dense_quant", dense_quant)):
         if fmt is not None and fmt not in QUANTS:
             raise EngineError(f"{option}: unknown format {fmt!r} (choose from {', '.join(QUANTS)})")
@@ -73,9 +77,13 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
             raise EngineError(f"threads: must be >= 1, got {threads}")
         kernels.set_threads(threads)
 
-    spec = load_spec(folder)
-    store = is_store(folder)
-    ckpt = Checkpoint(folder)
+    if gguf:
+        ckpt: Checkpoint = GgufCheckpoint(folder)
+        spec, store = ckpt.spec, False
+    else:
+        spec = load_spec(folder)
+        store = is_store(folder)
+        ckpt = Checkpoint(folder)
     from .weights import load_resident
 
     weights = load_resident(ckpt, spec, dense_quant)
@@ -87,10 +95,14 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
                                  prefetch=prefetch, quant=quant)
         else:
             experts = InMemoryExperts(ckpt, spec, quant, progress=report)
-    tokenizer = None
-    if (folder / "tokenizer.json").exists():
-        from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
+    tokenizer = None
+    if gguf:
+        files = gguf_side_files(ckpt)   # type: ignore[arg-type]
+        if "tokenizer.json" in files:
+            tokenizer = Tokenizer.from_texts(files["tokenizer.json"], files["tokenizer_config.json"], str(folder))
+    elif (folder / "tokenizer.json").exists():
         tokenizer = Tokenizer(folder)
     return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch,
                  quant=quant)

@@ -76,6 +76,7 @@ class ModelSpec:
     shared_expert_size: int  # 0: none (a shared expert always comes with its sigmoid gate)
     eos_token_ids: tuple[int, ...]
     names: dict = field(repr=False, compare=False, default_factory=dict)
+    max_position_embeddings: int | None = None   # the context the model was trained for, where known
 
     def name(self, key: str, layer: int, expert: int | None = None) -> str:
         return self.names[key].format(i=layer, e=expert)
@@ -105,8 +106,16 @@ def _ids(value) -> tuple[int, ...]:
 
 
 def load_spec(folder: str | Path) -> ModelSpec:
-    """Read config.json (and generation_config.json for extra eos ids) into a ModelSpec."""
+    """Read config.json (and generation_config.json for extra eos ids) into a ModelSpec; or a GGUF
+    file's metadata (engine.gguf_import)."""
     folder = Path(folder)
+    if folder.is_file():
+        from .gguf_import import gguf_config, is_gguf
+
+        if is_gguf(folder):
+            from .gguf import GgufFile
+
+            return spec_from_config(gguf_config(GgufFile(folder)), str(folder))
     path = folder / "config.json"
     cfg = read_json_object(path, missing=f"{folder}: no config.json")
     gen_cfg = read_json_object(folder / "generation_config.json")
@@ -234,4 +243,5 @@ def spec_from_config(cfg: dict, where: str = "config.json", gen_cfg: dict | None
         shared_expert_size=shared,
         eos_token_ids=tuple(dict.fromkeys(eos)),
         names=NAMES[mt],
+        max_position_embeddings=get("max_position_embeddings", None, int),
     )

@@ -24,22 +24,37 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         try:
-            self._tok = HFTokenizer.from_file(str(path))
+            tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise EngineError(f"{path}: cannot load tokenizer ({e})") from None
         cfg = read_json_object(folder / "tokenizer_config.json")
+        jinja = folder / "chat_template.jinja"   # where newer transformers save it
+        self._setup(tok, cfg, jinja.read_text() if jinja.exists() else None)
+
+    @classmethod
+    def from_texts(cls, tokenizer_json: str, config_json: str, where: str) -> Tokenizer:
+        """From the two files' contents (a GGUF's vocabulary: engine.gguf_vocab); `where` names the source."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self = cls.__new__(cls)
+        try:
+            tok = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            raise EngineError(f"{where}: cannot build its tokenizer ({e})") from None
+        self._setup(tok, json.loads(config_json), None)
+        return self
+
+    def _setup(self, tok, cfg: dict, template: str | None) -> None:
+        self._tok = tok
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.pad_token = _token_text(cfg.get("pad_token"))
         self.add_bos = bool(cfg.get("add_bos_token", False))
-        self.chat_template = self._find_template(folder, cfg)
+        self.chat_template = template or self._config_template(cfg)
         self._compiled = None
 
     @staticmethod
-    def _find_template(folder: Path, cfg: dict) -> str | None:
-        jinja = folder / "chat_template.jinja"   # where newer transformers save it
-        if jinja.exists():
-            return jinja.read_text()
+    def _config_template(cfg: dict) -> str | None:
         t = cfg.get("chat_template")
         if isinstance(t, list):                   # named templates: take "default"
             named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}

@@ -104,6 +104,8 @@ def preload_experts(model: engine.Model) -> int:
 
 
 def _largest_weight_file(folder: Path) -> Path:
+    if folder.is_file():   # a GGUF: the model is the one file
+        return folder
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".experts")]
     files = files or [p for p in folder.iterdir() if p.is_file()]
     return max(files, key=lambda p: p.stat().st_size)

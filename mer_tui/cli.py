@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("launch", help="the live terminal app (default model: the embedded demo)")
-    p.add_argument("--model", metavar="PATH", help="checkpoint folder or expert store")
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder, expert store or GGUF file")
     p.add_argument("--demo", choices=["chat", "stress"], default="chat",
                    help="embedded model when --model is not given: the trained chat demo, or a large "
                         "random MoE for I/O-heavy runs")
@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: ids, text, timings")
     _add_cache_options(p)
 
-    p = sub.add_parser("convert", help="write an expert store from a Hugging Face checkpoint")
-    p.add_argument("src")
+    p = sub.add_parser("convert", help="write an expert store from a Hugging Face checkpoint or a GGUF file")
+    p.add_argument("src", help="a Hugging Face checkpoint folder, or a GGUF file (llama.cpp's MoE models: "
+                               "Mixtral, OLMoE, Qwen-MoE; F16/BF16/F32, Q8_0, Q4_0, Q4_K, Q6_K tensors)")
     p.add_argument("dst")
-    p.add_argument("--quant", choices=FORMATS, help="format of the experts (default: the source's)")
+    p.add_argument("--quant", choices=FORMATS, help="format of the experts (default: the source's; a GGUF's "
+                                                    "in the kernels' faster layout of it)")
     p.add_argument("--dense-quant", metavar="FMT", choices=FORMATS,
                    help="store the dense matrices (attention, dense MLPs, shared experts, lm_head) in this "
                         "format, e.g. q8_0 with --quant q4_0 (default: as in the source)")

@@ -1,4 +1,5 @@
-"""`mer-tui convert SRC DST [--quant Q] [--dense-quant Q] [--force]`: a Hugging Face checkpoint -> an expert store.
+"""`mer-tui convert SRC DST [--quant Q] [--dense-quant Q] [--force]`: a Hugging Face checkpoint or a
+GGUF file (engine.gguf_import) -> an expert store.
 
 --quant is the experts' format, --dense-quant the large dense matrices' (attention, dense MLPs,
 shared experts, lm_head: engine.weights.dense_formats), stored quantized in model.safetensors (U8
@@ -22,6 +23,7 @@ import kernels
 from engine.checkpoint import Checkpoint
 from engine.errors import EngineError
 from engine.experts import expert_shapes
+from engine.gguf_import import GgufCheckpoint, gguf_side_files, is_gguf
 from engine.loader import QUANTS
 from engine.safetensors_file import FORMAT_KEY, TensorInfo, quantized_metadata
 from engine.sizes import format_size
@@ -62,10 +64,19 @@ def _check_quant(quant: str | None, cols: tuple[int, ...]) -> None:
 
 
 def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: bytearray,
-                     write: Callable[[memoryview | np.ndarray], None], advance: Callable[[int], None]) -> None:
+                     write: Callable[[memoryview | np.ndarray], None], advance: Callable[[int], None],
+                     row_order: np.ndarray | None = None) -> None:
     """Tensor `info` of file `path` written in `fmt`: its bytes as they are when the format is the
     same, else converted a block of whole rows at a time (quantization works on rows), so memory is
-    bounded by `buf` whatever the tensor's size."""
+    bounded by `buf` whatever the tensor's size.  With `row_order` (a GGUF's q and k: GgufCheckpoint)
+    the tensor is read whole and its rows taken in that order: attention matrices, tens of MB at most."""
+    if row_order is not None:
+        rows = np.fromfile(path, np.uint8, count=info.nbytes, offset=info.start).reshape(info.shape[0], -1)[row_order]
+        if fmt != info.fmt:
+            rows = kernels.QMatrix(rows, info.fmt, rows.shape[0], cols).to_format(fmt).data  # type: ignore[arg-type]
+        write(np.ascontiguousarray(rows))
+        advance(info.nbytes)
+        return
     if fmt == info.fmt:
         for piece in pieces(path, info.start, info.nbytes, buf):
             write(piece)
@@ -89,18 +100,25 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
     as they are), lm_head q8_0 when it is 4-bit, as engine.load does."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise EngineError(f"{src}: no such checkpoint folder")
-    if is_store(src):
+    gguf = is_gguf(src)
+    if not gguf and not src.is_dir():
+        raise EngineError(f"{src}: no such checkpoint folder or GGUF file")
+    if not gguf and is_store(src):
         raise EngineError(f"{src}: is already an expert store")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise EngineError(f"{dst}: the destination must not be the source folder or inside it")
     if dst.exists() and not force:
         raise EngineError(f"{dst}: already exists (use --force to replace it)")
-    spec = load_spec(src)
-    if not spec.is_moe:
-        raise EngineError(f"{src / 'config.json'}: model_type {spec.model_type} has no experts to stream")
-    ckpt = Checkpoint(src)
+    if gguf:
+        ckpt: Checkpoint = GgufCheckpoint(src)
+        spec = ckpt.spec
+        side = gguf_side_files(ckpt)   # built before anything is written: a vocabulary we cannot read stops here
+    else:
+        spec = load_spec(src)
+        if not spec.is_moe:
+            raise EngineError(f"{src / 'config.json'}: model_type {spec.model_type} has no experts to stream")
+        ckpt = Checkpoint(src)
+    order = getattr(ckpt, "row_order", {})
     shapes = expert_shapes(spec)
     _check_quant(quant, tuple(s[1] for s in shapes))
     # the dense matrices to write in another format: name -> (target format, columns)
@@ -116,6 +134,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
                 raise EngineError(f"--dense-quant {dense_quant}: tensor {name}.weight: {e}") from None
             if fmt != info.fmt:
                 dense[name + ".weight"] = (fmt, shape[1])  # type: ignore[assignment]
+    elif gguf:
+        # GGUF's block formats, held in the layout the kernels run fastest (q4_k as q4_kx8 ...): the same
+        # bytes rearranged, as `engine.load` arranges them when it quantizes.
+        for name, (shape, _) in dense_formats(spec, None).items():
+            info = ckpt.info(name + ".weight", shape)
+            if kernels.layout(info.fmt, shape[0]) != info.fmt:
+                dense[name + ".weight"] = (kernels.layout(info.fmt, shape[0]), shape[1])  # type: ignore[assignment]
 
     pairs = [(i, e) for i in range(spec.num_layers) if spec.moe_layers[i] for e in range(spec.num_experts)]
     expert_names: set[str] = set()
@@ -127,6 +152,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
     total = sum(ckpt.where[n].tensors[n].nbytes for n in ckpt.where)
     done = 0
     source_formats: set[str] = set()
+    written: set[str] = set()   # the experts' formats in the store
 
     def advance(n: int) -> None:
         nonlocal done
@@ -159,12 +185,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             metadata.update(quantized_metadata(info.name, fmt, cols))
     dense_blocks = any(k.startswith(FORMAT_KEY) for k in metadata)
     with staged_folder(dst, force) as tmp:
-        copied = copy_side_files(src, tmp)
+        if gguf:
+            for name, text in side.items():
+                (tmp / name).write_text(text)
+            copied = sorted(side)
+        else:
+            copied = copy_side_files(src, tmp)
         st = SafetensorsWriter(tmp / RESIDENT_FILE, header, metadata)
         for info in infos:
             st.begin(info.name)
             fmt, cols = dense.get(info.name, (info.fmt, 0))
-            _write_converted(info, ckpt.path_of(info.name), fmt, cols, buf, st.write, advance)  # type: ignore[arg-type]
+            _write_converted(info, ckpt.path_of(info.name), fmt, cols, buf, st.write, advance,  # type: ignore[arg-type]
+                             order.get(info.name))
         st.close()
 
         ef = ExpertFileWriter(tmp / EXPERT_FILE)
@@ -173,7 +205,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             for name, shape in zip(spec.expert_names(i, e), shapes):
                 info = ckpt.info(name + ".weight", shape)
                 source_formats.add(info.fmt)  # type: ignore[arg-type]
-                fmt = kernels.layout(quant, shape[0]) or info.fmt
+                fmt = kernels.layout(quant or (info.fmt if gguf else None), shape[0]) or info.fmt
+                written.add(fmt)
                 ef.begin_part(fmt, shape)  # type: ignore[arg-type]
                 _write_converted(info, ckpt.path_of(name + ".weight"), fmt, shape[1], buf, ef.write,  # type: ignore[arg-type]
                                  advance)
@@ -186,7 +219,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
         resident_bytes = (tmp / RESIDENT_FILE).stat().st_size
     return {"src": str(src), "dst": str(dst), "bundles": len(pairs), "expert_bytes": expert_bytes,
             "resident_bytes": resident_bytes, "source_bytes": total, "seconds": time.perf_counter() - t0,
-            "quant": quant or src_fmt, "dense_quant": dense_quant}
+            "quant": quant or src_fmt, "expert_formats": sorted(written), "dense_quant": dense_quant}
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -213,7 +246,8 @@ def run_convert(args: argparse.Namespace) -> int:
         summary = convert_checkpoint(args.src, args.dst, quant=args.quant, force=args.force, progress=report,
                                      dense_quant=args.dense_quant)
     dense = f" ({summary['dense_quant']})" if summary["dense_quant"] else ""
-    print(f"wrote {summary['dst']}: {summary['bundles']} expert bundles ({summary['quant']}), "
+    formats = summary["quant"] or " + ".join(summary["expert_formats"])   # a GGUF's mix, as q4_kx8 + q6_k
+    print(f"wrote {summary['dst']}: {summary['bundles']} expert bundles ({formats}), "
           f"{format_size(summary['expert_bytes'])} of experts, {format_size(summary['resident_bytes'])} of "
           f"resident weights{dense} in {summary['seconds']:.1f} s")
     return 0

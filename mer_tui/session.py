@@ -16,7 +16,6 @@ model with recorded telemetry.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -211,11 +210,7 @@ class Session:
         self._stop.set()
 
     def _context_limit(self) -> int:
-        try:
-            cfg = json.loads((Path(self.model.path) / "config.json").read_text())
-            return min(int(cfg.get("max_position_embeddings") or MAX_CONTEXT), MAX_CONTEXT)
-        except (OSError, ValueError, TypeError):
-            return MAX_CONTEXT
+        return min(self.model.spec.max_position_embeddings or MAX_CONTEXT, MAX_CONTEXT)
 
     def _prompt_ids(self) -> list[int]:
         """The conversation through the chat template, dropping the oldest turns if it is too long."""

@@ -1,0 +1,229 @@
+"""A GGUF file seen as a Hugging Face checkpoint: its tensors under the names a ModelSpec uses, and the
+config.json its metadata stands for, so that `mer-tui convert model.gguf DST` writes an expert store
+with the converter's one code path.
+
+What llama.cpp's converter (convert_hf_to_gguf.py) changed on the way in is undone here, as data:
+- names: blk.N.attn_q -> the spec's "q" of layer N, and so on (_LAYER_KEYS);
+- experts: each layer's experts merged into one tensor (ffn_{gate,up,down}_exps, numpy shape
+  (experts, rows, cols)) are seen as one tensor per expert: a slice of whole rows, no copy;
+- the llama architecture (Mixtral) permutes the rows of q and k so that ggml's rope can rotate adjacent
+  pairs; the spec rotates halves as Hugging Face does, so those rows are read in the inverse order
+  (row_order); olmoe, qwen2moe and qwen3moe keep Hugging Face's order;
+- a qwen2moe shared expert's gate is a vector {n_embd} there, a (1, n_embd) matrix here.
+Block formats need no change: GGUF's q8_0, q4_0, q4_k and q6_k are the kernels' own.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import EngineError
+from .gguf import GGML_FORMATS, GgufFile, GgufTensor
+from .gguf_vocab import tokenizer_files
+from .safetensors_file import TensorInfo
+from .spec import ModelSpec, spec_from_config
+
+# GGUF architecture -> our model_type (the MoE ones; a dense GGUF has no experts to stream)
+ARCHES = {"llama": "mixtral", "olmoe": "olmoe", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# blk.N.<name>.weight -> the spec's key for layer N
+_LAYER_KEYS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "attn_q_norm": "q_norm",
+               "attn_k_norm": "k_norm", "attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "ffn_gate_inp": "router",
+               "ffn_gate_inp_shexp": "shared_gate"}
+# blk.N.<name>.weight -> (the spec's key of a (gate, up, down) triple, its index)
+_TRIPLE_KEYS = {"ffn_gate_shexp": ("shared", 0), "ffn_up_shexp": ("shared", 1), "ffn_down_shexp": ("shared", 2),
+                "ffn_gate": ("dense", 0), "ffn_up": ("dense", 1), "ffn_down": ("dense", 2)}
+_EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_FLOAT_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+_NUMPY = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts with GGUF's magic."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return p.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def gguf_config(g: GgufFile) -> dict:
+    """The Hugging Face config.json that the GGUF's metadata stands for."""
+    arch = g.get("general.architecture")
+    where = str(g.path)
+    if arch not in ARCHES:
+        known = ", ".join(sorted(ARCHES))
+        raise EngineError(f"{where}: architecture {arch!r} is not supported (MoE architectures: {known})")
+
+    def meta(key: str, default=None, need: bool = False):
+        v = g.get(f"{arch}.{key}", default)
+        if need and v is None:
+            raise EngineError(f"{where}: metadata {arch}.{key} is missing")
+        return v
+
+    experts = int(meta("expert_count", 0) or 0)
+    if experts <= 0:
+        raise EngineError(f"{where}: a dense {arch} model ({arch}.expert_count is 0): it has no experts to stream")
+    layers = int(meta("block_count", need=True))
+    hidden = int(meta("embedding_length", need=True))
+    heads = int(meta("attention.head_count", need=True))
+    tokens = g.get("tokenizer.ggml.tokens")
+    embd = g.tensors.get("token_embd.weight")
+    vocab = meta("vocab_size") or (len(tokens) if isinstance(tokens, list) else None) or (embd and embd.dims[1])
+    if not vocab:
+        raise EngineError(f"{where}: no vocabulary size (no {arch}.vocab_size, tokens or token_embd.weight)")
+    cfg: dict = {
+        "model_type": ARCHES[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta("context_length", 4096)),
+        "num_experts_per_tok": int(meta("expert_used_count", need=True)),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": g.get("tokenizer.ggml.eos_token_id"),
+    }
+    if meta("attention.key_length") is not None:
+        cfg["head_dim"] = int(meta("attention.key_length"))
+    scaling = meta("rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise EngineError(f"{where}: rope scaling {scaling!r} is not supported (linear)")
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor", 1.0))}
+    if meta("attention.clamp_kqv") is not None:
+        cfg["clip_qkv"] = float(meta("attention.clamp_kqv"))
+    ffn = meta("feed_forward_length")
+    if arch in ("llama", "olmoe"):
+        cfg.update(num_local_experts=experts, num_experts=experts, intermediate_size=int(ffn or 0))
+    else:
+        # Which layers route (llama.cpp's qwen MoE files may carry dense layers as ffn_gate/up/down).
+        dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" not in g.tensors]
+        cfg.update(num_experts=experts, moe_intermediate_size=int(meta("expert_feed_forward_length", need=True)),
+                   intermediate_size=int(ffn or 0), decoder_sparse_step=1, mlp_only_layers=dense,
+                   # as llama.cpp computes these models: qwen2moe's top-k weights unnormalised, qwen3moe's normalised
+                   norm_topk_prob=bool(meta("expert_weights_norm", arch == "qwen3moe")))
+        if arch == "qwen2moe":
+            cfg["shared_expert_intermediate_size"] = int(meta("expert_shared_feed_forward_length", 0) or 0)
+            cfg["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
+    if arch == "olmoe":
+        cfg["norm_topk_prob"] = bool(meta("expert_weights_norm", False))
+    return cfg
+
+
+class _Table:
+    """What Checkpoint expects of a shard: a path, tensors by name, and reading one."""
+
+    def __init__(self, path: Path, row_order: dict[str, np.ndarray]):
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        self.row_order = row_order
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            buf = f.read(info.nbytes)
+        if len(buf) != info.nbytes:
+            raise EngineError(f"{self.path}: tensor {name}: short read, the file was truncated")
+        arr = np.frombuffer(bytearray(buf), _NUMPY.get(info.dtype, "u1")).reshape(info.shape)
+        order = self.row_order.get(name)
+        return arr if order is None else np.ascontiguousarray(arr[order])
+
+
+class GgufCheckpoint(Checkpoint):
+    """The tensors of a GGUF file under the spec's names (see the module docstring).
+
+    row_order[name], where present, is the order in which the file's rows make the tensor (read(),
+    and the converter, apply it)."""
+
+    def __init__(self, path: str | Path):   # not Checkpoint's: that one reads a folder of shards
+        self.gguf = GgufFile(path)
+        self.folder = self.gguf.path
+        self.config = gguf_config(self.gguf)
+        self.spec: ModelSpec = spec_from_config(self.config, str(self.folder))
+        self.row_order: dict[str, np.ndarray] = {}
+        table = _Table(self.folder, self.row_order)
+        self.files = {self.folder.name: table}
+        self.where = {}
+        spec = self.spec
+        for t in self.gguf.tensors.values():
+            for name, info in self._infos(t):
+                table.tensors[name] = info
+                self.where[name] = table
+        if self.gguf.get("general.architecture") == "llama":
+            for key, n_heads in (("q", spec.num_heads), ("k", spec.num_kv_heads)):
+                for i in range(spec.num_layers):
+                    name = spec.name(key, i) + ".weight"
+                    if name in table.tensors:
+                        self.row_order[name] = _unpermute(table.tensors[name].shape[0], n_heads)
+
+    def _infos(self, t: GgufTensor) -> list[tuple[str, TensorInfo]]:
+        """The spec's name(s) and header entries of GGUF tensor `t` (several for merged experts)."""
+        fmt = t.fmt
+        if fmt is None:
+            supported = ", ".join(f.upper() for f in GGML_FORMATS.values())
+            raise EngineError(f"{self.folder}: tensor {t.name} is {t.type_name}, which mer-tui cannot read "
+                              f"(it reads {supported}; requantize with llama-quantize, e.g. to Q4_K_M or Q4_0)")
+        spec = self.spec
+        if t.name in _TOP:
+            return [(_TOP[t.name], _info(_TOP[t.name], t, t.start, t.shape))]
+        parts = t.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
+            raise EngineError(f"{self.folder}: tensor {t.name} is not one mer-tui knows for {spec.model_type}")
+        layer, base, kind = int(parts[1]), parts[2], parts[3]
+        if base in _EXPERTS:
+            n, rows, cols = t.shape
+            if n != spec.num_experts:
+                raise EngineError(f"{self.folder}: tensor {t.name} holds {n} experts, expected {spec.num_experts}")
+            which = _EXPERTS.index(base)
+            per = t.nbytes // n
+            return [(name, _info(name, t, t.start + e * per, (rows, cols), per))
+                    for e in range(n) for name in [spec.expert_names(layer, e)[which] + ".weight"]]
+        if base in _LAYER_KEYS and _LAYER_KEYS[base] in spec.names:
+            prefix = spec.name(_LAYER_KEYS[base], layer)
+        elif base in _TRIPLE_KEYS and _TRIPLE_KEYS[base][0] in spec.names:
+            key, idx = _TRIPLE_KEYS[base]
+            prefix = spec.names[key][idx].format(i=layer)
+        else:
+            raise EngineError(f"{self.folder}: tensor {t.name} is not one mer-tui knows for {spec.model_type}")
+        shape = (1, t.dims[0]) if base == "ffn_gate_inp_shexp" and len(t.dims) == 1 else t.shape
+        name = f"{prefix}.{kind}"
+        return [(name, _info(name, t, t.start, shape))]
+
+
+def _info(name: str, t: GgufTensor, start: int, shape: tuple[int, ...], nbytes: int | None = None) -> TensorInfo:
+    """A safetensors-style header entry for bytes of `t`: float formats as their dtype, block formats as
+    U8 (rows, row bytes) marked with their format and columns, as a store's model.safetensors has them."""
+    nbytes = t.nbytes if nbytes is None else nbytes
+    fmt = t.fmt
+    if fmt in _FLOAT_DTYPE:
+        return TensorInfo(name, _FLOAT_DTYPE[fmt], tuple(shape), start, start + nbytes)  # type: ignore[arg-type]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    return TensorInfo(name, "U8", (rows, nbytes // max(rows, 1)), start, start + nbytes, quant=fmt, cols=shape[-1])
+
+
+def _unpermute(rows: int, n_heads: int) -> np.ndarray:
+    """The order of a GGUF q/k matrix's rows that gives Hugging Face's: llama.cpp's converter wrote each
+    head's rows (two halves of head_dim/2) interleaved pairwise, row h*d + 2j + t from Hugging Face's
+    h*d + t*d/2 + j; this is the inverse of that permutation."""
+    half = rows // n_heads // 2
+    written = np.arange(rows).reshape(n_heads, 2, half).swapaxes(1, 2).reshape(-1)   # file row -> HF row
+    return np.argsort(written)
+
+
+def gguf_side_files(ckpt: GgufCheckpoint) -> dict[str, str]:
+    """{file name: text} of what a converted store holds besides weights: config.json and, where the GGUF
+    has a vocabulary, the tokenizer files (engine.gguf_vocab)."""
+    files = {"config.json": json.dumps(ckpt.config, indent=1) + "\n"}
+    if ckpt.gguf.get("tokenizer.ggml.tokens") is not None:
+        files.update(tokenizer_files(ckpt.gguf.metadata, str(ckpt.folder)))
+    return files

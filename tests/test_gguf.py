@@ -1,0 +1,213 @@
+"""GGUF files: read as llama.cpp wrote them, run as the peers run them.
+
+The fixtures (tests/fixtures/gguf/make.py) are tiny random models converted by llama.cpp's own
+convert_hf_to_gguf.py (and one quantized to Q4_K_M by llama.cpp), with what transformers, llama.cpp,
+`tokenizers` and sentencepiece computed for them.  gguf-py is the reference for the file format.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from engine import EngineError
+from engine.gguf import GgufFile
+from engine.gguf_import import GgufCheckpoint
+from mer_tui.convert import convert_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+FLOAT = ["olmoe", "qwen2moe", "mixtral"]          # f16 weights: exact conversions of the checkpoints
+ALL = [*FLOAT, "mixtral-q4_k_m"]
+
+
+def fixture(name: str) -> Path:
+    return FIXTURES / f"{name}.gguf"
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / f"{name}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_header_read_as_gguf_py_reads_it(name):
+    gguf = pytest.importorskip("gguf")
+    ours, theirs = GgufFile(fixture(name)), gguf.GGUFReader(fixture(name))
+    assert {t.name: (t.data_offset, t.n_bytes, tuple(int(d) for d in t.shape), int(t.tensor_type))
+            for t in theirs.tensors} == \
+        {t.name: (t.start, t.nbytes, t.dims, t.ggml_type) for t in ours.tensors.values()}
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        assert ours.metadata[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
+@pytest.mark.parametrize("name", FLOAT)
+@pytest.mark.parametrize("how", [{}, {"ram_cache": "64KiB", "io": "pread"}, {"ram_cache": "64KiB", "io": "uring"}])
+def test_float_gguf_logits_match_transformers(name, how):
+    """In RAM and streamed from the GGUF itself: the same logits as transformers on the source checkpoint
+    (mixtral's q and k rows come back from llama.cpp's permutation; a wrong order fails this)."""
+    ref = reference(name)
+    model = engine.load(fixture(name), **how)
+    try:
+        assert rel_err(model.forward(ref["ids"]), ref["transformers"]) < 1e-5
+    finally:
+        model.close()
+
+
+def test_q4_k_m_logits_match_llama_cpp():
+    """llama.cpp's own Q4_K_M file: our logits land near llama.cpp's, far nearer than either lands to the
+    float model (both compute the same 4-bit weights; the activations' rounding differs a little)."""
+    ref = reference("mixtral-q4_k_m")
+    model = engine.load(fixture("mixtral-q4_k_m"), ram_cache="256KiB")
+    try:
+        ours = model.forward(ref["ids"])
+    finally:
+        model.close()
+    theirs, floats = ref["llama_cpp"], ref["transformers"]
+    per_row = [rel_err(o, t) for o, t in zip(ours, theirs)]
+    quant_noise = [rel_err(t, f) for t, f in zip(theirs, floats)]
+    assert max(per_row) < 0.08
+    assert np.median(per_row) < 0.25 * np.median(quant_noise)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_convert_gguf_to_store(name, tmp_path):
+    """`mer-tui convert model.gguf DST`: a store with the GGUF's bytes in the kernels' x8 layouts, its
+    config and tokenizer; it computes what the GGUF computes."""
+    ref = reference(name)
+    dst = tmp_path / "store"
+    summary = convert_checkpoint(fixture(name), dst)
+    assert summary["bundles"] == len(GgufCheckpoint(fixture(name)).spec.moe_layers) * \
+        GgufCheckpoint(fixture(name)).spec.num_experts
+    index = json.loads((dst / "index.json").read_text())
+    formats = {p["fmt"] for b in index["bundles"] for p in b["parts"]}
+    if name == "mixtral-q4_k_m":
+        assert formats == {"q4_kx8", "q6_k"}   # GGUF's q4_K interleaved by rows of eight; q6_K has no x8 layout
+        assert summary["expert_formats"] == ["q4_kx8", "q6_k"]
+    direct = engine.load(fixture(name))
+    stored = engine.load(dst, ram_cache="128KiB")
+    try:
+        a, b = direct.forward(ref["ids"]), stored.forward(ref["ids"])
+        # the same weights; the x8 kernels sum in another order (float fixtures: the same kernels)
+        assert rel_err(b, a) < (1e-3 if name.endswith("q4_k_m") else 1e-5)
+        assert stored.tokenizer.encode("Hello world") == direct.tokenizer.encode("Hello world")
+        assert stored.tokenizer.chat_template == direct.tokenizer.chat_template is not None
+        assert stored.spec == direct.spec
+    finally:
+        direct.close()
+        stored.close()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tokenizer_matches_the_source_tokenizer(name):
+    """The vocabulary rebuilt from the GGUF splits text as the tokenizer it was converted from
+    (`tokenizers` for byte-level BPE, sentencepiece for Mixtral's) and decodes back to the text."""
+    model = engine.load(fixture(name))
+    tok = model.tokenizer
+    data = json.loads((FIXTURES / f"{name}.tokens.json").read_text())
+    for text, ids in zip(data["texts"], data["ids"], strict=True):
+        assert tok.encode(text, add_special_tokens=False) == ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    for text, pieces in zip(data["texts"], data["pieces"], strict=True) if "pieces" in data else ():
+        # the split regex itself (byte-level BPE): a toy vocabulary's ids alone do not tell regexes apart
+        assert [p for p, _ in tok._tok.pre_tokenizer.pre_tokenize_str(text)] == pieces, text
+    spm = name.startswith("mixtral")   # SentencePiece models start with BOS, as llama.cpp adds it
+    assert (tok.encode("hi")[0] == tok.bos_id) == spm
+    model.close()
+
+
+def test_chat_and_special_tokens():
+    model = engine.load(fixture("qwen2moe"))
+    tok = model.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+    assert ids[0] == start and ids.count(end) == 1 and tok.eos_id == end
+    assert tok.decode(ids) == "user\nhi\nassistant\n"    # control tokens skipped
+    model.close()
+
+
+def test_generate_from_a_gguf_on_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "mer_tui", "generate", "--model", str(fixture("mixtral-q4_k_m")),
+                          "--prompt", "Hello", "--max-new-tokens", "6", "--ram-cache", "512KiB", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["ids"]) == 6
+
+
+# ------------------------------------------------------------------------------------------ bad files
+def _set_tensor_type(path: Path, tensor: str, ggml_type: int) -> None:
+    """Rewrite one tensor's type id in the header (name, dims count, dims, then the type)."""
+    raw = bytearray(path.read_bytes())
+    name = tensor.encode()
+    at = raw.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    n_dims = int.from_bytes(raw[at:at + 4], "little")
+    at += 4 + 8 * n_dims
+    raw[at:at + 4] = ggml_type.to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+
+
+def test_unsupported_block_type_is_named(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(fixture("mixtral-q4_k_m"), bad)
+    _set_tensor_type(bad, "blk.1.ffn_down_exps.weight", 13)   # Q5_K
+    with pytest.raises(EngineError, match=r"blk\.1\.ffn_down_exps\.weight is Q5_K"):
+        engine.load(bad)
+    out = subprocess.run([sys.executable, "-m", "mer_tui", "convert", str(bad), str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Q5_K" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "store").exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(fixture("olmoe").read_bytes()[:-1000])
+    with pytest.raises(EngineError, match="runs past the end"):
+        engine.load(cut)
+    cut.write_bytes(fixture("olmoe").read_bytes()[:2000])
+    with pytest.raises(EngineError, match="header ends early"):
+        engine.load(cut)
+    other = tmp_path / "model.gguf"
+    other.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(EngineError, match="not a folder"):
+        engine.load(other)
+
+
+def test_dense_and_unknown_architectures_are_refused(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    for arch, experts, words in (("llama", 0, "no experts to stream"), ("gemma", 8, "architecture 'gemma'")):
+        path = tmp_path / f"{arch}.gguf"
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_block_count(1)
+        w.add_embedding_length(32)
+        w.add_head_count(4)
+        w.add_expert_count(experts)
+        w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(EngineError, match=words):
+            engine.load(path)
+
+
+def test_unknown_pre_tokenizer_is_refused():
+    from engine.gguf_vocab import tokenizer_files
+
+    meta = dict(GgufFile(fixture("olmoe")).metadata)
+    meta["tokenizer.ggml.pre"] = "made-up"
+    with pytest.raises(EngineError, match="pre-tokenizer 'made-up' is not supported"):
+        tokenizer_files(meta, "x.gguf")
