@@ -220,10 +220,14 @@ def _unpermute(rows: int, n_heads: int) -> np.ndarray:
     return np.argsort(written)
 
 
-def gguf_side_files(ckpt: GgufCheckpoint) -> dict[str, str]:
-    """{file name: text} of what a converted store holds besides weights: config.json and, where the GGUF
-    has a vocabulary, the tokenizer files (engine.gguf_vocab)."""
+def gguf_side_files(ckpt: GgufCheckpoint) -> tuple[dict[str, str], str | None]:
+    """({file name: text}, why there is no tokenizer or None): what a converted store holds besides
+    weights, config.json and the tokenizer files (engine.gguf_vocab).  A vocabulary that cannot be
+    rebuilt does not stop the weights from loading (token ids still work: `mer-tui bench`); the reason
+    is returned for the caller to say."""
     files = {"config.json": json.dumps(ckpt.config, indent=1) + "\n"}
-    if ckpt.gguf.get("tokenizer.ggml.tokens") is not None:
+    try:
         files.update(tokenizer_files(ckpt.gguf.metadata, str(ckpt.folder)))
-    return files
+    except EngineError as e:
+        return files, f"no tokenizer: {e}"
+    return files, None

@@ -38,7 +38,7 @@ def tokenizer_files(meta: dict, where: str) -> dict[str, str]:
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
-        raise EngineError(f"{where}: no vocabulary (tokenizer.ggml.tokens)")
+        raise EngineError(f"{where}: the file has no vocabulary (tokenizer.ggml.tokens)")
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if model == "gpt2":
         tok = _byte_level_bpe(meta, tokens, where)

@@ -1,6 +1,7 @@
 """`engine.load`: a folder on disk -> a ready Model."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from .model import Model
 from .sizes import parse_size
 from .spec import ModelSpec, load_spec
 from .store import checkpoint_layout, is_store, open_store
+
+log = logging.getLogger("engine.loader")
 
 QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
 IO_BACKENDS = ("auto", "uring", "pread", "mmap")
@@ -99,8 +102,10 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
 
     tokenizer = None
     if gguf:
-        files = gguf_side_files(ckpt)   # type: ignore[arg-type]
-        if "tokenizer.json" in files:
+        files, missing = gguf_side_files(ckpt)   # type: ignore[arg-type]
+        if missing:
+            log.warning("%s", missing)
+        else:
             tokenizer = Tokenizer.from_texts(files["tokenizer.json"], files["tokenizer_config.json"], str(folder))
     elif (folder / "tokenizer.json").exists():
         tokenizer = Tokenizer(folder)

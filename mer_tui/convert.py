@@ -112,12 +112,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
     if gguf:
         ckpt: Checkpoint = GgufCheckpoint(src)
         spec = ckpt.spec
-        side = gguf_side_files(ckpt)   # built before anything is written: a vocabulary we cannot read stops here
+        side, missing = gguf_side_files(ckpt)   # type: ignore[arg-type]   (before anything is written)
     else:
         spec = load_spec(src)
         if not spec.is_moe:
             raise EngineError(f"{src / 'config.json'}: model_type {spec.model_type} has no experts to stream")
-        ckpt = Checkpoint(src)
+        ckpt, missing = Checkpoint(src), None
     order = getattr(ckpt, "row_order", {})
     shapes = expert_shapes(spec)
     _check_quant(quant, tuple(s[1] for s in shapes))
@@ -219,7 +219,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
         resident_bytes = (tmp / RESIDENT_FILE).stat().st_size
     return {"src": str(src), "dst": str(dst), "bundles": len(pairs), "expert_bytes": expert_bytes,
             "resident_bytes": resident_bytes, "source_bytes": total, "seconds": time.perf_counter() - t0,
-            "quant": quant or src_fmt, "expert_formats": sorted(written), "dense_quant": dense_quant}
+            "quant": quant or src_fmt, "expert_formats": sorted(written), "dense_quant": dense_quant,
+            "note": missing}
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -247,7 +248,8 @@ def run_convert(args: argparse.Namespace) -> int:
                                      dense_quant=args.dense_quant)
     dense = f" ({summary['dense_quant']})" if summary["dense_quant"] else ""
     formats = summary["quant"] or " + ".join(summary["expert_formats"])   # a GGUF's mix, as q4_kx8 + q6_k
+    note = f"; {summary['note']}" if summary["note"] else ""
     print(f"wrote {summary['dst']}: {summary['bundles']} expert bundles ({formats}), "
           f"{format_size(summary['expert_bytes'])} of experts, {format_size(summary['resident_bytes'])} of "
-          f"resident weights{dense} in {summary['seconds']:.1f} s")
+          f"resident weights{dense} in {summary['seconds']:.1f} s{note}")
     return 0

@@ -204,10 +204,31 @@ def test_dense_and_unknown_architectures_are_refused(tmp_path):
             engine.load(path)
 
 
-def test_unknown_pre_tokenizer_is_refused():
+def test_a_vocabulary_that_cannot_be_rebuilt_leaves_the_weights_usable(tmp_path, caplog):
+    """An unknown pre-tokenizer is refused by name (a tokenizer that splits otherwise would feed the model
+    text it never saw), but the weights still load and convert: token ids work, as `mer-tui bench` uses."""
     from engine.gguf_vocab import tokenizer_files
 
     meta = dict(GgufFile(fixture("olmoe")).metadata)
     meta["tokenizer.ggml.pre"] = "made-up"
     with pytest.raises(EngineError, match="pre-tokenizer 'made-up' is not supported"):
         tokenizer_files(meta, "x.gguf")
+    bad = tmp_path / "made-up.gguf"
+    raw = fixture("olmoe").read_bytes()
+    bad.write_bytes(_replace_string(raw, "olmo", "abcd", after=b"tokenizer.ggml.pre"))
+    model = engine.load(bad)
+    assert model.tokenizer is None and "pre-tokenizer 'abcd' is not supported" in caplog.text
+    ref = reference("olmoe")
+    assert rel_err(model.forward(ref["ids"]), ref["transformers"]) < 1e-5
+    model.close()
+    out = subprocess.run([sys.executable, "-m", "mer_tui", "convert", str(bad), str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "no tokenizer" in out.stdout and "'abcd'" in out.stdout
+    assert not (tmp_path / "store" / "tokenizer.json").exists()
+
+
+def _replace_string(raw: bytes, old: str, new: str, after: bytes) -> bytes:
+    """A GGUF string value of the same length replaced in place, the first one after `after`."""
+    assert len(old) == len(new)
+    at = raw.index(len(old).to_bytes(8, "little") + old.encode(), raw.index(after))
+    return raw[:at + 8] + new.encode() + raw[at + 8 + len(old):]
