@@ -137,7 +137,11 @@ INPUTS = "own prompt each repeat, forced random continuation"
 def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache: int) -> list[Run]:
     common = ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
               "--repeats", str(args.repeats)]
-    mer = [PY, "-m", "bench.run_mer", "--model", str(store), "--json", *common]
+
+    def mer_on(model: Path) -> list[str]:
+        return [PY, "-m", "bench.run_mer", "--model", str(model), "--json", *common]
+
+    mer = mer_on(store)
     llama = [PY, "-m", "bench.run_llama", "--model", str(gguf_path), *common]
     cache = ["--ram-cache", f"{ram_cache // MiB}MiB"]
     runs = []
@@ -153,6 +157,10 @@ def plan_runs(args: argparse.Namespace, store: Path, gguf_path: Path, ram_cache:
                         [*mer, *cache, "--io", "uring", "--policy", policy]))
     runs.append(Run("over-mer-mmap", "over", "mer-tui", "mer-tui io=mmap (page cache)",
                     [*mer, *cache, "--io", "mmap"]))
+    # llama.cpp's own file, no conversion: experts streamed from the GGUF's bytes (each expert three reads,
+    # the kernels' plain GGUF layouts instead of the store's interleaved ones).
+    runs.append(Run("over-mer-gguf", "over", "mer-tui", "mer-tui io=uring, prefetch on, reading the GGUF",
+                    [*mer_on(gguf_path), *cache, "--io", "uring"]))
     runs.append(Run("over-llama", "over", "llama.cpp", "llama.cpp mmap, no repack", llama))
     runs.append(Run("over-llama-repack", "over", "llama.cpp", "llama.cpp repack (default)", [*llama, "--repack"]))
     runs.append(Run("over-llama-random", "over", "llama.cpp", "llama.cpp no repack, MADV_RANDOM†",
@@ -551,6 +559,11 @@ def render_section(data: dict) -> str:
         + "around it, pulling in neighbouring experts that evict those the next token needs; hence disk reads "
         "per decoded token far above the 432 MiB of experts a token uses. With repacking (llama.cpp's default) "
         "the weights are copied into anonymous memory and the process is OOM-killed.",
+        "- \"Reading the GGUF\": mer-tui run on llama.cpp's own file, not converted (`--model M.gguf`): its "
+        "experts are streamed from the GGUF's merged expert tensors, three reads a bundle (gate, up and down "
+        "lie in three tensors) instead of one, and computed in the plain GGUF layout instead of the store's "
+        "interleaved one. `mer-tui convert M.gguf STORE` writes the same store as the Hugging Face folder's "
+        "(its experts.bin byte-identical here).",
         "- Hit rate is mer-tui's telemetry over the whole run, prefill included; with prefetch on, a bundle "
         "read ahead of time counts as a hit when it is asked for. Roofline reached: 1 / (cached bytes / DRAM "
         "bandwidth + missed bytes / disk bandwidth) per token, with the run's measured missed bytes (wasted "
