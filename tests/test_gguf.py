@@ -22,7 +22,7 @@ from engine.gguf_import import GgufCheckpoint
 from mer_tui.convert import convert_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
-FLOAT = ["olmoe", "qwen2moe", "mixtral"]          # f16 weights: exact conversions of the checkpoints
+FLOAT = ["olmoe", "qwen2moe", "qwen3moe", "mixtral"]          # f16 weights: exact conversions of the checkpoints
 ALL = [*FLOAT, "mixtral-q4_k_m"]
 
 
