@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels import transcode
 from kernels.formats import row_bytes
 
 from .errors import EngineError
@@ -23,9 +24,12 @@ from .errors import EngineError
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
-# ggml type id -> kernels format name, for the formats the kernels read; names of the others, for errors
+# ggml type id -> kernels format name, for the formats the kernels compute
 GGML_FORMATS = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 12: "q4_k", 14: "q6_k", 30: "bf16"}
-GGML_NAMES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 13: "Q5_K", 15: "Q8_K",
+# ... and for those a store holds in another format (kernels.transcode: converting makes them q8_0)
+GGML_TRANSCODED = {3: "q4_1", 6: "q5_0", 7: "q5_1", 13: "q5_k"}
+# names of the others, for errors
+GGML_NAMES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K",
               16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
               23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0",
               35: "TQ2_0", 39: "MXFP4"}
@@ -47,8 +51,9 @@ class GgufTensor:
 
     @property
     def fmt(self) -> str | None:
-        """The kernels format of its bytes, or None where the kernels cannot read the type."""
-        return GGML_FORMATS.get(self.ggml_type)
+        """The format name of its bytes (a kernels format, or one of kernels.transcode's), or None where
+        mer-tui cannot read the type."""
+        return GGML_FORMATS.get(self.ggml_type) or GGML_TRANSCODED.get(self.ggml_type)
 
     @property
     def type_name(self) -> str:
@@ -158,11 +163,12 @@ class GgufFile:
 def _nbytes(name: str, dims: tuple[int, ...], ggml_type: int, path: Path) -> int:
     """Bytes of a tensor: its rows times a row's bytes.  For the types the kernels cannot read the size is
     not needed (such a tensor is refused by name before any read), so 0."""
-    fmt = GGML_FORMATS.get(ggml_type)
-    if fmt is None:
-        return 0
     rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
     try:
-        return rows * row_bytes(fmt, dims[0])
+        if ggml_type in GGML_FORMATS:
+            return rows * row_bytes(GGML_FORMATS[ggml_type], dims[0])
+        if ggml_type in GGML_TRANSCODED:
+            return rows * transcode.row_bytes(GGML_TRANSCODED[ggml_type], dims[0])
+        return 0
     except ValueError as e:
         raise EngineError(f"{path}: tensor {name}: {e}") from None

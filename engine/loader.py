@@ -81,8 +81,10 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         kernels.set_threads(threads)
 
     if gguf:
-        ckpt: Checkpoint = GgufCheckpoint(folder)
-        spec, store = ckpt.spec, False
+        gg = GgufCheckpoint(folder)
+        gg.check_computable()
+        ckpt: Checkpoint = gg
+        spec, store = gg.spec, False
     else:
         spec = load_spec(folder)
         store = is_store(folder)

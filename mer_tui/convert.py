@@ -40,6 +40,7 @@ from engine.store import (
     write_index,
 )
 from engine.weights import dense_formats
+from kernels import transcode
 
 # Bytes read, converted and written at a time: bounds the converter's memory (about 3x this with --quant).
 PIECE = 8 << 20
@@ -49,6 +50,11 @@ Progress = Callable[[int, int], None]
 
 # safetensors dtype of a float format; every block format is stored as U8
 _FLOAT_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+
+
+def computable(fmt: str) -> str:
+    """A GGUF tensor's format in a store: its own, or q8_0 for one the kernels do not compute."""
+    return "q8_0" if fmt in transcode.FORMATS else fmt
 
 
 def _check_quant(quant: str | None, cols: tuple[int, ...]) -> None:
@@ -72,9 +78,7 @@ def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: byt
     the tensor is read whole and its rows taken in that order: attention matrices, tens of MB at most."""
     if row_order is not None:
         rows = np.fromfile(path, np.uint8, count=info.nbytes, offset=info.start).reshape(info.shape[0], -1)[row_order]
-        if fmt != info.fmt:
-            rows = kernels.QMatrix(rows, info.fmt, rows.shape[0], cols).to_format(fmt).data  # type: ignore[arg-type]
-        write(np.ascontiguousarray(rows))
+        write(np.ascontiguousarray(rows) if fmt == info.fmt else _in_format(rows, info.fmt, fmt, cols))  # type: ignore[arg-type]
         advance(info.nbytes)
         return
     if fmt == info.fmt:
@@ -87,9 +91,19 @@ def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: byt
     if rows_per >= kernels.X8_ROWS:  # whole runs of eight rows, which the x8 layouts interleave
         rows_per -= rows_per % kernels.X8_ROWS
     for raw in pieces(path, info.start, info.nbytes, memoryview(buf)[:rows_per * src_row]):
-        block = np.frombuffer(raw, np.uint8).reshape(-1, src_row)
-        write(kernels.QMatrix(block, info.fmt, block.shape[0], cols).to_format(fmt).data)  # type: ignore[arg-type]
+        write(_in_format(np.frombuffer(raw, np.uint8).reshape(-1, src_row), info.fmt, fmt, cols))  # type: ignore[arg-type]
         advance(len(raw))
+
+
+def _in_format(block: np.ndarray, src: str, fmt: str, cols: int) -> np.ndarray:
+    """Whole rows of format `src` as rows of `fmt`.  A GGUF type the kernels do not compute
+    (kernels.transcode) is decoded first: Q5_0 into q8_0 exactly, the others through their values."""
+    rows = block.shape[0]
+    if src == "q5_0" and kernels.gguf_format(fmt) == "q8_0":
+        return kernels.QMatrix(transcode.q5_0_as_q8_0(block), "q8_0", rows, cols).to_format(fmt).data
+    if src in transcode.FORMATS:
+        return kernels.QMatrix.from_float(transcode.dequantize(block, src, cols), fmt).data
+    return kernels.QMatrix(block, src, rows, cols).to_format(fmt).data
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = None, force: bool = False,
@@ -139,8 +153,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
         # bytes rearranged, as `engine.load` arranges them when it quantizes.
         for name, (shape, _) in dense_formats(spec, None).items():
             info = ckpt.info(name + ".weight", shape)
-            if kernels.layout(info.fmt, shape[0]) != info.fmt:
-                dense[name + ".weight"] = (kernels.layout(info.fmt, shape[0]), shape[1])  # type: ignore[assignment]
+            if kernels.layout(computable(info.fmt), shape[0]) != info.fmt:  # type: ignore[arg-type]
+                dense[name + ".weight"] = (kernels.layout(computable(info.fmt), shape[0]), shape[1])  # type: ignore
+    if gguf:   # an embedding (or any other tensor) of a type the kernels do not compute: as q8_0 too
+        for name in ckpt.where:
+            info = ckpt.info(name)
+            if info.fmt in transcode.FORMATS and name not in dense:
+                dense[name] = (kernels.layout("q8_0", info.shape[0]), info.logical_shape[1])  # type: ignore[assignment]
 
     pairs = [(i, e) for i in range(spec.num_layers) if spec.moe_layers[i] for e in range(spec.num_experts)]
     expert_names: set[str] = set()
@@ -205,7 +224,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             for name, shape in zip(spec.expert_names(i, e), shapes):
                 info = ckpt.info(name + ".weight", shape)
                 source_formats.add(info.fmt)  # type: ignore[arg-type]
-                fmt = kernels.layout(quant or (info.fmt if gguf else None), shape[0]) or info.fmt
+                fmt = kernels.layout(quant or (computable(info.fmt) if gguf else None), shape[0]) or info.fmt  # type: ignore
                 written.add(fmt)
                 ef.begin_part(fmt, shape)  # type: ignore[arg-type]
                 _write_converted(info, ckpt.path_of(name + ".weight"), fmt, shape[1], buf, ef.write,  # type: ignore[arg-type]
