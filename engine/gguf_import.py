@@ -5,7 +5,8 @@ with the converter's one code path.
 What llama.cpp's converter (convert_hf_to_gguf.py) changed on the way in is undone here, as data:
 - names: blk.N.attn_q -> the spec's "q" of layer N, and so on (_LAYER_KEYS);
 - experts: each layer's experts merged into one tensor (ffn_{gate,up,down}_exps, numpy shape
-  (experts, rows, cols)) are seen as one tensor per expert: a slice of whole rows, no copy;
+  (experts, rows, cols)) are seen as one tensor per expert: a slice of whole rows, no copy (older files
+  hold one tensor per expert, blk.N.ffn_gate.E: taken as they are);
 - the llama architecture (Mixtral) permutes the rows of q and k so that ggml's rope can rotate adjacent
   pairs; the spec rotates halves as Hugging Face does, so those rows are read in the inverse order
   (row_order); olmoe, qwen2moe and qwen3moe keep Hugging Face's order;
@@ -37,6 +38,7 @@ _LAYER_KEYS = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", 
 _TRIPLE_KEYS = {"ffn_gate_shexp": ("shared", 0), "ffn_up_shexp": ("shared", 1), "ffn_down_shexp": ("shared", 2),
                 "ffn_gate": ("dense", 0), "ffn_up": ("dense", 1), "ffn_down": ("dense", 2)}
 _EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_SPLIT_EXPERTS = ("ffn_gate", "ffn_up", "ffn_down")   # blk.N.<name>.E.weight
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 _FLOAT_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -189,6 +191,11 @@ class GgufCheckpoint(Checkpoint):
         if t.name in _TOP:
             return [(_TOP[t.name], _info(_TOP[t.name], t, t.start, t.shape))]
         parts = t.name.split(".")
+        if len(parts) == 5 and parts[2] in _SPLIT_EXPERTS and parts[3].isdigit():
+            # blk.N.ffn_gate.E.weight: each expert its own tensor, as llama.cpp wrote Mixtral before
+            # merging them (early 2024; many of the Mixtral GGUFs shared then)
+            name = spec.expert_names(int(parts[1]), int(parts[3]))[_SPLIT_EXPERTS.index(parts[2])] + ".weight"
+            return [(name, _info(name, t, t.start, t.shape))]
         if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
             raise EngineError(f"{self.folder}: tensor {t.name} is not one mer-tui knows for {spec.model_type}")
         layer, base, kind = int(parts[1]), parts[2], parts[3]

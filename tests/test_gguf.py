@@ -184,6 +184,35 @@ def test_generate_from_a_gguf_on_the_command_line():
     assert len(json.loads(out.stdout)["ids"]) == 6
 
 
+def test_experts_as_separate_tensors(tmp_path):
+    """Mixtral GGUFs written before llama.cpp merged the experts (blk.N.ffn_gate.E.weight, one tensor an
+    expert): the mixtral fixture rewritten that way by gguf-py computes the same logits."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(fixture("mixtral"))
+    old = tmp_path / "split.gguf"
+    w = gguf.GGUFWriter(str(old), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        w.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        base = t.name.rsplit(".", 1)[0]
+        if base.endswith("_exps"):   # (experts, rows, cols) -> one tensor per expert
+            for e, part in enumerate(np.asarray(t.data)):
+                w.add_tensor(base.replace("_exps", f".{e}") + ".weight", np.ascontiguousarray(part))
+        else:
+            w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "blk.0.ffn_gate.3.weight" in GgufFile(old).tensors
+    ref = reference("mixtral")
+    model = engine.load(old)
+    assert rel_err(model.forward(ref["ids"]), ref["transformers"]) < 1e-5
+    model.close()
+
+
 # ------------------------------------------------------------------------------------------ bad files
 def _set_tensor_type(path: Path, tensor: str, ggml_type: int) -> None:
     """Rewrite one tensor's type id in the header (name, dims count, dims, then the type)."""
