@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint
 from .errors import EngineError
 from .gguf import GGML_FORMATS, GGML_TRANSCODED, GgufFile, GgufTensor
 from .gguf_vocab import tokenizer_files
-from .safetensors_file import TensorInfo
+from .safetensors_file import FLOAT_DTYPES, TensorInfo, read_tensor
 from .spec import ModelSpec, spec_from_config
 
 # GGUF architecture -> our model_type (the MoE ones; a dense GGUF has no experts to stream)
@@ -41,16 +41,16 @@ _EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _SPLIT_EXPERTS = ("ffn_gate", "ffn_up", "ffn_down")   # blk.N.<name>.E.weight
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
-_FLOAT_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
-_NUMPY = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 def is_gguf(path: str | Path) -> bool:
     """A file that starts with GGUF's magic."""
     p = Path(path)
+    if not p.is_file():
+        return False
     try:
         with open(p, "rb") as f:
-            return p.is_file() and f.read(4) == b"GGUF"
+            return f.read(4) == b"GGUF"
     except OSError:
         return False
 
@@ -131,13 +131,7 @@ class _Table:
         self.row_order = row_order
 
     def read(self, name: str) -> np.ndarray:
-        info = self.tensors[name]
-        with open(self.path, "rb") as f:
-            f.seek(info.start)
-            buf = f.read(info.nbytes)
-        if len(buf) != info.nbytes:
-            raise EngineError(f"{self.path}: tensor {name}: short read, the file was truncated")
-        arr = np.frombuffer(bytearray(buf), _NUMPY.get(info.dtype, "u1")).reshape(info.shape)
+        arr = read_tensor(self.path, self.tensors[name])
         order = self.row_order.get(name)
         return arr if order is None else np.ascontiguousarray(arr[order])
 
@@ -224,8 +218,8 @@ def _info(name: str, t: GgufTensor, start: int, shape: tuple[int, ...], nbytes: 
     U8 (rows, row bytes) marked with their format and columns, as a store's model.safetensors has them."""
     nbytes = t.nbytes if nbytes is None else nbytes
     fmt = t.fmt
-    if fmt in _FLOAT_DTYPE:
-        return TensorInfo(name, _FLOAT_DTYPE[fmt], tuple(shape), start, start + nbytes)  # type: ignore[arg-type]
+    if fmt in FLOAT_DTYPES:
+        return TensorInfo(name, FLOAT_DTYPES[fmt], tuple(shape), start, start + nbytes)  # type: ignore[arg-type]
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     return TensorInfo(name, "U8", (rows, nbytes // max(rows, 1)), start, start + nbytes, quant=fmt, cols=shape[-1])
 

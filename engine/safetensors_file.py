@@ -41,6 +41,8 @@ DTYPES = {
     "U8": (np.dtype("u1"), None),
     "BOOL": (np.dtype("?"), None),
 }
+#: kernels float format -> the safetensors dtype that holds it unchanged
+FLOAT_DTYPES = {fmt: name for name, (_, fmt) in DTYPES.items() if fmt is not None}
 MAX_HEADER = 100 * 1024 * 1024
 #: metadata key prefixes of a block-quantized tensor (see the module docstring)
 FORMAT_KEY = "mer_tui.format:"
@@ -168,11 +170,14 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as an owned numpy array of its storage dtype (BF16 as uint16)."""
-        info = self.tensors[name]
-        dtype = DTYPES[info.dtype][0]
-        with open(self.path, "rb") as f:
-            f.seek(info.start)
-            buf = f.read(info.nbytes)
-        if len(buf) != info.nbytes:
-            raise EngineError(f"{self.path}: tensor {name}: short read, the file was truncated")
-        return np.frombuffer(bytearray(buf), dtype=dtype).reshape(info.shape)
+        return read_tensor(self.path, self.tensors[name])
+
+
+def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
+    """Tensor `info`'s bytes in file `path` as an owned numpy array of its storage dtype."""
+    with open(path, "rb") as f:
+        f.seek(info.start)
+        buf = f.read(info.nbytes)
+    if len(buf) != info.nbytes:
+        raise EngineError(f"{path}: tensor {info.name}: short read, the file was truncated")
+    return np.frombuffer(bytearray(buf), dtype=DTYPES[info.dtype][0]).reshape(info.shape)

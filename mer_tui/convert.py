@@ -25,7 +25,7 @@ from engine.errors import EngineError
 from engine.experts import expert_shapes
 from engine.gguf_import import GgufCheckpoint, gguf_side_files, is_gguf
 from engine.loader import QUANTS
-from engine.safetensors_file import FORMAT_KEY, TensorInfo, quantized_metadata
+from engine.safetensors_file import FLOAT_DTYPES, FORMAT_KEY, TensorInfo, quantized_metadata
 from engine.sizes import format_size
 from engine.spec import load_spec
 from engine.store import (
@@ -46,10 +46,6 @@ from kernels import transcode
 PIECE = 8 << 20
 
 Progress = Callable[[int, int], None]
-
-
-# safetensors dtype of a float format; every block format is stored as U8
-_FLOAT_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 
 
 def computable(fmt: str) -> str:
@@ -196,8 +192,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             continue
         fmt, cols = dense[info.name]
         rows = info.shape[0]
-        if fmt in _FLOAT_DTYPE:
-            header.append((info.name, _FLOAT_DTYPE[fmt], (rows, cols), rows * kernels.row_bytes(fmt, cols)))
+        if fmt in FLOAT_DTYPES:   # every block format is stored as U8
+            header.append((info.name, FLOAT_DTYPES[fmt], (rows, cols), rows * kernels.row_bytes(fmt, cols)))
         else:
             rb = kernels.row_bytes(fmt, cols)
             header.append((info.name, "U8", (rows, rb), rows * rb))
