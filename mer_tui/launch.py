@@ -18,7 +18,8 @@ from engine.loader import POLICIES, QUANTS
 from .cli import CliError
 from .session import GenerationSettings, Loader, ModelInfo, Progress, Session
 
-REAL_MODEL_HINT = "To run a real model: `mer-tui launch --model PATH` (a Hugging Face MoE folder or an expert store)."
+REAL_MODEL_HINT = ("To run a real model: `mer-tui launch --model PATH` (a Hugging Face MoE folder, an expert store "
+                   "or a GGUF file).")
 
 CHAT_NOTE = ("**Tiny demo model.** A Mixtral-style MoE of a few million parameters, trained on this machine: "
              "it knows little and answers briefly, but every panel shows the engine really running it. "
