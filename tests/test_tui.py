@@ -15,7 +15,7 @@ from textual.widgets import Markdown
 import engine
 from mer_tui.app import BUSY_CADENCE, TUNING, MerApp
 from mer_tui.session import ModelInfo, Session
-from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader
+from mer_tui.widgets import ChatPane, LoadingScreen, ModelHeader, ThroughputPlot
 from mer_tui.widgets.chat import printable
 from tests.tui_fixtures import greedy_and_long
 
@@ -317,7 +317,6 @@ async def test_an_idle_plot_is_not_drawn_again_each_second():
     # Once the minute of samples is all the same (an idle engine), the picture no longer changes as
     # time passes: plotext does not build it again until a value, the size or the theme changes.
     from mer_tui.timeseries import TimeSeries
-    from mer_tui.widgets import ThroughputPlot
 
     series = TimeSeries()
     now, tokens = 1000.0, 0
@@ -387,3 +386,18 @@ async def test_a_costly_reply_is_drawn_less_often_and_whole(model, monkeypatch):
     ratio = (len(appends) - 1) * 0.25 / (appends[-1] - appends[0])
     assert ratio <= 0.45, (appends, streamed)     # 0.25-0.27 here; 0.61-0.63 drawing at every tick
     assert shown == printable(app.session.messages[-1]["content"])
+
+
+@aio
+async def test_plot_colours_follow_the_theme(model):
+    """On a light theme the plots' series (lines and title) take the stylesheet's darker colours, at
+    once when the theme changes (the dark themes' ones have a contrast of 1.1-2.5:1 on a light panel)."""
+    app = make_app(model)
+    async with app.run_test(size=SIZE) as pilot:
+        plot = app.main.query_one(ThroughputPlot)
+        assert plot._colour("left", "") == "#78dc50" and "#78dc50" in str(plot.border_title)
+        app.theme = "textual-light"
+        await until(pilot, lambda: "#2a7a14" in str(plot.border_title), timeout=5, what="title recoloured")
+        assert plot._colour("left", "") == "#2a7a14" and plot._colour("right", "") == "#106f94"
+        app.theme = "textual-dark"
+        await until(pilot, lambda: "#78dc50" in str(plot.border_title), timeout=5, what="title back")

@@ -60,6 +60,15 @@ class SeriesPlot(PlotextPlot):
 
     def on_mount(self) -> None:
         super().on_mount()
+        self._retitle()
+        # The series' colours follow the theme (light themes have their own): title and lines redrawn.
+        self.app.theme_changed_signal.subscribe(self, lambda _theme: self.call_after_refresh(self._recolour))
+
+    def _recolour(self) -> None:
+        self._retitle()
+        self.replot()
+
+    def _retitle(self) -> None:
         # Arrows point at each series' axis: "◂ decode  prefill ▸ tok/s".
         title = f"◂ [{self._colour('left', self.LEFT[2])}]{self.LEFT[1]}[/]"
         if self.RIGHT:
