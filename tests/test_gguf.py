@@ -25,7 +25,8 @@ from kernels import transcode
 from mer_tui.convert import convert_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
-FLOAT = ["olmoe", "qwen2moe", "qwen3moe", "mixtral"]          # f16 weights: exact conversions of the checkpoints
+# f16 weights: exact conversions of the checkpoints
+FLOAT = ["olmoe", "qwen2moe", "qwen3moe", "mixtral", "mixtral-llama3"]
 # llama.cpp's quantizations; the last two hold types only a converted store computes (Q5_K; Q5_0 where
 # llama-quantize fell back from Q4_K on rows that are not whole super-blocks)
 QUANTIZED = ["mixtral-q4_k_m", "mixtral-q5_k_m", "qwen2moe-q4_k_m"]
@@ -162,7 +163,8 @@ def test_tokenizer_matches_the_source_tokenizer(name):
     for text, pieces in zip(data["texts"], data["pieces"], strict=True) if "pieces" in data else ():
         # the split regex itself (byte-level BPE): a toy vocabulary's ids alone do not tell regexes apart
         assert [p for p, _ in tok._tok.pre_tokenizer.pre_tokenize_str(text)] == pieces, text
-    spm = name.startswith("mixtral")   # SentencePiece models start with BOS, as llama.cpp adds it
+    # SentencePiece models start with BOS, as llama.cpp adds it; these byte-level BPE ones do not
+    spm = GgufFile(fixture(name)).get("tokenizer.ggml.model") == "llama"
     assert (tok.encode("hi")[0] == tok.bos_id) == spm
 
 
