@@ -97,12 +97,14 @@ class ExpertSource(ABC):
         """Release files, threads and buffers."""
 
 
-def load_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int], quant: str | None) -> QMatrix:
+def load_matrix(ckpt: Checkpoint, name: str, shape: tuple[int, int], quant: str | None,
+                relayout: bool = False) -> QMatrix:
     """A checkpoint matrix as a QMatrix, in its own format or quantized to `quant`, in the layout the
-    kernels run fastest (kernels.layout: q4_0 as q4_0x8 and so on, where the rows allow)."""
+    kernels run fastest (kernels.layout: q4_0 as q4_0x8 and so on, where the rows allow).  `relayout`
+    puts a matrix kept in its own block format in that layout too (a GGUF's: the same bytes, moved)."""
     raw, fmt = ckpt.read(name + ".weight", shape)
     q = QMatrix(raw.view("uint8").reshape(shape[0], -1), fmt, shape[0], shape[1])
-    target = layout(quant, shape[0])
+    target = layout(quant or (fmt if relayout else None), shape[0])
     if target is None or target == fmt:
         return q
     try:

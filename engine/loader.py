@@ -36,8 +36,9 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
       * an expert store always streams (StreamingExperts): bundles are read on demand into a RAM
         cache of `ram_cache` bytes (None: no limit, the cache grows to hold what was asked for);
       * a Hugging Face folder or a GGUF file streams too, straight from its shards without converting,
-        when `ram_cache` is given or `io` is not "auto" (a GGUF's experts in their GGUF formats: a store
-        converted from it holds them in the kernels' faster x8 layouts);
+        when `ram_cache` is given or `io` is not "auto" (a GGUF's experts in their GGUF layouts, moving
+        each read's bytes would cost milliseconds: a store converted from it holds them in the kernels'
+        faster x8 layouts, which a GGUF's resident matrices take as they load);
       * otherwise (a Hugging Face folder, ram_cache=None, io="auto") every expert is read into RAM at
         load (InMemoryExperts), as before.
     `io` picks the reader: "uring" (io_uring, O_DIRECT), "pread" (thread pool, O_DIRECT), "mmap"
@@ -91,7 +92,8 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         ckpt = Checkpoint(folder)
     from .weights import load_resident
 
-    weights = load_resident(ckpt, spec, dense_quant)
+    # A GGUF's block formats are put in the kernels' faster layouts as they load (a store has them so).
+    weights = load_resident(ckpt, spec, dense_quant, relayout=gguf)
     experts: ExpertSource | None = None
     if spec.is_moe:
         report = (lambda d, t: progress("experts", d, t)) if progress else None

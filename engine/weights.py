@@ -92,15 +92,17 @@ def dense_formats(spec: ModelSpec, dense_quant: str | None) -> dict[str, tuple[t
     return out
 
 
-def load_resident(ckpt: Checkpoint, spec: ModelSpec, quant: str | None = None) -> ResidentWeights:
+def load_resident(ckpt: Checkpoint, spec: ModelSpec, quant: str | None = None,
+                  relayout: bool = False) -> ResidentWeights:
     """Read every non-expert tensor; `quant` (if given) is the format of the large dense matrices
-    (dense_formats); None keeps each in the format it is stored in (a store's may be quantized)."""
+    (dense_formats); None keeps each in the format it is stored in (a store's may be quantized), in the
+    kernels' faster layout of it with `relayout` (load_matrix)."""
     H, Q, KV = spec.hidden_size, spec.q_size, spec.kv_size
     plan = dense_formats(spec, quant)
 
     def dense(name: str) -> QMatrix:
         shape, fmt = plan[name]
-        return load_matrix(ckpt, name, shape, fmt)
+        return load_matrix(ckpt, name, shape, fmt, relayout)
 
     def mat(key: str, i: int, shape: tuple[int, int]) -> QMatrix:   # routers, shared-expert gates
         return load_matrix(ckpt, spec.name(key, i), shape, None)

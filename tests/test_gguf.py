@@ -101,6 +101,19 @@ def test_quantized_logits_match_llama_cpp(name, tmp_path):
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
 
 
+def test_resident_matrices_load_in_the_kernels_layouts():
+    """A GGUF's attention matrices load interleaved by runs of eight rows (q4_k as q4_kx8), as a store holds
+    them: the same bytes moved, at a one-time cost far below the experts' (which stream as they are)."""
+    model = engine.load(fixture("mixtral-q4_k_m"))
+    try:
+        lw = model.weights.layers[0]
+        assert lw.o.fmt == "q4_kx8" and lw.q.fmt == "q4_kx8"
+        assert model.weights.embed.fmt == "q4_k"   # looked up by row: left as it is
+        assert {m.fmt for b in model.experts.bundles.values() for m in (b.gate, b.up, b.down)} <= {"q4_k", "q6_k"}
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("fmt", transcode.FORMATS)
 def test_transcoded_types_decode_as_gguf_py(fmt):
     """Q4_1, Q5_0, Q5_1, Q5_K: the same values as gguf-py's dequantizers, bit for bit; Q5_0 rewritten as
