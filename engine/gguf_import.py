@@ -77,7 +77,8 @@ def gguf_config(g: GgufFile) -> dict:
     heads = int(meta("attention.head_count", need=True))
     tokens = g.get("tokenizer.ggml.tokens")
     embd = g.tensors.get("token_embd.weight")
-    vocab = meta("vocab_size") or (len(tokens) if isinstance(tokens, list) else None) or (embd and embd.dims[1])
+    # The embedding's rows are what the weights hold (a vocabulary may list fewer tokens than it pads to).
+    vocab = (embd and embd.dims[-1]) or meta("vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
     if not vocab:
         raise EngineError(f"{where}: no vocabulary size (no {arch}.vocab_size, tokens or token_embd.weight)")
     cfg: dict = {

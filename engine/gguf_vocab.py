@@ -40,14 +40,18 @@ def tokenizer_files(meta: dict, where: str) -> dict[str, str]:
     if not isinstance(tokens, list) or not tokens:
         raise EngineError(f"{where}: the file has no vocabulary (tokenizer.ggml.tokens)")
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    if model == "gpt2":
-        tok = _byte_level_bpe(meta, tokens, where)
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    elif model == "llama":
-        tok = _sentencepiece_bpe(meta, tokens, types, where)
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-    else:
+    if model not in ("gpt2", "llama"):
         raise EngineError(f"{where}: tokenizer model {model!r} is not supported (gpt2, llama)")
+    try:
+        if model == "gpt2":
+            tok = _byte_level_bpe(meta, tokens, where)
+        else:
+            tok = _sentencepiece_bpe(meta, tokens, types, where)
+    except EngineError:
+        raise
+    except Exception as e:   # the tokenizers library raises plain Exceptions (a merge of unknown tokens ...)
+        raise EngineError(f"{where}: its vocabulary does not make a tokenizer ({e})") from None
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
     from tokenizers import AddedToken
 
     tok.add_special_tokens([AddedToken(t, special=ty == CONTROL, normalized=False)

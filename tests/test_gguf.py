@@ -199,32 +199,66 @@ def test_generate_from_a_gguf_on_the_command_line():
     assert len(json.loads(out.stdout)["ids"]) == 6
 
 
-def test_experts_as_separate_tensors(tmp_path):
-    """Mixtral GGUFs written before llama.cpp merged the experts (blk.N.ffn_gate.E.weight, one tensor an
-    expert): the mixtral fixture rewritten that way by gguf-py computes the same logits."""
+def _rewrite(src: Path, dst: Path, field=lambda key, value: value, tensor=lambda name, data: [(name, data)]):
+    """A copy of GGUF `src` written by gguf-py, each metadata value through `field` (None drops it) and
+    each tensor through `tensor` (to the (name, array) pairs it returns)."""
     gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(fixture("mixtral"))
-    old = tmp_path / "split.gguf"
-    w = gguf.GGUFWriter(str(old), "llama")
-    for key, field in reader.fields.items():
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        w.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+        value = field(key, f.contents())
+        if value is not None:
+            w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
     for t in reader.tensors:
-        base = t.name.rsplit(".", 1)[0]
-        if base.endswith("_exps"):   # (experts, rows, cols) -> one tensor per expert
-            for e, part in enumerate(np.asarray(t.data)):
-                w.add_tensor(base.replace("_exps", f".{e}") + ".weight", np.ascontiguousarray(part))
-        else:
-            w.add_tensor(t.name, np.asarray(t.data))
+        for name, data in tensor(t.name, np.asarray(t.data)):
+            w.add_tensor(name, np.ascontiguousarray(data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_experts_as_separate_tensors(tmp_path):
+    """Mixtral GGUFs written before llama.cpp merged the experts (blk.N.ffn_gate.E.weight, one tensor an
+    expert): the mixtral fixture rewritten that way by gguf-py computes the same logits."""
+    def split(name, data):
+        base = name.rsplit(".", 1)[0]
+        if not base.endswith("_exps"):
+            return [(name, data)]
+        return [(base.replace("_exps", f".{e}") + ".weight", part) for e, part in enumerate(data)]
+
+    old = tmp_path / "split.gguf"
+    _rewrite(fixture("mixtral"), old, tensor=split)
     assert "blk.0.ffn_gate.3.weight" in GgufFile(old).tensors
     ref = reference("mixtral")
     model = engine.load(old)
     assert rel_err(model.forward(ref["ids"]), ref["transformers"]) < 1e-5
+    model.close()
+
+
+def test_embedding_padded_past_the_vocabulary(tmp_path):
+    """Converters pad the embedding (and output) to a round size past the tokens listed: the model's
+    vocabulary is the embedding's rows, the tokenizer the tokens'."""
+    padded = tmp_path / "padded.gguf"
+    _rewrite(fixture("olmoe"), padded, tensor=lambda name, data: [(name, np.concatenate(
+        [data, np.zeros((8, data.shape[1]), data.dtype)]) if name in ("token_embd.weight", "output.weight") else data)])
+    model = engine.load(padded)
+    ref = reference("olmoe")
+    assert model.spec.vocab_size == 328 and model.tokenizer.vocab_size == 320
+    assert rel_err(model.forward(ref["ids"])[:, :320], ref["transformers"]) < 1e-5
+    model.close()
+
+
+def test_a_vocabulary_that_makes_no_tokenizer_is_said_in_one_line(tmp_path, caplog):
+    """Merges of tokens the list lacks: the tokenizers library's error becomes the reason there is no
+    tokenizer, not a traceback; the weights still load."""
+    bad = tmp_path / "bad-vocab.gguf"
+    _rewrite(fixture("olmoe"), bad, field=lambda key, value: value[:-8] if key in (
+        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type") else value)
+    model = engine.load(bad)
+    assert model.tokenizer is None and "its vocabulary does not make a tokenizer" in caplog.text
     model.close()
 
 
