@@ -17,6 +17,7 @@ Q5_1 and Q4_1 are read too, but only converting makes them computable (kernels.t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ _TRIPLE_KEYS = {"ffn_gate_shexp": ("shared", 0), "ffn_up_shexp": ("shared", 1), 
                 "ffn_gate": ("dense", 0), "ffn_up": ("dense", 1), "ffn_down": ("dense", 2)}
 _EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _SPLIT_EXPERTS = ("ffn_gate", "ffn_up", "ffn_down")   # blk.N.<name>.E.weight
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
 
@@ -55,8 +57,36 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
-def gguf_config(g: GgufFile) -> dict:
-    """The Hugging Face config.json that the GGUF's metadata stands for."""
+def gguf_files(path: str | Path) -> list[GgufFile]:
+    """The GGUF file at `path`, or every file of the split GGUF it belongs to, the first first.
+
+    llama.cpp's gguf-split (and gguf-py) write a model too large for one file as NAME-00001-of-00003.gguf
+    and so on, the metadata in the first, `split.count` in each; any of the files may be given."""
+    g = GgufFile(path)
+    count = int(g.get("split.count", 1) or 1)
+    if count <= 1:
+        return [g]
+    m = _SHARD_NAME.match(g.path.name)
+    if m is None or int(m["count"]) != count:
+        no = int(g.get("split.no", 0)) + 1
+        raise EngineError(f"{g.path}: one of {count} files of a split GGUF, but not named "
+                          f"NAME-{no:05d}-of-{count:05d}.gguf, so the others cannot be found")
+    out = []
+    for i in range(1, count + 1):
+        shard = g.path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf")
+        if shard == g.path:
+            out.append(g)
+        elif not shard.is_file():
+            raise EngineError(f"{shard}: missing (file {i} of the {count} of this split GGUF)")
+        else:
+            out.append(GgufFile(shard))
+    return out
+
+
+def gguf_config(shards: list[GgufFile]) -> dict:
+    """The Hugging Face config.json that a GGUF's metadata (in its first file) and tensors stand for."""
+    g = shards[0]
+    tensors = {name: t for shard in shards for name, t in shard.tensors.items()}
     arch = g.get("general.architecture")
     where = str(g.path)
     if arch not in ARCHES:
@@ -76,7 +106,7 @@ def gguf_config(g: GgufFile) -> dict:
     hidden = int(meta("embedding_length", need=True))
     heads = int(meta("attention.head_count", need=True))
     tokens = g.get("tokenizer.ggml.tokens")
-    embd = g.tensors.get("token_embd.weight")
+    embd = tensors.get("token_embd.weight")
     # The embedding's rows are what the weights hold (a vocabulary may list fewer tokens than it pads to).
     vocab = (embd and embd.dims[-1]) or meta("vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
     if not vocab:
@@ -92,7 +122,7 @@ def gguf_config(g: GgufFile) -> dict:
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta("context_length", 4096)),
         "num_experts_per_tok": int(meta("expert_used_count", need=True)),
-        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": g.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": g.get("tokenizer.ggml.eos_token_id"),
     }
@@ -110,14 +140,14 @@ def gguf_config(g: GgufFile) -> dict:
         cfg.update(num_local_experts=experts, num_experts=experts, intermediate_size=int(ffn or 0))
     else:
         # Which layers route (llama.cpp's qwen MoE files may carry dense layers as ffn_gate/up/down).
-        dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" not in g.tensors]
+        dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" not in tensors]
         cfg.update(num_experts=experts, moe_intermediate_size=int(meta("expert_feed_forward_length", need=True)),
                    intermediate_size=int(ffn or 0), decoder_sparse_step=1, mlp_only_layers=dense,
                    # as llama.cpp computes these models: qwen2moe's top-k weights unnormalised, qwen3moe's normalised
                    norm_topk_prob=bool(meta("expert_weights_norm", arch == "qwen3moe")))
         if arch == "qwen2moe":
             cfg["shared_expert_intermediate_size"] = int(meta("expert_shared_feed_forward_length", 0) or 0)
-            cfg["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
+            cfg["qkv_bias"] = "blk.0.attn_q.bias" in tensors
     if arch == "olmoe":
         cfg["norm_topk_prob"] = bool(meta("expert_weights_norm", False))
     return cfg
@@ -144,27 +174,29 @@ class GgufCheckpoint(Checkpoint):
     and the converter, apply it)."""
 
     def __init__(self, path: str | Path):   # not Checkpoint's: that one reads a folder of shards
-        self.gguf = GgufFile(path)
+        shards = gguf_files(path)
+        self.gguf = shards[0]                  # the metadata: the first file of a split GGUF holds it
         self.folder = self.gguf.path
-        self.config = gguf_config(self.gguf)
+        self.config = gguf_config(shards)
         self.spec: ModelSpec = spec_from_config(self.config, str(self.folder))
         self.row_order: dict[str, np.ndarray] = {}
         # types only a converted store computes (kernels.transcode): type name -> the first tensor with it
         self.transcoded: dict[str, str] = {}
-        table = _Table(self.folder, self.row_order)
-        self.files = {self.folder.name: table}
+        self.files = {}
         self.where = {}
         spec = self.spec
-        for t in self.gguf.tensors.values():
-            for name, info in self._infos(t):
-                table.tensors[name] = info
-                self.where[name] = table
+        for shard in shards:
+            table = self.files[shard.path.name] = _Table(shard.path, self.row_order)
+            for t in shard.tensors.values():
+                for name, info in self._infos(t):
+                    table.tensors[name] = info
+                    self.where[name] = table
         if self.gguf.get("general.architecture") == "llama":
             for key, n_heads in (("q", spec.num_heads), ("k", spec.num_kv_heads)):
                 for i in range(spec.num_layers):
                     name = spec.name(key, i) + ".weight"
-                    if name in table.tensors:
-                        self.row_order[name] = _unpermute(table.tensors[name].shape[0], n_heads)
+                    if name in self.where:
+                        self.row_order[name] = _unpermute(self.where[name].tensors[name].shape[0], n_heads)
 
     def check_computable(self) -> None:
         """EngineError where a tensor's type is one the kernels compute only once converted."""

@@ -110,12 +110,11 @@ def load_spec(folder: str | Path) -> ModelSpec:
     file's metadata (engine.gguf_import)."""
     folder = Path(folder)
     if folder.is_file():
-        from .gguf_import import gguf_config, is_gguf
+        from .gguf_import import gguf_config, gguf_files, is_gguf
 
         if is_gguf(folder):
-            from .gguf import GgufFile
-
-            return spec_from_config(gguf_config(GgufFile(folder)), str(folder))
+            shards = gguf_files(folder)
+            return spec_from_config(gguf_config(shards), str(shards[0].path))
     path = folder / "config.json"
     cfg = read_json_object(path, missing=f"{folder}: no config.json")
     gen_cfg = read_json_object(folder / "generation_config.json")

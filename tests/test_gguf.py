@@ -199,12 +199,15 @@ def test_generate_from_a_gguf_on_the_command_line():
     assert len(json.loads(out.stdout)["ids"]) == 6
 
 
-def _rewrite(src: Path, dst: Path, field=lambda key, value: value, tensor=lambda name, data: [(name, data)]):
+def _rewrite(src: Path, dst: Path, field=lambda key, value: value, tensor=lambda name, data: [(name, data)],
+             split_max_tensors: int = 0):
     """A copy of GGUF `src` written by gguf-py, each metadata value through `field` (None drops it) and
-    each tensor through `tensor` (to the (name, array) pairs it returns)."""
+    each tensor through `tensor` (to the (name, array) pairs it returns); split into files of at most
+    `split_max_tensors` tensors where given (gguf-py names them as llama.cpp's gguf-split does)."""
     gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents(),
+                        split_max_tensors=split_max_tensors)
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -236,6 +239,28 @@ def test_experts_as_separate_tensors(tmp_path):
     model = engine.load(old)
     assert rel_err(model.forward(ref["ids"]), ref["transformers"]) < 1e-5
     model.close()
+
+
+def test_split_gguf(tmp_path):
+    """A GGUF split into files (NAME-00001-of-00004.gguf ...): loaded, streamed and converted from any of
+    its files; a missing one is named."""
+    _rewrite(fixture("qwen2moe"), tmp_path / "model.gguf", split_max_tensors=15)
+    files = sorted(tmp_path.glob("model-*-of-00004.gguf"))
+    assert len(files) == 4 and "split.count" in GgufFile(files[2]).metadata
+    ref = reference("qwen2moe")
+    for path, how in ((files[0], {}), (files[2], {"ram_cache": "32KiB", "io": "uring"})):
+        model = engine.load(path, **how)
+        assert rel_err(model.forward(ref["ids"]), ref["transformers"]) < 1e-5
+        assert model.tokenizer.encode("Hello world") == json.loads(
+            (FIXTURES / "qwen2moe.tokens.json").read_text())["ids"][0]
+        model.close()
+    convert_checkpoint(files[1], tmp_path / "store")
+    stored = engine.load(tmp_path / "store")
+    assert rel_err(stored.forward(ref["ids"]), ref["transformers"]) < 1e-5
+    stored.close()
+    files[3].unlink()
+    with pytest.raises(EngineError, match=r"model-00004-of-00004\.gguf: missing \(file 4 of the 4"):
+        engine.load(files[0])
 
 
 def test_embedding_padded_past_the_vocabulary(tmp_path):
