@@ -238,16 +238,27 @@ def q4_k_scales_mins(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _deq_q4_k(b: np.ndarray) -> np.ndarray:
+def k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q4_k / q5_k super-blocks' first 16 bytes (d, dmin, 12 packed bytes) -> each sub-block's scale
+    and min as float32 (n, 8, 1): the products ggml forms first, so that a weight is then one
+    multiply and one subtract, as in ggml."""
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = q4_k_scales_mins(b[:, 4:16])
-    # float32 products first, then one multiply and one subtract per weight, as ggml does.
-    ds = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-    dm = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
-    qs = b[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    q = (qs & 0x0F).reshape(n, 8, 32).astype(np.float32)
-    return (ds * q - dm).reshape(n, QK_K)
+    return (d * sc.astype(np.float32)).reshape(n, 8, 1), (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+
+
+def k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """128 bytes of 4-bit values per super-block -> (n, 8, 32) in sub-block order: sub-block s is
+    nibble s % 2 of bytes 32 * (s // 2) ... + 32."""
+    n = qs.shape[0]
+    shifted = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (shifted & 0x0F).reshape(n, 8, 32)
+
+
+def _deq_q4_k(b: np.ndarray) -> np.ndarray:
+    ds, dm = k_scales(b)
+    return (ds * k_nibbles(b[:, 16:]).astype(np.float32) - dm).reshape(b.shape[0], QK_K)
 
 
 def _deq_q6_k(b: np.ndarray) -> np.ndarray:

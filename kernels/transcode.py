@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import QK_K, FormatError, q4_k_scales_mins
+from .formats import QK_K, FormatError, _f16, k_nibbles, k_scales
 
 # format -> (weights per block, bytes per block)
 BLOCK: dict[str, tuple[int, int]] = {"q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q5_k": (256, 176)}
@@ -22,10 +22,6 @@ def row_bytes(fmt: str, cols: int) -> int:
     if cols % per:
         raise FormatError(f"{fmt} needs a column count divisible by {per}, got {cols}")
     return cols // per * nbytes
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
 def _nibbles32(qs: np.ndarray) -> np.ndarray:
@@ -57,16 +53,11 @@ def _deq_q5_1(b: np.ndarray) -> np.ndarray:
 
 
 def _deq_q5_k(b: np.ndarray) -> np.ndarray:
+    """q4_k's layout with a fifth bit per weight: bit s of byte l of qh for weight l of sub-block s."""
     n = b.shape[0]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = q4_k_scales_mins(b[:, 4:16])
-    ds = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-    dm = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
-    # sub-block s (of 32 weights): nibble s % 2 of bytes 32*(s//2) .. +32, fifth bit = bit s of qh[l]
-    qs = b[:, 48:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-    lo = (qs & 0x0F).reshape(n, 8, 32)
+    ds, dm = k_scales(b)
     hi = (b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-    q = (lo | (hi << 4)).astype(np.float32)
+    q = (k_nibbles(b[:, 48:]) | (hi << 4)).astype(np.float32)
     return (ds * q - dm).reshape(n, QK_K)
 
 
