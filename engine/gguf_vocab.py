@@ -35,6 +35,12 @@ _PRE_REGEX = {
 
 def tokenizer_files(meta: dict, where: str) -> dict[str, str]:
     """{file name: text} of the tokenizer files for GGUF metadata `meta` (of file `where`)."""
+    tok, config = build_tokenizer(meta, where)
+    return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
+
+
+def build_tokenizer(meta: dict, where: str):
+    """(a `tokenizers` Tokenizer, the tokenizer_config.json it goes with) for GGUF metadata `meta`."""
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
@@ -67,7 +73,7 @@ def tokenizer_files(meta: dict, where: str) -> dict[str, str]:
     template = meta.get("tokenizer.chat_template")
     if isinstance(template, str):
         config["chat_template"] = template
-    return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
+    return tok, config
 
 
 def _byte_level_bpe(meta: dict, tokens: list[str], where: str):

@@ -12,7 +12,8 @@ from .cache import POLICIES
 from .checkpoint import Checkpoint
 from .errors import EngineError
 from .experts import ExpertSource, InMemoryExperts
-from .gguf_import import GgufCheckpoint, gguf_side_files, is_gguf
+from .gguf_import import GgufCheckpoint, is_gguf
+from .gguf_vocab import build_tokenizer
 from .model import Model
 from .sizes import parse_size
 from .spec import ModelSpec, load_spec
@@ -106,11 +107,10 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
 
     tokenizer = None
     if gguf:
-        files, missing = gguf_side_files(ckpt)   # type: ignore[arg-type]
-        if missing:
-            log.warning("%s", missing)
-        else:
-            tokenizer = Tokenizer.from_texts(files["tokenizer.json"], files["tokenizer_config.json"], str(folder))
+        try:
+            tokenizer = Tokenizer.from_built(*build_tokenizer(gg.gguf.metadata, str(gg.folder)))
+        except EngineError as e:   # the weights still run from token ids (`mer-tui bench`)
+            log.warning("no tokenizer: %s", e)
     elif (folder / "tokenizer.json").exists():
         tokenizer = Tokenizer(folder)
     return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch,

@@ -32,16 +32,11 @@ class Tokenizer:
         self._setup(tok, cfg, jinja.read_text() if jinja.exists() else None)
 
     @classmethod
-    def from_texts(cls, tokenizer_json: str, config_json: str, where: str) -> Tokenizer:
-        """From the two files' contents (a GGUF's vocabulary: engine.gguf_vocab); `where` names the source."""
-        from tokenizers import Tokenizer as HFTokenizer
-
+    def from_built(cls, tok, config: dict) -> Tokenizer:
+        """From a `tokenizers` Tokenizer and the tokenizer_config.json it goes with (a GGUF's vocabulary,
+        engine.gguf_vocab.build_tokenizer), without files."""
         self = cls.__new__(cls)
-        try:
-            tok = HFTokenizer.from_str(tokenizer_json)
-        except Exception as e:
-            raise EngineError(f"{where}: cannot build its tokenizer ({e})") from None
-        self._setup(tok, json.loads(config_json), None)
+        self._setup(tok, config, None)
         return self
 
     def _setup(self, tok, cfg: dict, template: str | None) -> None:
