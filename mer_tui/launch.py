@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import engine
+from engine.gguf_import import GgufCheckpoint, is_gguf
 from engine.loader import POLICIES, QUANTS
 
 from .cli import CliError
@@ -84,6 +85,8 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
         if not path.exists():
             raise CliError(f"--model: {path}: no such model folder")
         engine.load_spec(path)      # a bad config.json fails now, not after the screen opens
+        if is_gguf(path):           # and a GGUF type that only a converted store computes
+            GgufCheckpoint(path).check_computable()
         info = ModelInfo(name=path.resolve().name, path=str(path), kind="model", io=args.io, quant=_quant_label(args))
 
         def load_model(progress: Progress) -> engine.Model:

@@ -316,6 +316,15 @@ def test_unsupported_block_type_is_named(tmp_path):
     assert not (tmp_path / "store").exists() and list(tmp_path.iterdir()) == [bad]
 
 
+def test_launch_says_to_convert_before_the_screen_opens():
+    """The app on a file with a type only a store computes: one line and status 2, not a screen that
+    opens to fail."""
+    out = subprocess.run([sys.executable, "-m", "mer_tui", "launch", "--model", str(fixture("mixtral-q5_k_m"))],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "convert it first" in out.stderr
+
+
 def test_truncated_and_foreign_files(tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(fixture("olmoe").read_bytes()[:-1000])
