@@ -119,16 +119,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
         raise EngineError(f"{dst}: the destination must not be the source folder or inside it")
     if dst.exists() and not force:
         raise EngineError(f"{dst}: already exists (use --force to replace it)")
+    order: dict[str, np.ndarray] = {}   # rows to take in another order (a GGUF's q and k)
     if gguf:
-        ckpt: Checkpoint = GgufCheckpoint(src)
-        spec = ckpt.spec
-        side, missing = gguf_side_files(ckpt)   # type: ignore[arg-type]   (before anything is written)
+        gg = GgufCheckpoint(src)
+        spec, order = gg.spec, gg.row_order
+        side, missing = gguf_side_files(gg)   # before anything is written
+        ckpt: Checkpoint = gg
     else:
         spec = load_spec(src)
         if not spec.is_moe:
             raise EngineError(f"{src / 'config.json'}: model_type {spec.model_type} has no experts to stream")
         ckpt, missing = Checkpoint(src), None
-    order = getattr(ckpt, "row_order", {})
     shapes = expert_shapes(spec)
     _check_quant(quant, tuple(s[1] for s in shapes))
     # the dense matrices to write in another format: name -> (target format, columns)
@@ -151,11 +152,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             info = ckpt.info(name + ".weight", shape)
             if kernels.layout(computable(info.fmt), shape[0]) != info.fmt:  # type: ignore[arg-type]
                 dense[name + ".weight"] = (kernels.layout(computable(info.fmt), shape[0]), shape[1])  # type: ignore
-    if gguf:   # an embedding (or any other tensor) of a type the kernels do not compute: as q8_0 too
-        for name in ckpt.where:
-            info = ckpt.info(name)
-            if info.fmt in transcode.FORMATS and name not in dense:
-                dense[name] = (kernels.layout("q8_0", info.shape[0]), info.logical_shape[1])  # type: ignore[assignment]
 
     pairs = [(i, e) for i in range(spec.num_layers) if spec.moe_layers[i] for e in range(spec.num_experts)]
     expert_names: set[str] = set()
@@ -164,6 +160,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             ckpt.info(name + ".weight", shape)   # checks presence, shape and float dtype before writing
             expert_names.add(name + ".weight")
     resident = sorted(n for n in ckpt.where if n not in expert_names)
+    for name in resident:   # an embedding (or other tensor) of a type the kernels do not compute: q8_0 too
+        info = ckpt.info(name)
+        if info.fmt in transcode.FORMATS and name not in dense:
+            dense[name] = (kernels.layout("q8_0", info.shape[0]), info.logical_shape[1])  # type: ignore[assignment]
     total = sum(ckpt.where[n].tensors[n].nbytes for n in ckpt.where)
     done = 0
     source_formats: set[str] = set()
