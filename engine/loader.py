@@ -1,4 +1,4 @@
-"""`engine.load`: a folder on disk -> a ready Model."""
+"""`engine.load`: a folder (or GGUF file) on disk -> a ready Model."""
 from __future__ import annotations
 
 import logging
