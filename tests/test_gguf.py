@@ -162,6 +162,25 @@ def test_convert_gguf_to_store(name, tmp_path):
         stored.close()
 
 
+def test_convert_gguf_requantized(tmp_path):
+    """--quant / --dense-quant apply to a GGUF as to a folder: Q4_K experts re-quantized to q4_0 and Q4_K /
+    Q6_K dense matrices to q8_0 (q6_K's transcoded siblings too), the logits still llama.cpp's give or take
+    the extra rounding."""
+    ref = reference("mixtral-q4_k_m")
+    dst = tmp_path / "store"
+    summary = convert_checkpoint(fixture("mixtral-q4_k_m"), dst, quant="q4_0", dense_quant="q8_0")
+    assert summary["expert_formats"] == ["q4_0x8"] and summary["dense_quant"] == "q8_0"
+    model = engine.load(dst)
+    try:
+        assert model.weights.layers[0].q.fmt == "q8_0x8"
+        ours = model.forward(ref["ids"])
+    finally:
+        model.close()
+    theirs, floats = ref["llama_cpp"], ref["transformers"]
+    assert np.median([rel_err(o, t) for o, t in zip(ours, theirs)]) < \
+        0.5 * np.median([rel_err(t, f) for t, f in zip(theirs, floats)])
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_tokenizer_matches_the_source_tokenizer(name, tmp_path):
     """The vocabulary rebuilt from the GGUF splits text as the tokenizer it was converted from
