@@ -34,8 +34,7 @@ GGML_NAMES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K",
               23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0",
               35: "TQ2_0", 39: "MXFP4"}
 
-# metadata value types: id -> struct format of a scalar (8: string, 9: array, handled apart)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# metadata value types: id -> numpy dtype of a number (8: string, 9: array, handled apart)
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
           12: "<f8"}
 _STRING, _ARRAY = 8, 9
@@ -88,8 +87,9 @@ class _Cursor:
             raise EngineError(f"{self.path}: GGUF string at byte {self.pos - n} is not UTF-8") from None
 
     def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
+        if vtype in _NUMPY:
+            dt = np.dtype(_NUMPY[vtype])
+            return np.frombuffer(self.take(dt.itemsize), dt)[0].item()
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:

@@ -49,10 +49,11 @@ def build_tokenizer(meta: dict, where: str):
     if model not in ("gpt2", "llama"):
         raise EngineError(f"{where}: tokenizer model {model!r} is not supported (gpt2, llama)")
     try:
+        vocab = {t: i for i, t in enumerate(tokens)}
         if model == "gpt2":
-            tok = _byte_level_bpe(meta, tokens, where)
+            tok = _byte_level_bpe(meta, vocab, where)
         else:
-            tok = _sentencepiece_bpe(meta, tokens, types, where)
+            tok = _sentencepiece_bpe(meta, tokens, vocab, types, where)
     except EngineError:
         raise
     except Exception as e:   # the tokenizers library raises plain Exceptions (a merge of unknown tokens ...)
@@ -76,7 +77,7 @@ def build_tokenizer(meta: dict, where: str):
     return tok, config
 
 
-def _byte_level_bpe(meta: dict, tokens: list[str], where: str):
+def _byte_level_bpe(meta: dict, vocab: dict[str, int], where: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -85,7 +86,6 @@ def _byte_level_bpe(meta: dict, tokens: list[str], where: str):
                           f"({', '.join(sorted(_PRE_REGEX))})")
     regex, ignore_merges = _PRE_REGEX[pre]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(regex), "isolated"),
@@ -94,13 +94,12 @@ def _byte_level_bpe(meta: dict, tokens: list[str], where: str):
     return tok
 
 
-def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], where: str):
+def _sentencepiece_bpe(meta: dict, tokens: list[str], vocab: dict[str, int], types: list[int], where: str):
     from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = meta.get("tokenizer.ggml.scores")
     if not isinstance(scores, list) or len(scores) != len(tokens):
         raise EngineError(f"{where}: a SentencePiece vocabulary needs tokenizer.ggml.scores, one per token")
-    vocab = {t: i for i, t in enumerate(tokens)}
     # A piece is the merge of any two pieces it splits into; merges apply in the order of the merged
     # piece's score, best first (transformers' SentencePieceExtractor).
     merges: list[tuple[float, int, int, str, str]] = []
@@ -115,11 +114,10 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], where: s
     unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
     tok = Tokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=tokens[unk] if 0 <= unk < len(tokens)
                                else None, fuse_unk=True, byte_fallback=True))
-    steps = [normalizers.Replace(" ", "\u2581")]
-    if meta.get("tokenizer.ggml.add_space_prefix", True):
-        steps.insert(0, normalizers.Prepend("\u2581"))
-    tok.normalizer = normalizers.Sequence(steps)
+    # A leading space is added to the text (and taken off the decoded text) unless the file says not to.
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence([*([normalizers.Prepend("\u2581")] if prefix else []),
+                                           normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     *([decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True)
-                                       else [])])
+                                     *([decoders.Strip(" ", 1, 0)] if prefix else [])])
     return tok

@@ -35,12 +35,12 @@ class FormatError(ValueError):
     """A format name or a shape the format cannot hold."""
 
 
-def row_bytes(fmt: str, cols: int) -> int:
-    """Bytes one row of `cols` weights takes in `fmt`."""
+def row_bytes(fmt: str, cols: int, blocks: dict[str, tuple[int, int]] = BLOCK) -> int:
+    """Bytes one row of `cols` weights takes in `fmt` (a format of `blocks`: the kernels' by default)."""
     try:
-        per_block, nbytes = BLOCK[fmt]
+        per_block, nbytes = blocks[fmt]
     except KeyError:
-        raise FormatError(f"unknown weight format {fmt!r} (known: {', '.join(FORMATS)})") from None
+        raise FormatError(f"unknown weight format {fmt!r} (known: {', '.join(blocks)})") from None
     if cols % per_block:
         raise FormatError(f"format {fmt} needs a row length divisible by {per_block}, got {cols}")
     return cols // per_block * nbytes

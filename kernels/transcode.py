@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import formats
 from .formats import QK_K, FormatError, _f16, k_nibbles, k_scales
 
 # format -> (weights per block, bytes per block)
@@ -18,10 +19,7 @@ FORMATS = tuple(BLOCK)
 
 
 def row_bytes(fmt: str, cols: int) -> int:
-    per, nbytes = BLOCK[fmt]
-    if cols % per:
-        raise FormatError(f"{fmt} needs a column count divisible by {per}, got {cols}")
-    return cols // per * nbytes
+    return formats.row_bytes(fmt, cols, BLOCK)
 
 
 def _nibbles32(qs: np.ndarray) -> np.ndarray:

@@ -84,9 +84,12 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
         path = Path(args.model).expanduser()
         if not path.exists():
             raise CliError(f"--model: {path}: no such model folder")
-        engine.load_spec(path)      # a bad config.json fails now, not after the screen opens
-        if is_gguf(path):           # and a GGUF type that only a converted store computes
+        # A bad config.json or GGUF header, or a GGUF type only a converted store computes, fails now,
+        # not after the screen opens.
+        if is_gguf(path):
             GgufCheckpoint(path).check_computable()
+        else:
+            engine.load_spec(path)
         info = ModelInfo(name=path.resolve().name, path=str(path), kind="model", io=args.io, quant=_quant_label(args))
 
         def load_model(progress: Progress) -> engine.Model:
