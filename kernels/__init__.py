@@ -32,6 +32,7 @@ from .formats import (
     FLOAT_FORMATS,
     FORMATS,
     INTERLEAVED,
+    READ_ONLY,
     X8_ROWS,
     FormatError,
     check_bytes,
@@ -46,8 +47,8 @@ from .formats import (
 )
 
 __all__ = [
-    "BLOCK", "FLOAT_FORMATS", "FORMATS", "FormatError", "QMatrix", "backend", "crc32", "dequantize", "expert_ffn",
-    "experts_ffn", "gguf_format", "layout", "matmul", "matvec", "quantize", "row_bytes", "set_backend",
+    "BLOCK", "FLOAT_FORMATS", "FORMATS", "READ_ONLY", "FormatError", "QMatrix", "backend", "crc32", "dequantize",
+    "expert_ffn", "experts_ffn", "gguf_format", "layout", "matmul", "matvec", "quantize", "row_bytes", "set_backend",
     "set_threads", "threads", "warmup", "X8_ROWS",
 ]
 
@@ -212,8 +213,11 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
     f16, bf16, q8_0 and q4_0 give the same bytes as gguf-py (ggml's reference quantizers);
     q4_k and q6_k follow ggml's reference algorithms (gguf-py has no quantizer for them).
     The x8 layouts (q4_0x8, q8_0x8, q4_kx8) are their GGUF format's bytes with each run of eight
-    rows interleaved (formats.interleave).
+    rows interleaved (formats.interleave).  The READ_ONLY formats (q5_k, q3_k, q2_k) have no quantizer.
     """
+    if fmt in READ_ONLY:
+        raise FormatError(f"no quantizer for {fmt}: mer-tui computes it as llama.cpp's files hold it, "
+                          f"and writes {', '.join(f for f in FORMATS if f not in READ_ONLY)}")
     if fmt in INTERLEAVED:
         check_rows(fmt, np.shape(x)[0])
         return interleave(quantize(x, INTERLEAVED[fmt]), fmt)
@@ -479,8 +483,9 @@ def warmup(background: bool = True, quantizers: bool = True) -> threading.Thread
             w = rng.standard_normal((8, 256)).astype(np.float32)
             x = rng.standard_normal((2, 256)).astype(np.float32)
             for fmt in FORMATS:
-                q = quantize(w, fmt) if quantizers or fmt not in ("q4_k", "q6_k") else np.zeros(
-                    (8, row_bytes(fmt, 256)), dtype=np.uint8)  # a valid block: zero scales
+                slow = fmt in ("q4_k", "q6_k") and not quantizers
+                q = np.zeros((8, row_bytes(fmt, 256)), dtype=np.uint8) if slow or fmt in READ_ONLY \
+                    else quantize(w, fmt)  # zeros: valid blocks (zero scales)
                 dequantize(q, fmt, 256)
                 matmul(q, fmt, 256, x[:1])
                 if b == "numba":

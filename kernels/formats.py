@@ -18,12 +18,18 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q4_0": (32, 18),
     "q4_k": (256, 144),
     "q6_k": (256, 210),
+    "q5_k": (256, 176),
+    "q3_k": (256, 110),
+    "q2_k": (256, 84),
     "q4_0x8": (32, 18),
     "q4_kx8": (256, 144),
     "q8_0x8": (32, 34),
 }
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
+# Formats the kernels compute but never write: they come from llama.cpp's files as they are (Q5_K_M,
+# Q3_K_M, Q2_K) and have no quantizer here.
+READ_ONLY: tuple[str, ...] = ("q5_k", "q3_k", "q2_k")
 QK_K = 256
 
 # Rows per numpy chunk when (de)quantizing: bounds the temporaries numpy creates (several copies
@@ -261,6 +267,51 @@ def _deq_q4_k(b: np.ndarray) -> np.ndarray:
     return (ds * k_nibbles(b[:, 16:]).astype(np.float32) - dm).reshape(b.shape[0], QK_K)
 
 
+def _deq_q5_k(b: np.ndarray) -> np.ndarray:
+    """q4_k's layout with a fifth bit per weight: bit s of byte l of qh for weight l of sub-block s."""
+    n = b.shape[0]
+    ds, dm = k_scales(b)
+    hi = (b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = (k_nibbles(b[:, 48:]) | (hi << 4)).astype(np.float32)
+    return (ds * q - dm).reshape(n, QK_K)
+
+
+def k_crumbs(qs: np.ndarray) -> np.ndarray:
+    """64 bytes of 2-bit values per super-block (q2_k, q3_k) -> (n, 16, 16) in weight order: weight
+    128 h + 32 j + l is bits 2j..2j+1 of byte 32 h + l."""
+    n = qs.shape[0]
+    shifted = qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return (shifted & 3).reshape(n, 16, 16)
+
+
+def q3_k_scales(sc12: np.ndarray) -> np.ndarray:
+    """q3_k's 12 packed bytes -> its 16 signed 6-bit scales as int8 (n, 16): the low four bits of scale
+    k are a nibble of byte k % 8 (low for k < 8), the high two bits 2 (k // 4) of byte 8 + k % 4."""
+    k = np.arange(16)
+    low = (sc12[:, k % 8] >> np.where(k < 8, 0, 4).astype(np.uint8)) & 0x0F
+    high = (sc12[:, 8 + k % 4] >> (2 * (k // 4)).astype(np.uint8)) & 3
+    return (low | (high << 4)).astype(np.int8) - np.int8(32)
+
+
+def _deq_q3_k(b: np.ndarray) -> np.ndarray:
+    # hmask bit 4 h + j of byte l (l < 32) is weight 128 h + 32 j + l's third bit; clear means minus 4.
+    n = b.shape[0]
+    hm, qs, sc, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    hbit = (hm.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = k_crumbs(qs).astype(np.int8) - (np.int8(4) * (1 - hbit.astype(np.int8))).reshape(n, 16, 16)
+    dl = (d * q3_k_scales(sc).astype(np.float32)).reshape(n, 16, 1)
+    return (dl * q.astype(np.float32)).reshape(n, QK_K)
+
+
+def _deq_q2_k(b: np.ndarray) -> np.ndarray:
+    # 16 sub-blocks of 16: byte k of the scales holds sub-block k's scale (low nibble) and min (high).
+    n = b.shape[0]
+    sc, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (sc & 0x0F).astype(np.float32)).reshape(n, 16, 1)
+    ml = (dmin * (sc >> 4).astype(np.float32)).reshape(n, 16, 1)
+    return (dl * k_crumbs(qs).astype(np.float32) - ml).reshape(n, QK_K)
+
+
 def _deq_q6_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
     ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
@@ -273,7 +324,8 @@ def _deq_q6_k(b: np.ndarray) -> np.ndarray:
     return (d * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
 
 
-_DEQ = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k}
+_DEQ = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k, "q5_k": _deq_q5_k,
+        "q3_k": _deq_q3_k, "q2_k": _deq_q2_k}
 
 
 def dequantize_ref(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:

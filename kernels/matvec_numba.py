@@ -185,6 +185,78 @@ def deq_q6_k(q, q8, tab, out, r0, r1):
                         out[r, base + l + 96] = s4 * q4
 
 
+@njit(cache=True)
+def _q5(q, r, o, c, l):
+    # Weights l and 32 + l of q5_k's 64-weight run c: nibbles of byte l of the run, bits 2c, 2c+1 of qh[l].
+    v = q[r, o + 48 + 32 * c + l]
+    hb = q[r, o + 16 + l]
+    lo = (v & 15) | (((hb >> (2 * c)) & 1) << 4)
+    hi = (v >> 4) | (((hb >> (2 * c + 1)) & 1) << 4)
+    return np.float32(lo), np.float32(hi)
+
+
+@njit(nogil=True, cache=True)
+def deq_q5_k(q, tab, out, r0, r1):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for s in range(cols // 256):
+            o = 176 * s
+            d = _h(tab, q, r, o)
+            dmin = _h(tab, q, r, o + 2)
+            for c in range(4):
+                sc1, m1 = _q4k_sm(q, r, o, 2 * c)
+                sc2, m2 = _q4k_sm(q, r, o, 2 * c + 1)
+                d1 = d * np.float32(sc1)
+                dm1 = dmin * np.float32(m1)
+                d2 = d * np.float32(sc2)
+                dm2 = dmin * np.float32(m2)
+                base = 256 * s + 64 * c
+                for l in range(32):
+                    lo, hi = _q5(q, r, o, c, l)
+                    out[r, base + l] = d1 * lo - dm1
+                    out[r, base + 32 + l] = d2 * hi - dm2
+
+
+@njit(cache=True)
+def _q23_group(q, tab, r, o, g, three):
+    # Group g's scale and min (q3_k: min 0) of a q3_k (three=1) or q2_k super-block at byte o.
+    if three:
+        sc = o + 96
+        low = (q[r, sc + g % 8] >> (0 if g < 8 else 4)) & 15
+        high = (q[r, sc + 8 + g % 4] >> (2 * (g // 4))) & 3
+        return _h(tab, q, r, o + 108) * np.float32(np.int64(low | (high << 4)) - 32), F0
+    return (_h(tab, q, r, o + 80) * np.float32(q[r, o + g] & 15),
+            _h(tab, q, r, o + 82) * np.float32(q[r, o + g] >> 4))
+
+
+@njit(cache=True)
+def _q23(q, r, o, g, l, three):
+    # The code of weight l (0-31) of group g's run: two bits of qs, q3_k's hmask bit (clear: minus 4).
+    h = g // 8
+    j = g % 8 // 2
+    v = np.int64((q[r, o + (32 if three else 16) + 32 * h + l] >> (2 * j)) & 3)
+    if three and not (q[r, o + l] >> (4 * h + j)) & 1:
+        v -= 4
+    return np.float32(v)
+
+
+@njit(nogil=True, cache=True)
+def deq_q23_k(q, tab, out, r0, r1, three):
+    cols = out.shape[1]
+    bs = 110 if three else 84
+    for r in range(r0, r1):
+        for s in range(cols // 256):
+            o = bs * s
+            for g in range(16):
+                dl, ml = _q23_group(q, tab, r, o, g, three)
+                base = 256 * s + 128 * (g // 8) + 32 * (g % 8 // 2)
+                for l in range(16 * (g % 2), 16 * (g % 2) + 16):
+                    if three:
+                        out[r, base + l] = dl * _q23(q, r, o, g, l, three)
+                    else:
+                        out[r, base + l] = dl * _q23(q, r, o, g, l, three) - ml
+
+
 # ---------------------------------------------------------------- products: Y (n, rows) = X W^T
 #
 # Each kernel keeps one accumulator per lane of a block (an array of 16 or 32) and sums the
@@ -311,6 +383,50 @@ def mm_q6_k(q, q8, tab, X, Y, r0, r1):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
+def mm_q5_k(q, tab, X, Y, r0, r1):
+    n, cols = X.shape
+    acc = np.empty(32, np.float32)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc[:] = F0
+            for s in range(cols // 256):
+                o = 176 * s
+                d = _h(tab, q, r, o)
+                dmin = _h(tab, q, r, o + 2)
+                for c in range(4):
+                    sc1, m1 = _q4k_sm(q, r, o, 2 * c)
+                    sc2, m2 = _q4k_sm(q, r, o, 2 * c + 1)
+                    d1 = d * np.float32(sc1)
+                    dm1 = dmin * np.float32(m1)
+                    d2 = d * np.float32(sc2)
+                    dm2 = dmin * np.float32(m2)
+                    base = 256 * s + 64 * c
+                    for l in range(32):
+                        lo, hi = _q5(q, r, o, c, l)
+                        acc[l] += (d1 * lo - dm1) * X[j, base + l] + (d2 * hi - dm2) * X[j, base + 32 + l]
+            Y[j, r] = acc.sum()
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def mm_q23_k(q, tab, X, Y, r0, r1, three):
+    n, cols = X.shape
+    bs = 110 if three else 84
+    acc = np.empty(16, np.float32)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc[:] = F0
+            for s in range(cols // 256):
+                o = bs * s
+                for g in range(16):
+                    dl, ml = _q23_group(q, tab, r, o, g, three)
+                    base = 256 * s + 128 * (g // 8) + 32 * (g % 8 // 2)
+                    l0 = 16 * (g % 2)
+                    for k in range(16):
+                        acc[k] += (dl * _q23(q, r, o, g, l0 + k, three) - ml) * X[j, base + l0 + k]
+            Y[j, r] = acc.sum()
+
+
+@njit(nogil=True, fastmath=True, cache=True)
 def sum_range(buf, out, r0, r1):
     """Adds the sum of buf[r0:r1] to out[0]: one stream of the benchmark's DRAM read probe."""
     s = F0
@@ -331,6 +447,8 @@ _pool_lock = threading.Lock()
 # x8 layouts: each row gathered back into its GGUF format's bytes (base: 0 q4_0, 1 q4_k, 2 q8_0), then
 # the plain kernels.  The portable path: correct, not fast (the C kernels read the layout directly).
 _X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2}
+# q3_k and q2_k share their kernels: the `three` flag
+_Q23 = {"q3_k": 1, "q2_k": 0}
 
 
 @njit(nogil=True, cache=True)
@@ -408,8 +526,10 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
     elif fmt in _X8_BASE:
         run_rows(deq_x8, q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
                  _X8_BASE[fmt], F16_TABLE, out)
+    elif fmt in _Q23:
+        run_rows(lambda *a: deq_q23_k(*a, _Q23[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     else:
-        fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k}[fmt]
+        fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k, "q5_k": deq_q5_k}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     return out
 
@@ -426,8 +546,10 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
     elif fmt in _X8_BASE:
         run_rows(mm_x8, q.shape[0], work, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
                  _X8_BASE[fmt], F16_TABLE, X, Y)
+    elif fmt in _Q23:
+        run_rows(lambda *a: mm_q23_k(*a, _Q23[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
     else:
-        fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k}[fmt]
+        fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k, "q5_k": mm_q5_k}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)
     return Y
 

@@ -35,7 +35,8 @@
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
-enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9 };
+enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9,
+       Q5_K = 10, Q3_K = 11, Q2_K = 12 };
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
 INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8; }
@@ -69,7 +70,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 7; }
+MK_API int mk_version(void) { return 8; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -129,6 +130,12 @@ INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
         sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
         mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
     }
+}
+
+/* q3_k's 16 six-bit scales, stored plus 32 in 12 bytes: scale k's low four bits are a nibble of byte
+ * k % 8 (the low one for k < 8), its high two bits 2 (k / 4) of byte 8 + k % 4. */
+INLINE int q3k_scale(const uint8_t *s, int k) {
+    return (int)(((s[k % 8] >> (k < 8 ? 0 : 4)) & 0xF) | (((s[8 + k % 4] >> (2 * (k / 4))) & 3) << 4)) - 32;
 }
 
 /* ---------- dequantization: bit-exact with ggml's dequantize_row_* ---------- */
@@ -223,6 +230,45 @@ static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
             }
         }
         break;
+    case Q5_K:  /* q4_k's layout (qs at 48) with a fifth bit: bit 2c (low nibbles) or 2c + 1 of qh[l] */
+        for (int64_t s = 0; s < cols / 256; s++) {
+            const uint8_t *p = w + 176 * s, *qh = p + 16;
+            const float d = h2f(p), dmin = h2f(p + 2);
+            uint8_t sc[8], mn[8];
+            q4k_scales(p + 4, sc, mn);
+            float *o = y + 256 * s;
+            for (int c = 0; c < 4; c++) {
+                const float d1 = d * sc[2 * c], m1 = dmin * mn[2 * c];
+                const float d2 = d * sc[2 * c + 1], m2 = dmin * mn[2 * c + 1];
+                const uint8_t *q = p + 48 + 32 * c;
+                for (int l = 0; l < 32; l++) o[64 * c + l] = d1 * (float)((q[l] & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4)) - m1;
+                for (int l = 0; l < 32; l++)
+                    o[64 * c + 32 + l] = d2 * (float)((q[l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4)) - m2;
+            }
+        }
+        break;
+    case Q3_K: case Q2_K:
+        /* 16 groups of 16: weight 128 h + 32 j + l (group 8 h + 2 j + l / 16) is bits 2j, 2j+1 of byte
+         * 32 h + l of qs; q3_k subtracts 4 where bit 4 h + j of hmask[l] is clear, q2_k has a min a group. */
+        for (int64_t s = 0; s < cols / 256; s++) {
+            const int three = fmt == Q3_K;
+            const uint8_t *p = w + (three ? 110 : 84) * s, *qs = p + (three ? 32 : 16);
+            const float d = h2f(p + (three ? 108 : 80)), dmin = three ? 0.0f : h2f(p + 82);
+            float *o = y + 256 * s;
+            for (int g = 0; g < 16; g++) {
+                const int h = g / 8, j = g % 8 / 2, l0 = 16 * (g % 2);
+                float *og = o + 128 * h + 32 * j;
+                if (three) {
+                    const float dl = d * (float)q3k_scale(p + 96, g);
+                    for (int l = l0; l < l0 + 16; l++)
+                        og[l] = dl * (float)((int)((qs[32 * h + l] >> (2 * j)) & 3) - ((p[l] >> (4 * h + j)) & 1 ? 0 : 4));
+                } else {
+                    const float dl = d * (float)(p[g] & 0xF), ml = dmin * (float)(p[g] >> 4);
+                    for (int l = l0; l < l0 + 16; l++) og[l] = dl * (float)((qs[32 * h + l] >> (2 * j)) & 3) - ml;
+                }
+            }
+        }
+        break;
     case Q6_K:
         for (int64_t s = 0; s < cols / 256; s++) {
             const uint8_t *p = w + 210 * s;
@@ -261,6 +307,9 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case Q4_0: case Q4_0X8: return cols / 32 * 18;
     case Q4_K: case Q4_KX8: return cols / 256 * 144;
     case Q6_K: return cols / 256 * 210;
+    case Q5_K: return cols / 256 * 176;
+    case Q3_K: return cols / 256 * 110;
+    case Q2_K: return cols / 256 * 84;
     }
     return -1;
 }
@@ -878,16 +927,27 @@ INLINE __m128i q4k_unpack(const uint8_t *s) {
     return _mm_or_si128(lo, hi);
 }
 
-INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t pfd = pf_ahead(R, rb);
+/* 16 in each int16 lane where bit k of h's lane is set, else 0: q5_k's fifth bit (k varies, so a
+ * mask and compare rather than a shift by an immediate). */
+INLINE __m256i bit_as(__m256i h, int k, short value) {
+    const __m256i m = _mm256_set1_epi16((short)(1 << k));
+    return _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, m), m), _mm256_set1_epi16(value));
+}
+
+/* q4_k (five = 0) and q5_k (five = 1): q5_k is q4_k's super-block with the 32 bytes of fifth bits
+ * (qh) before the nibbles; weight l of sub-block s takes bit s of qh[l] as its 16. */
+INLINE void dot_q45_k(int five, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t pfd = pf_ahead(R, rb), bs = five ? 176 : 144, qo = five ? 48 : 16;
     const int64_t cols = p->cols, nb = p->nb;
     const __m256i m4 = _mm256_set1_epi16(0x0F);
     ACC_INIT
     for (int64_t sb = 0; sb < nb / 8; sb++) {
         for (int r = 0; r < R; r++) {
-            const uint8_t *q = w + r * rb + 144 * sb;
+            const uint8_t *q = w + r * rb + bs * sb;
             for (int l = 0; l < 3; l++) pf(q + pfd + 64 * l);
-            pf(q + pfd + 143);
+            pf(q + pfd + bs - 1);
+            /* fifth bits of bytes l = 0-15 and 16-31 of each 32-byte run of nibbles */
+            const __m256i H0 = five ? ld16(q + 16) : _mm256_setzero_si256(), H1 = five ? ld16(q + 32) : H0;
             const __m128i smv = q4k_unpack(q + 4);
             const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)rd32(q))); /* d, dmin */
             const __m256 scd = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv)), _mm256_broadcastss_ps(dm));
@@ -907,13 +967,20 @@ INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                 for (int h = 0; h < 2; h++) {
                     __m256i s4[4];
                     for (int c = 0; c < 2; c++) {
-                        const uint8_t *qc = q + 16 + 64 * h + 32 * c;
-                        const int16_t *xc = x + 128 * h + 64 * c;
+                        const int cc = 2 * h + c; /* the 64-weight run: sub-blocks 2 cc, 2 cc + 1 */
+                        const uint8_t *qc = q + qo + 32 * cc;
+                        const int16_t *xc = x + 64 * cc;
                         const __m256i v0 = ld16(qc), v1 = ld16(qc + 16);
-                        s4[2 * c] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v0, m4), ldx(xc)),
-                                                     _mm256_madd_epi16(_mm256_and_si256(v1, m4), ldx(xc + 16)));
-                        s4[2 * c + 1] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_srli_epi16(v0, 4), ldx(xc + 32)),
-                                                         _mm256_madd_epi16(_mm256_srli_epi16(v1, 4), ldx(xc + 48)));
+                        __m256i l0 = _mm256_and_si256(v0, m4), l1 = _mm256_and_si256(v1, m4);
+                        __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
+                        if (five) {
+                            l0 = _mm256_or_si256(l0, bit_as(H0, 2 * cc, 16));
+                            l1 = _mm256_or_si256(l1, bit_as(H1, 2 * cc, 16));
+                            h0 = _mm256_or_si256(h0, bit_as(H0, 2 * cc + 1, 16));
+                            h1 = _mm256_or_si256(h1, bit_as(H1, 2 * cc + 1, 16));
+                        }
+                        s4[2 * c] = _mm256_add_epi32(_mm256_madd_epi16(l0, ldx(xc)), _mm256_madd_epi16(l1, ldx(xc + 16)));
+                        s4[2 * c + 1] = _mm256_add_epi32(_mm256_madd_epi16(h0, ldx(xc + 32)), _mm256_madd_epi16(h1, ldx(xc + 48)));
                     }
                     const __m256i t = fold4(s4[0], s4[1], s4[2], s4[3]);
                     const __m256 sc4 = _mm256_permutevar8x32_ps(
@@ -923,9 +990,15 @@ INLINE void dot_q4_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                 continue;
             }
             for (int c = 0; c < 4; c++) {
-                const __m256i v0 = ld16(q + 16 + 32 * c), v1 = ld16(q + 32 + 32 * c);
-                const __m256i l0 = _mm256_and_si256(v0, m4), l1 = _mm256_and_si256(v1, m4);
-                const __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
+                const __m256i v0 = ld16(q + qo + 32 * c), v1 = ld16(q + qo + 16 + 32 * c);
+                __m256i l0 = _mm256_and_si256(v0, m4), l1 = _mm256_and_si256(v1, m4);
+                __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
+                if (five) {
+                    l0 = _mm256_or_si256(l0, bit_as(H0, 2 * c, 16));
+                    l1 = _mm256_or_si256(l1, bit_as(H1, 2 * c, 16));
+                    h0 = _mm256_or_si256(h0, bit_as(H0, 2 * c + 1, 16));
+                    h1 = _mm256_or_si256(h1, bit_as(H1, 2 * c + 1, 16));
+                }
                 for (int jj = 0; jj < J; jj++) {
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c;
                     const __m256i sa = _mm256_add_epi32(_mm256_madd_epi16(l0, ldx(x)), _mm256_madd_epi16(l1, ldx(x + 16)));
@@ -969,6 +1042,73 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                     const int64_t k = 2 * ((j0 + jj) * nb + 8 * sb) + 8 * h; /* 16-group index */
                     /* the offset: minus d*sc_g * 32 * (sum of x over group g) */
                     acc[r][jj] = _mm256_fnmadd_ps(sc[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
+                    const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
+                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
+                    for (int g = 0; g < 8; g++) {
+                        const __m256i s = _mm256_madd_epi16(qv[g], ldx(x + 16 * g));
+                        acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), lane(sv, g), acc[r][jj]);
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
+}
+
+/* q3_k (three = 1) and q2_k (three = 0): as q6_k, 16 groups of 16 weights with a scale each, two
+ * bits a weight in qs (weight 128 h + 32 j + l: bits 2j, 2j+1 of byte 32 h + l).  q3_k's third bit is
+ * bit 4 h + j of hmask[l], the weight minus 4 where it is clear: signed int16 codes, no offset term.
+ * q2_k's mins: minus dmin * m_g * (sum of x over group g), from xs16 (32 times that sum). */
+INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t pfd = pf_ahead(R, rb), bs = three ? 110 : 84;
+    const int64_t cols = p->cols, nb = p->nb;
+    const __m256i m3 = _mm256_set1_epi16(3), four = _mm256_set1_epi16(4);
+    ACC_INIT
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + bs * sb;
+            pf(q + pfd);
+            pf(q + pfd + 64);
+            pf(q + pfd + bs - 1);
+            const uint8_t *qs = q + (three ? 32 : 16);
+            __m128i s8; /* the 16 groups' scales as int8 */
+            __m256 d, mn[2];
+            if (three) {
+                const __m128i lo8 = _mm_loadl_epi64((const __m128i *)(q + 96)), m15 = _mm_set1_epi8(0x0F);
+                const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(lo8, m15), _mm_and_si128(_mm_srli_epi16(lo8, 4), m15));
+                /* byte k of hi: byte 8 + k % 4 shifted right by 2 (k / 4), then its low two bits */
+                const __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)rd32(q + 104)), _mm_setr_epi32(0, 2, 4, 6)),
+                                                 _mm_set1_epi8(3));
+                s8 = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+                d = _mm256_set1_ps(h2f(q + 108));
+            } else {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)q), m15 = _mm_set1_epi8(0x0F);
+                s8 = _mm_and_si128(raw, m15);
+                const __m128i m8 = _mm_and_si128(_mm_srli_epi16(raw, 4), m15);
+                d = _mm256_set1_ps(h2f(q + 80));
+                /* dmin / 32 (exact): xs16 holds 32 times each group's sum */
+                const __m256 dm = _mm256_set1_ps(h2f(q + 82) * 0.03125f);
+                mn[0] = _mm256_mul_ps(dm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)));
+                mn[1] = _mm256_mul_ps(dm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(m8, 8))));
+            }
+            const __m256 sc[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))),
+                                  _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))))};
+            const __m256i H0 = three ? ld16(q) : _mm256_setzero_si256(), H1 = three ? ld16(q + 16) : H0;
+            for (int h = 0; h < 2; h++) {
+                const __m256i A0 = ld16(qs + 32 * h), A1 = ld16(qs + 32 * h + 16);
+                __m256i qv[8]; /* group 2 j + t of this half */
+                for (int j = 0; j < 4; j++) {
+                    qv[2 * j] = _mm256_and_si256(_mm256_srli_epi16(A0, 2 * j), m3);
+                    qv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(A1, 2 * j), m3);
+                    if (three) {
+                        qv[2 * j] = _mm256_sub_epi16(_mm256_or_si256(qv[2 * j], bit_as(H0, 4 * h + j, 4)), four);
+                        qv[2 * j + 1] = _mm256_sub_epi16(_mm256_or_si256(qv[2 * j + 1], bit_as(H1, 4 * h + j, 4)), four);
+                    }
+                }
+                for (int jj = 0; jj < J; jj++) {
+                    const int64_t k = 2 * ((j0 + jj) * nb + 8 * sb) + 8 * h; /* 16-group index */
+                    if (!three) acc[r][jj] = _mm256_fnmadd_ps(mn[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
                     const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
                     for (int g = 0; g < 8; g++) {
@@ -1105,8 +1245,11 @@ INLINE void dot_simd(int fmt, const uint8_t *w, int64_t rb, int R, int J, const 
     case BF16: dot_half(1, w, rb, R, J, p, j0, out); break;
     case Q8_0: dot_q8_0(w, rb, R, J, p, j0, out); break;
     case Q4_0: dot_q4_0(w, rb, R, J, p, j0, out); break;
-    case Q4_K: dot_q4_k(w, rb, R, J, p, j0, out); break;
+    case Q4_K: dot_q45_k(0, w, rb, R, J, p, j0, out); break;
+    case Q5_K: dot_q45_k(1, w, rb, R, J, p, j0, out); break;
     case Q6_K: dot_q6_k(w, rb, R, J, p, j0, out); break;
+    case Q3_K: dot_q23_k(1, w, rb, R, J, p, j0, out); break;
+    case Q2_K: dot_q23_k(0, w, rb, R, J, p, j0, out); break;
     }
 }
 
@@ -1155,8 +1298,8 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
         }
         break;
     }
-    case Q4_K: case Q6_K: {
-        const int64_t bs = fmt == Q4_K ? 144 : 210;
+    case Q4_K: case Q6_K: case Q5_K: case Q3_K: case Q2_K: {
+        const int64_t bs = fmt_row_bytes(fmt, 256);
         for (int64_t s = 0; s < cols / 256; s++) {
             deq_row(fmt, w + bs * s, 256, buf);
             for (int k = 0; k < 256; k += 8)

@@ -1,20 +1,20 @@
 """GGUF block formats the kernels do not compute, decoded so that a store can hold them in one they do.
 
-llama.cpp's files carry a few more types than our kernels run: Q5_K (Q5_K_M files), and Q5_0, Q5_1,
-Q4_1, which llama-quantize falls back to where a row is not a multiple of 256 weights (Q4_K -> Q5_0,
-Q5_K -> Q5_1).  `mer-tui convert` stores such a tensor as q8_0: Q5_0 exactly (its 5-bit integers and
-scale fit q8_0's block as they are), the others re-quantized from their values, an 8-bit rounding of
-5-bit weights.  Plain numpy; gguf-py's dequantizers are the reference in tests.
+llama.cpp's files carry a few more types than our kernels run: Q5_0, Q5_1 and Q4_1, which
+llama-quantize falls back to where a row is not a multiple of 256 weights (Q4_K -> Q5_0, Q5_K -> Q5_1).
+`mer-tui convert` stores such a tensor as q8_0: Q5_0 exactly (its 5-bit integers and scale fit q8_0's
+block as they are), the others re-quantized from their values, an 8-bit rounding of 5-bit weights.
+Plain numpy; gguf-py's dequantizers are the reference in tests.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import formats
-from .formats import QK_K, FormatError, _f16, k_nibbles, k_scales
+from .formats import FormatError, _f16
 
 # format -> (weights per block, bytes per block)
-BLOCK: dict[str, tuple[int, int]] = {"q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q5_k": (256, 176)}
+BLOCK: dict[str, tuple[int, int]] = {"q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24)}
 FORMATS = tuple(BLOCK)
 
 
@@ -50,16 +50,7 @@ def _deq_q5_1(b: np.ndarray) -> np.ndarray:
     return _f16(b[:, 0:2]) * q + _f16(b[:, 2:4])
 
 
-def _deq_q5_k(b: np.ndarray) -> np.ndarray:
-    """q4_k's layout with a fifth bit per weight: bit s of byte l of qh for weight l of sub-block s."""
-    n = b.shape[0]
-    ds, dm = k_scales(b)
-    hi = (b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-    q = (k_nibbles(b[:, 48:]) | (hi << 4)).astype(np.float32)
-    return (ds * q - dm).reshape(n, QK_K)
-
-
-_DEQ = {"q4_1": _deq_q4_1, "q5_0": _deq_q5_0, "q5_1": _deq_q5_1, "q5_k": _deq_q5_k}
+_DEQ = {"q4_1": _deq_q4_1, "q5_0": _deq_q5_0, "q5_1": _deq_q5_1}
 
 
 def dequantize(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:

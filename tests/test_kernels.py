@@ -14,8 +14,8 @@ gguf_quants = pytest.importorskip("gguf.quants")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 GT = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
-      "q6_k": T.Q6_K}
-QUANT = ("q8_0", "q4_0", "q4_k", "q6_k")
+      "q6_k": T.Q6_K, "q5_k": T.Q5_K, "q3_k": T.Q3_K, "q2_k": T.Q2_K}
+QUANT = ("q8_0", "q4_0", "q4_k", "q6_k", *formats.READ_ONLY)
 NOT_F32 = ("f16", "bf16", *QUANT)
 
 
@@ -99,11 +99,16 @@ def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
     if fmt in ("q8_0", "q4_0"):
         put(0, 0.02)
-    elif fmt == "q4_k":
+    elif fmt in ("q4_k", "q5_k"):
         put(0, 0.002)
         put(2, 0.002)
     elif fmt == "q6_k":
         put(208, 0.001)
+    elif fmt == "q3_k":
+        put(108, 0.002)
+    elif fmt == "q2_k":
+        put(80, 0.002)
+        put(82, 0.002)
     return q
 
 
@@ -169,6 +174,15 @@ def test_q4_k_rms_no_worse_than_q4_0():
     assert rms["q6_k"] < rms["q4_k"] / 2
 
 
+@pytest.mark.parametrize("fmt", formats.READ_ONLY)
+def test_read_only_formats_have_no_quantizer(fmt):
+    """q5_k, q3_k, q2_k come from llama.cpp's files; asking to write one says so instead of guessing."""
+    with pytest.raises(kernels.FormatError, match=f"no quantizer for {fmt}"):
+        kernels.quantize(np.ones((1, 256), np.float32), fmt)
+    with pytest.raises(kernels.FormatError, match=f"no quantizer for {fmt}"):
+        QMatrix.from_float(np.ones((1, 256), np.float32), fmt)
+
+
 def test_f16_rounding_of_k_quant_scales():
     # the f16 rounding inside the k-quantizers (numba) agrees with numpy's float16 cast
     from kernels.kquant import _f16_round
@@ -231,7 +245,7 @@ def test_decode_short_and_long_rows(backend, fmt, cols):
     assert np.array_equal(kernels.matmul(q, fmt, cols, x)[0], y)
 
 
-@pytest.mark.parametrize("fmt", kernels.FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in kernels.FORMATS if f not in kernels.READ_ONLY])
 def test_matvec_and_qmatrix(backend, fmt):
     rows, cols = (24 if fmt in formats.INTERLEAVED else 21), 256
     w = np.random.default_rng(8).standard_normal((rows, cols)).astype(np.float32)
@@ -446,6 +460,21 @@ def test_expert_ffn(backend, fmts, n):
     assert Y.shape == (n, hidden) and Y.dtype == np.float32
     assert _rel(Y, _ffn_ref(gate, up, down, X)) < 3e-3
     assert kernels.expert_ffn(gate, up, down, X[0]).shape == (hidden,)
+
+
+@pytest.mark.parametrize("fmts", [("q3_k", "q5_k"), ("q2_k", "q3_k"), ("q5_k", "q6_k")])
+@pytest.mark.parametrize("n", [1, 4, 12])
+def test_expert_ffn_in_llama_cpp_formats(backend, fmts, n):
+    """Q3_K_M, Q2_K and Q5_K_M files' expert formats, as the files hold them (no quantizer here): the
+    fused FFN on every path equals the float product of their values."""
+    hidden, inter = 256, 512
+    gate, up = (QMatrix(random_blocks(fmts[0], inter, hidden, seed=s), fmts[0], inter, hidden) for s in (60, 61))
+    down = QMatrix(random_blocks(fmts[1], hidden, inter, seed=62), fmts[1], hidden, inter)
+    X = llm_like(n, hidden, seed=63) * np.float32(0.02)   # random-byte weights are large: keep silu in range
+    Y = kernels.expert_ffn(gate, up, down, X)
+    assert _rel(Y, _ffn_ref(gate, up, down, X)) < 3e-3
+    Ys = kernels.experts_ffn([(gate, up, down)] * 2, [X, X[:1]])
+    assert np.array_equal(Ys[0], Y) and _rel(Ys[1], _ffn_ref(gate, up, down, X[:1])) < 3e-3
 
 
 def _experts(fmts: tuple[str, str], E: int, hidden: int, inter: int, seed: int) -> list:
