@@ -11,8 +11,8 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changed on the way in is undo
   pairs; the spec rotates halves as Hugging Face does, so those rows are read in the inverse order
   (row_order); olmoe, qwen2moe and qwen3moe keep Hugging Face's order;
 - a qwen2moe shared expert's gate is a vector {n_embd} there, a (1, n_embd) matrix here.
-Block formats need no change: GGUF's q8_0, q4_0, q4_k and q6_k are the kernels' own.  Q5_K, Q5_0,
-Q5_1 and Q4_1 are read too, but only converting makes them computable (kernels.transcode: q8_0).
+Block formats need no change: GGUF's q8_0, q4_0 and the k-quants q2_k ... q6_k are the kernels' own.
+Q5_0, Q5_1 and Q4_1 are read too, but only converting makes them computable (kernels.transcode: q8_0).
 """
 from __future__ import annotations
 
