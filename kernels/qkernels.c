@@ -927,11 +927,11 @@ INLINE __m128i q4k_unpack(const uint8_t *s) {
     return _mm_or_si128(lo, hi);
 }
 
-/* 16 in each int16 lane where bit k of h's lane is set, else 0: q5_k's fifth bit (k varies, so a
- * mask and compare rather than a shift by an immediate). */
-INLINE __m256i bit_as(__m256i h, int k, short value) {
-    const __m256i m = _mm256_set1_epi16((short)(1 << k));
-    return _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(h, m), m), _mm256_set1_epi16(value));
+/* Bit k of each int16 lane of h, moved to bit `to` (the others cleared).  k and `to` are constants
+ * once inlined: one shift and one mask. */
+INLINE __m256i bit_to(__m256i h, int k, int to) {
+    const __m256i v = k >= to ? _mm256_srli_epi16(h, k - to) : _mm256_slli_epi16(h, to - k);
+    return _mm256_and_si256(v, _mm256_set1_epi16((short)(1 << to)));
 }
 
 /* q4_k (five = 0) and q5_k (five = 1): q5_k is q4_k's super-block with the 32 bytes of fifth bits
@@ -974,10 +974,10 @@ INLINE void dot_q45_k(int five, const uint8_t *w, int64_t rb, int R, int J, cons
                         __m256i l0 = _mm256_and_si256(v0, m4), l1 = _mm256_and_si256(v1, m4);
                         __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
                         if (five) {
-                            l0 = _mm256_or_si256(l0, bit_as(H0, 2 * cc, 16));
-                            l1 = _mm256_or_si256(l1, bit_as(H1, 2 * cc, 16));
-                            h0 = _mm256_or_si256(h0, bit_as(H0, 2 * cc + 1, 16));
-                            h1 = _mm256_or_si256(h1, bit_as(H1, 2 * cc + 1, 16));
+                            l0 = _mm256_or_si256(l0, bit_to(H0, 2 * cc, 4));
+                            l1 = _mm256_or_si256(l1, bit_to(H1, 2 * cc, 4));
+                            h0 = _mm256_or_si256(h0, bit_to(H0, 2 * cc + 1, 4));
+                            h1 = _mm256_or_si256(h1, bit_to(H1, 2 * cc + 1, 4));
                         }
                         s4[2 * c] = _mm256_add_epi32(_mm256_madd_epi16(l0, ldx(xc)), _mm256_madd_epi16(l1, ldx(xc + 16)));
                         s4[2 * c + 1] = _mm256_add_epi32(_mm256_madd_epi16(h0, ldx(xc + 32)), _mm256_madd_epi16(h1, ldx(xc + 48)));
@@ -994,10 +994,10 @@ INLINE void dot_q45_k(int five, const uint8_t *w, int64_t rb, int R, int J, cons
                 __m256i l0 = _mm256_and_si256(v0, m4), l1 = _mm256_and_si256(v1, m4);
                 __m256i h0 = _mm256_srli_epi16(v0, 4), h1 = _mm256_srli_epi16(v1, 4);
                 if (five) {
-                    l0 = _mm256_or_si256(l0, bit_as(H0, 2 * c, 16));
-                    l1 = _mm256_or_si256(l1, bit_as(H1, 2 * c, 16));
-                    h0 = _mm256_or_si256(h0, bit_as(H0, 2 * c + 1, 16));
-                    h1 = _mm256_or_si256(h1, bit_as(H1, 2 * c + 1, 16));
+                    l0 = _mm256_or_si256(l0, bit_to(H0, 2 * c, 4));
+                    l1 = _mm256_or_si256(l1, bit_to(H1, 2 * c, 4));
+                    h0 = _mm256_or_si256(h0, bit_to(H0, 2 * c + 1, 4));
+                    h1 = _mm256_or_si256(h1, bit_to(H1, 2 * c + 1, 4));
                 }
                 for (int jj = 0; jj < J; jj++) {
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c;
@@ -1058,12 +1058,13 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
 
 /* q3_k (three = 1) and q2_k (three = 0): as q6_k, 16 groups of 16 weights with a scale each, two
  * bits a weight in qs (weight 128 h + 32 j + l: bits 2j, 2j+1 of byte 32 h + l).  q3_k's third bit is
- * bit 4 h + j of hmask[l], the weight minus 4 where it is clear: signed int16 codes, no offset term.
- * q2_k's mins: minus dmin * m_g * (sum of x over group g), from xs16 (32 times that sum). */
+ * bit 4 h + j of hmask[l], the weight minus 4 where it is clear: the codes are summed as (two bits |
+ * third bit << 2) and the 4 taken off per group, minus d * s_g * 4 * (sum of x over group g), from
+ * xs16 (32 times that sum) as q6_k takes its 32.  q2_k's mins likewise: minus dmin * m_g * that sum. */
 INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t pfd = pf_ahead(R, rb), bs = three ? 110 : 84;
     const int64_t cols = p->cols, nb = p->nb;
-    const __m256i m3 = _mm256_set1_epi16(3), four = _mm256_set1_epi16(4);
+    const __m256i m3 = _mm256_set1_epi16(3);
     ACC_INIT
     for (int64_t sb = 0; sb < nb / 8; sb++) {
         for (int r = 0; r < R; r++) {
@@ -1094,6 +1095,10 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
             }
             const __m256 sc[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8))),
                                   _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))))};
+            if (three) { /* the offset: 4 d s_g per 32 in xs16 (exact: a power of two) */
+                mn[0] = _mm256_mul_ps(sc[0], _mm256_set1_ps(0.125f));
+                mn[1] = _mm256_mul_ps(sc[1], _mm256_set1_ps(0.125f));
+            }
             const __m256i H0 = three ? ld16(q) : _mm256_setzero_si256(), H1 = three ? ld16(q + 16) : H0;
             for (int h = 0; h < 2; h++) {
                 const __m256i A0 = ld16(qs + 32 * h), A1 = ld16(qs + 32 * h + 16);
@@ -1102,13 +1107,13 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
                     qv[2 * j] = _mm256_and_si256(_mm256_srli_epi16(A0, 2 * j), m3);
                     qv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(A1, 2 * j), m3);
                     if (three) {
-                        qv[2 * j] = _mm256_sub_epi16(_mm256_or_si256(qv[2 * j], bit_as(H0, 4 * h + j, 4)), four);
-                        qv[2 * j + 1] = _mm256_sub_epi16(_mm256_or_si256(qv[2 * j + 1], bit_as(H1, 4 * h + j, 4)), four);
+                        qv[2 * j] = _mm256_or_si256(qv[2 * j], bit_to(H0, 4 * h + j, 2));
+                        qv[2 * j + 1] = _mm256_or_si256(qv[2 * j + 1], bit_to(H1, 4 * h + j, 2));
                     }
                 }
                 for (int jj = 0; jj < J; jj++) {
                     const int64_t k = 2 * ((j0 + jj) * nb + 8 * sb) + 8 * h; /* 16-group index */
-                    if (!three) acc[r][jj] = _mm256_fnmadd_ps(mn[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
+                    acc[r][jj] = _mm256_fnmadd_ps(mn[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
                     const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
                     for (int g = 0; g < 8; g++) {
