@@ -1013,6 +1013,26 @@ INLINE void dot_q45_k(int five, const uint8_t *w, int64_t rb, int R, int J, cons
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
+/* acc + the dot of eight 16-weight groups (int16 codes qv[g], activations x + 16 g) with their scales
+ * sv (lane g: the group's weight scale times its activations' scale).  fold (decode): four groups'
+ * sums fold into one vector (as q4_k's), then one conversion and one FMA against their four scales;
+ * else one per group. */
+INLINE __m256 groups8(const __m256i qv[8], const int16_t *x, __m256 sv, int fold, __m256 acc) {
+    __m256i s[8];
+    for (int g = 0; g < 8; g++) s[g] = _mm256_madd_epi16(qv[g], ldx(x + 16 * g));
+    if (fold) {
+        for (int f = 0; f < 2; f++) {
+            const __m256i t = fold4(s[4 * f], s[4 * f + 1], s[4 * f + 2], s[4 * f + 3]);
+            const __m256 sc4 = _mm256_permutevar8x32_ps(
+                sv, f ? _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7) : _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc4, acc);
+        }
+        return acc;
+    }
+    for (int g = 0; g < 8; g++) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[g]), lane(sv, g), acc);
+    return acc;
+}
+
 INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t pfd = pf_ahead(R, rb);
     const int64_t cols = p->cols, nb = p->nb;
@@ -1044,10 +1064,7 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                     acc[r][jj] = _mm256_fnmadd_ps(sc[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
                     const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
-                    for (int g = 0; g < 8; g++) {
-                        const __m256i s = _mm256_madd_epi16(qv[g], ldx(x + 16 * g));
-                        acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), lane(sv, g), acc[r][jj]);
-                    }
+                    acc[r][jj] = groups8(qv, x, sv, J == 1, acc[r][jj]);
                 }
             }
         }
@@ -1116,21 +1133,7 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
                     acc[r][jj] = _mm256_fnmadd_ps(mn[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
                     const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
-                    __m256i s[8];
-                    for (int g = 0; g < 8; g++) s[g] = _mm256_madd_epi16(qv[g], ldx(x + 16 * g));
-                    if (J == 1) {
-                        /* Decode: four groups' sums fold into one vector (as q4_k's), then one conversion
-                         * and one FMA against their four scales. */
-                        for (int f = 0; f < 2; f++) {
-                            const __m256i t = fold4(s[4 * f], s[4 * f + 1], s[4 * f + 2], s[4 * f + 3]);
-                            const __m256 sc4 = _mm256_permutevar8x32_ps(
-                                sv, f ? _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7) : _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
-                            acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc4, acc[r][jj]);
-                        }
-                        continue;
-                    }
-                    for (int g = 0; g < 8; g++)
-                        acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[g]), lane(sv, g), acc[r][jj]);
+                    acc[r][jj] = groups8(qv, x, sv, J == 1, acc[r][jj]);
                 }
             }
         }
