@@ -26,14 +26,12 @@ DEFAULT_ALIGNMENT = 32
 
 # ggml type id -> kernels format name, for the formats the kernels compute
 GGML_FORMATS = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k",
-                14: "q6_k", 30: "bf16"}
+                14: "q6_k", 20: "iq4_nl", 23: "iq4_xs", 30: "bf16"}
 # ... and for those a store holds in another format (kernels.transcode: converting makes them q8_0)
 GGML_TRANSCODED = {3: "q4_1", 6: "q5_0", 7: "q5_1"}
 # names of the others, for errors
-GGML_NAMES = {9: "Q8_1", 15: "Q8_K",
-              16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0",
-              35: "TQ2_0", 39: "MXFP4"}
+GGML_NAMES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S",
+              24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
 # metadata value types: id -> numpy dtype of a number (8: string, 9: array, handled apart)
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",

@@ -21,6 +21,8 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q5_k": (256, 176),
     "q3_k": (256, 110),
     "q2_k": (256, 84),
+    "iq4_nl": (32, 18),
+    "iq4_xs": (256, 136),
     "q4_0x8": (32, 18),
     "q4_kx8": (256, 144),
     "q8_0x8": (32, 34),
@@ -28,8 +30,10 @@ BLOCK: dict[str, tuple[int, int]] = {
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
 # Formats the kernels compute but never write: they come from llama.cpp's files as they are (Q5_K_M,
-# Q3_K_M, Q2_K) and have no quantizer here.
-READ_ONLY: tuple[str, ...] = ("q5_k", "q3_k", "q2_k")
+# Q3_K_M, Q2_K, IQ4_XS, IQ4_NL) and have no quantizer here.
+READ_ONLY: tuple[str, ...] = ("q5_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs")
+# The 16 values an iq4 nibble stands for (ggml's kvalues_iq4nl): a non-uniform grid, denser near 0.
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 QK_K = 256
 
 # Rows per numpy chunk when (de)quantizing: bounds the temporaries numpy creates (several copies
@@ -312,6 +316,27 @@ def _deq_q2_k(b: np.ndarray) -> np.ndarray:
     return (dl * k_crumbs(qs).astype(np.float32) - ml).reshape(n, QK_K)
 
 
+def _iq4_values(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per 32-weight block -> its 32 grid values as float32: low nibbles are weights 0-15."""
+    nib = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    return IQ4_VALUES[nib].astype(np.float32)
+
+
+def _deq_iq4_nl(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, :2]) * _iq4_values(b[:, 2:])
+
+
+def _deq_iq4_xs(b: np.ndarray) -> np.ndarray:
+    # d, then 16 high bits (two per 32-block), 4 bytes of low nibbles, 128 bytes of values: block k's
+    # 6-bit scale (stored plus 32) is nibble k % 2 of byte k // 2, with bits 2k, 2k+1 of the high word.
+    n = b.shape[0]
+    high = b[:, 2:4].copy().view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16))
+    low = (b[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    scale = (low | ((high & 3).astype(np.uint8) << 4)).astype(np.int8) - np.int8(32)
+    dl = (_f16(b[:, :2]) * scale.astype(np.float32)).reshape(n, 8, 1)
+    return (dl * _iq4_values(b[:, 8:].reshape(n, 8, 16))).reshape(n, QK_K)
+
+
 def _deq_q6_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
     ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
@@ -325,7 +350,7 @@ def _deq_q6_k(b: np.ndarray) -> np.ndarray:
 
 
 _DEQ = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k, "q5_k": _deq_q5_k,
-        "q3_k": _deq_q3_k, "q2_k": _deq_q2_k}
+        "q3_k": _deq_q3_k, "q2_k": _deq_q2_k, "iq4_nl": _deq_iq4_nl, "iq4_xs": _deq_iq4_xs}
 
 
 def dequantize_ref(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from .formats import x8_positions
+from .formats import IQ4_VALUES, x8_positions
 
 # float16 bit pattern -> float32 value, exact for every pattern (NaNs and infinities included).
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -257,6 +257,29 @@ def deq_q23_k(q, tab, out, r0, r1, three):
                         out[r, base + l] = dl * _q23(q, r, o, g, l, three) - ml
 
 
+@njit(cache=True)
+def _iq4_block(q, tab, r, b, xs):
+    # 32-block b of an iq4_nl (xs=0) or iq4_xs row: (its weight scale, the byte offset of its 16 bytes).
+    if not xs:
+        return _h(tab, q, r, 18 * b), 18 * b + 2
+    o = 136 * (b // 8)
+    k = b % 8
+    ls = ((q[r, o + 4 + k // 2] >> (4 * (k % 2))) & 15) | \
+        (((np.int64(q[r, o + 2]) | (np.int64(q[r, o + 3]) << 8)) >> (2 * k)) & 3) << 4
+    return _h(tab, q, r, o) * np.float32(ls - 32), o + 8 + 16 * k
+
+
+@njit(nogil=True, cache=True)
+def deq_iq4(q, tab, vals, out, r0, r1, xs):
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for b in range(cols // 32):
+            d, o = _iq4_block(q, tab, r, b, xs)
+            for i in range(16):
+                out[r, 32 * b + i] = d * vals[q[r, o + i] & 15]
+                out[r, 32 * b + 16 + i] = d * vals[q[r, o + i] >> 4]
+
+
 # ---------------------------------------------------------------- products: Y (n, rows) = X W^T
 #
 # Each kernel keeps one accumulator per lane of a block (an array of 16 or 32) and sums the
@@ -427,6 +450,21 @@ def mm_q23_k(q, tab, X, Y, r0, r1, three):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
+def mm_iq4(q, tab, vals, X, Y, r0, r1, xs):
+    n, cols = X.shape
+    acc = np.empty(16, np.float32)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc[:] = F0
+            for b in range(cols // 32):
+                d, o = _iq4_block(q, tab, r, b, xs)
+                for i in range(16):
+                    v = q[r, o + i]
+                    acc[i] += d * (vals[v & 15] * X[j, 32 * b + i] + vals[v >> 4] * X[j, 32 * b + 16 + i])
+            Y[j, r] = acc.sum()
+
+
+@njit(nogil=True, fastmath=True, cache=True)
 def sum_range(buf, out, r0, r1):
     """Adds the sum of buf[r0:r1] to out[0]: one stream of the benchmark's DRAM read probe."""
     s = F0
@@ -447,8 +485,10 @@ _pool_lock = threading.Lock()
 # x8 layouts: each row gathered back into its GGUF format's bytes (base: 0 q4_0, 1 q4_k, 2 q8_0), then
 # the plain kernels.  The portable path: correct, not fast (the C kernels read the layout directly).
 _X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2}
-# q3_k and q2_k share their kernels: the `three` flag
+# q3_k and q2_k share their kernels: the `three` flag; iq4_nl and iq4_xs theirs: the `xs` flag
 _Q23 = {"q3_k": 1, "q2_k": 0}
+_IQ4 = {"iq4_nl": 0, "iq4_xs": 1}
+IQ4_F32 = IQ4_VALUES.astype(np.float32)
 
 
 @njit(nogil=True, cache=True)
@@ -528,6 +568,8 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
                  _X8_BASE[fmt], F16_TABLE, out)
     elif fmt in _Q23:
         run_rows(lambda *a: deq_q23_k(*a, _Q23[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
+    elif fmt in _IQ4:
+        run_rows(lambda *a: deq_iq4(*a, _IQ4[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, IQ4_F32, out)
     else:
         fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k, "q5_k": deq_q5_k}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
@@ -548,6 +590,8 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
                  _X8_BASE[fmt], F16_TABLE, X, Y)
     elif fmt in _Q23:
         run_rows(lambda *a: mm_q23_k(*a, _Q23[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
+    elif fmt in _IQ4:
+        run_rows(lambda *a: mm_iq4(*a, _IQ4[fmt]), q.shape[0], work, threads, q, F16_TABLE, IQ4_F32, X, Y)
     else:
         fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k, "q5_k": mm_q5_k}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)

@@ -36,7 +36,7 @@
 #define INLINE static inline __attribute__((always_inline))
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9,
-       Q5_K = 10, Q3_K = 11, Q2_K = 12 };
+       Q5_K = 10, Q3_K = 11, Q2_K = 12, IQ4_NL = 13, IQ4_XS = 14 };
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
 INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8; }
@@ -70,7 +70,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 8; }
+MK_API int mk_version(void) { return 9; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -132,6 +132,27 @@ INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
     }
 }
 
+/* The 16 values an iq4 nibble stands for (ggml's kvalues_iq4nl). */
+static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* 32-block k of an iq4_xs super-block at p: its 6-bit scale, stored plus 32, is nibble k % 2 of byte
+ * 4 + k / 2 with bits 2k, 2k+1 of the 16-bit word at 2 above it.  Then d * scale weighs the block. */
+INLINE float iq4xs_scale(const uint8_t *p, int k) {
+    const int ls = ((p[4 + k / 2] >> (4 * (k % 2))) & 0xF) | (((rd16(p + 2) >> (2 * k)) & 3) << 4);
+    return h2f(p) * (float)(ls - 32);
+}
+
+/* 32-block b of an iq4_nl (xs = 0) or iq4_xs row: its weight scale, and where its 16 bytes of nibbles are. */
+INLINE float iq4_block(int xs, const uint8_t *row, int64_t b, const uint8_t **qs) {
+    if (!xs) {
+        *qs = row + 18 * b + 2;
+        return h2f(row + 18 * b);
+    }
+    const uint8_t *p = row + 136 * (b / 8);
+    *qs = p + 8 + 16 * (b % 8);
+    return iq4xs_scale(p, (int)(b % 8));
+}
+
 /* q3_k's 16 six-bit scales, stored plus 32 in 12 bytes: scale k's low four bits are a nibble of byte
  * k % 8 (the low one for k < 8), its high two bits 2 (k / 4) of byte 8 + k % 4. */
 INLINE int q3k_scale(const uint8_t *s, int k) {
@@ -182,6 +203,16 @@ static void deq_row_x8(int fmt, const uint8_t *w, int64_t rb, int64_t r, int64_t
 
 static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
     switch (fmt) {
+    case IQ4_NL: case IQ4_XS: /* low nibbles are weights 0-15 of a block, high ones 16-31 */
+        for (int64_t b = 0; b < cols / 32; b++) {
+            const uint8_t *q;
+            const float d = iq4_block(fmt == IQ4_XS, w, b, &q);
+            for (int i = 0; i < 16; i++) {
+                y[32 * b + i] = d * (float)IQ4_VALUES[q[i] & 0xF];
+                y[32 * b + 16 + i] = d * (float)IQ4_VALUES[q[i] >> 4];
+            }
+        }
+        break;
     case F32:
         memcpy(y, w, (size_t)cols * 4);
         break;
@@ -310,6 +341,8 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case Q5_K: return cols / 256 * 176;
     case Q3_K: return cols / 256 * 110;
     case Q2_K: return cols / 256 * 84;
+    case IQ4_NL: return cols / 32 * 18;
+    case IQ4_XS: return cols / 256 * 136;
     }
     return -1;
 }
@@ -1142,6 +1175,49 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
+/* iq4_nl (xs = 0) and iq4_xs: 32-blocks of 4-bit indices into IQ4_VALUES (a table lookup, pshufb),
+ * each block with its scale (iq4_xs: d times a 6-bit scale per block of a 256-weight super-block).
+ * Four blocks' sums fold into one vector (as q4_0's decode) before one conversion and one FMA. */
+INLINE void dot_iq4(int xs, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t pfd = pf_ahead(R, rb), cols = p->cols, nb = p->nb;
+    const __m128i tab = _mm_loadu_si128((const __m128i *)IQ4_VALUES), m15 = _mm_set1_epi8(0x0F);
+    ACC_INIT
+    for (int64_t b0 = 0; b0 < nb; b0 += 4) {
+        const int nk = nb - b0 < 4 ? (int)(nb - b0) : 4;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *row = w + r * rb;
+            __m256i wl[4], wh[4];
+            float sc[4] = {0, 0, 0, 0};
+            for (int k = 0; k < nk; k++) {
+                const uint8_t *q;
+                sc[k] = iq4_block(xs, row, b0 + k, &q);
+                pf(q + pfd);
+                const __m128i v = _mm_loadu_si128((const __m128i *)q);
+                wl[k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tab, _mm_and_si128(v, m15)));
+                wh[k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15)));
+            }
+            for (int jj = 0; jj < J; jj++) {
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b0;
+                const float *xd = p->xd + (j0 + jj) * nb + b0;
+                if (nk == 4) {
+                    __m256i s[4];
+                    for (int k = 0; k < 4; k++)
+                        s[k] = _mm256_add_epi32(_mm256_madd_epi16(wl[k], ldx(x + 32 * k)), _mm256_madd_epi16(wh[k], ldx(x + 32 * k + 16)));
+                    const __m128 s4 = _mm_mul_ps(_mm_loadu_ps(sc), _mm_loadu_ps(xd));
+                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(s[0], s[1], s[2], s[3])), _mm256_set_m128(s4, s4), acc[r][jj]);
+                    continue;
+                }
+                for (int k = 0; k < nk; k++) { /* a row's last blocks (iq4_nl), one at a time */
+                    const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(wl[k], ldx(x + 32 * k)), _mm256_madd_epi16(wh[k], ldx(x + 32 * k + 16)));
+                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(sc[k] * xd[k]), acc[r][jj]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
+}
+
 /* x8 runs are read front to back: the kernels prefetch each run PF_BYTES ahead, line by line.
  * *next starts at the run's first line plus PF_BYTES; pf_run_upto issues every line up to `end`. */
 INLINE uintptr_t pf_run_start(const uint8_t *w) { return ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES; }
@@ -1269,6 +1345,8 @@ INLINE void dot_simd(int fmt, const uint8_t *w, int64_t rb, int R, int J, const 
     case Q6_K: dot_q6_k(w, rb, R, J, p, j0, out); break;
     case Q3_K: dot_q23_k(1, w, rb, R, J, p, j0, out); break;
     case Q2_K: dot_q23_k(0, w, rb, R, J, p, j0, out); break;
+    case IQ4_NL: dot_iq4(0, w, rb, R, J, p, j0, out); break;
+    case IQ4_XS: dot_iq4(1, w, rb, R, J, p, j0, out); break;
     }
 }
 
@@ -1306,7 +1384,7 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
         }
         break;
     }
-    case Q8_0: case Q4_0: {
+    case Q8_0: case Q4_0: case IQ4_NL: {
         const int64_t bs = fmt == Q8_0 ? 34 : 18;
         for (int64_t b = 0; b < cols / 32; b++) {
             float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -1317,7 +1395,7 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
         }
         break;
     }
-    case Q4_K: case Q6_K: case Q5_K: case Q3_K: case Q2_K: {
+    case Q4_K: case Q6_K: case Q5_K: case Q3_K: case Q2_K: case IQ4_XS: {
         const int64_t bs = fmt_row_bytes(fmt, 256);
         for (int64_t s = 0; s < cols / 256; s++) {
             deq_row(fmt, w + bs * s, 256, buf);

@@ -29,7 +29,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 FLOAT = ["olmoe", "qwen2moe", "qwen3moe", "mixtral", "mixtral-llama3"]
 # llama.cpp's quantizations; the last holds a type only a converted store computes (Q5_0 where
 # llama-quantize fell back from Q4_K on rows that are not whole super-blocks)
-QUANTIZED = ["mixtral-q4_k_m", "mixtral-q5_k_m", "mixtral-q3_k_m", "mixtral-q2_k", "qwen2moe-q4_k_m"]
+QUANTIZED = ["mixtral-q4_k_m", "mixtral-q5_k_m", "mixtral-q3_k_m", "mixtral-q2_k", "mixtral-iq4_xs", "qwen2moe-iq4_xs",
+             "qwen2moe-q4_k_m"]
 ALL = [*FLOAT, *QUANTIZED]
 
 
@@ -95,8 +96,8 @@ def test_quantized_logits_match_llama_cpp(name, tmp_path):
     per_row = [rel_err(o, t) for o, t in zip(ours, theirs)]
     quant_noise = [rel_err(t, f) for t, f in zip(theirs, floats)]
     # Q4_K_M: 1-5% of the largest logit from llama.cpp's, 10-17% from the float model's; Q3_K_M 1.2-1.6%
-    # against 19%, Q2_K 1.4-1.9% against 49%.  Q5_K_M 1-3%, and 9% at the position where the activations'
-    # rounding changes one of the top-2 experts, against 6-10%.
+    # against 19%, Q2_K 1.4-1.9% against 49%, IQ4_XS 1.0-1.5% against 16%.  Q5_K_M 1-3%, and 9% at the
+    # position where the activations' rounding changes one of the top-2 experts, against 6-10%.
     assert max(per_row) < 0.1
     assert np.median(per_row) < 0.4 * np.median(quant_noise)
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
@@ -148,6 +149,8 @@ def test_convert_gguf_to_store(name, tmp_path):
                 "mixtral-q5_k_m": ["q5_k", "q6_k"],      # as the file holds them (no x8 layout of these)
                 "mixtral-q3_k_m": ["q3_k", "q4_kx8"],
                 "mixtral-q2_k": ["q2_k", "q3_k"],
+                "mixtral-iq4_xs": ["iq4_xs"],
+                "qwen2moe-iq4_xs": ["iq4_nl", "iq4_xs"],   # IQ4_NL where the rows are not whole super-blocks
                 "qwen2moe-q4_k_m": ["q4_kx8", "q8_0x8"]}.get(name)   # Q5_0 as q8_0, exactly
     if expected:
         assert sorted(formats) == summary["expert_formats"] == expected
@@ -328,13 +331,13 @@ def _set_tensor_type(path: Path, tensor: str, ggml_type: int) -> None:
 def test_unsupported_block_type_is_named(tmp_path):
     bad = tmp_path / "bad.gguf"
     shutil.copyfile(fixture("mixtral-q4_k_m"), bad)
-    _set_tensor_type(bad, "blk.1.ffn_down_exps.weight", 23)   # IQ4_XS
-    with pytest.raises(EngineError, match=r"blk\.1\.ffn_down_exps\.weight is IQ4_XS"):
+    _set_tensor_type(bad, "blk.1.ffn_down_exps.weight", 16)   # IQ2_XXS
+    with pytest.raises(EngineError, match=r"blk\.1\.ffn_down_exps\.weight is IQ2_XXS"):
         engine.load(bad)
     out = subprocess.run([sys.executable, "-m", "mer_tui", "convert", str(bad), str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "IQ4_XS" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1 and "IQ2_XXS" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "store").exists() and list(tmp_path.iterdir()) == [bad]
 
 
