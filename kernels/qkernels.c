@@ -1050,18 +1050,22 @@ INLINE void dot_q45_k(int five, const uint8_t *w, int64_t rb, int R, int J, cons
  * sv (lane g: the group's weight scale times its activations' scale).  fold (decode): four groups'
  * sums fold into one vector (as q4_k's), then one conversion and one FMA against their four scales;
  * else one per group. */
+/* acc + the eight integer sums s[g] (8 lanes each) weighed by lane g of sv: four groups' sums folded
+ * into one vector (as q4_k's decode), then one conversion and one FMA against their four scales. */
+INLINE __m256 fold8(const __m256i s[8], __m256 sv, __m256 acc) {
+    for (int f = 0; f < 2; f++) {
+        const __m256i t = fold4(s[4 * f], s[4 * f + 1], s[4 * f + 2], s[4 * f + 3]);
+        const __m256 sc4 = _mm256_permutevar8x32_ps(
+            sv, f ? _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7) : _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc4, acc);
+    }
+    return acc;
+}
+
 INLINE __m256 groups8(const __m256i qv[8], const int16_t *x, __m256 sv, int fold, __m256 acc) {
     __m256i s[8];
     for (int g = 0; g < 8; g++) s[g] = _mm256_madd_epi16(qv[g], ldx(x + 16 * g));
-    if (fold) {
-        for (int f = 0; f < 2; f++) {
-            const __m256i t = fold4(s[4 * f], s[4 * f + 1], s[4 * f + 2], s[4 * f + 3]);
-            const __m256 sc4 = _mm256_permutevar8x32_ps(
-                sv, f ? _mm256_setr_epi32(4, 5, 6, 7, 4, 5, 6, 7) : _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc4, acc);
-        }
-        return acc;
-    }
+    if (fold) return fold8(s, sv, acc);
     for (int g = 0; g < 8; g++) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[g]), lane(sv, g), acc);
     return acc;
 }
@@ -1176,41 +1180,61 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
 }
 
 /* iq4_nl (xs = 0) and iq4_xs: 32-blocks of 4-bit indices into IQ4_VALUES (a table lookup, pshufb),
- * each block with its scale (iq4_xs: d times a 6-bit scale per block of a 256-weight super-block).
- * Four blocks' sums fold into one vector (as q4_0's decode) before one conversion and one FMA. */
+ * each block with its scale, taken eight blocks at a time (an iq4_xs super-block): the eight scales
+ * as one vector (iq4_xs: its packed 6-bit scales unpacked in lanes; iq4_nl: eight f16 at a stride of
+ * 18), the sums folded (fold8).  An iq4_nl row's last blocks that make no eight go one by one. */
+INLINE __m256i iq4_lookup(__m128i tab, __m128i idx) { return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tab, idx)); }
+
 INLINE void dot_iq4(int xs, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t pfd = pf_ahead(R, rb), cols = p->cols, nb = p->nb;
+    const int64_t pfd = pf_ahead(R, rb), cols = p->cols, nb = p->nb, gb = xs ? 136 : 144;
     const __m128i tab = _mm_loadu_si128((const __m128i *)IQ4_VALUES), m15 = _mm_set1_epi8(0x0F);
     ACC_INIT
-    for (int64_t b0 = 0; b0 < nb; b0 += 4) {
-        const int nk = nb - b0 < 4 ? (int)(nb - b0) : 4;
+    for (int64_t g = 0; g < nb / 8; g++) {
         for (int r = 0; r < R; r++) {
-            const uint8_t *row = w + r * rb;
-            __m256i wl[4], wh[4];
-            float sc[4] = {0, 0, 0, 0};
-            for (int k = 0; k < nk; k++) {
-                const uint8_t *q;
-                sc[k] = iq4_block(xs, row, b0 + k, &q);
-                pf(q + pfd);
-                const __m128i v = _mm_loadu_si128((const __m128i *)q);
-                wl[k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tab, _mm_and_si128(v, m15)));
-                wh[k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15)));
+            const uint8_t *q = w + r * rb + gb * g;
+            pf(q + pfd);
+            pf(q + pfd + 64);
+            pf(q + pfd + gb - 1);
+            __m256 scv;
+            const uint8_t *qs = q + (xs ? 8 : 2);
+            const int64_t stride = xs ? 16 : 18;
+            if (xs) { /* scale k: nibble k of the u32 at 4 (bits 4k..4k+3), bits 2k, 2k+1 of the u16 at 2 */
+                const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)rd32(q + 4)),
+                                                                      _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                                    _mm256_set1_epi32(15));
+                const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)rd16(q + 2)),
+                                                                      _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                                                    _mm256_set1_epi32(3));
+                const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+                scv = _mm256_mul_ps(_mm256_set1_ps(h2f(q)), _mm256_cvtepi32_ps(ls));
+            } else {
+                scv = _mm256_set_m128(_mm256_castps256_ps128(scales4(q + 72, 18)), _mm256_castps256_ps128(scales4(q, 18)));
+            }
+            __m256i wl[8], wh[8];
+            for (int k = 0; k < 8; k++) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(qs + stride * k));
+                wl[k] = iq4_lookup(tab, _mm_and_si128(v, m15));
+                wh[k] = iq4_lookup(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15));
             }
             for (int jj = 0; jj < J; jj++) {
-                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b0;
-                const float *xd = p->xd + (j0 + jj) * nb + b0;
-                if (nk == 4) {
-                    __m256i s[4];
-                    for (int k = 0; k < 4; k++)
-                        s[k] = _mm256_add_epi32(_mm256_madd_epi16(wl[k], ldx(x + 32 * k)), _mm256_madd_epi16(wh[k], ldx(x + 32 * k + 16)));
-                    const __m128 s4 = _mm_mul_ps(_mm_loadu_ps(sc), _mm_loadu_ps(xd));
-                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(s[0], s[1], s[2], s[3])), _mm256_set_m128(s4, s4), acc[r][jj]);
-                    continue;
-                }
-                for (int k = 0; k < nk; k++) { /* a row's last blocks (iq4_nl), one at a time */
-                    const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(wl[k], ldx(x + 32 * k)), _mm256_madd_epi16(wh[k], ldx(x + 32 * k + 16)));
-                    acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(sc[k] * xd[k]), acc[r][jj]);
-                }
+                const int16_t *x = p->xq + (j0 + jj) * cols + 256 * g;
+                __m256i sum[8];
+                for (int k = 0; k < 8; k++)
+                    sum[k] = _mm256_add_epi32(_mm256_madd_epi16(wl[k], ldx(x + 32 * k)), _mm256_madd_epi16(wh[k], ldx(x + 32 * k + 16)));
+                acc[r][jj] = fold8(sum, _mm256_mul_ps(scv, _mm256_loadu_ps(p->xd + (j0 + jj) * nb + 8 * g)), acc[r][jj]);
+            }
+        }
+    }
+    for (int64_t b = nb / 8 * 8; b < nb; b++) { /* iq4_nl only: the rest of the row */
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q;
+            const float d = iq4_block(xs, w + r * rb, b, &q);
+            const __m128i v = _mm_loadu_si128((const __m128i *)q);
+            const __m256i lo = iq4_lookup(tab, _mm_and_si128(v, m15)), hi = iq4_lookup(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15));
+            for (int jj = 0; jj < J; jj++) {
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b;
+                const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(lo, ldx(x)), _mm256_madd_epi16(hi, ldx(x + 16)));
+                acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(d * p->xd[(j0 + jj) * nb + b]), acc[r][jj]);
             }
         }
     }
