@@ -23,6 +23,9 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q2_k": (256, 84),
     "iq4_nl": (32, 18),
     "iq4_xs": (256, 136),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
     "q4_0x8": (32, 18),
     "q4_kx8": (256, 144),
     "q8_0x8": (32, 34),
@@ -30,8 +33,9 @@ BLOCK: dict[str, tuple[int, int]] = {
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
 # Formats the kernels compute but never write: they come from llama.cpp's files as they are (Q5_K_M,
-# Q3_K_M, Q2_K, IQ4_XS, IQ4_NL) and have no quantizer here.
-READ_ONLY: tuple[str, ...] = ("q5_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs")
+# Q3_K_M, Q2_K, IQ4_XS files, and q4_1, q5_0, q5_1, iq4_nl where llama-quantize falls back on rows that
+# are not whole 256-weight super-blocks) and have no quantizer here.
+READ_ONLY: tuple[str, ...] = ("q5_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_0", "q5_1")
 # The 16 values an iq4 nibble stands for (ggml's kvalues_iq4nl): a non-uniform grid, denser near 0.
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 QK_K = 256
@@ -233,10 +237,34 @@ def _deq_q8_0(b: np.ndarray) -> np.ndarray:
     return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
 
 
+def nibbles32(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per 32-weight block -> its 32 4-bit values: low nibbles are weights 0-15, high ones 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits32(qh: np.ndarray) -> np.ndarray:
+    """4 bytes (a little-endian uint32) per block -> bit j of it for weights 0-31, as 0 or 16."""
+    bits = np.unpackbits(np.ascontiguousarray(qh), axis=1, bitorder="little")
+    return bits.astype(np.uint8) << 4
+
+
 def _deq_q4_0(b: np.ndarray) -> np.ndarray:
-    qs = b[:, 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8) - np.int8(8)
+    q = nibbles32(b[:, 2:]).astype(np.int8) - np.int8(8)
     return _f16(b[:, :2]) * q.astype(np.float32)
+
+
+def _deq_q4_1(b: np.ndarray) -> np.ndarray:
+    return _f16(b[:, 0:2]) * nibbles32(b[:, 4:]).astype(np.float32) + _f16(b[:, 2:4])
+
+
+def _deq_q5_0(b: np.ndarray) -> np.ndarray:
+    q = (nibbles32(b[:, 6:]) | _high_bits32(b[:, 2:6])).astype(np.int8) - np.int8(16)
+    return _f16(b[:, 0:2]) * q.astype(np.float32)
+
+
+def _deq_q5_1(b: np.ndarray) -> np.ndarray:
+    q = (nibbles32(b[:, 8:]) | _high_bits32(b[:, 4:8])).astype(np.float32)
+    return _f16(b[:, 0:2]) * q + _f16(b[:, 2:4])
 
 
 def q4_k_scales_mins(sc12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -317,9 +345,8 @@ def _deq_q2_k(b: np.ndarray) -> np.ndarray:
 
 
 def _iq4_values(qs: np.ndarray) -> np.ndarray:
-    """16 bytes per 32-weight block -> its 32 grid values as float32: low nibbles are weights 0-15."""
-    nib = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    return IQ4_VALUES[nib].astype(np.float32)
+    """16 bytes per 32-weight block -> its 32 grid values as float32."""
+    return IQ4_VALUES[nibbles32(qs)].astype(np.float32)
 
 
 def _deq_iq4_nl(b: np.ndarray) -> np.ndarray:
@@ -350,7 +377,8 @@ def _deq_q6_k(b: np.ndarray) -> np.ndarray:
 
 
 _DEQ = {"q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k, "q5_k": _deq_q5_k,
-        "q3_k": _deq_q3_k, "q2_k": _deq_q2_k, "iq4_nl": _deq_iq4_nl, "iq4_xs": _deq_iq4_xs}
+        "q3_k": _deq_q3_k, "q2_k": _deq_q2_k, "iq4_nl": _deq_iq4_nl, "iq4_xs": _deq_iq4_xs,
+        "q4_1": _deq_q4_1, "q5_0": _deq_q5_0, "q5_1": _deq_q5_1}
 
 
 def dequantize_ref(q: np.ndarray, fmt: str, cols: int) -> np.ndarray:

@@ -280,6 +280,40 @@ def deq_iq4(q, tab, vals, out, r0, r1, xs):
                 out[r, 32 * b + 16 + i] = d * vals[q[r, o + i] >> 4]
 
 
+@njit(cache=True)
+def _b32(q, r, o, qs, qh, j):
+    # Codes of weights j and 16 + j (j < 16) of the q4_1/q5_0/q5_1 block at o: nibbles of byte qs + j,
+    # bits j and j + 16 of the little-endian u32 at qh (qh < 0: none).
+    v = q[r, o + qs + j]
+    lo, hi = np.int64(v & 15), np.int64(v >> 4)
+    if qh >= 0:
+        h = o + qh
+        word = (np.int64(q[r, h]) | (np.int64(q[r, h + 1]) << 8) | (np.int64(q[r, h + 2]) << 16)
+                | (np.int64(q[r, h + 3]) << 24))
+        lo |= ((word >> j) & 1) << 4
+        hi |= ((word >> (j + 16)) & 1) << 4
+    return lo, hi
+
+
+@njit(nogil=True, cache=True)
+def deq_b32(q, tab, out, r0, r1, bs, qs, qh, kind):
+    # kind 0: q4_1 and q5_1 (d q + m), 1: q5_0 (d (q - 16))
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        for b in range(cols // 32):
+            o = bs * b
+            d = _h(tab, q, r, o)
+            m = F0 if kind else _h(tab, q, r, o + 2)
+            for j in range(16):
+                lo, hi = _b32(q, r, o, qs, qh, j)
+                if kind:
+                    out[r, 32 * b + j] = np.float32(lo - 16) * d
+                    out[r, 32 * b + 16 + j] = np.float32(hi - 16) * d
+                else:
+                    out[r, 32 * b + j] = np.float32(lo) * d + m
+                    out[r, 32 * b + 16 + j] = np.float32(hi) * d + m
+
+
 # ---------------------------------------------------------------- products: Y (n, rows) = X W^T
 #
 # Each kernel keeps one accumulator per lane of a block (an array of 16 or 32) and sums the
@@ -465,6 +499,25 @@ def mm_iq4(q, tab, vals, X, Y, r0, r1, xs):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
+def mm_b32(q, tab, X, Y, r0, r1, bs, qs, qh, kind):
+    n, cols = X.shape
+    acc = np.empty(16, np.float32)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc[:] = F0
+            for b in range(cols // 32):
+                o = bs * b
+                d = _h(tab, q, r, o)
+                m = F0 if kind else _h(tab, q, r, o + 2)
+                off = np.float32(16 * kind)
+                for i in range(16):
+                    lo, hi = _b32(q, r, o, qs, qh, i)
+                    acc[i] += ((np.float32(lo) - off) * d + m) * X[j, 32 * b + i] + \
+                        ((np.float32(hi) - off) * d + m) * X[j, 32 * b + 16 + i]
+            Y[j, r] = acc.sum()
+
+
+@njit(nogil=True, fastmath=True, cache=True)
 def sum_range(buf, out, r0, r1):
     """Adds the sum of buf[r0:r1] to out[0]: one stream of the benchmark's DRAM read probe."""
     s = F0
@@ -488,6 +541,8 @@ _X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2}
 # q3_k and q2_k share their kernels: the `three` flag; iq4_nl and iq4_xs theirs: the `xs` flag
 _Q23 = {"q3_k": 1, "q2_k": 0}
 _IQ4 = {"iq4_nl": 0, "iq4_xs": 1}
+# q4_1, q5_0, q5_1: (bytes a block, where the nibbles start, where the fifth bits are or -1, q5_0's kind)
+_B32 = {"q4_1": (20, 4, -1, 0), "q5_0": (22, 6, 2, 1), "q5_1": (24, 8, 4, 0)}
 IQ4_F32 = IQ4_VALUES.astype(np.float32)
 
 
@@ -570,6 +625,8 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
         run_rows(lambda *a: deq_q23_k(*a, _Q23[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     elif fmt in _IQ4:
         run_rows(lambda *a: deq_iq4(*a, _IQ4[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, IQ4_F32, out)
+    elif fmt in _B32:
+        run_rows(lambda *a: deq_b32(*a, *_B32[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     else:
         fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k, "q5_k": deq_q5_k}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
@@ -592,6 +649,8 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
         run_rows(lambda *a: mm_q23_k(*a, _Q23[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
     elif fmt in _IQ4:
         run_rows(lambda *a: mm_iq4(*a, _IQ4[fmt]), q.shape[0], work, threads, q, F16_TABLE, IQ4_F32, X, Y)
+    elif fmt in _B32:
+        run_rows(lambda *a: mm_b32(*a, *_B32[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
     else:
         fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k, "q5_k": mm_q5_k}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)

@@ -36,7 +36,7 @@
 #define INLINE static inline __attribute__((always_inline))
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9,
-       Q5_K = 10, Q3_K = 11, Q2_K = 12, IQ4_NL = 13, IQ4_XS = 14 };
+       Q5_K = 10, Q3_K = 11, Q2_K = 12, IQ4_NL = 13, IQ4_XS = 14, Q4_1 = 15, Q5_0 = 16, Q5_1 = 17 };
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
 INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8; }
@@ -70,7 +70,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 9; }
+MK_API int mk_version(void) { return 10; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -201,8 +201,33 @@ static void deq_row_x8(int fmt, const uint8_t *w, int64_t rb, int64_t r, int64_t
     }
 }
 
+/* q4_1, q5_0, q5_1 (the 32-blocks llama-quantize falls back to on rows that are not whole 256-weight
+ * super-blocks): bytes per block, where the nibbles start, where the 32 fifth bits are (0: none), and
+ * whether a min follows d. */
+INLINE int b32_bytes(int fmt) { return fmt == Q4_1 ? 20 : fmt == Q5_0 ? 22 : 24; }
+INLINE int b32_qs(int fmt) { return fmt == Q4_1 ? 4 : fmt == Q5_0 ? 6 : 8; }
+INLINE int b32_qh(int fmt) { return fmt == Q5_0 ? 2 : fmt == Q5_1 ? 4 : 0; }
+
 static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y) {
     switch (fmt) {
+    case Q4_1: case Q5_0: case Q5_1: /* weight j (< 16) is byte j's low nibble, 16 + j its high one;
+                                      * bit j of the little-endian u32 qh its fifth: d q + m, or d (q - 16) */
+        for (int64_t b = 0; b < cols / 32; b++) {
+            const uint8_t *p = w + b32_bytes(fmt) * b, *q = p + b32_qs(fmt);
+            const float d = h2f(p), m = fmt == Q5_0 ? 0.0f : h2f(p + 2);
+            const uint32_t qh = b32_qh(fmt) ? rd32(p + b32_qh(fmt)) : 0;
+            for (int j = 0; j < 16; j++) {
+                const int x0 = (q[j] & 0xF) | (int)(((qh >> j) & 1) << 4), x1 = (q[j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4);
+                if (fmt == Q5_0) {
+                    y[32 * b + j] = (float)(x0 - 16) * d;
+                    y[32 * b + 16 + j] = (float)(x1 - 16) * d;
+                } else {
+                    y[32 * b + j] = (float)x0 * d + m;
+                    y[32 * b + 16 + j] = (float)x1 * d + m;
+                }
+            }
+        }
+        break;
     case IQ4_NL: case IQ4_XS: /* low nibbles are weights 0-15 of a block, high ones 16-31 */
         for (int64_t b = 0; b < cols / 32; b++) {
             const uint8_t *q;
@@ -356,6 +381,7 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case Q2_K: return cols / 256 * 84;
     case IQ4_NL: return cols / 32 * 18;
     case IQ4_XS: return cols / 256 * 136;
+    case Q4_1: case Q5_0: case Q5_1: return cols / 32 * b32_bytes(fmt);
     }
     return -1;
 }
@@ -1255,6 +1281,87 @@ INLINE void dot_iq4(int xs, const uint8_t *w, int64_t rb, int R, int J, const xp
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
+/* q4_1, q5_0, q5_1: 32-blocks of 4-bit codes, the last two with a fifth bit each from a 32-bit word
+ * (spread to the sixteen int16 lanes by a mask and compare), q4_1 and q5_1 with a min m: d * sum(q x) +
+ * m * sum(x), the second from the float sums (xs); q5_0's codes are q - 16: 16 * sum(xq) (2 xc1) comes
+ * off in integers. */
+INLINE __m256i fifth_bits(uint32_t half) {
+    const __m256i bits = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                           (short)0x8000);
+    const __m256i h = _mm256_and_si256(_mm256_set1_epi16((short)half), bits);
+    return _mm256_and_si256(_mm256_cmpeq_epi16(h, bits), _mm256_set1_epi16(16));
+}
+
+/* One block's codes (lo: weights 0-15, hi: 16-31) and, on q5_0, 16 * sum(xq) taken off in lane 0. */
+INLINE __m256i b32_block(int fmt, const uint8_t *q, const __m256i lo, const __m256i hi, const int16_t *x, int32_t xc1) {
+    const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(lo, ldx(x)), _mm256_madd_epi16(hi, ldx(x + 16)));
+    (void)q;
+    return fmt == Q5_0 ? _mm256_sub_epi32(s, _mm256_setr_epi32(2 * xc1, 0, 0, 0, 0, 0, 0, 0)) : s;
+}
+
+INLINE void b32_codes(int fmt, const uint8_t *q, __m256i *lo, __m256i *hi) {
+    const __m256i v = ld16(q + b32_qs(fmt)), m4 = _mm256_set1_epi16(0x0F);
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_srli_epi16(v, 4);
+    if (b32_qh(fmt)) {
+        const uint32_t qh = rd32(q + b32_qh(fmt));
+        *lo = _mm256_or_si256(*lo, fifth_bits(qh & 0xFFFF));
+        *hi = _mm256_or_si256(*hi, fifth_bits(qh >> 16));
+    }
+}
+
+/* Four blocks at a time: their sums folded (fold4), their four d (and m) as vectors of f16 at the block
+ * stride; a row's last blocks one by one. */
+INLINE void dot_b32(int fmt, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t pfd = pf_ahead(R, rb), cols = p->cols, nb = p->nb, bs = b32_bytes(fmt);
+    ACC_INIT
+    float mins[4][4] = {{0}};
+    __m128 mv[4][4];
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) mv[r][jj] = _mm_setzero_ps();
+    for (int64_t b0 = 0; b0 + 4 <= nb; b0 += 4) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + bs * b0;
+            pf_span(q + pfd, 4 * bs);
+            if (4 * bs > 64) pf(q + pfd + 64);
+            __m256i lo[4], hi[4];
+            for (int k = 0; k < 4; k++) b32_codes(fmt, q + bs * k, &lo[k], &hi[k]);
+            const __m128 d4 = _mm256_castps256_ps128(scales4(q, bs));
+            const __m128 m4v = fmt == Q5_0 ? _mm_setzero_ps() : _mm256_castps256_ps128(scales4(q + 2, bs));
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k0 = (j0 + jj) * nb + b0;
+                const int16_t *x = p->xq + (j0 + jj) * cols + 32 * b0;
+                __m256i t[4];
+                for (int k = 0; k < 4; k++) t[k] = b32_block(fmt, q, lo[k], hi[k], x + 32 * k, p->xc1[k0 + k]);
+                const __m128 s4 = _mm_mul_ps(d4, _mm_loadu_ps(p->xd + k0));
+                acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold4(t[0], t[1], t[2], t[3])), _mm256_set_m128(s4, s4), acc[r][jj]);
+                if (fmt != Q5_0) mv[r][jj] = _mm_fmadd_ps(m4v, _mm_loadu_ps(p->xs + k0), mv[r][jj]);
+            }
+        }
+    }
+    for (int64_t b = nb / 4 * 4; b < nb; b++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = w + r * rb + bs * b;
+            __m256i lo, hi;
+            b32_codes(fmt, q, &lo, &hi);
+            const float d = h2f(q), m = fmt == Q5_0 ? 0.0f : h2f(q + 2);
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + b;
+                const __m256i t = b32_block(fmt, q, lo, hi, p->xq + (j0 + jj) * cols + 32 * b, p->xc1[k]);
+                acc[r][jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(d * p->xd[k]), acc[r][jj]);
+                mins[r][jj] += m * p->xs[k];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int jj = 0; jj < J; jj++) {
+            __m128 m = mv[r][jj];
+            m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+            m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            out[r * J + jj] = hsum(acc[r][jj]) + _mm_cvtss_f32(m) + mins[r][jj];
+        }
+}
+
 /* x8 runs are read front to back: the kernels prefetch each run PF_BYTES ahead, line by line.
  * *next starts at the run's first line plus PF_BYTES; pf_run_upto issues every line up to `end`. */
 INLINE uintptr_t pf_run_start(const uint8_t *w) { return ((uintptr_t)w & ~(uintptr_t)63) + PF_BYTES; }
@@ -1384,6 +1491,7 @@ INLINE void dot_simd(int fmt, const uint8_t *w, int64_t rb, int R, int J, const 
     case Q2_K: dot_q23_k(0, w, rb, R, J, p, j0, out); break;
     case IQ4_NL: dot_iq4(0, w, rb, R, J, p, j0, out); break;
     case IQ4_XS: dot_iq4(1, w, rb, R, J, p, j0, out); break;
+    case Q4_1: case Q5_0: case Q5_1: dot_b32(fmt, w, rb, R, J, p, j0, out); break;
     }
 }
 
@@ -1421,8 +1529,8 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
         }
         break;
     }
-    case Q8_0: case Q4_0: case IQ4_NL: {
-        const int64_t bs = fmt == Q8_0 ? 34 : 18;
+    case Q8_0: case Q4_0: case IQ4_NL: case Q4_1: case Q5_0: case Q5_1: {
+        const int64_t bs = fmt_row_bytes(fmt, 32);
         for (int64_t b = 0; b < cols / 32; b++) {
             float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             deq_row(fmt, w + bs * b, 32, buf);

@@ -120,7 +120,8 @@ def synthetic_weights(fmt: str, rows: int, cols: int, rng: np.random.Generator) 
     _, nbytes = formats.BLOCK[fmt]
     blocks = q.reshape(-1, nbytes)
     offsets = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q3_k": (108,),
-               "q2_k": (80, 82), "iq4_nl": (0,), "iq4_xs": (0,)}[fmt]
+               "q2_k": (80, 82), "iq4_nl": (0,), "iq4_xs": (0,),
+               "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2)}[fmt]
     for off in offsets:
         d = (np.abs(rng.standard_normal(blocks.shape[0])) * 1e-3 + 1e-4).astype(np.float16)
         blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)

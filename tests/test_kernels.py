@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 GT = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
       "q6_k": T.Q6_K, "q5_k": T.Q5_K, "q3_k": T.Q3_K, "q2_k": T.Q2_K,
-      "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS}
+      "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1}
 QUANT = ("q8_0", "q4_0", "q4_k", "q6_k", *formats.READ_ONLY)
 NOT_F32 = ("f16", "bf16", *QUANT)
 
@@ -98,8 +98,11 @@ def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
         d = (rng.standard_normal(blocks.shape[0]) * scale).astype(np.float16)
         blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
 
-    if fmt in ("q8_0", "q4_0", "iq4_nl"):
+    if fmt in ("q8_0", "q4_0", "iq4_nl", "q5_0"):
         put(0, 0.02)
+    elif fmt in ("q4_1", "q5_1"):
+        put(0, 0.02)
+        put(2, 0.1)
     elif fmt == "iq4_xs":
         put(0, 0.0005)
     elif fmt in ("q4_k", "q5_k"):
@@ -465,7 +468,8 @@ def test_expert_ffn(backend, fmts, n):
     assert kernels.expert_ffn(gate, up, down, X[0]).shape == (hidden,)
 
 
-@pytest.mark.parametrize("fmts", [("q3_k", "q5_k"), ("q2_k", "q3_k"), ("q5_k", "q6_k"), ("iq4_xs", "iq4_nl")])
+@pytest.mark.parametrize("fmts", [("q3_k", "q5_k"), ("q2_k", "q3_k"), ("q5_k", "q6_k"), ("iq4_xs", "iq4_nl"),
+                                  ("q4_k", "q5_0"), ("q5_1", "q4_1")])
 @pytest.mark.parametrize("n", [1, 4, 12])
 def test_expert_ffn_in_llama_cpp_formats(backend, fmts, n):
     """Q3_K_M, Q2_K, Q5_K_M and IQ4_XS files' expert formats, as the files hold them (no quantizer here): the
@@ -662,7 +666,7 @@ def test_kernels_import_without_ui():
                    env=env)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "iq4_nl"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "iq4_nl", "q5_0"])
 @pytest.mark.parametrize("cols", [32, 96, 160, 544])
 def test_block_counts_not_multiple_of_four(backend, fmt, cols):
     # q4_0's and iq4_nl's products fold four blocks at a time; the rest go one by one
