@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels import transcode
 from kernels.formats import row_bytes
 
 from .errors import EngineError
@@ -25,10 +24,8 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
 # ggml type id -> kernels format name, for the formats the kernels compute
-GGML_FORMATS = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k",
-                14: "q6_k", 20: "iq4_nl", 23: "iq4_xs", 30: "bf16"}
-# ... and for those a store holds in another format (kernels.transcode: converting makes them q8_0)
-GGML_TRANSCODED = {3: "q4_1", 6: "q5_0", 7: "q5_1"}
+GGML_FORMATS = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k",
+                12: "q4_k", 13: "q5_k", 14: "q6_k", 20: "iq4_nl", 23: "iq4_xs", 30: "bf16"}
 # names of the others, for errors
 GGML_NAMES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S", 22: "IQ2_S",
               24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
@@ -49,9 +46,8 @@ class GgufTensor:
 
     @property
     def fmt(self) -> str | None:
-        """The format name of its bytes (a kernels format, or one of kernels.transcode's), or None where
-        mer-tui cannot read the type."""
-        return GGML_FORMATS.get(self.ggml_type) or GGML_TRANSCODED.get(self.ggml_type)
+        """The kernels format of its bytes, or None where mer-tui cannot compute the type."""
+        return GGML_FORMATS.get(self.ggml_type)
 
     @property
     def type_name(self) -> str:
@@ -166,8 +162,6 @@ def _nbytes(name: str, dims: tuple[int, ...], ggml_type: int, path: Path) -> int
     try:
         if ggml_type in GGML_FORMATS:
             return rows * row_bytes(GGML_FORMATS[ggml_type], dims[0])
-        if ggml_type in GGML_TRANSCODED:
-            return rows * transcode.row_bytes(GGML_TRANSCODED[ggml_type], dims[0])
         return 0
     except ValueError as e:
         raise EngineError(f"{path}: tensor {name}: {e}") from None

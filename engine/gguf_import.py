@@ -11,8 +11,8 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changed on the way in is undo
   pairs; the spec rotates halves as Hugging Face does, so those rows are read in the inverse order
   (row_order); olmoe, qwen2moe and qwen3moe keep Hugging Face's order;
 - a qwen2moe shared expert's gate is a vector {n_embd} there, a (1, n_embd) matrix here.
-Block formats need no change: GGUF's q8_0, q4_0 and the k-quants q2_k ... q6_k are the kernels' own.
-Q5_0, Q5_1 and Q4_1 are read too, but only converting makes them computable (kernels.transcode: q8_0).
+Block formats need no change: GGUF's q8_0, q4_0, q4_1, q5_0, q5_1, the k-quants q2_k ... q6_k and
+iq4_nl, iq4_xs are the kernels' own.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import EngineError
-from .gguf import GGML_FORMATS, GGML_TRANSCODED, GgufFile, GgufTensor
+from .gguf import GGML_FORMATS, GgufFile, GgufTensor
 from .gguf_vocab import tokenizer_files
 from .safetensors_file import FLOAT_DTYPES, TensorInfo, read_tensor
 from .spec import ModelSpec, spec_from_config
@@ -180,8 +180,6 @@ class GgufCheckpoint(Checkpoint):
         self.config = gguf_config(shards)
         self.spec: ModelSpec = spec_from_config(self.config, str(self.folder))
         self.row_order: dict[str, np.ndarray] = {}
-        # types only a converted store computes (kernels.transcode): type name -> the first tensor with it
-        self.transcoded: dict[str, str] = {}
         self.files = {}
         self.where = {}
         spec = self.spec
@@ -198,22 +196,13 @@ class GgufCheckpoint(Checkpoint):
                     if name in self.where:
                         self.row_order[name] = _unpermute(self.where[name].tensors[name].shape[0], n_heads)
 
-    def check_computable(self) -> None:
-        """EngineError where a tensor's type is one the kernels compute only once converted."""
-        if self.transcoded:
-            kind, name = next(iter(self.transcoded.items()))
-            raise EngineError(f"{self.folder}: tensor {name} is {kind}, which mer-tui computes only from a "
-                              f"store: convert it first (mer-tui convert {self.folder} STORE holds it as q8_0)")
-
     def _infos(self, t: GgufTensor) -> list[tuple[str, TensorInfo]]:
         """The spec's name(s) and header entries of GGUF tensor `t` (several for merged experts)."""
         fmt = t.fmt
         if fmt is None:
-            readable = ", ".join(f.upper() for f in (*GGML_FORMATS.values(), *GGML_TRANSCODED.values()))
+            readable = ", ".join(f.upper() for f in GGML_FORMATS.values())
             raise EngineError(f"{self.folder}: tensor {t.name} is {t.type_name}, which mer-tui cannot read "
                               f"(it reads {readable}; requantize with llama-quantize, e.g. to Q4_K_M or Q4_0)")
-        if fmt in GGML_TRANSCODED.values():
-            self.transcoded.setdefault(t.type_name, t.name)
         spec = self.spec
         if t.name in _TOP:
             return [(_TOP[t.name], _info(_TOP[t.name], t, t.start, t.shape))]

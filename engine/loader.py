@@ -84,7 +84,6 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
 
     if gguf:
         gg = GgufCheckpoint(folder)
-        gg.check_computable()
         ckpt: Checkpoint = gg
         spec, store = gg.spec, False
     else:

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="write an expert store from a Hugging Face checkpoint or a GGUF file")
     p.add_argument("src", help="a Hugging Face checkpoint folder, or a GGUF file (llama.cpp's MoE models: "
-                               "Mixtral, OLMoE, Qwen-MoE; F16/BF16/F32, Q8_0, Q4_0, Q2_K-Q6_K, IQ4_XS, IQ4_NL "
-                               "tensors, and Q5_0, Q5_1, Q4_1 stored as q8_0)")
+                               "Mixtral, OLMoE, Qwen-MoE; F16/BF16/F32, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K-Q6_K, "
+                               "IQ4_XS, IQ4_NL tensors)")
     p.add_argument("dst")
     p.add_argument("--quant", choices=FORMATS, help="format of the experts (default: the source's; a GGUF's "
                                                     "in the kernels' faster layout of it)")

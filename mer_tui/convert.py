@@ -40,17 +40,11 @@ from engine.store import (
     write_index,
 )
 from engine.weights import dense_formats
-from kernels import transcode
 
 # Bytes read, converted and written at a time: bounds the converter's memory (about 3x this with --quant).
 PIECE = 8 << 20
 
 Progress = Callable[[int, int], None]
-
-
-def computable(fmt: str) -> str:
-    """A GGUF tensor's format in a store: its own, or q8_0 for one the kernels do not compute."""
-    return "q8_0" if fmt in transcode.FORMATS else fmt
 
 
 def _check_quant(quant: str | None, cols: tuple[int, ...]) -> None:
@@ -92,14 +86,8 @@ def _write_converted(info: TensorInfo, path: Path, fmt: str, cols: int, buf: byt
 
 
 def _in_format(block: np.ndarray, src: str, fmt: str, cols: int) -> np.ndarray:
-    """Whole rows of format `src` as rows of `fmt`.  A GGUF type the kernels do not compute
-    (kernels.transcode) is decoded first: Q5_0 into q8_0 exactly, the others through their values."""
-    rows = block.shape[0]
-    if src == "q5_0" and kernels.gguf_format(fmt) == "q8_0":
-        return kernels.QMatrix(transcode.q5_0_as_q8_0(block), "q8_0", rows, cols).to_format(fmt).data
-    if src in transcode.FORMATS:
-        return kernels.QMatrix.from_float(transcode.dequantize(block, src, cols), fmt).data
-    return kernels.QMatrix(block, src, rows, cols).to_format(fmt).data
+    """Whole rows of format `src` as rows of `fmt`."""
+    return kernels.QMatrix(block, src, block.shape[0], cols).to_format(fmt).data
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = None, force: bool = False,
@@ -150,8 +138,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
         # bytes rearranged, as `engine.load` arranges them when it quantizes.
         for name, (shape, _) in dense_formats(spec, None).items():
             info = ckpt.info(name + ".weight", shape)
-            if kernels.layout(computable(info.fmt), shape[0]) != info.fmt:  # type: ignore[arg-type]
-                dense[name + ".weight"] = (kernels.layout(computable(info.fmt), shape[0]), shape[1])  # type: ignore
+            if kernels.layout(info.fmt, shape[0]) != info.fmt:  # type: ignore[arg-type]
+                dense[name + ".weight"] = (kernels.layout(info.fmt, shape[0]), shape[1])  # type: ignore
 
     pairs = [(i, e) for i in range(spec.num_layers) if spec.moe_layers[i] for e in range(spec.num_experts)]
     expert_names: set[str] = set()
@@ -160,10 +148,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             ckpt.info(name + ".weight", shape)   # checks presence, shape and float dtype before writing
             expert_names.add(name + ".weight")
     resident = sorted(n for n in ckpt.where if n not in expert_names)
-    for name in resident:   # an embedding (or other tensor) of a type the kernels do not compute: q8_0 too
-        info = ckpt.info(name)
-        if info.fmt in transcode.FORMATS and name not in dense:
-            dense[name] = (kernels.layout("q8_0", info.shape[0]), info.logical_shape[1])  # type: ignore[assignment]
     total = sum(ckpt.where[n].tensors[n].nbytes for n in ckpt.where)
     done = 0
     source_formats: set[str] = set()
@@ -220,7 +204,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, quant: str | None = Non
             for name, shape in zip(spec.expert_names(i, e), shapes):
                 info = ckpt.info(name + ".weight", shape)
                 source_formats.add(info.fmt)  # type: ignore[arg-type]
-                fmt = kernels.layout(quant or (computable(info.fmt) if gguf else None), shape[0]) or info.fmt  # type: ignore
+                fmt = kernels.layout(quant or (info.fmt if gguf else None), shape[0]) or info.fmt  # type: ignore
                 written.add(fmt)
                 ef.begin_part(fmt, shape)  # type: ignore[arg-type]
                 _write_converted(info, ckpt.path_of(name + ".weight"), fmt, shape[1], buf, ef.write,  # type: ignore[arg-type]

@@ -84,10 +84,10 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
         path = Path(args.model).expanduser()
         if not path.exists():
             raise CliError(f"--model: {path}: no such model folder")
-        # A bad config.json or GGUF header, or a GGUF type only a converted store computes, fails now,
-        # not after the screen opens.
+        # A bad config.json or GGUF header, or a GGUF type mer-tui cannot compute, fails now, not after the
+        # screen opens.
         if is_gguf(path):
-            GgufCheckpoint(path).check_computable()
+            GgufCheckpoint(path)
         else:
             engine.load_spec(path)
         info = ModelInfo(name=path.resolve().name, path=str(path), kind="model", io=args.io, quant=_quant_label(args))

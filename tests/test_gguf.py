@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 
 import engine
-import kernels
 from engine import EngineError
 from engine.gguf import GgufFile
 from engine.gguf_import import GgufCheckpoint, gguf_side_files
 from engine.tokenizer import Tokenizer
-from kernels import transcode
 from mer_tui.convert import convert_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
@@ -76,18 +74,11 @@ def test_float_gguf_logits_match_transformers(name, how):
 
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_quantized_logits_match_llama_cpp(name, tmp_path):
-    """llama.cpp's own quantized files: our logits land near llama.cpp's, far nearer than either lands to
-    the float model (both compute the same weights; the activations' rounding differs a little).  A file
-    with a type the kernels do not compute is refused by engine.load with the way out, and run from the
-    store `convert` makes of it."""
+    """llama.cpp's own quantized files, run as they are: our logits land near llama.cpp's, far nearer than
+    either lands to the float model (both compute the same weights; the activations' rounding differs a
+    little)."""
     ref = reference(name)
-    path = fixture(name)
-    if GgufCheckpoint(path).transcoded:
-        with pytest.raises(EngineError, match="computes only from a store: convert it first"):
-            engine.load(path)
-        convert_checkpoint(path, tmp_path / "store")
-        path = tmp_path / "store"
-    model = engine.load(path, ram_cache="256KiB")
+    model = engine.load(fixture(name), ram_cache="256KiB")
     try:
         ours = model.forward(ref["ids"])
     finally:
@@ -116,24 +107,6 @@ def test_resident_matrices_load_in_the_kernels_layouts():
         model.close()
 
 
-@pytest.mark.parametrize("fmt", transcode.FORMATS)
-def test_transcoded_types_decode_as_gguf_py(fmt):
-    """Q4_1, Q5_0, Q5_1: the same values as gguf-py's dequantizers, bit for bit; Q5_0 rewritten as
-    q8_0 keeps them exactly."""
-    gguf = pytest.importorskip("gguf")
-    per, nbytes = transcode.BLOCK[fmt]
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (16, 4 * nbytes), dtype=np.uint8)
-    blocks = raw.reshape(-1, nbytes)
-    halves = 2 if fmt == "q5_0" else 4     # f16 scale (and min): finite values, not random bits
-    blocks[:, :halves] = rng.uniform(-2, 2, (len(blocks), halves // 2)).astype(np.float16).view(np.uint8)
-    theirs = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, fmt.upper()))
-    ours = transcode.dequantize(raw, fmt, 4 * per)
-    np.testing.assert_array_equal(ours, theirs.reshape(ours.shape))
-    if fmt == "q5_0":
-        np.testing.assert_array_equal(kernels.dequantize(transcode.q5_0_as_q8_0(raw), "q8_0", 4 * per), ours)
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_convert_gguf_to_store(name, tmp_path):
     """`mer-tui convert model.gguf DST`: a store with the GGUF's bytes in the kernels' x8 layouts, its
@@ -151,10 +124,11 @@ def test_convert_gguf_to_store(name, tmp_path):
                 "mixtral-q2_k": ["q2_k", "q3_k"],
                 "mixtral-iq4_xs": ["iq4_xs"],
                 "qwen2moe-iq4_xs": ["iq4_nl", "iq4_xs"],   # IQ4_NL where the rows are not whole super-blocks
-                "qwen2moe-q4_k_m": ["q4_kx8", "q8_0x8"]}.get(name)   # Q5_0 as q8_0, exactly
+                # Q5_0 (for Q4_K) and Q8_0 (for Q6_K) where the rows are not whole super-blocks
+                "qwen2moe-q4_k_m": ["q4_kx8", "q5_0", "q8_0x8"]}.get(name)
     if expected:
         assert sorted(formats) == summary["expert_formats"] == expected
-    direct = engine.load(fixture(name) if not GgufCheckpoint(fixture(name)).transcoded else dst)
+    direct = engine.load(fixture(name))
     stored = engine.load(dst, ram_cache="128KiB")
     try:
         a, b = direct.forward(ref["ids"]), stored.forward(ref["ids"])
@@ -170,7 +144,7 @@ def test_convert_gguf_to_store(name, tmp_path):
 
 def test_convert_gguf_requantized(tmp_path):
     """--quant / --dense-quant apply to a GGUF as to a folder: Q4_K experts re-quantized to q4_0 and Q4_K /
-    Q6_K dense matrices to q8_0 (q6_K's transcoded siblings too), the logits still llama.cpp's give or take
+    Q6_K dense matrices to q8_0, the logits still llama.cpp's give or take
     the extra rounding."""
     ref = reference("mixtral-q4_k_m")
     dst = tmp_path / "store"
@@ -341,13 +315,16 @@ def test_unsupported_block_type_is_named(tmp_path):
     assert not (tmp_path / "store").exists() and list(tmp_path.iterdir()) == [bad]
 
 
-def test_launch_says_to_convert_before_the_screen_opens():
-    """The app on a file with a type only a store computes: one line and status 2, not a screen that
+def test_launch_names_an_unreadable_type_before_the_screen_opens(tmp_path):
+    """The app on a file with a type mer-tui cannot compute: one line and status 2, not a screen that
     opens to fail."""
-    out = subprocess.run([sys.executable, "-m", "mer_tui", "launch", "--model", str(fixture("qwen2moe-q4_k_m"))],
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(fixture("mixtral-q4_k_m"), bad)
+    _set_tensor_type(bad, "blk.0.attn_q.weight", 18)   # IQ3_XXS
+    out = subprocess.run([sys.executable, "-m", "mer_tui", "launch", "--model", str(bad)],
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.count("\n") == 1 and "convert it first" in out.stderr
+    assert out.stderr.count("\n") == 1 and "blk.0.attn_q.weight is IQ3_XXS" in out.stderr
 
 
 def test_truncated_and_foreign_files(tmp_path):
