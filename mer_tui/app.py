@@ -155,6 +155,7 @@ class MerApp(App):
         if history is not None:
             for snap in history():
                 self._push(snap)
+        chat.input.disabled = False
         chat.input.focus()
         self._ticks = -1      # the first tick after this draws every panel
 

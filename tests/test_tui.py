@@ -88,9 +88,9 @@ async def test_prompt_streams_tokens_into_the_chat(model):
         partial = [s for s in dict.fromkeys(seen) if s and s != chat.reply_text]
         assert len(partial) >= 2, (seen, reply, model.telemetry()["tokens"])
         mds = [w for w in chat.query(Markdown) if "assistant" in w.classes]
-        assert mds and mds[-1].source.replace("\ufffd", "") == \
-            reply.translate({c: None for c in range(32) if c not in (9, 10)}).replace("\ufffd", "").replace(
-                "\x7f", "")
+        # the reply as the chat shows it: what printable() cannot show (controls, unassigned code points
+        # a random model emits now and then) is U+FFFD there
+        assert mds and mds[-1].source == printable(reply)
         assert "tokens in" in str(chat.query(".meta").last().render())
 
 

@@ -76,7 +76,9 @@ class ChatPane(Vertical):
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="chat-log")
-        yield Input(placeholder="Message — Enter sends, Esc stops the reply", id="prompt")
+        # Disabled until the app has the model (MerApp._became_ready, up to a tick after this screen
+        # composes): an Enter typed in between would otherwise be dropped without a word.
+        yield Input(placeholder="Message — Enter sends, Esc stops the reply", id="prompt", disabled=True)
 
     @property
     def chat_log(self) -> VerticalScroll:
