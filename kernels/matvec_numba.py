@@ -129,12 +129,26 @@ def _q4k_sm(q, r, o, j):
     return sc, mn
 
 
+@njit(cache=True)
+def _k45(q, r, o, c, l, five):
+    # Weights l and 32 + l of 64-weight run c of a q4_k (five=0) or q5_k super-block at o, as float32: the
+    # nibbles of byte l of the run (q5_k's start at 48, after its 32 bytes of fifth bits), and for q5_k
+    # bits 2c, 2c+1 of qh[l] as 16.  `five` is constant in a call: LLVM takes the branch out of the loop.
+    if not five:
+        return _nibbles(np.float32(q[r, o + 16 + 32 * c + l]))
+    v = q[r, o + 48 + 32 * c + l]
+    hb = q[r, o + 16 + l]
+    return (np.float32((v & 15) | (((hb >> (2 * c)) & 1) << 4)),
+            np.float32((v >> 4) | (((hb >> (2 * c + 1)) & 1) << 4)))
+
+
 @njit(nogil=True, cache=True)
-def deq_q4_k(q, tab, out, r0, r1):
+def deq_q45_k(q, tab, out, r0, r1, five):
     cols = out.shape[1]
+    bs = 176 if five else 144
     for r in range(r0, r1):
         for s in range(cols // 256):
-            o = 144 * s
+            o = bs * s
             d = _h(tab, q, r, o)
             dmin = _h(tab, q, r, o + 2)
             for c in range(4):
@@ -146,7 +160,7 @@ def deq_q4_k(q, tab, out, r0, r1):
                 dm2 = dmin * np.float32(m2)
                 base = 256 * s + 64 * c
                 for l in range(32):
-                    lo, hi = _nibbles(np.float32(q[r, o + 16 + 32 * c + l]))
+                    lo, hi = _k45(q, r, o, c, l, five)
                     out[r, base + l] = d1 * lo - dm1
                     out[r, base + 32 + l] = d2 * hi - dm2
 
@@ -183,38 +197,6 @@ def deq_q6_k(q, q8, tab, out, r0, r1):
                         out[r, base + l + 32] = s2 * q2
                         out[r, base + l + 64] = s3 * q3
                         out[r, base + l + 96] = s4 * q4
-
-
-@njit(cache=True)
-def _q5(q, r, o, c, l):
-    # Weights l and 32 + l of q5_k's 64-weight run c: nibbles of byte l of the run, bits 2c, 2c+1 of qh[l].
-    v = q[r, o + 48 + 32 * c + l]
-    hb = q[r, o + 16 + l]
-    lo = (v & 15) | (((hb >> (2 * c)) & 1) << 4)
-    hi = (v >> 4) | (((hb >> (2 * c + 1)) & 1) << 4)
-    return np.float32(lo), np.float32(hi)
-
-
-@njit(nogil=True, cache=True)
-def deq_q5_k(q, tab, out, r0, r1):
-    cols = out.shape[1]
-    for r in range(r0, r1):
-        for s in range(cols // 256):
-            o = 176 * s
-            d = _h(tab, q, r, o)
-            dmin = _h(tab, q, r, o + 2)
-            for c in range(4):
-                sc1, m1 = _q4k_sm(q, r, o, 2 * c)
-                sc2, m2 = _q4k_sm(q, r, o, 2 * c + 1)
-                d1 = d * np.float32(sc1)
-                dm1 = dmin * np.float32(m1)
-                d2 = d * np.float32(sc2)
-                dm2 = dmin * np.float32(m2)
-                base = 256 * s + 64 * c
-                for l in range(32):
-                    lo, hi = _q5(q, r, o, c, l)
-                    out[r, base + l] = d1 * lo - dm1
-                    out[r, base + 32 + l] = d2 * hi - dm2
 
 
 @njit(cache=True)
@@ -387,14 +369,15 @@ def mm_q4_0(q, tab, X, Y, r0, r1):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def mm_q4_k(q, tab, X, Y, r0, r1):
+def mm_q45_k(q, tab, X, Y, r0, r1, five):
     n, cols = X.shape
+    bs = 176 if five else 144
     acc = np.empty(32, np.float32)
     for r in range(r0, r1):
         for j in range(n):
             acc[:] = F0
             for s in range(cols // 256):
-                o = 144 * s
+                o = bs * s
                 d = _h(tab, q, r, o)
                 dmin = _h(tab, q, r, o + 2)
                 for c in range(4):
@@ -406,7 +389,7 @@ def mm_q4_k(q, tab, X, Y, r0, r1):
                     dm2 = dmin * np.float32(m2)
                     base = 256 * s + 64 * c
                     for l in range(32):
-                        lo, hi = _nibbles(np.float32(q[r, o + 16 + 32 * c + l]))
+                        lo, hi = _k45(q, r, o, c, l, five)
                         acc[l] += (d1 * lo - dm1) * X[j, base + l] + (d2 * hi - dm2) * X[j, base + 32 + l]
             Y[j, r] = acc.sum()
 
@@ -436,31 +419,6 @@ def mm_q6_k(q, q8, tab, X, Y, r0, r1):
                             q1, q2, q3, q4 = _q6(q, r, ql, qh, l)
                             acc[k] += (s1 * q1 * X[j, base + l] + s2 * q2 * X[j, base + l + 32]
                                        + s3 * q3 * X[j, base + l + 64] + s4 * q4 * X[j, base + l + 96])
-            Y[j, r] = acc.sum()
-
-
-@njit(nogil=True, fastmath=True, cache=True)
-def mm_q5_k(q, tab, X, Y, r0, r1):
-    n, cols = X.shape
-    acc = np.empty(32, np.float32)
-    for r in range(r0, r1):
-        for j in range(n):
-            acc[:] = F0
-            for s in range(cols // 256):
-                o = 176 * s
-                d = _h(tab, q, r, o)
-                dmin = _h(tab, q, r, o + 2)
-                for c in range(4):
-                    sc1, m1 = _q4k_sm(q, r, o, 2 * c)
-                    sc2, m2 = _q4k_sm(q, r, o, 2 * c + 1)
-                    d1 = d * np.float32(sc1)
-                    dm1 = dmin * np.float32(m1)
-                    d2 = d * np.float32(sc2)
-                    dm2 = dmin * np.float32(m2)
-                    base = 256 * s + 64 * c
-                    for l in range(32):
-                        lo, hi = _q5(q, r, o, c, l)
-                        acc[l] += (d1 * lo - dm1) * X[j, base + l] + (d2 * hi - dm2) * X[j, base + 32 + l]
             Y[j, r] = acc.sum()
 
 
@@ -538,7 +496,9 @@ _pool_lock = threading.Lock()
 # x8 layouts: each row gathered back into its GGUF format's bytes (base: 0 q4_0, 1 q4_k, 2 q8_0), then
 # the plain kernels.  The portable path: correct, not fast (the C kernels read the layout directly).
 _X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2}
-# q3_k and q2_k share their kernels: the `three` flag; iq4_nl and iq4_xs theirs: the `xs` flag
+# Formats that share kernels, and each one's flag: q4_k and q5_k (five), q3_k and q2_k (three), iq4_nl
+# and iq4_xs (xs)
+_K45 = {"q4_k": 0, "q5_k": 1}
 _Q23 = {"q3_k": 1, "q2_k": 0}
 _IQ4 = {"iq4_nl": 0, "iq4_xs": 1}
 # q4_1, q5_0, q5_1: (bytes a block, where the nibbles start, where the fifth bits are or -1, q5_0's kind)
@@ -554,7 +514,7 @@ def deq_x8(qf, rb, pos, base, tab, out, r0, r1):
         if base == 0:
             deq_q4_0(tmp, tab, out[r:r + 1], 0, 1)
         elif base == 1:
-            deq_q4_k(tmp, tab, out[r:r + 1], 0, 1)
+            deq_q45_k(tmp, tab, out[r:r + 1], 0, 1, 0)
         else:
             deq_q8_0(tmp, tmp.view(np.int8), tab, out[r:r + 1], 0, 1)
 
@@ -567,7 +527,7 @@ def mm_x8(qf, rb, pos, base, tab, X, Y, r0, r1):
         if base == 0:
             mm_q4_0(tmp, tab, X, Y[:, r:r + 1], 0, 1)
         elif base == 1:
-            mm_q4_k(tmp, tab, X, Y[:, r:r + 1], 0, 1)
+            mm_q45_k(tmp, tab, X, Y[:, r:r + 1], 0, 1, 0)
         else:
             mm_q8_0(tmp, tmp.view(np.int8), tab, X, Y[:, r:r + 1], 0, 1)
 
@@ -621,6 +581,8 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
     elif fmt in _X8_BASE:
         run_rows(deq_x8, q.shape[0], q.nbytes, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
                  _X8_BASE[fmt], F16_TABLE, out)
+    elif fmt in _K45:
+        run_rows(lambda *a: deq_q45_k(*a, _K45[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     elif fmt in _Q23:
         run_rows(lambda *a: deq_q23_k(*a, _Q23[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     elif fmt in _IQ4:
@@ -628,7 +590,7 @@ def dequantize(q: np.ndarray, fmt: str, cols: int, threads: int = 1,
     elif fmt in _B32:
         run_rows(lambda *a: deq_b32(*a, *_B32[fmt]), q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     else:
-        fn = {"f16": deq_f16, "q4_0": deq_q4_0, "q4_k": deq_q4_k, "q5_k": deq_q5_k}[fmt]
+        fn = {"f16": deq_f16, "q4_0": deq_q4_0}[fmt]
         run_rows(fn, q.shape[0], q.nbytes, threads, q, F16_TABLE, out)
     return out
 
@@ -645,6 +607,8 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
     elif fmt in _X8_BASE:
         run_rows(mm_x8, q.shape[0], work, threads, q.reshape(-1), q.shape[1], x8_positions(fmt),
                  _X8_BASE[fmt], F16_TABLE, X, Y)
+    elif fmt in _K45:
+        run_rows(lambda *a: mm_q45_k(*a, _K45[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
     elif fmt in _Q23:
         run_rows(lambda *a: mm_q23_k(*a, _Q23[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
     elif fmt in _IQ4:
@@ -652,7 +616,7 @@ def matmul(q: np.ndarray, fmt: str, X: np.ndarray, threads: int = 1) -> np.ndarr
     elif fmt in _B32:
         run_rows(lambda *a: mm_b32(*a, *_B32[fmt]), q.shape[0], work, threads, q, F16_TABLE, X, Y)
     else:
-        fn = {"f16": mm_f16, "q4_0": mm_q4_0, "q4_k": mm_q4_k, "q5_k": mm_q5_k}[fmt]
+        fn = {"f16": mm_f16, "q4_0": mm_q4_0}[fmt]
         run_rows(fn, q.shape[0], work, threads, q, F16_TABLE, X, Y)
     return Y
 
