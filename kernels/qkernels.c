@@ -1109,9 +1109,22 @@ INLINE __m256 groups8(const __m256i qv[8], const int16_t *x, __m256 sv, int fold
     return acc;
 }
 
+/* The vectors' part of a 16-group kernel (q6_k, q3_k, q2_k) once half h of super-block sb is decoded
+ * (qv[g]: group 8 h + g's codes, sc: the groups' scales): for each vector, minus off * xs16 (lane g:
+ * the group's offset, per 32 of its activations' sum), plus the groups' dot products weighed by sc. */
+INLINE void k16_half(__m256 *acc, int J, const __m256i qv[8], __m256 sc, __m256 off, const xprep *p, int64_t j0,
+                     int64_t sb, int h) {
+    for (int jj = 0; jj < J; jj++) {
+        const int64_t k = 2 * ((j0 + jj) * p->nb + 8 * sb) + 8 * h; /* 16-group index */
+        acc[jj] = _mm256_fnmadd_ps(off, _mm256_loadu_ps(p->xs16 + k), acc[jj]);
+        const __m256 sv = _mm256_mul_ps(sc, _mm256_loadu_ps(p->xd16 + k));
+        acc[jj] = groups8(qv, p->xq + (j0 + jj) * p->cols + 256 * sb + 128 * h, sv, J == 1, acc[jj]);
+    }
+}
+
 INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t pfd = pf_ahead(R, rb);
-    const int64_t cols = p->cols, nb = p->nb;
+    const int64_t nb = p->nb;
     const __m256i m4 = _mm256_set1_epi16(0x0F), m30 = _mm256_set1_epi16(0x30);
     ACC_INIT
     for (int64_t sb = 0; sb < nb / 8; sb++) {
@@ -1134,14 +1147,8 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
                     qv[4 + t] = _mm256_or_si256(_mm256_srli_epi16(A, 4), _mm256_and_si256(H, m30));
                     qv[6 + t] = _mm256_or_si256(_mm256_srli_epi16(B, 4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
                 }
-                for (int jj = 0; jj < J; jj++) {
-                    const int64_t k = 2 * ((j0 + jj) * nb + 8 * sb) + 8 * h; /* 16-group index */
-                    /* the offset: minus d*sc_g * 32 * (sum of x over group g) */
-                    acc[r][jj] = _mm256_fnmadd_ps(sc[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
-                    const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
-                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
-                    acc[r][jj] = groups8(qv, x, sv, J == 1, acc[r][jj]);
-                }
+                /* the offset: minus d*sc_g * 32 * (sum of x over group g) */
+                k16_half(acc[r], J, qv, sc[h], sc[h], p, j0, sb, h);
             }
         }
     }
@@ -1156,7 +1163,7 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
  * xs16 (32 times that sum) as q6_k takes its 32.  q2_k's mins likewise: minus dmin * m_g * that sum. */
 INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t pfd = pf_ahead(R, rb), bs = three ? 110 : 84;
-    const int64_t cols = p->cols, nb = p->nb;
+    const int64_t nb = p->nb;
     const __m256i m3 = _mm256_set1_epi16(3);
     ACC_INIT
     for (int64_t sb = 0; sb < nb / 8; sb++) {
@@ -1204,13 +1211,7 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
                         qv[2 * j + 1] = _mm256_or_si256(qv[2 * j + 1], bit_to(H1, 4 * h + j, 2));
                     }
                 }
-                for (int jj = 0; jj < J; jj++) {
-                    const int64_t k = 2 * ((j0 + jj) * nb + 8 * sb) + 8 * h; /* 16-group index */
-                    acc[r][jj] = _mm256_fnmadd_ps(mn[h], _mm256_loadu_ps(p->xs16 + k), acc[r][jj]);
-                    const __m256 sv = _mm256_mul_ps(sc[h], _mm256_loadu_ps(p->xd16 + k));
-                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 128 * h;
-                    acc[r][jj] = groups8(qv, x, sv, J == 1, acc[r][jj]);
-                }
+                k16_half(acc[r], J, qv, sc[h], mn[h], p, j0, sb, h);
             }
         }
     }
