@@ -213,7 +213,8 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
     f16, bf16, q8_0 and q4_0 give the same bytes as gguf-py (ggml's reference quantizers);
     q4_k and q6_k follow ggml's reference algorithms (gguf-py has no quantizer for them).
     The x8 layouts (q4_0x8, q8_0x8, q4_kx8) are their GGUF format's bytes with each run of eight
-    rows interleaved (formats.interleave).  The READ_ONLY formats (q5_k, q3_k, q2_k) have no quantizer.
+    rows interleaved (formats.interleave).  The READ_ONLY formats (llama.cpp's q5_k, q3_k, q2_k,
+    iq4_xs, iq4_nl, q4_1, q5_0, q5_1) have no quantizer.
     """
     if fmt in READ_ONLY:
         raise FormatError(f"no quantizer for {fmt}: mer-tui computes it as llama.cpp's files hold it, "
