@@ -133,7 +133,7 @@ def _q4k_sm(q, r, o, j):
 def _k45(q, r, o, c, l, five):
     # Weights l and 32 + l of 64-weight run c of a q4_k (five=0) or q5_k super-block at o, as float32: the
     # nibbles of byte l of the run (q5_k's start at 48, after its 32 bytes of fifth bits), and for q5_k
-    # bits 2c, 2c+1 of qh[l] as 16.  `five` is constant in a call: LLVM takes the branch out of the loop.
+    # bits 2c, 2c+1 of qh[l] as 16.
     if not five:
         return _nibbles(np.float32(q[r, o + 16 + 32 * c + l]))
     v = q[r, o + 48 + 32 * c + l]
