@@ -485,7 +485,7 @@ def warmup(background: bool = True, quantizers: bool = True) -> threading.Thread
             x = rng.standard_normal((2, 256)).astype(np.float32)
             for fmt in FORMATS:
                 slow = fmt in ("q4_k", "q6_k") and not quantizers
-                q = np.zeros((8, row_bytes(fmt, 256)), dtype=np.uint8) if slow or fmt in READ_ONLY \
+                q = np.zeros((8, row_bytes(fmt, 256)), dtype=np.uint8) if slow or gguf_format(fmt) in READ_ONLY \
                     else quantize(w, fmt)  # zeros: valid blocks (zero scales)
                 dequantize(q, fmt, 256)
                 matmul(q, fmt, 256, x[:1])

@@ -37,10 +37,11 @@
 #define INLINE static inline __attribute__((always_inline))
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9,
-       Q5_K = 10, Q3_K = 11, Q2_K = 12, IQ4_NL = 13, IQ4_XS = 14, Q4_1 = 15, Q5_0 = 16, Q5_1 = 17 };
+       Q5_K = 10, Q3_K = 11, Q2_K = 12, IQ4_NL = 13, IQ4_XS = 14, Q4_1 = 15, Q5_0 = 16, Q5_1 = 17,
+       IQ4_XSX8 = 18 };
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
-INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8; }
+INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8 || fmt == IQ4_XSX8; }
 
 static int64_t fmt_row_bytes(int fmt, int64_t cols);
 
@@ -71,7 +72,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 10; }
+MK_API int mk_version(void) { return 11; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -164,23 +165,24 @@ INLINE int q3k_scale(const uint8_t *s, int k) {
 
 /* x8 layouts: where byte i of row rr's block lies in its run's block of eight (formats.x8_positions):
  * the header fields, each for rows 0..7 in turn (q4_0, q8_0: the f16 scale; q4_k: d, dmin, then each
- * of the 12 scale bytes), then the payload two bytes at a time, row by row. */
+ * of the 12 scale bytes; iq4_xs: d, the u16 of high scale bits, then each of the 4 low-bit bytes), then
+ * the payload two bytes at a time, row by row. */
 INLINE int64_t x8_pos(int fmt, int rr, int i) {
     int hdr;
-    if (fmt != Q4_KX8) {
+    if (fmt == Q4_0X8 || fmt == Q8_0X8) {
         if (i < 2) return 2 * rr + i;
         hdr = 2;
-    } else {
+    } else { /* two 2-byte fields, then 1-byte ones */
+        hdr = fmt == Q4_KX8 ? 16 : 8;
         if (i < 4) return (i / 2 * 8 + rr) * 2 + i % 2;
-        if (i < 16) return 32 + (i - 4) * 8 + rr;
-        hdr = 16;
+        if (i < hdr) return 32 + (i - 4) * 8 + rr;
     }
     return 8 * hdr + 16 * ((i - hdr) / 2) + 2 * rr + (i - hdr) % 2;
 }
 
-INLINE int x8_base(int fmt) { return fmt == Q4_0X8 ? Q4_0 : fmt == Q8_0X8 ? Q8_0 : Q4_K; }
-INLINE int x8_block_bytes(int fmt) { return fmt == Q4_0X8 ? 18 : fmt == Q8_0X8 ? 34 : 144; }
-INLINE int x8_block_weights(int fmt) { return fmt == Q4_KX8 ? 256 : 32; }
+INLINE int x8_base(int fmt) { return fmt == Q4_0X8 ? Q4_0 : fmt == Q8_0X8 ? Q8_0 : fmt == Q4_KX8 ? Q4_K : IQ4_XS; }
+INLINE int x8_block_bytes(int fmt) { return fmt == Q4_0X8 ? 18 : fmt == Q8_0X8 ? 34 : fmt == Q4_KX8 ? 144 : 136; }
+INLINE int x8_block_weights(int fmt) { return fmt == Q4_KX8 || fmt == IQ4_XSX8 ? 256 : 32; }
 
 /* Row rr of the run at grp, block b, as its GGUF format's block (the portable paths). */
 static void x8_block(int fmt, const uint8_t *grp, int rr, int64_t b, uint8_t *blk) {
@@ -382,7 +384,7 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case Q3_K: return cols / 256 * 110;
     case Q2_K: return cols / 256 * 84;
     case IQ4_NL: return cols / 32 * 18;
-    case IQ4_XS: return cols / 256 * 136;
+    case IQ4_XS: case IQ4_XSX8: return cols / 256 * 136;
     case Q4_1: case Q5_0: case Q5_1: return cols / 32 * b32_bytes(fmt);
     }
     return -1;
@@ -1469,10 +1471,52 @@ INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, floa
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
+/* iq4_xsx8: one run of eight interleaved rows as q4_kx8's kernel reads it (one row per lane), each
+ * 16-byte load of payload (two bytes of each row) looked up in IQ4_VALUES (pshufb) before the madds.
+ * The eight rows' 6-bit scales of sub-block k: nibble k % 2 of their scales_l byte k / 2 (a byte per
+ * row, side by side), bits 2k, 2k+1 of their scales_h (a u16 per row). */
+INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    const __m128i tab = _mm_loadu_si128((const __m128i *)IQ4_VALUES), m15 = _mm_set1_epi8(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = pf_run_start(w);
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *q = w + 1088 * sb;
+        pf_run_upto(&next_pf, q + 1088);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+        for (int k = 0; k < 8; k++) {
+            const __m256i sl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 32 + 8 * (k / 2))));
+            const __m256i ls = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(sl, 4 * (k % 2)), _mm256_set1_epi32(15)),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * k), _mm256_set1_epi32(3)), 4));
+            const __m256 sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))));
+            __m256i s[4];
+            for (int jj = 0; jj < J; jj++) s[jj] = _mm256_setzero_si256();
+            for (int t = 0; t < 8; t++) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(q + 64 + 16 * (8 * k + t)));
+                const __m256i wl = iq4_lookup(tab, _mm_and_si128(v, m15));
+                const __m256i wh = iq4_lookup(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15));
+                for (int jj = 0; jj < J; jj++) {
+                    const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 32 * k + 2 * t;
+                    s[jj] = _mm256_add_epi32(s[jj], _mm256_add_epi32(
+                        _mm256_madd_epi16(wl, _mm256_set1_epi32((int)rd32((const uint8_t *)x))),
+                        _mm256_madd_epi16(wh, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 16))))));
+                }
+            }
+            for (int jj = 0; jj < J; jj++)
+                acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[jj]),
+                                          _mm256_mul_ps(sc, _mm256_set1_ps(p->xd[(j0 + jj) * nb + 8 * sb + k])), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
 #define MK_X8(J) \
     static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
     static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_kx8(w, J, p, j0, out); } \
-    static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); }
+    static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); } \
+    static void dot_ix8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8(w, J, p, j0, out); }
 MK_X8(1)
 MK_X8(2)
 MK_X8(3)
@@ -1588,10 +1632,11 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
                 for (int64_t j = 0; j < p->n; j += 4) {
                     const int64_t J = p->n - j < 4 ? p->n - j : 4;
                     typedef void (*x8dot)(const uint8_t *, const xprep *, int64_t, float *);
-                    static const x8dot fns[3][4] = {{dot_x8_1, dot_x8_2, dot_x8_3, dot_x8_4},
+                    static const x8dot fns[4][4] = {{dot_x8_1, dot_x8_2, dot_x8_3, dot_x8_4},
                                                     {dot_kx8_1, dot_kx8_2, dot_kx8_3, dot_kx8_4},
-                                                    {dot_8x8_1, dot_8x8_2, dot_8x8_3, dot_8x8_4}};
-                    fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : 2][J - 1](w + r * rb, p, j, o);
+                                                    {dot_8x8_1, dot_8x8_2, dot_8x8_3, dot_8x8_4},
+                                                    {dot_ix8_1, dot_ix8_2, dot_ix8_3, dot_ix8_4}};
+                    fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : fmt == Q8_0X8 ? 2 : 3][J - 1](w + r * rb, p, j, o);
                     for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
                 }
             return;

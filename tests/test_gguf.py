@@ -94,15 +94,18 @@ def test_quantized_logits_match_llama_cpp(name, tmp_path):
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
 
 
-def test_resident_matrices_load_in_the_kernels_layouts():
-    """A GGUF's attention matrices load interleaved by runs of eight rows (q4_k as q4_kx8), as a store holds
-    them: the same bytes moved, at a one-time cost far below the experts' (which stream as they are)."""
-    model = engine.load(fixture("mixtral-q4_k_m"))
+@pytest.mark.parametrize("name, fmt, experts", [("mixtral-q4_k_m", "q4_k", {"q4_k", "q6_k"}),
+                                                ("mixtral-iq4_xs", "iq4_xs", {"iq4_xs"})])
+def test_resident_matrices_load_in_the_kernels_layouts(name, fmt, experts):
+    """A GGUF's attention matrices load interleaved by runs of eight rows (q4_k as q4_kx8, iq4_xs as
+    iq4_xsx8), as a store holds them: the same bytes moved, at a one-time cost far below the experts'
+    (which stream as they are)."""
+    model = engine.load(fixture(name))
     try:
         lw = model.weights.layers[0]
-        assert lw.o.fmt == "q4_kx8" and lw.q.fmt == "q4_kx8"
-        assert model.weights.embed.fmt == "q4_k"   # looked up by row: left as it is
-        assert {m.fmt for b in model.experts.bundles.values() for m in (b.gate, b.up, b.down)} <= {"q4_k", "q6_k"}
+        assert lw.o.fmt == fmt + "x8" and lw.q.fmt == fmt + "x8"
+        assert model.weights.embed.fmt == fmt   # looked up by row: left as it is
+        assert {m.fmt for b in model.experts.bundles.values() for m in (b.gate, b.up, b.down)} <= experts
     finally:
         model.close()
 
@@ -122,8 +125,8 @@ def test_convert_gguf_to_store(name, tmp_path):
                 "mixtral-q5_k_m": ["q5_k", "q6_k"],      # as the file holds them (no x8 layout of these)
                 "mixtral-q3_k_m": ["q3_k", "q4_kx8"],
                 "mixtral-q2_k": ["q2_k", "q3_k"],
-                "mixtral-iq4_xs": ["iq4_xs"],
-                "qwen2moe-iq4_xs": ["iq4_nl", "iq4_xs"],   # IQ4_NL where the rows are not whole super-blocks
+                "mixtral-iq4_xs": ["iq4_xsx8"],
+                "qwen2moe-iq4_xs": ["iq4_nl", "iq4_xsx8"],   # IQ4_NL where the rows are not whole super-blocks
                 # Q5_0 (for Q4_K) and Q8_0 (for Q6_K) where the rows are not whole super-blocks
                 "qwen2moe-q4_k_m": ["q4_kx8", "q5_0", "q8_0x8"]}.get(name)
     if expected:
