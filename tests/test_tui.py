@@ -81,7 +81,10 @@ async def test_prompt_streams_tokens_into_the_chat(model):
         while len(app.session.messages) < 2 and time.monotonic() < end:
             seen.append(chat.reply_text)
             await pilot.pause(0.03)
-        await pilot.pause(0.3)          # the last tick drains the tail and the Markdown settles
+        # the app ends the reply a tick or more after the session (later on a busy machine); then the
+        # Markdown settles
+        await until(pilot, lambda: app.chat._reply is None, timeout=10, what="the reply's end")
+        await pilot.pause(0.3)
         reply = app.session.messages[-1]["content"]
         assert reply and model.telemetry()["tokens"] > 0
         # Streamed: the chat showed growing partial replies before the whole one.
