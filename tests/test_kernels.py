@@ -182,7 +182,7 @@ def test_q4_k_rms_no_worse_than_q4_0():
 
 @pytest.mark.parametrize("fmt", formats.READ_ONLY)
 def test_read_only_formats_have_no_quantizer(fmt):
-    """q5_k, q3_k, q2_k come from llama.cpp's files; asking to write one says so instead of guessing."""
+    """The READ_ONLY formats come from llama.cpp's files; asking to write one says so instead of guessing."""
     with pytest.raises(kernels.FormatError, match=f"no quantizer for {fmt}"):
         kernels.quantize(np.ones((1, 256), np.float32), fmt)
     with pytest.raises(kernels.FormatError, match=f"no quantizer for {fmt}"):
@@ -474,8 +474,9 @@ def test_expert_ffn(backend, fmts, n):
                                   ("q4_k", "q5_0"), ("q5_1", "q4_1")])
 @pytest.mark.parametrize("n", [1, 4, 12])
 def test_expert_ffn_in_llama_cpp_formats(backend, fmts, n):
-    """Q3_K_M, Q2_K, Q5_K_M and IQ4_XS files' expert formats, as the files hold them (no quantizer here): the
-    fused FFN on every path equals the float product of their values."""
+    """Q3_K_M, Q2_K, Q5_K_M and IQ4_XS files' expert formats and llama-quantize's fallbacks (q5_0, q5_1, q4_1,
+    iq4_nl), as the files hold them (no quantizer here): the fused FFN on every path equals the float
+    product of their values."""
     hidden, inter = 256, 512
     gate, up = (QMatrix(random_blocks(fmts[0], inter, hidden, seed=s), fmts[0], inter, hidden) for s in (60, 61))
     down = QMatrix(random_blocks(fmts[1], hidden, inter, seed=62), fmts[1], hidden, inter)
@@ -671,7 +672,7 @@ def test_kernels_import_without_ui():
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "iq4_nl", "q5_0"])
 @pytest.mark.parametrize("cols", [32, 96, 160, 544])
 def test_block_counts_not_multiple_of_four(backend, fmt, cols):
-    # q4_0's and iq4_nl's products fold four blocks at a time; the rest go one by one
+    # q4_0's and q5_0's products fold four blocks at a time, iq4_nl's eight; the rest go one by one
     q = random_blocks(fmt, 9, cols, seed=cols)
     for n in (1, 2, 5):
         X = llm_like(n, cols, seed=n)
