@@ -23,8 +23,9 @@ import numpy as np
 SOURCE = Path(__file__).with_name("qkernels.c")
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6,
             "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9, "q5_k": 10, "q3_k": 11, "q2_k": 12,
-            "iq4_nl": 13, "iq4_xs": 14, "q4_1": 15, "q5_0": 16, "q5_1": 17, "iq4_xsx8": 18}
-ABI_VERSION = 11
+            "iq4_nl": 13, "iq4_xs": 14, "q4_1": 15, "q5_0": 16, "q5_1": 17, "iq4_xsx8": 18,
+            "q5_kx8": 19}
+ABI_VERSION = 12
 
 CDEF = """
 int mk_version(void);

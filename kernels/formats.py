@@ -30,6 +30,7 @@ BLOCK: dict[str, tuple[int, int]] = {
     "q4_kx8": (256, 144),
     "q8_0x8": (32, 34),
     "iq4_xsx8": (256, 136),
+    "q5_kx8": (256, 176),
 }
 FORMATS: tuple[str, ...] = tuple(BLOCK)
 FLOAT_FORMATS: tuple[str, ...] = ("f32", "f16", "bf16")
@@ -123,10 +124,11 @@ def _quant_q4_0(blocks: np.ndarray) -> np.ndarray:
 # block, so that a kernel reads eight rows as one sequential stream, finds each field of their block
 # headers side by side (eight f16 scales in one 16-byte load), and puts one row in each 32-bit lane.
 # Block b of rows 8g..8g+7 is eight blocks' bytes: each header field for rows 0..7 in turn (q4_0 and
-# q8_0: the f16 scale; q4_k: d, dmin, then each of the 12 packed scale bytes; iq4_xs: d, the 16 high
-# scale bits, then each of the 4 bytes of low scale bits), then the payload two
-# bytes at a time (bytes 2k, 2k+1 of row 0, of row 1, ... of row 7, for k = 0, 1, ...).  The same
-# bytes, moved: what llama.cpp's CPU repacking does at load, here written so in stores.
+# q8_0: the f16 scale; q4_k and q5_k: d, dmin, then each of the 12 packed scale bytes; iq4_xs: d, the 16
+# high scale bits, then each of the 4 bytes of low scale bits), then the payload (the rest of the block:
+# q5_k's 32 bytes of fifth bits, then its nibbles) two bytes at a time (bytes 2k, 2k+1 of row 0, of row
+# 1, ... of row 7, for k = 0, 1, ...).  The same bytes, moved: what llama.cpp's CPU repacking does at
+# load, here written so in stores.
 X8_ROWS = 8
 # layout -> (the GGUF format whose bytes it moves, its header fields as (count, bytes each))
 X8_FIELDS: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
@@ -134,6 +136,7 @@ X8_FIELDS: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
     "q4_kx8": ("q4_k", ((2, 2), (12, 1))),
     "q8_0x8": ("q8_0", ((1, 2),)),
     "iq4_xsx8": ("iq4_xs", ((1, 2), (1, 2), (4, 1))),
+    "q5_kx8": ("q5_k", ((2, 2), (12, 1))),
 }
 # A layout's format -> the GGUF format whose bytes it moves.
 INTERLEAVED: dict[str, str] = {fmt: base for fmt, (base, _) in X8_FIELDS.items()}

@@ -493,9 +493,10 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-# x8 layouts: each row gathered back into its GGUF format's bytes (base: 0 q4_0, 1 q4_k, 2 q8_0, 3 iq4_xs),
+# x8 layouts: each row gathered back into its GGUF format's bytes (base: 0 q4_0, 1 q4_k, 2 q8_0, 3 iq4_xs,
+# 4 q5_k),
 # then the plain kernels.  The portable path: correct, not fast (the C kernels read the layout directly).
-_X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2, "iq4_xsx8": 3}
+_X8_BASE = {"q4_0x8": 0, "q4_kx8": 1, "q8_0x8": 2, "iq4_xsx8": 3, "q5_kx8": 4}
 # Formats that share kernels, and each one's flag: q4_k and q5_k (five), q3_k and q2_k (three), iq4_nl
 # and iq4_xs (xs)
 _K45 = {"q4_k": 0, "q5_k": 1}
@@ -513,8 +514,8 @@ def deq_x8(qf, rb, pos, base, tab, out, r0, r1):
         _gather_row(qf, rb, pos, r, tmp)
         if base == 0:
             deq_q4_0(tmp, tab, out[r:r + 1], 0, 1)
-        elif base == 1:
-            deq_q45_k(tmp, tab, out[r:r + 1], 0, 1, 0)
+        elif base == 1 or base == 4:
+            deq_q45_k(tmp, tab, out[r:r + 1], 0, 1, base == 4)
         elif base == 3:
             deq_iq4(tmp, tab, IQ4_F32, out[r:r + 1], 0, 1, 1)
         else:
@@ -528,8 +529,8 @@ def mm_x8(qf, rb, pos, base, tab, X, Y, r0, r1):
         _gather_row(qf, rb, pos, r, tmp)
         if base == 0:
             mm_q4_0(tmp, tab, X, Y[:, r:r + 1], 0, 1)
-        elif base == 1:
-            mm_q45_k(tmp, tab, X, Y[:, r:r + 1], 0, 1, 0)
+        elif base == 1 or base == 4:
+            mm_q45_k(tmp, tab, X, Y[:, r:r + 1], 0, 1, base == 4)
         elif base == 3:
             mm_iq4(tmp, tab, IQ4_F32, X, Y[:, r:r + 1], 0, 1, 1)
         else:

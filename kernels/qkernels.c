@@ -38,10 +38,10 @@
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K = 5, Q6_K = 6, Q4_0X8 = 7, Q4_KX8 = 8, Q8_0X8 = 9,
        Q5_K = 10, Q3_K = 11, Q2_K = 12, IQ4_NL = 13, IQ4_XS = 14, Q4_1 = 15, Q5_0 = 16, Q5_1 = 17,
-       IQ4_XSX8 = 18 };
+       IQ4_XSX8 = 18, Q5_KX8 = 19 };
 
 /* The x8 layouts (formats.py): a GGUF format with each run of eight rows interleaved block by block. */
-INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8 || fmt == IQ4_XSX8; }
+INLINE int is_x8(int fmt) { return fmt == Q4_0X8 || fmt == Q4_KX8 || fmt == Q8_0X8 || fmt == IQ4_XSX8 || fmt == Q5_KX8; }
 
 static int64_t fmt_row_bytes(int fmt, int64_t cols);
 
@@ -72,7 +72,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 11; }
+MK_API int mk_version(void) { return 12; }
 MK_API int mk_simd(void) { return MK_SIMD; }
 
 /* ---------- half precision ---------- */
@@ -164,8 +164,8 @@ INLINE int q3k_scale(const uint8_t *s, int k) {
 /* ---------- dequantization: bit-exact with ggml's dequantize_row_* ---------- */
 
 /* x8 layouts: where byte i of row rr's block lies in its run's block of eight (formats.x8_positions):
- * the header fields, each for rows 0..7 in turn (q4_0, q8_0: the f16 scale; q4_k: d, dmin, then each
- * of the 12 scale bytes; iq4_xs: d, the u16 of high scale bits, then each of the 4 low-bit bytes), then
+ * the header fields, each for rows 0..7 in turn (q4_0, q8_0: the f16 scale; q4_k, q5_k: d, dmin, then
+ * each of the 12 scale bytes; iq4_xs: d, the u16 of high scale bits, then each of the 4 low-bit bytes), then
  * the payload two bytes at a time, row by row. */
 INLINE int64_t x8_pos(int fmt, int rr, int i) {
     int hdr;
@@ -173,16 +173,21 @@ INLINE int64_t x8_pos(int fmt, int rr, int i) {
         if (i < 2) return 2 * rr + i;
         hdr = 2;
     } else { /* two 2-byte fields, then 1-byte ones */
-        hdr = fmt == Q4_KX8 ? 16 : 8;
+        hdr = fmt == IQ4_XSX8 ? 8 : 16;
         if (i < 4) return (i / 2 * 8 + rr) * 2 + i % 2;
         if (i < hdr) return 32 + (i - 4) * 8 + rr;
     }
     return 8 * hdr + 16 * ((i - hdr) / 2) + 2 * rr + (i - hdr) % 2;
 }
 
-INLINE int x8_base(int fmt) { return fmt == Q4_0X8 ? Q4_0 : fmt == Q8_0X8 ? Q8_0 : fmt == Q4_KX8 ? Q4_K : IQ4_XS; }
-INLINE int x8_block_bytes(int fmt) { return fmt == Q4_0X8 ? 18 : fmt == Q8_0X8 ? 34 : fmt == Q4_KX8 ? 144 : 136; }
-INLINE int x8_block_weights(int fmt) { return fmt == Q4_KX8 || fmt == IQ4_XSX8 ? 256 : 32; }
+INLINE int x8_base(int fmt) {
+    return fmt == Q4_0X8 ? Q4_0 : fmt == Q8_0X8 ? Q8_0 : fmt == Q4_KX8 ? Q4_K : fmt == Q5_KX8 ? Q5_K : IQ4_XS;
+}
+#define X8_MAX_BLOCK 176 /* q5_k's */
+INLINE int x8_block_bytes(int fmt) {
+    return fmt == Q4_0X8 ? 18 : fmt == Q8_0X8 ? 34 : fmt == Q4_KX8 ? 144 : fmt == Q5_KX8 ? 176 : 136;
+}
+INLINE int x8_block_weights(int fmt) { return fmt == Q4_0X8 || fmt == Q8_0X8 ? 32 : 256; }
 
 /* Row rr of the run at grp, block b, as its GGUF format's block (the portable paths). */
 static void x8_block(int fmt, const uint8_t *grp, int rr, int64_t b, uint8_t *blk) {
@@ -197,7 +202,7 @@ static void deq_row(int fmt, const uint8_t *w, int64_t cols, float *y);
 static void deq_row_x8(int fmt, const uint8_t *w, int64_t rb, int64_t r, int64_t cols, float *y) {
     const uint8_t *grp = w + (r - r % 8) * rb;
     const int per = x8_block_weights(fmt);
-    uint8_t blk[144];
+    uint8_t blk[X8_MAX_BLOCK];
     for (int64_t b = 0; b < cols / per; b++) {
         x8_block(fmt, grp, (int)(r % 8), b, blk);
         deq_row(x8_base(fmt), blk, per, y + per * b);
@@ -380,7 +385,7 @@ static int64_t fmt_row_bytes(int fmt, int64_t cols) {
     case Q4_0: case Q4_0X8: return cols / 32 * 18;
     case Q4_K: case Q4_KX8: return cols / 256 * 144;
     case Q6_K: return cols / 256 * 210;
-    case Q5_K: return cols / 256 * 176;
+    case Q5_K: case Q5_KX8: return cols / 256 * 176;
     case Q3_K: return cols / 256 * 110;
     case Q2_K: return cols / 256 * 84;
     case IQ4_NL: return cols / 32 * 18;
@@ -1431,15 +1436,18 @@ INLINE __m256 kx8_scale(const uint8_t *q, int j, int min) {
     return _mm256_cvtepi32_ps(v);
 }
 
-INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t cols = p->cols, nb = p->nb;
+/* q4_kx8 (five = 0) and q5_kx8: q5_k's payload holds its 32 bytes of fifth bits first (16 pairs), so
+ * its nibbles start 16 pairs on; the pair of fifth-bit bytes 2k, 2k+1 of the eight rows lines up lane
+ * for lane with nibble pair k of every 64-weight run c, whose bits 2c and 2c + 1 it holds. */
+INLINE void dot_q45_kx8(int five, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, run = five ? 1408 : 1152, nib = five ? 16 : 0;
     const __m256i m4 = _mm256_set1_epi16(0x0F);
     __m256 acc[4];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
     uintptr_t next_pf = pf_run_start(w);
     for (int64_t sb = 0; sb < nb / 8; sb++) {
-        const uint8_t *q = w + 1152 * sb;
-        pf_run_upto(&next_pf, q + 1152);
+        const uint8_t *q = w + run * sb;
+        pf_run_upto(&next_pf, q + run);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 16)));
         /* the mins: minus dmin * sum_j m_j * (sum of x over sub-block j) */
@@ -1452,8 +1460,13 @@ INLINE void dot_q4_kx8(const uint8_t *w, int J, const xprep *p, int64_t j0, floa
             __m256i sl[4], sh[4];
             for (int jj = 0; jj < J; jj++) sl[jj] = sh[jj] = _mm256_setzero_si256();
             for (int k = 0; k < 16; k++) {
-                const __m256i v = ld16(q + 128 + 16 * (16 * c + k));
-                const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+                const __m256i v = ld16(q + 128 + 16 * (nib + 16 * c + k));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_srli_epi16(v, 4);
+                if (five) {
+                    const __m256i H = ld16(q + 128 + 16 * k);
+                    lo = _mm256_or_si256(lo, bit_to(H, 2 * c, 4));
+                    hi = _mm256_or_si256(hi, bit_to(H, 2 * c + 1, 4));
+                }
                 for (int jj = 0; jj < J; jj++) {
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c + 2 * k;
                     sl[jj] = _mm256_add_epi32(sl[jj], _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x))));
@@ -1514,7 +1527,8 @@ INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, fl
 
 #define MK_X8(J) \
     static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
-    static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q4_kx8(w, J, p, j0, out); } \
+    static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(0, w, J, p, j0, out); } \
+    static void dot_5x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(1, w, J, p, j0, out); } \
     static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); } \
     static void dot_ix8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8(w, J, p, j0, out); }
 MK_X8(1)
@@ -1605,7 +1619,7 @@ static float dot_generic(int fmt, const uint8_t *w, const float *x, int64_t cols
 static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x, int64_t cols) {
     float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     float buf[256];
-    uint8_t blk[144];
+    uint8_t blk[X8_MAX_BLOCK];
     const int per = x8_block_weights(fmt);
     for (int64_t b = 0; b < cols / per; b++) {
         float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -1632,11 +1646,13 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
                 for (int64_t j = 0; j < p->n; j += 4) {
                     const int64_t J = p->n - j < 4 ? p->n - j : 4;
                     typedef void (*x8dot)(const uint8_t *, const xprep *, int64_t, float *);
-                    static const x8dot fns[4][4] = {{dot_x8_1, dot_x8_2, dot_x8_3, dot_x8_4},
+                    static const x8dot fns[5][4] = {{dot_x8_1, dot_x8_2, dot_x8_3, dot_x8_4},
                                                     {dot_kx8_1, dot_kx8_2, dot_kx8_3, dot_kx8_4},
                                                     {dot_8x8_1, dot_8x8_2, dot_8x8_3, dot_8x8_4},
-                                                    {dot_ix8_1, dot_ix8_2, dot_ix8_3, dot_ix8_4}};
-                    fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : fmt == Q8_0X8 ? 2 : 3][J - 1](w + r * rb, p, j, o);
+                                                    {dot_ix8_1, dot_ix8_2, dot_ix8_3, dot_ix8_4},
+                                                    {dot_5x8_1, dot_5x8_2, dot_5x8_3, dot_5x8_4}};
+                    fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 3 : 4][J - 1](
+                        w + r * rb, p, j, o);
                     for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
                 }
             return;

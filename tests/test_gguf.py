@@ -122,7 +122,7 @@ def test_convert_gguf_to_store(name, tmp_path):
     index = json.loads((dst / "index.json").read_text())
     formats = {p["fmt"] for b in index["bundles"] for p in b["parts"]}
     expected = {"mixtral-q4_k_m": ["q4_kx8", "q6_k"],    # GGUF's q4_K interleaved by rows of eight (no q6_kx8)
-                "mixtral-q5_k_m": ["q5_k", "q6_k"],      # as the file holds them (no x8 layout of these)
+                "mixtral-q5_k_m": ["q5_kx8", "q6_k"],    # GGUF's q5_K interleaved too (no q6_kx8)
                 "mixtral-q3_k_m": ["q3_k", "q4_kx8"],
                 "mixtral-q2_k": ["q2_k", "q3_k"],
                 "mixtral-iq4_xs": ["iq4_xsx8"],
