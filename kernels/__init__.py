@@ -11,7 +11,7 @@ contract the engine relies on; the implementations behind it live in submodules:
 
 Which products run where is the *backend*: "c" (default where a C compiler works; the variant
 follows the CPU's flags), "numba", or "numpy" (dequantize, then BLAS; the slow reference).  Pick
-one with the MER_TUI_KERNELS environment variable (auto, c, c-avx2, c-generic, numba, numpy) or
+one with the MER_TUI_KERNELS environment variable (auto, c, c-avx512, c-avx2, c-generic, numba, numpy) or
 `set_backend`.  Every function here is thread-safe: the engine calls from a worker thread and a
 prefetch thread at once.
 """
@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
+BACKENDS = ("auto", "c", "c-avx512", "c-avx2", "c-generic", "numba", "numpy")
 # Up to this many vectors a product runs the matrix-vector kernels (the C ones decode each
 # weight block once per four vectors); above it, tiles of rows are dequantized to float32 and
 # multiplied by BLAS, whose matrix-matrix kernels win once there are enough vectors to reuse
@@ -68,19 +68,34 @@ BACKENDS = ("auto", "c", "c-avx2", "c-generic", "numba", "numpy")
 # cores, hot), tokens/s at 64 (kernels) vs 65 (tiles): 2048x1024 q4_0x8 34k vs 13k, q8_0x8 34k vs 12k,
 # q4_kx8 29k vs 17k; 8192x4096 2.8k vs 1.1k, 2.2k vs 0.7k, 1.3k vs 0.7k.  At 128 vectors the tiles win
 # on 8192x4096 q4_kx8 (1.6k).
-SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "half"): 8, ("numba", "quant"): 2, ("numba", "half"): 2,
-           ("numpy", "quant"): 0, ("numpy", "half"): 0}
+# The avx512 variant's kernels for the super-block formats (qkernels.c's dot_ksb) stay ahead of the tiles up
+# to the longest prompt chunk (engine.model.PREFILL_CHUNK, 256 tokens).  On two Zen 5 cores (`mer-tui bench
+# kernels --backend c-avx512` and `--backend c-avx2`, which takes the tiles above 32 vectors; `--formats
+# q4_k,q6_k,iq4_xs,q4_kx8 --shapes 1024x2048,2048x1024 --batch 4,32,256 --repeats 5`), tokens/s at 256
+# vectors: q4_k 96-102k vs 45-52k, q6_k 87-93k vs 43-50k, iq4_xs 86-94k vs 45-51k, q4_kx8 93-95k vs 40-45k;
+# with SMALL_N set past 256 the tiles did no better (q4_k 1024x2048: 46k).
+SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "ksb"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
+           ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
+# The formats of dot_ksb (the avx512 variant's products of several vectors; the x8 layouts are put back
+# in their plain layout a chunk at a time).
+KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q4_kx8", "q5_kx8", "iq4_xsx8")
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
 
-def _kind(ck, fmts: Sequence[str]) -> str:
-    """Which SMALL_N column products in these formats follow (`ck`: the C kernels, or None)."""
-    if any(f in FLOAT_FORMATS for f in fmts):
-        return "half"
-    if ck is not None and ck.variant == "avx2" and all(f in INTERLEAVED for f in fmts):
-        return "x8"
-    return "quant"
+def _small_n(b: str, ck, fmts: Sequence[str]) -> int:
+    """Up to how many vectors products in these formats run the matrix-vector kernels (`b`: the backend,
+    `ck`: the C kernels or None): SMALL_N of the format that reaches the tiles first."""
+    def kind(f: str) -> str:
+        if f in FLOAT_FORMATS:
+            return "half"
+        if ck is not None and ck.variant == "avx512" and f in KSB_FORMATS:
+            return "ksb"
+        if ck is not None and ck.variant in ("avx2", "avx512") and f in INTERLEAVED:
+            return "x8"
+        return "quant"
+    return min(SMALL_N["c" if ck is not None else b, kind(f)] for f in fmts)
+
 
 _init_lock = threading.Lock()
 # (backend name, cpu_c.CKernels or None), swapped as one object so that a thread never sees a
@@ -120,14 +135,14 @@ def _resolve(name: str) -> tuple[str, object]:
     """(backend name, C kernels or None) for a requested backend, falling back as needed."""
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r} (known: {', '.join(BACKENDS)})")
-    if name in ("auto", "c", "c-avx2", "c-generic"):
+    if name in ("auto", "c", "c-avx512", "c-avx2", "c-generic"):
         from . import cpu_c
-        variant = {"c-avx2": "avx2", "c-generic": "generic"}.get(name)
+        variant = name[2:] if name.startswith("c-") else None
         try:
             ck = cpu_c.load(variant)
             return f"c-{ck.variant}", ck
         except Exception as e:  # any build/load failure: the numba path still works
-            if name in ("c-avx2", "c-generic"):
+            if variant:
                 raise
             log.warning("C kernels unavailable (%s); using numba", e)
             name = "numba"
@@ -137,7 +152,7 @@ def _resolve(name: str) -> tuple[str, object]:
 def set_backend(name: str | None = None) -> str:
     """Choose the kernel backend (None: MER_TUI_KERNELS, else auto); returns the one in use.
 
-    "auto" and "c" fall back to numba when the C kernels cannot be built; "c-avx2" and
+    "auto" and "c" fall back to numba when the C kernels cannot be built; "c-avx512", "c-avx2" and
     "c-generic" raise instead, so that tests can insist on a path.
     """
     global _active
@@ -157,7 +172,7 @@ def _state() -> tuple[str, object]:
 
 
 def backend() -> str:
-    """The backend in use ("c-avx2", "c-generic", "numba" or "numpy"), resolving it if needed."""
+    """The backend in use ("c-avx512", "c-avx2", "c-generic", "numba" or "numpy"), resolving it if needed."""
     return _state()[0]
 
 
@@ -308,8 +323,7 @@ def _matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
         Y = X @ np.ascontiguousarray(q).view(np.float32).reshape(rows, cols).T
     else:
         b, ck = _state()
-        kind = ("c" if ck is not None else b, _kind(ck, (fmt,)))
-        if n > SMALL_N[kind]:
+        if n > _small_n(b, ck, (fmt,)):
             Y = _tiled(q, fmt, cols, X, b, ck)
         elif ck is not None:
             Y = ck.matmul(q, fmt, cols, X, threads())
@@ -420,8 +434,7 @@ def expert_ffn(gate: QMatrix, up: QMatrix, down: QMatrix, X: np.ndarray) -> np.n
             f"down {down.rows}x{down.cols}")
     X, one = _vectors(X, hidden)
     b, ck = _state()
-    kind = _kind(ck, (gate.fmt, down.fmt))
-    if (ck is not None and 0 < X.shape[0] <= SMALL_N["c", kind] and gate.fmt == up.fmt
+    if (ck is not None and 0 < X.shape[0] <= _small_n(b, ck, (gate.fmt, down.fmt)) and gate.fmt == up.fmt
             and gate.fmt != "f32" and down.fmt != "f32"):
         g = _rows(gate.data, gate.fmt, hidden)
         u = _rows(up.data, up.fmt, hidden)
@@ -446,7 +459,7 @@ def experts_ffn(experts: Sequence[tuple[QMatrix, QMatrix, QMatrix]], Xs: Sequenc
         return []
     b, ck = _state()
     g0, _, d0 = experts[0]
-    kind = _kind(ck, (g0.fmt, d0.fmt))
+    small_n = _small_n(b, ck, (g0.fmt, d0.fmt))
     fused = (ck is not None and g0.fmt != "f32" and d0.fmt != "f32"
              and (d0.rows, d0.cols) == (g0.cols, g0.rows))   # else expert_ffn names the misfit
     if fused:
@@ -455,7 +468,7 @@ def experts_ffn(experts: Sequence[tuple[QMatrix, QMatrix, QMatrix]], Xs: Sequenc
             X, _ = _vectors(X, g.cols)
             if ((g.fmt, u.fmt, d.fmt) != (g0.fmt, g0.fmt, d0.fmt) or (g.rows, g.cols) != (g0.rows, g0.cols)
                     or (u.rows, u.cols) != (g0.rows, g0.cols) or (d.rows, d.cols) != (d0.rows, d0.cols)
-                    or not 0 < X.shape[0] <= SMALL_N["c", kind]):
+                    or not 0 < X.shape[0] <= small_n):
                 fused = False
                 break
             gs.append(_rows(g.data, g.fmt, g.cols))

@@ -3,7 +3,8 @@
 ABI mode needs neither Python headers nor setuptools, only a C compiler; the shared library goes to
 a per-user cache directory keyed by a hash of the source, the flags and the compiler, so every later
 process just dlopens it.  The variant is chosen from /proc/cpuinfo: "avx2" (AVX2 + FMA + F16C
-kernels) where the CPU has those flags, else "generic" (portable C).  Any failure (no compiler, a
+kernels) where the CPU has those flags, "avx512" (those, plus AVX-512 VNNI ones for prefill) where it
+also has AVX-512 F/BW/VL and VNNI, else "generic" (portable C).  Any failure (no compiler, a
 sandbox that forbids exec) is reported by `load` as an exception the caller turns into a
 fallback to numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
 """
@@ -25,7 +26,7 @@ FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_
             "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9, "q5_k": 10, "q3_k": 11, "q2_k": 12,
             "iq4_nl": 13, "iq4_xs": 14, "q4_1": 15, "q5_0": 16, "q5_1": 17, "iq4_xsx8": 18,
             "q5_kx8": 19}
-ABI_VERSION = 12
+ABI_VERSION = 13
 
 CDEF = """
 int mk_version(void);
@@ -46,7 +47,12 @@ uint32_t mk_crc32(uint32_t crc, const uint8_t *p, int64_t n);
 FLAGS = {
     "generic": ["-O3"],
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
 }
+# What each variant needs of the CPU (/proc/cpuinfo's names), and what mk_simd() says it was built with.
+NEEDS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"},
+         "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
+SIMD_LEVEL = {"generic": 0, "avx2": 1, "avx512": 2}
 COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 
 
@@ -66,9 +72,14 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def runs_here(variant: str) -> bool:
+    """Whether this CPU has what `variant` needs."""
+    return NEEDS[variant] <= cpu_flags()
+
+
 def best_variant() -> str:
-    """"avx2" where the CPU has AVX2, FMA and F16C, else "generic"."""
-    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "generic"
+    """The most capable variant this CPU runs: "avx512", "avx2" or "generic"."""
+    return next(v for v in ("avx512", "avx2", "generic") if runs_here(v))
 
 
 def cache_dir() -> Path:
@@ -149,8 +160,8 @@ class CKernels:
             raise CompileError(f"cannot load {self.path}: {e}") from e
         if self.lib.mk_version() != ABI_VERSION:
             raise CompileError(f"{self.path} has ABI {self.lib.mk_version()}, expected {ABI_VERSION}")
-        if variant == "avx2" and not self.lib.mk_simd():
-            raise CompileError(f"{self.path} was built without its SIMD paths")
+        if self.lib.mk_simd() != SIMD_LEVEL[variant]:
+            raise CompileError(f"{self.path} was built without its {variant} paths (level {self.lib.mk_simd()})")
         self.crc32_fast = bool(self.lib.mk_crc32_fast())
         # from_buffer with a type object rather than its name: ~0.3 us less per array and call
         self._u8, self._f32 = self.ffi.typeof("uint8_t[]"), self.ffi.typeof("float[]")
@@ -238,12 +249,14 @@ _lock = threading.Lock()
 
 
 def load(variant: str | None = None) -> CKernels:
-    """The C kernels for `variant` ("avx2", "generic"; None: the best this CPU runs), built if need be."""
+    """The C kernels for `variant` ("avx512", "avx2", "generic"; None: the best this CPU runs), built if
+    need be."""
     variant = variant or best_variant()
     if variant not in FLAGS:
         raise CompileError(f"unknown C kernel variant {variant!r} (known: {', '.join(FLAGS)})")
-    if variant == "avx2" and best_variant() != "avx2":
-        raise CompileError("this CPU lacks AVX2/FMA/F16C; the avx2 kernels cannot run here")
+    if not runs_here(variant):
+        missing = ", ".join(sorted(NEEDS[variant] - cpu_flags()))
+        raise CompileError(f"this CPU lacks {missing}; the {variant} kernels cannot run here")
     with _lock:  # one build per process even when warmup and a first call race
         if variant not in _loaded:
             _loaded[variant] = CKernels(variant)

@@ -32,6 +32,13 @@
 #else
 #define MK_SIMD 0
 #endif
+/* The avx512 variant: the AVX2 kernels, plus AVX-512 VNNI ones for the products of several vectors
+ * by the super-block formats (prefill; see dot_ksb). */
+#if MK_SIMD && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define MK_AVX512 1
+#else
+#define MK_AVX512 0
+#endif
 
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
@@ -72,8 +79,9 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 12; }
-MK_API int mk_simd(void) { return MK_SIMD; }
+MK_API int mk_version(void) { return 13; }
+/* 0: portable, 1: AVX2, 2: AVX2 and AVX-512 VNNI */
+MK_API int mk_simd(void) { return MK_SIMD + MK_AVX512; }
 
 /* ---------- half precision ---------- */
 
@@ -138,10 +146,13 @@ INLINE void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 /* 32-block k of an iq4_xs super-block at p: its 6-bit scale, stored plus 32, is nibble k % 2 of byte
- * 4 + k / 2 with bits 2k, 2k+1 of the 16-bit word at 2 above it.  Then d * scale weighs the block. */
+ * 4 + k / 2 with bits 2k, 2k+1 of the 16-bit word at 2 above it (iq4xs_ls).  Then d * scale weighs the
+ * block. */
+INLINE int iq4xs_ls(const uint8_t *p, int k) {
+    return ((p[4 + k / 2] >> (4 * (k % 2))) & 0xF) | (((rd16(p + 2) >> (2 * k)) & 3) << 4);
+}
 INLINE float iq4xs_scale(const uint8_t *p, int k) {
-    const int ls = ((p[4 + k / 2] >> (4 * (k % 2))) & 0xF) | (((rd16(p + 2) >> (2 * k)) & 3) << 4);
-    return h2f(p) * (float)(ls - 32);
+    return h2f(p) * (float)(iq4xs_ls(p, k) - 32);
 }
 
 /* 32-block b of an iq4_nl (xs = 0) or iq4_xs row: its weight scale, and where its 16 bytes of nibbles are. */
@@ -633,6 +644,8 @@ typedef struct {
     int32_t *xc4;         /* q4_0, groups of 4 blocks: xc summed in the hadd layout, (n, nb/4, 8) */
     float *xd4;           /* groups of 4 blocks: [xd0..xd3, xd0..xd3], (n, nb/4, 8) */
     int32_t *xc1;         /* q4_0x8: 8 * the block's sum of xq, (n, nb) */
+    int16_t *xq256;       /* avx512, several vectors: int16 activations with one scale per 256, (n, cols) */
+    float *xd256;         /* their scales, (n, cols / 256) */
     void *mem;            /* the one allocation behind all of the above */
 } xprep;
 
@@ -652,19 +665,21 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
 #if MK_SIMD
     if (cols % 32 == 0) {
         const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
-        const size_t sizes[9] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
-                                 nb * 4};
+        /* dot_ksb's activations: only where it runs (several vectors, whole super-blocks) */
+        const int sb = MK_AVX512 && n > 1 && cols % 256 == 0;
+        const size_t sizes[11] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
+                                  nb * 4, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0};
         size_t total = 0;
-        for (int i = 0; i < 9; i++) total += (sizes[i] + 31) / 32 * 32;
-        char *m = aligned_alloc(32, total ? total : 32);
+        for (int i = 0; i < 11; i++) total += (sizes[i] + 63) / 64 * 64;
+        char *m = aligned_alloc(64, total ? total : 64);
         if (!m) return -2;
         p->mem = m;
-        void **dst[9] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
-                         (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4,
-                         (void **)&p->xc1};
-        for (int i = 0; i < 9; i++) {
-            *dst[i] = m;
-            m += (sizes[i] + 31) / 32 * 32;
+        void **dst[11] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
+                          (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4,
+                          (void **)&p->xc1, (void **)&p->xq256, (void **)&p->xd256};
+        for (int i = 0; i < 11; i++) {
+            *dst[i] = sizes[i] ? m : NULL;
+            m += (sizes[i] + 63) / 64 * 64;
         }
     }
 #endif
@@ -673,6 +688,26 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
 
 #if MK_SIMD
 INLINE float hsum(__m256 v);
+#endif
+
+#if MK_AVX512
+/* Vector j's int16 activations with one scale per 256 (xq256, xd256), for dot_ksb: as the 32-blocks
+ * (the largest |x| maps to 32767, rounding to nearest even), and saturated, so no code is -32768
+ * (dot_ksb's int32 sums rely on |code| <= 32767). */
+static void xprep_fill256(xprep *p, int64_t j) {
+    for (int64_t b = 0; b < p->cols / 256; b++) {
+        const float *x = p->xf + j * p->cols + 256 * b;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < 16; i++) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 16 * i)), m);
+        const float d = _mm512_reduce_max_ps(m) / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m512 vid = _mm512_set1_ps(id);
+        int16_t *q = p->xq256 + j * p->cols + 256 * b;
+        for (int i = 0; i < 16; i++)
+            _mm256_store_si256((__m256i *)(q + 16 * i),
+                               _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), vid))));
+        p->xd256[j * (p->cols / 256) + b] = d;
+    }
+}
 #endif
 
 static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
@@ -747,6 +782,9 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
                 p->xd4[o + k] = p->xd4[o + 4 + k] = p->xd[k0 + k];
             }
         }
+#if MK_AVX512
+        if (p->xq256) xprep_fill256(p, j);
+#endif
     }
 }
 
@@ -1525,6 +1563,211 @@ INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, fl
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
+#if MK_AVX512
+/* ---------- AVX-512 VNNI: super-block formats against several vectors ----------
+ *
+ * Prefill multiplies each expert's rows by a few to a few dozen vectors.  The kernels above take
+ * each 32 weights' integer sum to float against its own activation scale (a conversion and an FMA
+ * per 32-block and vector); here the activations have one scale per 256 (xq256), so a row's
+ * super-block is decoded once into int16 codes with the sub-block scales multiplied in (ksb_decode),
+ * and each vector's dot with it is eight vpdpwssd (32 products each, summed in int32) and one
+ * conversion and FMA.  The int32 sums cannot overflow: |code * scale| <= 4096 (q6_k's -32 * -128; q4_k
+ * 945, q5_k 1953, iq4_xs -127 * -32) and |activation| <= 32767, so a lane's 16 products stay below 2^31.
+ * Accuracy: one scale per 256 instead of 32 costs a few bits where a 256-run's largest |x| is far
+ * above the rest; the codes still have 15 bits (relative error ~1e-4 on the tests' data). */
+INLINE int is_ksb(int fmt) { return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS; }
+
+INLINE __m512i ld32w(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* Bit k of each int16 lane of h, moved to bit `to`. */
+INLINE __m512i bit_to512(__m512i h, int k, int to) {
+    const __m512i v = k >= to ? _mm512_srli_epi16(h, k - to) : _mm512_slli_epi16(h, to - k);
+    return _mm512_and_si512(v, _mm512_set1_epi16((short)(1 << to)));
+}
+
+/* Lanes 0-15 from int16 lane a of v, lanes 16-31 from lane b (vpermw). */
+INLINE __m512i pick2(__m512i v, int a, int b) {
+    return _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16((short)a), _mm512_set1_epi16((short)b)), v);
+}
+
+/* One row's super-block: w[j] = weights 32 j .. 32 j + 31 as int16 times their integer scales (and,
+ * q6_k, minus its 32; iq4_xs, looked up in IQ4_VALUES), d the float scale of those products, mn (q4_k,
+ * q5_k) dmin times the eight sub-blocks' mins, for the float sums of the activations. */
+typedef struct {
+    __m512i w[8];
+    float d;
+    __m256 mn;
+} ksb_t;
+
+INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
+    const __m512i m4 = _mm512_set1_epi16(0x0F);
+    if (fmt == IQ4_XS) { /* block k: 16 bytes at 8 + 16 k, weights 0-15 the low nibbles, 16-31 the high */
+        const __m128i tab = _mm_loadu_si128((const __m128i *)IQ4_VALUES), m15 = _mm_set1_epi8(0x0F);
+        k->d = h2f(q);
+        k->mn = _mm256_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(q + 8 + 16 * j));
+            const __m256i c = _mm256_set_m128i(_mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15)),
+                                               _mm_shuffle_epi8(tab, _mm_and_si128(v, m15)));
+            k->w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(c), _mm512_set1_epi16((short)(iq4xs_ls(q, j) - 32)));
+        }
+        return;
+    }
+    if (fmt == Q6_K) {
+        const __m512i m30 = _mm512_set1_epi16(0x30), o32 = _mm512_set1_epi16(32);
+        const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 192))));
+        k->d = h2f(q + 208);
+        k->mn = _mm256_setzero_ps();
+        for (int h = 0; h < 2; h++) { /* weights 128 h + l, 32 + l, 64 + l, 96 + l from byte l (as dot_q6_k) */
+            const uint8_t *ql = q + 64 * h, *qh = q + 128 + 32 * h;
+            const __m512i A = ld32w(ql), B = ld32w(ql + 32), H = ld32w(qh);
+            const __m512i c[4] = {
+                _mm512_or_si512(_mm512_and_si512(A, m4), _mm512_and_si512(_mm512_slli_epi16(H, 4), m30)),
+                _mm512_or_si512(_mm512_and_si512(B, m4), _mm512_and_si512(_mm512_slli_epi16(H, 2), m30)),
+                _mm512_or_si512(_mm512_srli_epi16(A, 4), _mm512_and_si512(H, m30)),
+                _mm512_or_si512(_mm512_srli_epi16(B, 4), _mm512_and_si512(_mm512_srli_epi16(H, 2), m30))};
+            for (int t = 0; t < 4; t++) {
+                const int j = 4 * h + t; /* 16-groups 2 j and 2 j + 1 */
+                k->w[j] = _mm512_mullo_epi16(_mm512_sub_epi16(c[t], o32), pick2(sc, 2 * j, 2 * j + 1));
+            }
+        }
+        return;
+    }
+    const int five = fmt == Q5_K;
+    const uint8_t *qs = q + (five ? 48 : 16);
+    const __m128i smv = q4k_unpack(q + 4); /* bytes 0-7 the scales, 8-15 the mins */
+    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(smv));
+    k->d = h2f(q);
+    k->mn = _mm256_mul_ps(_mm256_set1_ps(h2f(q + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8))));
+    const __m512i H = five ? ld32w(q + 16) : _mm512_setzero_si512(); /* bit s of qh[l]: weight l of sub-block s */
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = ld32w(qs + 32 * c);
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi16(v, 4);
+        if (five) {
+            lo = _mm512_or_si512(lo, bit_to512(H, 2 * c, 4));
+            hi = _mm512_or_si512(hi, bit_to512(H, 2 * c + 1, 4));
+        }
+        k->w[2 * c] = _mm512_mullo_epi16(lo, pick2(sc, 2 * c, 2 * c));
+        k->w[2 * c + 1] = _mm512_mullo_epi16(hi, pick2(sc, 2 * c + 1, 2 * c + 1));
+    }
+}
+
+INLINE int64_t ksb_bytes(int fmt) { return fmt == Q6_K ? 210 : fmt == Q5_K ? 176 : fmt == IQ4_XS ? 136 : 144; }
+
+/* One row (w) against J <= 8 vectors from j0: out[jj]. */
+INLINE void dot_ksb(int fmt, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nsb = cols / 256, nb = p->nb, bs = ksb_bytes(fmt);
+    __m512 acc[8];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *q = w + bs * sb;
+        pf(q + 4 * bs);
+        pf(q + 4 * bs + 64);
+        pf(q + 4 * bs + 128);
+        pf(q + 4 * bs + bs - 1);
+        ksb_t k;
+        ksb_decode(fmt, q, &k);
+        for (int jj = 0; jj < J; jj++) {
+            const __m512i *x = (const __m512i *)(p->xq256 + (j0 + jj) * cols + 256 * sb);
+            /* two chains of four: half the latency of one */
+            __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), k.w[0], _mm512_load_si512(x));
+            __m512i s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), k.w[1], _mm512_load_si512(x + 1));
+            for (int t = 2; t < 8; t += 2) {
+                s0 = _mm512_dpwssd_epi32(s0, k.w[t], _mm512_load_si512(x + t));
+                s1 = _mm512_dpwssd_epi32(s1, k.w[t + 1], _mm512_load_si512(x + t + 1));
+            }
+            const float dx = k.d * p->xd256[(j0 + jj) * nsb + sb];
+            acc[jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(dx), acc[jj]);
+            if (fmt == Q4_K || fmt == Q5_K) /* the mins: minus dmin * m_j * (sum of x over sub-block j), in lanes 0-7 */
+                acc[jj] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(k.mn),
+                                           _mm512_maskz_loadu_ps(0xFF, p->xs + (j0 + jj) * nb + 8 * sb), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) out[jj] = _mm512_reduce_add_ps(acc[jj]);
+}
+
+#define MK_KSB(J) \
+    static void ksb4_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q4_K, w, J, p, j0, out); } \
+    static void ksb5_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q5_K, w, J, p, j0, out); } \
+    static void ksb6_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q6_K, w, J, p, j0, out); } \
+    static void ksbi_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(IQ4_XS, w, J, p, j0, out); }
+MK_KSB(1)
+MK_KSB(2)
+MK_KSB(3)
+MK_KSB(4)
+MK_KSB(5)
+MK_KSB(6)
+MK_KSB(7)
+MK_KSB(8)
+#undef MK_KSB
+
+/* The x8 layouts over q4_k, q5_k and iq4_xs go through dot_ksb too: a chunk of rows is first put back
+ * in the plain layout (x8_unpack), which costs little next to decoding each row for every eight vectors. */
+INLINE int ksb_takes(int fmt) { return is_ksb(fmt) || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8; }
+
+/* A run of eight interleaved rows (q4_kx8, q5_kx8, iq4_xsx8; nsb super-blocks) as eight plain rows at
+ * out, row stride nsb * bs.  The header (q4_k, q5_k: d, dmin, 12 scale bytes; iq4_xs: d, scales_h, 4
+ * scales_l bytes) byte by byte; the payload 128 bytes at a time:
+ * eight 16-byte units, unit k holding pair k of rows 0..7, become 16 bytes of each row, a transpose of
+ * 8 x 8 16-bit words (two vpermt2w). */
+static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
+    const int bs = x8_block_bytes(fmt), hdr = fmt == IQ4_XSX8 ? 8 : 16;
+    const int64_t prb = bs * nsb;
+    __m512i ia, ib; /* output word o of rows 0-3 (ia) or 4-7 (ib): row o / 8 (+4), pair o % 8 */
+    int16_t ta[32], tb[32];
+    for (int o = 0; o < 32; o++) {
+        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
+        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
+    }
+    ia = _mm512_loadu_si512(ta);
+    ib = _mm512_loadu_si512(tb);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *q = run + 8 * bs * sb;
+        for (int rr = 0; rr < 8; rr++)
+            for (int i = 0; i < hdr; i++) out[rr * prb + bs * sb + i] = q[x8_pos(fmt, rr, i)];
+        for (int g = 0; g < (bs - hdr) / 16; g++) {
+            const __m512i a = _mm512_loadu_si512(q + 8 * hdr + 128 * g), b = _mm512_loadu_si512(q + 8 * hdr + 128 * g + 64);
+            uint8_t t[128];
+            _mm512_storeu_si512(t, _mm512_permutex2var_epi16(a, ia, b));
+            _mm512_storeu_si512(t + 64, _mm512_permutex2var_epi16(a, ib, b));
+            for (int rr = 0; rr < 8; rr++) memcpy(out + rr * prb + bs * sb + hdr + 16 * g, t + 16 * rr, 16);
+        }
+    }
+}
+
+/* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
+ * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
+static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
+                    int64_t ldy) {
+    typedef void (*ksbdot)(const uint8_t *, const xprep *, int64_t, float *);
+    static const ksbdot fns[4][8] = {{ksb4_1, ksb4_2, ksb4_3, ksb4_4, ksb4_5, ksb4_6, ksb4_7, ksb4_8},
+                                     {ksb5_1, ksb5_2, ksb5_3, ksb5_4, ksb5_5, ksb5_6, ksb5_7, ksb5_8},
+                                     {ksb6_1, ksb6_2, ksb6_3, ksb6_4, ksb6_5, ksb6_6, ksb6_7, ksb6_8},
+                                     {ksbi_1, ksbi_2, ksbi_3, ksbi_4, ksbi_5, ksbi_6, ksbi_7, ksbi_8}};
+    uint8_t *plain = NULL;
+    if (is_x8(fmt)) {
+        const int64_t nsb = p->cols / 256, prb = x8_block_bytes(fmt) * nsb;
+        plain = malloc((size_t)((r1 - r0) * prb));
+        if (!plain) return -2;
+        for (int64_t r = r0; r < r1; r += 8) x8_unpack(fmt, w + r * rb, nsb, plain + (r - r0) * prb);
+        fmt = x8_base(fmt);
+        w = plain - r0 * prb;
+        rb = prb;
+    }
+    const ksbdot *f = fns[fmt == Q4_K ? 0 : fmt == Q5_K ? 1 : fmt == Q6_K ? 2 : 3];
+    float o[8];
+    for (int64_t j = 0; j < p->n; j += 8) {
+        const int64_t J = p->n - j < 8 ? p->n - j : 8;
+        for (int64_t r = r0; r < r1; r++) {
+            f[J - 1](w + r * rb, p, j, o);
+            for (int64_t jj = 0; jj < J; jj++) Y[(j + jj) * ldy + r] = o[jj];
+        }
+    }
+    free(plain);
+    return 0;
+}
+#endif /* MK_AVX512 */
+
 #define MK_X8(J) \
     static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
     static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(0, w, J, p, j0, out); } \
@@ -1638,6 +1881,12 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
  * multiples of 8.) */
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
+#if MK_AVX512
+    /* (x8: its own kernel below reads four vectors a pass, and at two to four vectors it matched or beat
+     * unpacking then dot_ksb: q4_kx8 1024x2048 n=2 39-40k vs 35-36k tokens/s, n=4 41-45k vs 41-47k) */
+    if (p->xq256 && ksb_takes(fmt) && (!is_x8(fmt) || p->n > 4) && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0)
+        return;
+#endif
     if (is_x8(fmt)) {
 #if MK_SIMD
         if (p->xq) {

@@ -21,10 +21,7 @@ NOT_F32 = ("f16", "bf16", *QUANT)
 
 
 def _backends() -> list[str]:
-    out = ["numpy", "numba", "c-generic"]
-    if cpu_c.best_variant() == "avx2":
-        out.append("c-avx2")
-    return out
+    return ["numpy", "numba", "c-generic", *(f"c-{v}" for v in ("avx2", "avx512") if cpu_c.runs_here(v))]
 
 
 BACKENDS = _backends()
@@ -376,7 +373,7 @@ def test_x8_products_reach_tiles_later_on_avx2(backend):
     err = {n: _rel(kernels.matmul(q, "q4_0x8", 512, X), _ref(q, "q4_0x8", 512, X))
            for n, X in ((48, llm_like(48, 512, seed=36)), (80, llm_like(80, 512, seed=37)))}
     assert err[80] < 1e-5 and err[48] < 3e-3
-    if backend == "c-avx2":
+    if backend in ("c-avx2", "c-avx512"):
         assert err[48] > 1e-6     # the kernels, not the tiles
     else:
         assert err[48] < 1e-5     # elsewhere x8 takes the tiles above 32 (c-generic) or 2 (numba)
@@ -426,8 +423,53 @@ def test_float_formats_any_length(backend, fmt):
 def test_large_batch_uses_tiles_and_stays_accurate(backend):
     rows, cols = 300, 256
     q = random_blocks("q4_k", rows, cols, seed=12)
-    X = llm_like(48, cols, seed=13)
+    X = llm_like(max(kernels.SMALL_N.values()) + 1, cols, seed=13)   # more vectors than any kernel takes
     assert _rel(kernels.matmul(q, "q4_k", cols, X), _ref(q, "q4_k", cols, X)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", kernels.KSB_FORMATS)
+def test_super_block_products_at_their_largest(backend, fmt):
+    # Every weight at its format's largest |code * scale| (q6_k: code 0 - 32 with scale -128, 4096;
+    # iq4_xs -127 * -32; q5_k 31 * 63; q4_k 15 * 63) against activations all at their largest: dot_ksb sums 16 such
+    # products a lane in int32, which holds them only just (q6_k: 16 * 4096 * 32767 < 2^31).
+    rows, cols, base = 8, 512, formats.INTERLEAVED.get(fmt, fmt)
+    q = np.full((rows, formats.row_bytes(base, cols)), 0xFF, np.uint8)
+    blocks = q.reshape(-1, formats.BLOCK[base][1])
+    if base == "q6_k":
+        blocks[:, :192] = 0          # ql, qh: code 0, weight -32
+        blocks[:, 192:208] = 0x80    # scales -128
+        blocks[:, 208:210] = np.array([2 ** -10], np.float16).view(np.uint8)
+    elif base == "iq4_xs":
+        blocks[:, 2:] = 0            # scales 0 - 32, codes 0: -127
+        blocks[:, 0:2] = np.array([2 ** -10], np.float16).view(np.uint8)
+    else:
+        blocks[:, 0:2] = np.array([2 ** -10], np.float16).view(np.uint8)   # d; dmin stays 0xFFFF: NaN,
+        blocks[:, 2:4] = 0                                                     # so make it 0
+    if fmt in formats.INTERLEAVED:
+        q = formats.interleave(q, fmt)
+    X = np.stack([np.ones(cols), -np.ones(cols), np.full(cols, 1e-3)]).astype(np.float32)
+    ref = _ref(q, fmt, cols, X)
+    assert np.all(np.abs(ref[:2]) >= 472.5)   # 512 weights of 945 / 1024 (q4_k) and more
+    assert _rel(kernels.matmul(q, fmt, cols, X), ref) < 1e-4
+    assert _rel(kernels.matmul(q, fmt, cols, X[:2]), ref[:2]) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", kernels.KSB_FORMATS)
+def test_super_block_kernels_take_whole_prompt_chunks(backend, fmt):
+    # On the avx512 variant the super-block formats' kernels (dot_ksb) stay ahead of the float32 tiles up
+    # to a prompt chunk's 256 vectors (the x8 layouts put back in plain rows a chunk at a time): 200 vectors
+    # go through them (int16 activations, a small error), eight at a time with a remainder of 0; elsewhere
+    # 200 vectors take the tiles.
+    rows, cols = 24, 512
+    q = random_blocks(formats.INTERLEAVED.get(fmt, fmt), rows, cols, seed=70)
+    q = formats.interleave(q, fmt) if fmt in formats.INTERLEAVED else q
+    X = llm_like(200, cols, seed=71)
+    err = _rel(kernels.matmul(q, fmt, cols, X), _ref(q, fmt, cols, X))
+    assert err < 3e-3
+    if backend == "c-avx512":
+        assert err > 1e-6
+    else:
+        assert err < 1e-5
 
 
 def test_empty_and_strided_inputs(backend):
@@ -707,7 +749,7 @@ def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
     assert lib.exists() and not str(lib).startswith(str(blocker))
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2"] if cpu_c.best_variant() == "avx2" else ["generic"])
+@pytest.mark.parametrize("variant", [v for v in ("generic", "avx2", "avx512") if cpu_c.runs_here(v)])
 def test_crc32_equals_zlibs(variant):
     # The engine checks every bundle it reads against index.json's zlib CRC-32: the folded C code must
     # agree with zlib at every length (the 64-byte folds, the 16-byte steps, the bitwise tail), at any
