@@ -11,6 +11,7 @@ fallback to numba.  cffi releases the GIL around each call, so threads can run k
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qkernels.c")
 FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_k": 6,
@@ -250,8 +253,16 @@ _lock = threading.Lock()
 
 def load(variant: str | None = None) -> CKernels:
     """The C kernels for `variant` ("avx512", "avx2", "generic"; None: the best this CPU runs), built if
-    need be."""
-    variant = variant or best_variant()
+    need be.  With None, a variant the compiler cannot build (an old gcc without -mavx512vnni) gives way
+    to the next one."""
+    if variant is None:
+        tried = [v for v in ("avx512", "avx2", "generic") if runs_here(v)]
+        for v in tried[:-1]:
+            try:
+                return load(v)
+            except CompileError as e:
+                log.warning("C kernels %s unavailable (%s); trying %s", v, e, tried[tried.index(v) + 1])
+        return load(tried[-1])
     if variant not in FLAGS:
         raise CompileError(f"unknown C kernel variant {variant!r} (known: {', '.join(FLAGS)})")
     if not runs_here(variant):

@@ -749,6 +749,18 @@ def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
     assert lib.exists() and not str(lib).startswith(str(blocker))
 
 
+def test_a_variant_the_compiler_cannot_build_gives_way(monkeypatch):
+    # An old compiler without -mavx512vnni must cost the avx512 kernels only, not every C kernel.
+    best = cpu_c.best_variant()
+    if best == "generic":
+        pytest.skip("this CPU runs only the portable kernels")
+    monkeypatch.setattr(cpu_c, "FLAGS", {**cpu_c.FLAGS, best: [*cpu_c.FLAGS[best], "-mno-such-option-here"]})
+    monkeypatch.setattr(cpu_c, "_loaded", {k: v for k, v in cpu_c._loaded.items() if k != best})
+    with pytest.raises(cpu_c.CompileError, match="no-such-option"):
+        cpu_c.load(best)
+    assert cpu_c.load().variant == ("avx2" if best == "avx512" else "generic")
+
+
 @pytest.mark.parametrize("variant", [v for v in ("generic", "avx2", "avx512") if cpu_c.runs_here(v)])
 def test_crc32_equals_zlibs(variant):
     # The engine checks every bundle it reads against index.json's zlib CRC-32: the folded C code must
