@@ -78,7 +78,7 @@ SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "ksb"): 256, ("c", "half")
            ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # The formats of dot_ksb (the avx512 variant's products of several vectors; the x8 layouts are put back
 # in their plain layout a chunk at a time).
-KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q4_kx8", "q5_kx8", "iq4_xsx8")
+KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q4_kx8", "q5_kx8", "iq4_xsx8")
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 

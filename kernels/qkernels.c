@@ -1572,10 +1572,13 @@ INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, fl
  * super-block is decoded once into int16 codes with the sub-block scales multiplied in (ksb_decode),
  * and each vector's dot with it is eight vpdpwssd (32 products each, summed in int32) and one
  * conversion and FMA.  The int32 sums cannot overflow: |code * scale| <= 4096 (q6_k's -32 * -128; q4_k
- * 945, q5_k 1953, iq4_xs -127 * -32) and |activation| <= 32767, so a lane's 16 products stay below 2^31.
+ * 945, q5_k 1953, iq4_xs -127 * -32, q3_k 128, q2_k 45) and |activation| <= 32767, so a lane's 16 products
+ * stay below 2^31.
  * Accuracy: one scale per 256 instead of 32 costs a few bits where a 256-run's largest |x| is far
  * above the rest; the codes still have 15 bits (relative error ~1e-4 on the tests' data). */
-INLINE int is_ksb(int fmt) { return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS; }
+INLINE int is_ksb(int fmt) {
+    return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
+}
 
 INLINE __m512i ld32w(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
 
@@ -1591,20 +1594,45 @@ INLINE __m512i pick2(__m512i v, int a, int b) {
 }
 
 /* One row's super-block: w[j] = weights 32 j .. 32 j + 31 as int16 times their integer scales (and,
- * q6_k, minus its 32; iq4_xs, looked up in IQ4_VALUES), d the float scale of those products, mn (q4_k,
- * q5_k) dmin times the eight sub-blocks' mins, for the float sums of the activations. */
+ * q6_k, minus its 32; q3_k, minus 4 where the third bit is clear; iq4_xs, looked up in IQ4_VALUES), d
+ * the float scale of those products, mn the mins for the float sums of the activations: q4_k and q5_k
+ * dmin times the eight sub-blocks' (lanes 0-7, against xs), q2_k dmin / 32 times the sixteen groups'
+ * (against xs16, 32 times each group's sum). */
 typedef struct {
     __m512i w[8];
     float d;
-    __m256 mn;
+    __m512 mn;
 } ksb_t;
 
 INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
     const __m512i m4 = _mm512_set1_epi16(0x0F);
+    k->mn = _mm512_setzero_ps();
+    if (fmt == Q3_K || fmt == Q2_K) { /* as deq_row: weight 128 h + 32 j + l is bits 2j, 2j+1 of byte 32 h + l */
+        const int three = fmt == Q3_K;
+        const uint8_t *qs = q + (three ? 32 : 16);
+        int16_t sc[32] = {0};
+        for (int g = 0; g < 16; g++) sc[g] = (int16_t)(three ? q3k_scale(q + 96, g) : q[g] & 0xF);
+        const __m512i scv = _mm512_loadu_si512(sc);
+        k->d = h2f(q + (three ? 108 : 80));
+        if (!three) {
+            const __m128i m8 = _mm_srli_epi16(_mm_and_si128(_mm_loadu_si128((const __m128i *)q), _mm_set1_epi8((char)0xF0)), 4);
+            k->mn = _mm512_mul_ps(_mm512_set1_ps(h2f(q + 82) * 0.03125f), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m8)));
+        }
+        const __m512i HM = three ? ld32w(q) : _mm512_setzero_si512(), m3 = _mm512_set1_epi16(3);
+        for (int h = 0; h < 2; h++) {
+            const __m512i Q = ld32w(qs + 32 * h);
+            for (int j = 0; j < 4; j++) {
+                __m512i c = _mm512_and_si512(_mm512_srli_epi16(Q, 2 * j), m3);
+                if (three) c = _mm512_sub_epi16(_mm512_or_si512(c, bit_to512(HM, 4 * h + j, 2)), _mm512_set1_epi16(4));
+                const int t = 4 * h + j; /* groups 2 t, 2 t + 1 */
+                k->w[t] = _mm512_mullo_epi16(c, pick2(scv, 2 * t, 2 * t + 1));
+            }
+        }
+        return;
+    }
     if (fmt == IQ4_XS) { /* block k: 16 bytes at 8 + 16 k, weights 0-15 the low nibbles, 16-31 the high */
         const __m128i tab = _mm_loadu_si128((const __m128i *)IQ4_VALUES), m15 = _mm_set1_epi8(0x0F);
         k->d = h2f(q);
-        k->mn = _mm256_setzero_ps();
         for (int j = 0; j < 8; j++) {
             const __m128i v = _mm_loadu_si128((const __m128i *)(q + 8 + 16 * j));
             const __m256i c = _mm256_set_m128i(_mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(v, 4), m15)),
@@ -1617,7 +1645,6 @@ INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
         const __m512i m30 = _mm512_set1_epi16(0x30), o32 = _mm512_set1_epi16(32);
         const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 192))));
         k->d = h2f(q + 208);
-        k->mn = _mm256_setzero_ps();
         for (int h = 0; h < 2; h++) { /* weights 128 h + l, 32 + l, 64 + l, 96 + l from byte l (as dot_q6_k) */
             const uint8_t *ql = q + 64 * h, *qh = q + 128 + 32 * h;
             const __m512i A = ld32w(ql), B = ld32w(ql + 32), H = ld32w(qh);
@@ -1638,7 +1665,8 @@ INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
     const __m128i smv = q4k_unpack(q + 4); /* bytes 0-7 the scales, 8-15 the mins */
     const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(smv));
     k->d = h2f(q);
-    k->mn = _mm256_mul_ps(_mm256_set1_ps(h2f(q + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8))));
+    k->mn = _mm512_zextps256_ps512(
+        _mm256_mul_ps(_mm256_set1_ps(h2f(q + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)))));
     const __m512i H = five ? ld32w(q + 16) : _mm512_setzero_si512(); /* bit s of qh[l]: weight l of sub-block s */
     for (int c = 0; c < 4; c++) {
         const __m512i v = ld32w(qs + 32 * c);
@@ -1652,7 +1680,9 @@ INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
     }
 }
 
-INLINE int64_t ksb_bytes(int fmt) { return fmt == Q6_K ? 210 : fmt == Q5_K ? 176 : fmt == IQ4_XS ? 136 : 144; }
+INLINE int64_t ksb_bytes(int fmt) {
+    return fmt == Q6_K ? 210 : fmt == Q5_K ? 176 : fmt == IQ4_XS ? 136 : fmt == Q3_K ? 110 : fmt == Q2_K ? 84 : 144;
+}
 
 /* One row (w) against J <= 8 vectors from j0: out[jj]. */
 INLINE void dot_ksb(int fmt, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
@@ -1679,8 +1709,9 @@ INLINE void dot_ksb(int fmt, const uint8_t *w, int J, const xprep *p, int64_t j0
             const float dx = k.d * p->xd256[(j0 + jj) * nsb + sb];
             acc[jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(dx), acc[jj]);
             if (fmt == Q4_K || fmt == Q5_K) /* the mins: minus dmin * m_j * (sum of x over sub-block j), in lanes 0-7 */
-                acc[jj] = _mm512_fnmadd_ps(_mm512_zextps256_ps512(k.mn),
-                                           _mm512_maskz_loadu_ps(0xFF, p->xs + (j0 + jj) * nb + 8 * sb), acc[jj]);
+                acc[jj] = _mm512_fnmadd_ps(k.mn, _mm512_maskz_loadu_ps(0xFF, p->xs + (j0 + jj) * nb + 8 * sb), acc[jj]);
+            if (fmt == Q2_K) /* minus dmin * m_g * (sum of x over group g) */
+                acc[jj] = _mm512_fnmadd_ps(k.mn, _mm512_loadu_ps(p->xs16 + 2 * ((j0 + jj) * nb + 8 * sb)), acc[jj]);
         }
     }
     for (int jj = 0; jj < J; jj++) out[jj] = _mm512_reduce_add_ps(acc[jj]);
@@ -1690,7 +1721,9 @@ INLINE void dot_ksb(int fmt, const uint8_t *w, int J, const xprep *p, int64_t j0
     static void ksb4_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q4_K, w, J, p, j0, out); } \
     static void ksb5_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q5_K, w, J, p, j0, out); } \
     static void ksb6_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q6_K, w, J, p, j0, out); } \
-    static void ksbi_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(IQ4_XS, w, J, p, j0, out); }
+    static void ksbi_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(IQ4_XS, w, J, p, j0, out); } \
+    static void ksb3_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q3_K, w, J, p, j0, out); } \
+    static void ksb2_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_ksb(Q2_K, w, J, p, j0, out); }
 MK_KSB(1)
 MK_KSB(2)
 MK_KSB(3)
@@ -1735,15 +1768,23 @@ static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
     }
 }
 
+/* The fewest vectors for which dot_ksb beats the kernels below.  x8: its own kernel reads four vectors a
+ * pass, and at two to four it matched or beat unpacking then dot_ksb (q4_kx8 1024x2048 n=2 39-40k vs
+ * 35-36k tokens/s, n=4 41-45k vs 41-47k); q3_k and q2_k: their scales decoded one by one cost more than
+ * two vectors gain (1024x2048 n=2 q3_k 16-17k vs 19-21k, q2_k 22k vs 23-25k; n=3 23k vs 23k, 32k vs 26k). */
+INLINE int ksb_min_n(int fmt) { return is_x8(fmt) ? 5 : fmt == Q3_K || fmt == Q2_K ? 3 : 2; }
+
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
  * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
 static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
                     int64_t ldy) {
     typedef void (*ksbdot)(const uint8_t *, const xprep *, int64_t, float *);
-    static const ksbdot fns[4][8] = {{ksb4_1, ksb4_2, ksb4_3, ksb4_4, ksb4_5, ksb4_6, ksb4_7, ksb4_8},
+    static const ksbdot fns[6][8] = {{ksb4_1, ksb4_2, ksb4_3, ksb4_4, ksb4_5, ksb4_6, ksb4_7, ksb4_8},
                                      {ksb5_1, ksb5_2, ksb5_3, ksb5_4, ksb5_5, ksb5_6, ksb5_7, ksb5_8},
                                      {ksb6_1, ksb6_2, ksb6_3, ksb6_4, ksb6_5, ksb6_6, ksb6_7, ksb6_8},
-                                     {ksbi_1, ksbi_2, ksbi_3, ksbi_4, ksbi_5, ksbi_6, ksbi_7, ksbi_8}};
+                                     {ksbi_1, ksbi_2, ksbi_3, ksbi_4, ksbi_5, ksbi_6, ksbi_7, ksbi_8},
+                                     {ksb3_1, ksb3_2, ksb3_3, ksb3_4, ksb3_5, ksb3_6, ksb3_7, ksb3_8},
+                                     {ksb2_1, ksb2_2, ksb2_3, ksb2_4, ksb2_5, ksb2_6, ksb2_7, ksb2_8}};
     uint8_t *plain = NULL;
     if (is_x8(fmt)) {
         const int64_t nsb = p->cols / 256, prb = x8_block_bytes(fmt) * nsb;
@@ -1754,7 +1795,7 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
         w = plain - r0 * prb;
         rb = prb;
     }
-    const ksbdot *f = fns[fmt == Q4_K ? 0 : fmt == Q5_K ? 1 : fmt == Q6_K ? 2 : 3];
+    const ksbdot *f = fns[fmt == Q4_K ? 0 : fmt == Q5_K ? 1 : fmt == Q6_K ? 2 : fmt == IQ4_XS ? 3 : fmt == Q3_K ? 4 : 5];
     float o[8];
     for (int64_t j = 0; j < p->n; j += 8) {
         const int64_t J = p->n - j < 8 ? p->n - j : 8;
@@ -1882,9 +1923,7 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
 #if MK_AVX512
-    /* (x8: its own kernel below reads four vectors a pass, and at two to four vectors it matched or beat
-     * unpacking then dot_ksb: q4_kx8 1024x2048 n=2 39-40k vs 35-36k tokens/s, n=4 41-45k vs 41-47k) */
-    if (p->xq256 && ksb_takes(fmt) && (!is_x8(fmt) || p->n > 4) && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0)
+    if (p->xq256 && ksb_takes(fmt) && p->n >= ksb_min_n(fmt) && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0)
         return;
 #endif
     if (is_x8(fmt)) {

@@ -430,8 +430,9 @@ def test_large_batch_uses_tiles_and_stays_accurate(backend):
 @pytest.mark.parametrize("fmt", kernels.KSB_FORMATS)
 def test_super_block_products_at_their_largest(backend, fmt):
     # Every weight at its format's largest |code * scale| (q6_k: code 0 - 32 with scale -128, 4096;
-    # iq4_xs -127 * -32; q5_k 31 * 63; q4_k 15 * 63) against activations all at their largest: dot_ksb sums 16 such
-    # products a lane in int32, which holds them only just (q6_k: 16 * 4096 * 32767 < 2^31).
+    # iq4_xs -127 * -32; q5_k 31 * 63; q4_k 15 * 63; q3_k -4 * -32; q2_k 3 * 15) against activations all
+    # at their largest: dot_ksb sums 16 such products a lane in int32, which holds them only just (q6_k:
+    # 16 * 4096 * 32767 < 2^31).
     rows, cols, base = 8, 512, formats.INTERLEAVED.get(fmt, fmt)
     q = np.full((rows, formats.row_bytes(base, cols)), 0xFF, np.uint8)
     blocks = q.reshape(-1, formats.BLOCK[base][1])
@@ -442,6 +443,13 @@ def test_super_block_products_at_their_largest(backend, fmt):
     elif base == "iq4_xs":
         blocks[:, 2:] = 0            # scales 0 - 32, codes 0: -127
         blocks[:, 0:2] = np.array([2 ** -10], np.float16).view(np.uint8)
+    elif base == "q3_k":
+        blocks[:, :108] = 0          # hmask clear, codes 0: -4; scales 0 - 32
+        blocks[:, 108:110] = np.array([2 ** -10], np.float16).view(np.uint8)
+    elif base == "q2_k":
+        blocks[:, :16] = 0x0F        # scales 15, mins 0; codes 3
+        blocks[:, 80:82] = np.array([2 ** -10], np.float16).view(np.uint8)
+        blocks[:, 82:84] = 0
     else:
         blocks[:, 0:2] = np.array([2 ** -10], np.float16).view(np.uint8)   # d; dmin stays 0xFFFF: NaN,
         blocks[:, 2:4] = 0                                                     # so make it 0
@@ -449,7 +457,7 @@ def test_super_block_products_at_their_largest(backend, fmt):
         q = formats.interleave(q, fmt)
     X = np.stack([np.ones(cols), -np.ones(cols), np.full(cols, 1e-3)]).astype(np.float32)
     ref = _ref(q, fmt, cols, X)
-    assert np.all(np.abs(ref[:2]) >= 472.5)   # 512 weights of 945 / 1024 (q4_k) and more
+    assert np.all(np.abs(ref[:2]) >= 22.5)   # 512 weights of 45 / 1024 (q2_k) and more
     assert _rel(kernels.matmul(q, fmt, cols, X), ref) < 1e-4
     assert _rel(kernels.matmul(q, fmt, cols, X[:2]), ref[:2]) < 1e-4
 
