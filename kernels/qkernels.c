@@ -1740,9 +1740,8 @@ INLINE int ksb_takes(int fmt) { return is_ksb(fmt) || fmt == Q4_KX8 || fmt == Q5
 
 /* A run of eight interleaved rows (q4_kx8, q5_kx8, iq4_xsx8; nsb super-blocks) as eight plain rows at
  * out, row stride nsb * bs.  The header (q4_k, q5_k: d, dmin, 12 scale bytes; iq4_xs: d, scales_h, 4
- * scales_l bytes) byte by byte; the payload 128 bytes at a time:
- * eight 16-byte units, unit k holding pair k of rows 0..7, become 16 bytes of each row, a transpose of
- * 8 x 8 16-bit words (two vpermt2w). */
+ * scales_l bytes) byte by byte; the payload 128 bytes at a time: eight 16-byte units, unit k holding
+ * pair k of rows 0..7, become 16 bytes of each row, a transpose of 8 x 8 16-bit words (two vpermt2w). */
 static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
     const int bs = x8_block_bytes(fmt), hdr = fmt == IQ4_XSX8 ? 8 : 16;
     const int64_t prb = bs * nsb;
@@ -1786,13 +1785,14 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
                                      {ksb3_1, ksb3_2, ksb3_3, ksb3_4, ksb3_5, ksb3_6, ksb3_7, ksb3_8},
                                      {ksb2_1, ksb2_2, ksb2_3, ksb2_4, ksb2_5, ksb2_6, ksb2_7, ksb2_8}};
     uint8_t *plain = NULL;
+    const uint8_t *rows = w + r0 * rb; /* row r0 */
     if (is_x8(fmt)) {
         const int64_t nsb = p->cols / 256, prb = x8_block_bytes(fmt) * nsb;
         plain = malloc((size_t)((r1 - r0) * prb));
         if (!plain) return -2;
         for (int64_t r = r0; r < r1; r += 8) x8_unpack(fmt, w + r * rb, nsb, plain + (r - r0) * prb);
         fmt = x8_base(fmt);
-        w = plain - r0 * prb;
+        rows = plain;
         rb = prb;
     }
     const ksbdot *f = fns[fmt == Q4_K ? 0 : fmt == Q5_K ? 1 : fmt == Q6_K ? 2 : fmt == IQ4_XS ? 3 : fmt == Q3_K ? 4 : 5];
@@ -1800,7 +1800,7 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
     for (int64_t j = 0; j < p->n; j += 8) {
         const int64_t J = p->n - j < 8 ? p->n - j : 8;
         for (int64_t r = r0; r < r1; r++) {
-            f[J - 1](w + r * rb, p, j, o);
+            f[J - 1](rows + (r - r0) * rb, p, j, o);
             for (int64_t jj = 0; jj < J; jj++) Y[(j + jj) * ldy + r] = o[jj];
         }
     }
