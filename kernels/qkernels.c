@@ -1203,6 +1203,16 @@ INLINE void dot_q6_k(const uint8_t *w, int64_t rb, int R, int J, const xprep *p,
         for (int jj = 0; jj < J; jj++) out[r * J + jj] = hsum(acc[r][jj]);
 }
 
+/* q3_k's 16 scales (as q3k_scale, minus 32) from the 12 bytes at s, as int8 lanes. */
+INLINE __m128i q3k_scales16(const uint8_t *s) {
+    const __m128i lo8 = _mm_loadl_epi64((const __m128i *)s), m15 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(lo8, m15), _mm_and_si128(_mm_srli_epi16(lo8, 4), m15));
+    /* byte k of hi: byte 8 + k % 4 shifted right by 2 (k / 4), then its low two bits */
+    const __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)rd32(s + 8)), _mm_setr_epi32(0, 2, 4, 6)),
+                                     _mm_set1_epi8(3));
+    return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+}
+
 /* q3_k (three = 1) and q2_k (three = 0): as q6_k, 16 groups of 16 weights with a scale each, two
  * bits a weight in qs (weight 128 h + 32 j + l: bits 2j, 2j+1 of byte 32 h + l).  q3_k's third bit is
  * bit 4 h + j of hmask[l], the weight minus 4 where it is clear: the codes are summed as (two bits |
@@ -1223,12 +1233,7 @@ INLINE void dot_q23_k(int three, const uint8_t *w, int64_t rb, int R, int J, con
             __m128i s8; /* the 16 groups' scales as int8 */
             __m256 d, mn[2];
             if (three) {
-                const __m128i lo8 = _mm_loadl_epi64((const __m128i *)(q + 96)), m15 = _mm_set1_epi8(0x0F);
-                const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(lo8, m15), _mm_and_si128(_mm_srli_epi16(lo8, 4), m15));
-                /* byte k of hi: byte 8 + k % 4 shifted right by 2 (k / 4), then its low two bits */
-                const __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)rd32(q + 104)), _mm_setr_epi32(0, 2, 4, 6)),
-                                                 _mm_set1_epi8(3));
-                s8 = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+                s8 = q3k_scales16(q + 96);
                 d = _mm256_set1_ps(h2f(q + 108));
             } else {
                 const __m128i raw = _mm_loadu_si128((const __m128i *)q), m15 = _mm_set1_epi8(0x0F);
@@ -1610,9 +1615,8 @@ INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
     if (fmt == Q3_K || fmt == Q2_K) { /* as deq_row: weight 128 h + 32 j + l is bits 2j, 2j+1 of byte 32 h + l */
         const int three = fmt == Q3_K;
         const uint8_t *qs = q + (three ? 32 : 16);
-        int16_t sc[32] = {0};
-        for (int g = 0; g < 16; g++) sc[g] = (int16_t)(three ? q3k_scale(q + 96, g) : q[g] & 0xF);
-        const __m512i scv = _mm512_loadu_si512(sc);
+        const __m128i s8 = three ? q3k_scales16(q + 96) : _mm_and_si128(_mm_loadu_si128((const __m128i *)q), _mm_set1_epi8(0x0F));
+        const __m512i scv = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(s8));
         k->d = h2f(q + (three ? 108 : 80));
         if (!three) {
             const __m128i m8 = _mm_srli_epi16(_mm_and_si128(_mm_loadu_si128((const __m128i *)q), _mm_set1_epi8((char)0xF0)), 4);
@@ -1769,9 +1773,8 @@ static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
 
 /* The fewest vectors for which dot_ksb beats the kernels below.  x8: its own kernel reads four vectors a
  * pass, and at two to four it matched or beat unpacking then dot_ksb (q4_kx8 1024x2048 n=2 39-40k vs
- * 35-36k tokens/s, n=4 41-45k vs 41-47k); q3_k and q2_k: their scales decoded one by one cost more than
- * two vectors gain (1024x2048 n=2 q3_k 16-17k vs 19-21k, q2_k 22k vs 23-25k; n=3 23k vs 23k, 32k vs 26k). */
-INLINE int ksb_min_n(int fmt) { return is_x8(fmt) ? 5 : fmt == Q3_K || fmt == Q2_K ? 3 : 2; }
+ * 35-36k tokens/s, n=4 41-45k vs 41-47k). */
+INLINE int ksb_min_n(int fmt) { return is_x8(fmt) ? 5 : 2; }
 
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
  * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
