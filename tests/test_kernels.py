@@ -455,7 +455,9 @@ def test_super_block_products_at_their_largest(backend, fmt):
         blocks[:, 2:4] = 0                                                     # so make it 0
     if fmt in formats.INTERLEAVED:
         q = formats.interleave(q, fmt)
-    X = np.stack([np.ones(cols), -np.ones(cols), np.full(cols, 1e-3)]).astype(np.float32)
+    # six vectors: the x8 layouts too go through dot_ksb from five (ksb_min_n)
+    X = np.stack([np.ones(cols), -np.ones(cols), np.full(cols, 1e-3), np.ones(cols), -np.ones(cols),
+                  np.full(cols, 0.5)]).astype(np.float32)
     ref = _ref(q, fmt, cols, X)
     assert np.all(np.abs(ref[:2]) >= 22.5)   # 512 weights of 45 / 1024 (q2_k) and more
     assert _rel(kernels.matmul(q, fmt, cols, X), ref) < 1e-4
