@@ -47,11 +47,8 @@ int mk_crc32_fast(void);
 uint32_t mk_crc32(uint32_t crc, const uint8_t *p, int64_t n);
 """
 
-FLAGS = {
-    "generic": ["-O3"],
-    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-}
+_AVX2 = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+FLAGS = {"generic": ["-O3"], "avx2": _AVX2, "avx512": [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 # What each variant needs of the CPU (/proc/cpuinfo's names), and what mk_simd() says it was built with.
 NEEDS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"},
          "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
