@@ -692,8 +692,8 @@ INLINE float hsum(__m256 v);
 
 #if MK_AVX512
 /* Vector j's int16 activations with one scale per 256 (xq256, xd256), for dot_ksb: as the 32-blocks
- * (the largest |x| maps to 32767, rounding to nearest even), and saturated, so no code is -32768
- * (dot_ksb's int32 sums rely on |code| <= 32767). */
+ * (the largest |x| maps to 32767, rounding to nearest even; x / d stays within a few thousandths of
+ * that, so no code is -32768, which dot_ksb's int32 sums rely on), saturated against NaN and infinities. */
 static void xprep_fill256(xprep *p, int64_t j) {
     for (int64_t b = 0; b < p->cols / 256; b++) {
         const float *x = p->xf + j * p->cols + 256 * b;
@@ -1684,13 +1684,9 @@ INLINE void ksb_decode(int fmt, const uint8_t *q, ksb_t *k) {
     }
 }
 
-INLINE int64_t ksb_bytes(int fmt) {
-    return fmt == Q6_K ? 210 : fmt == Q5_K ? 176 : fmt == IQ4_XS ? 136 : fmt == Q3_K ? 110 : fmt == Q2_K ? 84 : 144;
-}
-
 /* One row (w) against J <= 8 vectors from j0: out[jj]. */
 INLINE void dot_ksb(int fmt, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t cols = p->cols, nsb = cols / 256, nb = p->nb, bs = ksb_bytes(fmt);
+    const int64_t cols = p->cols, nsb = cols / 256, nb = p->nb, bs = fmt_row_bytes(fmt, 256);
     __m512 acc[8];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
