@@ -1421,6 +1421,15 @@ INLINE void pf_run_upto(uintptr_t *next, const uint8_t *end) {
     for (; *next < (uintptr_t)end + PF_BYTES; *next += 64) pf((const uint8_t *)*next);
 }
 
+/* acc + madd(a, b): one vpdpwssd in the avx512 variant. */
+INLINE __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
+#if MK_AVX512
+    return _mm256_dpwssd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
 /* q4_0x8 (q8 = 0) and q8_0x8 (q8 = 1): one run of eight interleaved rows against J prepared vectors,
  * out[jj * 8 + rr].  Each 32-bit lane of a madd is one row's two adjacent weights times the same two
  * activations in every lane (a broadcast), so the eight lanes are the eight rows' sums: no
@@ -1512,8 +1521,8 @@ INLINE void dot_q45_kx8(int five, const uint8_t *w, int J, const xprep *p, int64
                 }
                 for (int jj = 0; jj < J; jj++) {
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c + 2 * k;
-                    sl[jj] = _mm256_add_epi32(sl[jj], _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x))));
-                    sh[jj] = _mm256_add_epi32(sh[jj], _mm256_madd_epi16(hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 32)))));
+                    sl[jj] = madd_acc(sl[jj], lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x)));
+                    sh[jj] = madd_acc(sh[jj], hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 32))));
                 }
             }
             const __m256 s0 = _mm256_mul_ps(d, kx8_scale(q, 2 * c, 0)), s1 = _mm256_mul_ps(d, kx8_scale(q, 2 * c + 1, 0));
