@@ -74,11 +74,16 @@ BACKENDS = ("auto", "c", "c-avx512", "c-avx2", "c-generic", "numba", "numpy")
 # q4_k,q6_k,iq4_xs,q4_kx8 --shapes 1024x2048,2048x1024 --batch 4,32,256 --repeats 5`), tokens/s at 256
 # vectors: q4_k 96-102k vs 45-52k, q6_k 87-93k vs 43-50k, iq4_xs 86-94k vs 45-51k, q4_kx8 93-95k vs 40-45k;
 # with SMALL_N set past 256 the tiles did no better (q4_k 1024x2048: 46k).
-SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "ksb"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
+# So do its 512-bit q4_0x8 and q8_0x8 kernels (dot_x8_32_512), with SMALL_N patched past 256, tokens/s
+# (kernels vs tiles): q4_0x8 1024x2048 at 64 vectors 93k vs 30k, 256 99k vs 45k; q8_0x8 2048x2048 43k vs
+# 12k, 32k vs 21k.
+SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "avx512"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
            ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # The formats of dot_ksb (the avx512 variant's products of several vectors; the x8 layouts are put back
 # in their plain layout a chunk at a time).
 KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q4_kx8", "q5_kx8", "iq4_xsx8")
+# What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
+AVX512_TO_CHUNK = (*KSB_FORMATS, "q4_0x8", "q8_0x8")
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
@@ -89,8 +94,8 @@ def _small_n(b: str, ck, fmts: Sequence[str]) -> int:
     def kind(f: str) -> str:
         if f in FLOAT_FORMATS:
             return "half"
-        if ck is not None and ck.variant == "avx512" and f in KSB_FORMATS:
-            return "ksb"
+        if ck is not None and ck.variant == "avx512" and f in AVX512_TO_CHUNK:
+            return "avx512"
         if ck is not None and ck.variant in ("avx2", "avx512") and f in INTERLEAVED:
             return "x8"
         return "quant"

@@ -1776,6 +1776,60 @@ static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
     }
 }
 
+/* q4_0x8 (q8 = 0) and q8_0x8 in 512-bit registers: dot_x8_32's arithmetic with two 16-byte units (two
+ * weight pairs of each of the eight rows) in one register, lanes 0-7 the first unit's rows and 8-15 the
+ * second's; each vector's block of activations is loaded once, its pairs put in place for a unit pair by
+ * one vpermd, and one vpdpwssd does 32 products (dot_x8_32: a broadcast, a madd and an add do 16).  The
+ * two halves are added at the end of the block, then converted and scaled as there. */
+INLINE void dot_x8_32_512(int q8, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, bs = q8 ? 272 : 144;
+    const __m512i m4 = _mm512_set1_epi16(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = pf_run_start(w);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = w + bs * b;
+        pf_run_upto(&next_pf, q + bs);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        __m512i xv[4], s[4];
+        for (int jj = 0; jj < J; jj++) {
+            xv[jj] = _mm512_load_si512((const __m512i *)(p->xq + (j0 + jj) * cols + 32 * b)); /* pair i: dword i */
+            s[jj] = _mm512_setzero_si512();
+        }
+        for (int k = 0; k < (q8 ? 16 : 8); k += 2) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 16 + 16 * k));
+            const __m512i v = q8 ? _mm512_cvtepi8_epi16(raw) : _mm512_cvtepu8_epi16(raw);
+            /* lanes 0-7: activation pair k (q4_0's high nibbles: 8 + k), lanes 8-15: the next */
+            const __m512i ilo = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(k), _mm512_set1_epi32(k + 1));
+            if (q8) {
+                for (int jj = 0; jj < J; jj++) s[jj] = _mm512_dpwssd_epi32(s[jj], v, _mm512_permutexvar_epi32(ilo, xv[jj]));
+                continue;
+            }
+            const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi16(v, 4);
+            const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
+            for (int jj = 0; jj < J; jj++) {
+                s[jj] = _mm512_dpwssd_epi32(s[jj], lo, _mm512_permutexvar_epi32(ilo, xv[jj]));
+                s[jj] = _mm512_dpwssd_epi32(s[jj], hi, _mm512_permutexvar_epi32(ihi, xv[jj]));
+            }
+        }
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            __m256i t = _mm256_add_epi32(_mm512_castsi512_si256(s[jj]), _mm512_extracti64x4_epi64(s[jj], 1));
+            if (!q8) t = _mm256_sub_epi32(t, _mm256_set1_epi32(p->xc1[k])); /* q4_0's nibbles are weight + 8 */
+            acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, _mm256_set1_ps(p->xd[k])), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+#define MK_X8_512(J) \
+    static void dot_x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(0, w, J, p, j0, out); } \
+    static void dot_8x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(1, w, J, p, j0, out); }
+MK_X8_512(1)
+MK_X8_512(2)
+MK_X8_512(3)
+MK_X8_512(4)
+#undef MK_X8_512
+
 /* The fewest vectors for which dot_ksb beats the kernels below.  x8: its own kernel reads four vectors a
  * pass, and at two to four it matched or beat unpacking then dot_ksb (q4_kx8 1024x2048 n=2 39-40k vs
  * 35-36k tokens/s, n=4 41-45k vs 41-47k). */
@@ -1817,11 +1871,12 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
 }
 #endif /* MK_AVX512 */
 
+/* (q4_0x8's and q8_0x8's go unused in the avx512 variant, which has dot_x8_32_512) */
 #define MK_X8(J) \
-    static void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
+    static __attribute__((unused)) void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
     static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(0, w, J, p, j0, out); } \
     static void dot_5x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(1, w, J, p, j0, out); } \
-    static void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); } \
+    static __attribute__((unused)) void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); } \
     static void dot_ix8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8(w, J, p, j0, out); }
 MK_X8(1)
 MK_X8(2)
@@ -1928,6 +1983,15 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 
 /* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (x8 layouts: r0 and r1 are
  * multiples of 8.) */
+/* q4_0x8's and q8_0x8's kernels: in 512-bit registers where the variant has them */
+#if MK_AVX512
+#define X8_Q4_0(J) dot_x8z_##J
+#define X8_Q8_0(J) dot_8x8z_##J
+#else
+#define X8_Q4_0(J) dot_x8_##J
+#define X8_Q8_0(J) dot_8x8_##J
+#endif
+
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
 #if MK_AVX512
@@ -1942,9 +2006,9 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
                 for (int64_t j = 0; j < p->n; j += 4) {
                     const int64_t J = p->n - j < 4 ? p->n - j : 4;
                     typedef void (*x8dot)(const uint8_t *, const xprep *, int64_t, float *);
-                    static const x8dot fns[5][4] = {{dot_x8_1, dot_x8_2, dot_x8_3, dot_x8_4},
+                    static const x8dot fns[5][4] = {{X8_Q4_0(1), X8_Q4_0(2), X8_Q4_0(3), X8_Q4_0(4)},
                                                     {dot_kx8_1, dot_kx8_2, dot_kx8_3, dot_kx8_4},
-                                                    {dot_8x8_1, dot_8x8_2, dot_8x8_3, dot_8x8_4},
+                                                    {X8_Q8_0(1), X8_Q8_0(2), X8_Q8_0(3), X8_Q8_0(4)},
                                                     {dot_ix8_1, dot_ix8_2, dot_ix8_3, dot_ix8_4},
                                                     {dot_5x8_1, dot_5x8_2, dot_5x8_3, dot_5x8_4}};
                     fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 3 : 4][J - 1](
