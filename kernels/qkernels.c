@@ -1421,15 +1421,6 @@ INLINE void pf_run_upto(uintptr_t *next, const uint8_t *end) {
     for (; *next < (uintptr_t)end + PF_BYTES; *next += 64) pf((const uint8_t *)*next);
 }
 
-/* acc + madd(a, b): one vpdpwssd in the avx512 variant. */
-INLINE __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
-#if MK_AVX512
-    return _mm256_dpwssd_epi32(acc, a, b);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
-}
-
 /* q4_0x8 (q8 = 0) and q8_0x8 (q8 = 1): one run of eight interleaved rows against J prepared vectors,
  * out[jj * 8 + rr].  Each 32-bit lane of a madd is one row's two adjacent weights times the same two
  * activations in every lane (a broadcast), so the eight lanes are the eight rows' sums: no
@@ -1521,8 +1512,8 @@ INLINE void dot_q45_kx8(int five, const uint8_t *w, int J, const xprep *p, int64
                 }
                 for (int jj = 0; jj < J; jj++) {
                     const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c + 2 * k;
-                    sl[jj] = madd_acc(sl[jj], lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x)));
-                    sh[jj] = madd_acc(sh[jj], hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 32))));
+                    sl[jj] = _mm256_add_epi32(sl[jj], _mm256_madd_epi16(lo, _mm256_set1_epi32((int)rd32((const uint8_t *)x))));
+                    sh[jj] = _mm256_add_epi32(sh[jj], _mm256_madd_epi16(hi, _mm256_set1_epi32((int)rd32((const uint8_t *)(x + 32)))));
                 }
             }
             const __m256 s0 = _mm256_mul_ps(d, kx8_scale(q, 2 * c, 0)), s1 = _mm256_mul_ps(d, kx8_scale(q, 2 * c + 1, 0));
@@ -1821,19 +1812,77 @@ INLINE void dot_x8_32_512(int q8, const uint8_t *w, int J, const xprep *p, int64
     }
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
+/* q4_kx8 (five = 0) and q5_kx8 in 512-bit registers: dot_q45_kx8 with two units a register, as
+ * dot_x8_32_512 does it; a 64-weight run's activations are two registers per vector (its low and its
+ * high nibbles' 32), from which one vpermd each puts a unit pair's activation pairs in place. */
+INLINE void dot_q45_kx8_512(int five, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, run = five ? 1408 : 1152, nib = five ? 16 : 0;
+    const __m512i m4 = _mm512_set1_epi16(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = pf_run_start(w);
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *q = w + run * sb;
+        pf_run_upto(&next_pf, q + run);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 16)));
+        for (int j = 0; j < 8; j++) { /* the mins, as dot_q45_kx8 */
+            const __m256 mn = _mm256_mul_ps(dmin, kx8_scale(q, j, 1));
+            for (int jj = 0; jj < J; jj++)
+                acc[jj] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(p->xs[(j0 + jj) * nb + 8 * sb + j]), acc[jj]);
+        }
+        for (int c = 0; c < 4; c++) {
+            __m512i xl[4], xh[4], sl[4], sh[4];
+            for (int jj = 0; jj < J; jj++) {
+                const int16_t *x = p->xq + (j0 + jj) * cols + 256 * sb + 64 * c;
+                xl[jj] = _mm512_load_si512((const __m512i *)x);
+                xh[jj] = _mm512_load_si512((const __m512i *)(x + 32));
+                sl[jj] = sh[jj] = _mm512_setzero_si512();
+            }
+            for (int k = 0; k < 16; k += 2) {
+                const __m512i v = ld32w(q + 128 + 16 * (nib + 16 * c + k));
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi16(v, 4);
+                if (five) {
+                    const __m512i H = ld32w(q + 128 + 16 * k);
+                    lo = _mm512_or_si512(lo, bit_to512(H, 2 * c, 4));
+                    hi = _mm512_or_si512(hi, bit_to512(H, 2 * c + 1, 4));
+                }
+                const __m512i idx = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(k), _mm512_set1_epi32(k + 1));
+                for (int jj = 0; jj < J; jj++) {
+                    sl[jj] = _mm512_dpwssd_epi32(sl[jj], lo, _mm512_permutexvar_epi32(idx, xl[jj]));
+                    sh[jj] = _mm512_dpwssd_epi32(sh[jj], hi, _mm512_permutexvar_epi32(idx, xh[jj]));
+                }
+            }
+            const __m256 s0 = _mm256_mul_ps(d, kx8_scale(q, 2 * c, 0)), s1 = _mm256_mul_ps(d, kx8_scale(q, 2 * c + 1, 0));
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + 8 * sb + 2 * c;
+                const __m256i tl = _mm256_add_epi32(_mm512_castsi512_si256(sl[jj]), _mm512_extracti64x4_epi64(sl[jj], 1));
+                const __m256i th = _mm256_add_epi32(_mm512_castsi512_si256(sh[jj]), _mm512_extracti64x4_epi64(sh[jj], 1));
+                acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tl), _mm256_mul_ps(s0, _mm256_set1_ps(p->xd[k])), acc[jj]);
+                acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(th), _mm256_mul_ps(s1, _mm256_set1_ps(p->xd[k + 1])), acc[jj]);
+            }
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
 #define MK_X8_512(J) \
     static void dot_x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(0, w, J, p, j0, out); } \
-    static void dot_8x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(1, w, J, p, j0, out); }
+    static void dot_8x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(1, w, J, p, j0, out); } \
+    static void dot_kx8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(0, w, J, p, j0, out); } \
+    static void dot_5x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(1, w, J, p, j0, out); }
 MK_X8_512(1)
 MK_X8_512(2)
 MK_X8_512(3)
 MK_X8_512(4)
 #undef MK_X8_512
 
-/* The fewest vectors for which dot_ksb beats the kernels below.  x8: its own kernel reads four vectors a
- * pass, and at two to four it matched or beat unpacking then dot_ksb (q4_kx8 1024x2048 n=2 39-40k vs
- * 35-36k tokens/s, n=4 41-45k vs 41-47k). */
-INLINE int ksb_min_n(int fmt) { return is_x8(fmt) ? 5 : 2; }
+/* The fewest vectors for which dot_ksb beats the kernels below.  iq4_xsx8: its own kernel reads four
+ * vectors a pass, and at two to four it matched or beat unpacking then dot_ksb (as q4_kx8's AVX2 kernel
+ * did: 1024x2048 n=2 39-40k vs 35-36k tokens/s, n=4 41-45k vs 41-47k).  q4_kx8 and q5_kx8 have 512-bit
+ * kernels of their own, ahead of unpacking up to 16 vectors and even at 32 (q4_kx8 1024x2048 n=8 74-76k
+ * vs 50-58k, n=32 60-73k vs 62k; q5_kx8 n=8 51-56k vs 41-43k, n=32 70-75k vs 60-73k), behind from 64. */
+INLINE int ksb_min_n(int fmt) { return fmt == Q4_KX8 || fmt == Q5_KX8 ? 32 : fmt == IQ4_XSX8 ? 5 : 2; }
 
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
  * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
@@ -1871,11 +1920,11 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
 }
 #endif /* MK_AVX512 */
 
-/* (q4_0x8's and q8_0x8's go unused in the avx512 variant, which has dot_x8_32_512) */
+/* (q4_0x8's, q8_0x8's, q4_kx8's and q5_kx8's go unused in the avx512 variant, which has its own) */
 #define MK_X8(J) \
     static __attribute__((unused)) void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
-    static void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(0, w, J, p, j0, out); } \
-    static void dot_5x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(1, w, J, p, j0, out); } \
+    static __attribute__((unused)) void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(0, w, J, p, j0, out); } \
+    static __attribute__((unused)) void dot_5x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(1, w, J, p, j0, out); } \
     static __attribute__((unused)) void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); } \
     static void dot_ix8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8(w, J, p, j0, out); }
 MK_X8(1)
@@ -1983,13 +2032,17 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 
 /* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (x8 layouts: r0 and r1 are
  * multiples of 8.) */
-/* q4_0x8's and q8_0x8's kernels: in 512-bit registers where the variant has them */
+/* q4_0x8's, q8_0x8's, q4_kx8's and q5_kx8's kernels: in 512-bit registers where the variant has them */
 #if MK_AVX512
 #define X8_Q4_0(J) dot_x8z_##J
 #define X8_Q8_0(J) dot_8x8z_##J
+#define X8_Q4_K(J) dot_kx8z_##J
+#define X8_Q5_K(J) dot_5x8z_##J
 #else
 #define X8_Q4_0(J) dot_x8_##J
 #define X8_Q8_0(J) dot_8x8_##J
+#define X8_Q4_K(J) dot_kx8_##J
+#define X8_Q5_K(J) dot_5x8_##J
 #endif
 
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
@@ -2007,10 +2060,10 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
                     const int64_t J = p->n - j < 4 ? p->n - j : 4;
                     typedef void (*x8dot)(const uint8_t *, const xprep *, int64_t, float *);
                     static const x8dot fns[5][4] = {{X8_Q4_0(1), X8_Q4_0(2), X8_Q4_0(3), X8_Q4_0(4)},
-                                                    {dot_kx8_1, dot_kx8_2, dot_kx8_3, dot_kx8_4},
+                                                    {X8_Q4_K(1), X8_Q4_K(2), X8_Q4_K(3), X8_Q4_K(4)},
                                                     {X8_Q8_0(1), X8_Q8_0(2), X8_Q8_0(3), X8_Q8_0(4)},
                                                     {dot_ix8_1, dot_ix8_2, dot_ix8_3, dot_ix8_4},
-                                                    {dot_5x8_1, dot_5x8_2, dot_5x8_3, dot_5x8_4}};
+                                                    {X8_Q5_K(1), X8_Q5_K(2), X8_Q5_K(3), X8_Q5_K(4)}};
                     fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 3 : 4][J - 1](
                         w + r * rb, p, j, o);
                     for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
