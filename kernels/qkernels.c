@@ -1866,23 +1866,69 @@ INLINE void dot_q45_kx8_512(int five, const uint8_t *w, int J, const xprep *p, i
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
+/* iq4_xsx8 in 512-bit registers: dot_iq4_xsx8 with two units a register, as dot_x8_32_512 (the
+ * lookup on both units' 32 bytes at once, IQ4_VALUES in both 128-bit lanes of the table). */
+INLINE void dot_iq4_xsx8_512(const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
+    const __m256i m15 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = pf_run_start(w);
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *q = w + 1088 * sb;
+        pf_run_upto(&next_pf, q + 1088);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+        for (int k = 0; k < 8; k++) {
+            const __m256i sl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 32 + 8 * (k / 2))));
+            const __m256i ls = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(sl, 4 * (k % 2)), _mm256_set1_epi32(15)),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * k), _mm256_set1_epi32(3)), 4));
+            const __m256 sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))));
+            __m512i xv[4], s[4];
+            for (int jj = 0; jj < J; jj++) {
+                xv[jj] = _mm512_load_si512((const __m512i *)(p->xq + (j0 + jj) * cols + 256 * sb + 32 * k));
+                s[jj] = _mm512_setzero_si512();
+            }
+            for (int t = 0; t < 8; t += 2) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 64 + 16 * (8 * k + t)));
+                const __m512i wl = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(tab, _mm256_and_si256(v, m15)));
+                const __m512i wh = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(v, 4), m15)));
+                /* lanes 0-7: activation pair t (the high nibbles: 8 + t), lanes 8-15: the next */
+                const __m512i ilo = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(t), _mm512_set1_epi32(t + 1));
+                const __m512i ihi = _mm512_add_epi32(ilo, _mm512_set1_epi32(8));
+                for (int jj = 0; jj < J; jj++) {
+                    s[jj] = _mm512_dpwssd_epi32(s[jj], wl, _mm512_permutexvar_epi32(ilo, xv[jj]));
+                    s[jj] = _mm512_dpwssd_epi32(s[jj], wh, _mm512_permutexvar_epi32(ihi, xv[jj]));
+                }
+            }
+            for (int jj = 0; jj < J; jj++) {
+                const __m256i t = _mm256_add_epi32(_mm512_castsi512_si256(s[jj]), _mm512_extracti64x4_epi64(s[jj], 1));
+                acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(sc, _mm256_set1_ps(p->xd[(j0 + jj) * nb + 8 * sb + k])),
+                                          acc[jj]);
+            }
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
 #define MK_X8_512(J) \
     static void dot_x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(0, w, J, p, j0, out); } \
     static void dot_8x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32_512(1, w, J, p, j0, out); } \
     static void dot_kx8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(0, w, J, p, j0, out); } \
-    static void dot_5x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(1, w, J, p, j0, out); }
+    static void dot_5x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(1, w, J, p, j0, out); } \
+    static void dot_ix8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8_512(w, J, p, j0, out); }
 MK_X8_512(1)
 MK_X8_512(2)
 MK_X8_512(3)
 MK_X8_512(4)
 #undef MK_X8_512
 
-/* The fewest vectors for which dot_ksb beats the kernels below.  iq4_xsx8: its own kernel reads four
- * vectors a pass, and at two to four it matched or beat unpacking then dot_ksb (as q4_kx8's AVX2 kernel
- * did: 1024x2048 n=2 39-40k vs 35-36k tokens/s, n=4 41-45k vs 41-47k).  q4_kx8 and q5_kx8 have 512-bit
- * kernels of their own, ahead of unpacking up to 16 vectors and even at 32 (q4_kx8 1024x2048 n=8 74-76k
- * vs 50-58k, n=32 60-73k vs 62k; q5_kx8 n=8 51-56k vs 41-43k, n=32 70-75k vs 60-73k), behind from 64. */
-INLINE int ksb_min_n(int fmt) { return fmt == Q4_KX8 || fmt == Q5_KX8 ? 32 : fmt == IQ4_XSX8 ? 5 : 2; }
+/* The fewest vectors for which dot_ksb beats the kernels below: the x8 layouts' own 512-bit kernels are
+ * ahead of unpacking for dot_ksb up to 16 vectors and about even at 32 (1024x2048, tokens/s: q4_kx8 n=8
+ * 74-76k vs 50-58k, n=32 60-73k vs 62k; q5_kx8 n=8 51-56k vs 41-43k, n=32 70-75k vs 60-73k; iq4_xsx8
+ * n=8 62-82k vs 67-68k, n=32 89-93k vs 84-85k), behind from 64. */
+INLINE int ksb_min_n(int fmt) { return is_x8(fmt) ? 32 : 2; }
 
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
  * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
@@ -1920,13 +1966,13 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
 }
 #endif /* MK_AVX512 */
 
-/* (q4_0x8's, q8_0x8's, q4_kx8's and q5_kx8's go unused in the avx512 variant, which has its own) */
+/* (unused in the avx512 variant, which has its own) */
 #define MK_X8(J) \
     static __attribute__((unused)) void dot_x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(0, w, J, p, j0, out); } \
     static __attribute__((unused)) void dot_kx8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(0, w, J, p, j0, out); } \
     static __attribute__((unused)) void dot_5x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8(1, w, J, p, j0, out); } \
     static __attribute__((unused)) void dot_8x8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_32(1, w, J, p, j0, out); } \
-    static void dot_ix8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8(w, J, p, j0, out); }
+    static __attribute__((unused)) void dot_ix8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8(w, J, p, j0, out); }
 MK_X8(1)
 MK_X8(2)
 MK_X8(3)
@@ -2032,17 +2078,19 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 
 /* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (x8 layouts: r0 and r1 are
  * multiples of 8.) */
-/* q4_0x8's, q8_0x8's, q4_kx8's and q5_kx8's kernels: in 512-bit registers where the variant has them */
+/* The x8 layouts' kernels: in 512-bit registers where the variant has them */
 #if MK_AVX512
 #define X8_Q4_0(J) dot_x8z_##J
 #define X8_Q8_0(J) dot_8x8z_##J
 #define X8_Q4_K(J) dot_kx8z_##J
 #define X8_Q5_K(J) dot_5x8z_##J
+#define X8_IQ4_XS(J) dot_ix8z_##J
 #else
 #define X8_Q4_0(J) dot_x8_##J
 #define X8_Q8_0(J) dot_8x8_##J
 #define X8_Q4_K(J) dot_kx8_##J
 #define X8_Q5_K(J) dot_5x8_##J
+#define X8_IQ4_XS(J) dot_ix8_##J
 #endif
 
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
@@ -2062,7 +2110,7 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
                     static const x8dot fns[5][4] = {{X8_Q4_0(1), X8_Q4_0(2), X8_Q4_0(3), X8_Q4_0(4)},
                                                     {X8_Q4_K(1), X8_Q4_K(2), X8_Q4_K(3), X8_Q4_K(4)},
                                                     {X8_Q8_0(1), X8_Q8_0(2), X8_Q8_0(3), X8_Q8_0(4)},
-                                                    {dot_ix8_1, dot_ix8_2, dot_ix8_3, dot_ix8_4},
+                                                    {X8_IQ4_XS(1), X8_IQ4_XS(2), X8_IQ4_XS(3), X8_IQ4_XS(4)},
                                                     {X8_Q5_K(1), X8_Q5_K(2), X8_Q5_K(3), X8_Q5_K(4)}};
                     fns[fmt == Q4_0X8 ? 0 : fmt == Q4_KX8 ? 1 : fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 3 : 4][J - 1](
                         w + r * rb, p, j, o);

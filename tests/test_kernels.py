@@ -457,8 +457,7 @@ def test_super_block_products_at_their_largest(backend, fmt):
         blocks[:, 2:4] = 0                                                     # so make it 0
     if fmt in formats.INTERLEAVED:
         q = formats.interleave(q, fmt)
-    # six vectors: iq4_xsx8 too goes through dot_ksb from five (ksb_min_n; q4_kx8's and q5_kx8's own
-    # 512-bit kernels take up to 32)
+    # six vectors (the x8 layouts' own 512-bit kernels take up to 32, dot_ksb the plain ones)
     X = np.stack([np.ones(cols), -np.ones(cols), np.full(cols, 1e-3), np.ones(cols), -np.ones(cols),
                   np.full(cols, 0.5)]).astype(np.float32)
     ref = _ref(q, fmt, cols, X)
