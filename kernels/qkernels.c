@@ -654,9 +654,24 @@ static void xprep_free(xprep *p) {
     memset(p, 0, sizeof(*p));
 }
 
-/* Allocates the buffers (one allocation, 32-byte aligned regions); xprep_fill then fills
- * vectors [j0, j1). */
-static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
+/* Which products the avx512 variant's dot_ksb computes (below, with the kernels): the super-block
+ * formats, and the x8 layouts over q4_k, q5_k and iq4_xs, a chunk of rows first put back in the plain
+ * layout (x8_unpack); from how many vectors: the x8 layouts' own 512-bit kernels are ahead of unpacking
+ * for dot_ksb up to 16 vectors and about even at 32 (1024x2048, tokens/s: q4_kx8 n=8 74-76k vs 50-58k,
+ * n=32 60-73k vs 62k; q5_kx8 n=8 51-56k vs 41-43k, n=32 70-75k vs 60-73k; iq4_xsx8 n=8 62-82k vs
+ * 67-68k, n=32 89-93k vs 84-85k), behind from 64. */
+INLINE int is_ksb(int fmt) {
+    return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
+}
+INLINE int ksb_runs(int fmt, int64_t n) {
+    const int takes = is_ksb(fmt) || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
+    return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2);
+}
+
+/* Allocates the buffers (one allocation, 64-byte aligned regions); xprep_fill then fills vectors
+ * [j0, j1).  sb: the vectors are for dot_ksb (ksb_runs), which reads them with one scale per 256. */
+static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int sb) {
+    (void)sb; /* the portable build has no dot_ksb */
     memset(p, 0, sizeof(*p));
     p->n = n;
     p->cols = cols;
@@ -665,8 +680,6 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols) {
 #if MK_SIMD
     if (cols % 32 == 0) {
         const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
-        /* dot_ksb's activations: only where it runs (several vectors, whole super-blocks) */
-        const int sb = MK_AVX512 && n > 1 && cols % 256 == 0;
         const size_t sizes[11] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
                                   nb * 4, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0};
         size_t total = 0;
@@ -1581,10 +1594,6 @@ INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, fl
  * stay below 2^31.
  * Accuracy: one scale per 256 instead of 32 costs a few bits where a 256-run's largest |x| is far
  * above the rest; the codes still have 15 bits (relative error ~1e-4 on the tests' data). */
-INLINE int is_ksb(int fmt) {
-    return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
-}
-
 INLINE __m512i ld32w(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
 
 /* Bit k of each int16 lane of h, moved to bit `to`. */
@@ -1733,10 +1742,6 @@ MK_KSB(6)
 MK_KSB(7)
 MK_KSB(8)
 #undef MK_KSB
-
-/* The x8 layouts over q4_k, q5_k and iq4_xs go through dot_ksb too: a chunk of rows is first put back
- * in the plain layout (x8_unpack), which costs little next to decoding each row for every eight vectors. */
-INLINE int ksb_takes(int fmt) { return is_ksb(fmt) || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8; }
 
 /* A run of eight interleaved rows (q4_kx8, q5_kx8, iq4_xsx8; nsb super-blocks) as eight plain rows at
  * out, row stride nsb * bs.  The header (q4_k, q5_k: d, dmin, 12 scale bytes; iq4_xs: d, scales_h, 4
@@ -1924,12 +1929,6 @@ MK_X8_512(3)
 MK_X8_512(4)
 #undef MK_X8_512
 
-/* The fewest vectors for which dot_ksb beats the kernels below: the x8 layouts' own 512-bit kernels are
- * ahead of unpacking for dot_ksb up to 16 vectors and about even at 32 (1024x2048, tokens/s: q4_kx8 n=8
- * 74-76k vs 50-58k, n=32 60-73k vs 62k; q5_kx8 n=8 51-56k vs 41-43k, n=32 70-75k vs 60-73k; iq4_xsx8
- * n=8 62-82k vs 67-68k, n=32 89-93k vs 84-85k), behind from 64. */
-INLINE int ksb_min_n(int fmt) { return is_x8(fmt) ? 32 : 2; }
-
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
  * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
 static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
@@ -2096,7 +2095,7 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
 #if MK_AVX512
-    if (p->xq256 && ksb_takes(fmt) && p->n >= ksb_min_n(fmt) && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0)
+    if (p->xq256 && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0) /* prepared for dot_ksb: ksb_runs */
         return;
 #endif
     if (is_x8(fmt)) {
@@ -2203,7 +2202,7 @@ MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_
                      int64_t n, float *Y, int nthreads) {
     if (fmt_row_bytes(fmt, cols) < 0 || x8_misfit(fmt, rb, rows, cols)) return -1;
     xprep p;
-    if (xprep_init(&p, X, n, cols)) return -2;
+    if (xprep_init(&p, X, n, cols, ksb_runs(fmt, n))) return -2;
     xprep_fill(&p, 0, n);
     mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, is_x8(fmt) ? 8 : 4), &p, Y, rows};
     mk_parallel(mm_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb * (n < 4 ? n : 4)));
@@ -2293,8 +2292,8 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
     float *Gi = G;
     for (; e_ok < E; e_ok++) {
         const int64_t e = e_ok, ne = n[e];
-        if (xprep_init(&px[e], X[e], ne, hidden)) { rc = -2; break; }
-        if (xprep_init(&ph[e], NULL, ne, inter)) { xprep_free(&px[e]); rc = -2; break; }
+        if (xprep_init(&px[e], X[e], ne, hidden, ksb_runs(fmt_gu, ne))) { rc = -2; break; }
+        if (xprep_init(&ph[e], NULL, ne, inter, ksb_runs(fmt_d, ne))) { xprep_free(&px[e]); rc = -2; break; }
         float *Ge = Gi, *Ue = Gi + ne * inter;
         Gi += 2 * ne * inter;
         ph[e].xf = Ge; /* filled (silu(gate) * up) before ph is quantized */
