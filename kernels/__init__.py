@@ -88,18 +88,22 @@ AVX512_TO_CHUNK = (*KSB_FORMATS, "q4_0x8", "q8_0x8")
 TILE_BYTES = 4 << 20
 
 
+def _kind(variant: str | None, fmt: str) -> str:
+    """SMALL_N's column for a product in `fmt` on the C kernels' `variant` (None: no C kernels)."""
+    if fmt in FLOAT_FORMATS:
+        return "half"
+    if variant == "avx512" and fmt in AVX512_TO_CHUNK:
+        return "avx512"
+    if variant in ("avx2", "avx512") and fmt in INTERLEAVED:
+        return "x8"
+    return "quant"
+
+
 def _small_n(b: str, ck, fmts: Sequence[str]) -> int:
     """Up to how many vectors products in these formats run the matrix-vector kernels (`b`: the backend,
     `ck`: the C kernels or None): SMALL_N of the format that reaches the tiles first."""
-    def kind(f: str) -> str:
-        if f in FLOAT_FORMATS:
-            return "half"
-        if ck is not None and ck.variant == "avx512" and f in AVX512_TO_CHUNK:
-            return "avx512"
-        if ck is not None and ck.variant in ("avx2", "avx512") and f in INTERLEAVED:
-            return "x8"
-        return "quant"
-    return min(SMALL_N["c" if ck is not None else b, kind(f)] for f in fmts)
+    variant = ck.variant if ck is not None else None
+    return min(SMALL_N["c" if ck is not None else b, _kind(variant, f)] for f in fmts)
 
 
 _init_lock = threading.Lock()
