@@ -76,14 +76,17 @@ BACKENDS = ("auto", "c", "c-avx512", "c-avx2", "c-generic", "numba", "numpy")
 # with SMALL_N set past 256 the tiles did no better (q4_k 1024x2048: 46k).
 # So do its 512-bit q4_0x8 and q8_0x8 kernels (dot_x8_32_512), with SMALL_N patched past 256, tokens/s
 # (kernels vs tiles): q4_0x8 1024x2048 at 64 vectors 93k vs 30k, 256 99k vs 45k; q8_0x8 2048x2048 43k vs
-# 12k, 32k vs 21k.
+# 12k, 32k vs 21k; and their int8 successors (dot_x16) twice that.
 SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "avx512"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
            ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # The formats of dot_ksb (the avx512 variant's products of several vectors; the x8 layouts are put back
 # in their plain layout a chunk at a time).
 KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q4_kx8", "q5_kx8", "iq4_xsx8")
+# The formats the avx512 variant computes with int8 activations from two vectors on (qkernels.c's dot_x16:
+# llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
+INT8_FORMATS = ("q4_0x8", "q8_0x8")
 # What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
-AVX512_TO_CHUNK = (*KSB_FORMATS, "q4_0x8", "q8_0x8")
+AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS)
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
@@ -97,6 +100,15 @@ def _kind(variant: str | None, fmt: str) -> str:
     if variant in ("avx2", "avx512") and fmt in INTERLEAVED:
         return "x8"
     return "quant"
+
+
+def int8_activations(fmt: str, n: int) -> bool:
+    """Whether a product of n vectors in `fmt` rounds the activations to int8 per 32-block (llama.cpp's
+    q8_0 of them: relative error ~1e-2 of the product where a block holds an outlier, a few 1e-3 else)
+    rather than to int16 (~1e-4) or not at all (the float32 tiles), on the active backend."""
+    b, ck = _state()
+    return (ck is not None and ck.variant == "avx512" and fmt in INT8_FORMATS
+            and 2 <= n <= _small_n(b, ck, (fmt,)))
 
 
 def _small_n(b: str, ck, fmts: Sequence[str]) -> int:
@@ -309,7 +321,9 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
 
     n up to a few vectors runs the matrix-vector kernels (n=1 is decode); more vectors
     (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
-    activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most.
+    activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most; on the
+    avx512 variant q4_0x8 and q8_0x8 products of several vectors round them to int8 as llama.cpp
+    does (int8_activations).
     """
     return _matmul(_rows(q, fmt, cols), fmt, cols, X)
 

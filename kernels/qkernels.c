@@ -646,6 +646,9 @@ typedef struct {
     int32_t *xc1;         /* q4_0x8: 8 * the block's sum of xq, (n, nb) */
     int16_t *xq256;       /* avx512, several vectors: int16 activations with one scale per 256, (n, cols) */
     float *xd256;         /* their scales, (n, cols / 256) */
+    int8_t *xq8;          /* avx512, several vectors, q4_0x8/q8_0x8: int8 activations per 32-block, (n, cols) */
+    float *xd8;           /* their scales, (n, nb) */
+    int32_t *xk8;         /* the block's sum of xq8, (n, nb) */
     void *mem;            /* the one allocation behind all of the above */
 } xprep;
 
@@ -668,10 +671,21 @@ INLINE int ksb_runs(int fmt, int64_t n) {
     return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2);
 }
 
+/* Which products the avx512 variant's dot_x16 computes (below, with the kernels): q4_0x8 and q8_0x8
+ * with int8 activations, from two vectors (one vector, a decode step, keeps the int16 kernels). */
+INLINE int i8_runs(int fmt, int64_t n) {
+    return MK_AVX512 && (fmt == Q4_0X8 || fmt == Q8_0X8) && n >= 2;
+}
+
+/* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
+enum { XP_KSB = 1, XP_I8 = 2 };
+INLINE int xprep_needs(int fmt, int64_t n) { return (ksb_runs(fmt, n) ? XP_KSB : 0) | (i8_runs(fmt, n) ? XP_I8 : 0); }
+
 /* Allocates the buffers (one allocation, 64-byte aligned regions); xprep_fill then fills vectors
- * [j0, j1).  sb: the vectors are for dot_ksb (ksb_runs), which reads them with one scale per 256. */
-static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int sb) {
-    (void)sb; /* the portable build has no dot_ksb */
+ * [j0, j1).  needs (xprep_needs): XP_KSB, the vectors are for dot_ksb, which reads them with one
+ * scale per 256; XP_I8, for dot_x16, which reads them in int8. */
+static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int needs) {
+    const int sb = needs & XP_KSB, i8 = needs & XP_I8; /* the portable build has neither kernel */
     memset(p, 0, sizeof(*p));
     p->n = n;
     p->cols = cols;
@@ -680,21 +694,26 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int sb)
 #if MK_SIMD
     if (cols % 32 == 0) {
         const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
-        const size_t sizes[11] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
-                                  nb * 4, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0};
+        const size_t sizes[14] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
+                                  nb * 4, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0,
+                                  i8 ? (size_t)(n * cols) : 0, i8 ? nb * 4 : 0, i8 ? nb * 4 : 0};
         size_t total = 0;
-        for (int i = 0; i < 11; i++) total += (sizes[i] + 63) / 64 * 64;
+        for (int i = 0; i < 14; i++) total += (sizes[i] + 63) / 64 * 64;
         char *m = aligned_alloc(64, total ? total : 64);
         if (!m) return -2;
         p->mem = m;
-        void **dst[11] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
+        void **dst[14] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
                           (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4,
-                          (void **)&p->xc1, (void **)&p->xq256, (void **)&p->xd256};
-        for (int i = 0; i < 11; i++) {
+                          (void **)&p->xc1, (void **)&p->xq256, (void **)&p->xd256,
+                          (void **)&p->xq8, (void **)&p->xd8, (void **)&p->xk8};
+        for (int i = 0; i < 14; i++) {
             *dst[i] = sizes[i] ? m : NULL;
             m += (sizes[i] + 63) / 64 * 64;
         }
     }
+#else
+    (void)sb;
+    (void)i8;
 #endif
     return 0;
 }
@@ -719,6 +738,25 @@ static void xprep_fill256(xprep *p, int64_t j) {
             _mm256_store_si256((__m256i *)(q + 16 * i),
                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), vid))));
         p->xd256[j * (p->cols / 256) + b] = d;
+    }
+}
+
+/* Vector j's int8 activations per 32-block (xq8, xd8, xk8), for dot_x16: llama.cpp's q8_0 of the
+ * activations (the largest |x| maps to 127, rounding to nearest even), with each block's sum of codes
+ * for the weights' offsets (q4_0's nibbles are w + 8, q8_0's bytes are read as w + 128). */
+static void xprep_fill8(xprep *p, int64_t j) {
+    for (int64_t b = 0; b < p->nb; b++) {
+        const float *x = p->xf + j * p->cols + 32 * b;
+        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m512 vid = _mm512_set1_ps(id);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+        int8_t *q = p->xq8 + j * p->cols + 32 * b;
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(q1));
+        p->xd8[j * p->nb + b] = d;
+        p->xk8[j * p->nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
 }
 #endif
@@ -797,6 +835,7 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
         }
 #if MK_AVX512
         if (p->xq256) xprep_fill256(p, j);
+        if (p->xq8) xprep_fill8(p, j);
 #endif
     }
 }
@@ -1817,6 +1856,103 @@ INLINE void dot_x8_32_512(int q8, const uint8_t *w, int J, const xprep *p, int64
     }
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
+/* q4_0x8 (q8 = 0) and q8_0x8, two runs (sixteen rows: w, and w + run bytes) against J vectors of int8
+ * activations (xq8): one 32-bit lane per row, so that a vector's four activations at a time are one
+ * broadcast and one vpdpbusd does 64 products (dot_x8_32_512: 32, and a vpermd per vector).  A block's
+ * weights are put in that order once for all J vectors: lane r of register m holds row r's weights
+ * 4m..4m+3, which lie in units 2m and 2m+1 (two bytes each; one vpermt2w a register gathers them from
+ * both runs).  vpdpbusd takes unsigned weights: q4_0's nibbles are w + 8 and q8_0's bytes are read as
+ * w + 128, so the block's sum of activation codes (xk8) times 8 or 128 is taken off before scaling.
+ * Sums stay far inside int32: 32 products of at most 255 * 128 a block. */
+INLINE void dot_x16_i8(int q8, const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, bs = q8 ? 272 : 144;
+    /* register m's output word 2r (+1): unit 2m (2m + 1) of the source register holding it, row r;
+     * rows 8-15 from the second run (vpermt2w's second source, words 32-63) */
+    int16_t ie[32], io[32];
+    for (int o = 0; o < 32; o++) {
+        const int r = (o / 2) % 8, second = o / 16, unit = o % 2;
+        ie[o] = (int16_t)(32 * second + 8 * unit + r);
+        io[o] = (int16_t)(32 * second + 8 * (2 + unit) + r);
+    }
+    const __m512i idx_e = _mm512_loadu_si512(ie), idx_o = _mm512_loadu_si512(io);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[8];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
+    uintptr_t next_pf0 = pf_run_start(w), next_pf1 = pf_run_start(w + run);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q0 = w + bs * b, *q1 = w + run + bs * b;
+        pf_run_upto(&next_pf0, q0 + bs);
+        pf_run_upto(&next_pf1, q1 + bs);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)), _mm_loadu_si128((const __m128i *)q1), 1));
+        __m512i z[8]; /* register m: weights 4m..4m+3 of each row */
+        if (q8) {
+            for (int k = 0; k < 4; k++) {
+                const __m512i a = _mm512_loadu_si512(q0 + 16 + 64 * k), c = _mm512_loadu_si512(q1 + 16 + 64 * k);
+                z[2 * k] = _mm512_xor_si512(_mm512_permutex2var_epi16(a, idx_e, c), flip);
+                z[2 * k + 1] = _mm512_xor_si512(_mm512_permutex2var_epi16(a, idx_o, c), flip);
+            }
+        } else {
+            /* byte i of a q4_0 row holds weights i (low nibble) and 16 + i (high) */
+            for (int k = 0; k < 2; k++) {
+                const __m512i a = _mm512_loadu_si512(q0 + 16 + 64 * k), c = _mm512_loadu_si512(q1 + 16 + 64 * k);
+                const __m512i ze = _mm512_permutex2var_epi16(a, idx_e, c), zo = _mm512_permutex2var_epi16(a, idx_o, c);
+                z[2 * k] = _mm512_and_si512(ze, m4);
+                z[2 * k + 1] = _mm512_and_si512(zo, m4);
+                z[4 + 2 * k] = _mm512_and_si512(_mm512_srli_epi16(ze, 4), m4);
+                z[5 + 2 * k] = _mm512_and_si512(_mm512_srli_epi16(zo, 4), m4);
+            }
+        }
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            const int32_t *x = (const int32_t *)(p->xq8 + (j0 + jj) * cols + 32 * b);
+            __m512i se = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z[0], _mm512_set1_epi32(x[0]));
+            __m512i so = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z[1], _mm512_set1_epi32(x[1]));
+            for (int m = 2; m < 8; m += 2) {
+                se = _mm512_dpbusd_epi32(se, z[m], _mm512_set1_epi32(x[m]));
+                so = _mm512_dpbusd_epi32(so, z[m + 1], _mm512_set1_epi32(x[m + 1]));
+            }
+            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(se, so), _mm512_set1_epi32(p->xk8[k] << (q8 ? 7 : 3)));
+            acc[jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(p->xd8[k])), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm512_storeu_ps(out + 16 * jj, acc[jj]);
+}
+
+#define MK_X16(J) \
+    static void dot_x16q4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(0, w, run, J, p, j0, out); } \
+    static void dot_x16q8_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(1, w, run, J, p, j0, out); }
+MK_X16(1)
+MK_X16(2)
+MK_X16(3)
+MK_X16(4)
+MK_X16(5)
+MK_X16(6)
+MK_X16(7)
+MK_X16(8)
+#undef MK_X16
+
+/* Rows [r0, r1) of a q4_0x8 or q8_0x8 matrix against p's int8 vectors (i8_runs), sixteen rows and up
+ * to eight vectors a call; a last run of eight is computed as both halves (so that every row of a
+ * matrix sees the same activations' rounding). */
+static void rows_x16(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
+                     int64_t ldy) {
+    typedef void (*x16dot)(const uint8_t *, int64_t, const xprep *, int64_t, float *);
+    static const x16dot fns[2][8] = {
+        {dot_x16q4_1, dot_x16q4_2, dot_x16q4_3, dot_x16q4_4, dot_x16q4_5, dot_x16q4_6, dot_x16q4_7, dot_x16q4_8},
+        {dot_x16q8_1, dot_x16q8_2, dot_x16q8_3, dot_x16q8_4, dot_x16q8_5, dot_x16q8_6, dot_x16q8_7, dot_x16q8_8}};
+    const x16dot *f = fns[fmt == Q8_0X8];
+    float o[128];
+    for (int64_t r = r0; r < r1; r += 16) {
+        const int whole = r + 16 <= r1; /* else rows r..r+7, the last run */
+        for (int64_t j = 0; j < p->n; j += 8) {
+            const int64_t J = p->n - j < 8 ? p->n - j : 8;
+            f[J - 1](w + r * rb, whole ? 8 * rb : 0, p, j, o);
+            for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 16 * jj, whole ? 64 : 32);
+        }
+    }
+}
+
 /* q4_kx8 (five = 0) and q5_kx8 in 512-bit registers: dot_q45_kx8 with two units a register, as
  * dot_x8_32_512 does it; a 64-weight run's activations are two registers per vector (its low and its
  * high nibbles' 32), from which one vpermd each puts a unit pair's activation pairs in place. */
@@ -2092,11 +2228,19 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 #define X8_IQ4_XS(J) dot_ix8_##J
 #endif
 
+/* Rows a thread claims together: whole groups of the kernels that will run (eight-row runs, sixteen
+ * rows for dot_x16, four rows otherwise). */
+INLINE int64_t row_align(int fmt, int64_t n) { return i8_runs(fmt, n) ? 16 : is_x8(fmt) ? 8 : 4; }
+
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
 #if MK_AVX512
     if (p->xq256 && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0) /* prepared for dot_ksb: ksb_runs */
         return;
+    if (p->xq8 && (fmt == Q4_0X8 || fmt == Q8_0X8)) { /* prepared for dot_x16: i8_runs */
+        rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
+        return;
+    }
 #endif
     if (is_x8(fmt)) {
 #if MK_SIMD
@@ -2202,9 +2346,9 @@ MK_API int mk_matmul(int fmt, const uint8_t *w, int64_t rb, int64_t rows, int64_
                      int64_t n, float *Y, int nthreads) {
     if (fmt_row_bytes(fmt, cols) < 0 || x8_misfit(fmt, rb, rows, cols)) return -1;
     xprep p;
-    if (xprep_init(&p, X, n, cols, ksb_runs(fmt, n))) return -2;
+    if (xprep_init(&p, X, n, cols, xprep_needs(fmt, n))) return -2;
     xprep_fill(&p, 0, n);
-    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, is_x8(fmt) ? 8 : 4), &p, Y, rows};
+    mm_ctx x = {fmt, w, rb, rows, chunk_rows(rb, row_align(fmt, n)), &p, Y, rows};
     mk_parallel(mm_chunk, &x, (rows + x.ch - 1) / x.ch, pick_threads(nthreads, rows * rb * (n < 4 ? n : 4)));
     xprep_free(&p);
     return 0;
@@ -2292,15 +2436,15 @@ MK_API int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t 
     float *Gi = G;
     for (; e_ok < E; e_ok++) {
         const int64_t e = e_ok, ne = n[e];
-        if (xprep_init(&px[e], X[e], ne, hidden, ksb_runs(fmt_gu, ne))) { rc = -2; break; }
-        if (xprep_init(&ph[e], NULL, ne, inter, ksb_runs(fmt_d, ne))) { xprep_free(&px[e]); rc = -2; break; }
+        if (xprep_init(&px[e], X[e], ne, hidden, xprep_needs(fmt_gu, ne))) { rc = -2; break; }
+        if (xprep_init(&ph[e], NULL, ne, inter, xprep_needs(fmt_d, ne))) { xprep_free(&px[e]); rc = -2; break; }
         float *Ge = Gi, *Ue = Gi + ne * inter;
         Gi += 2 * ne * inter;
         ph[e].xf = Ge; /* filled (silu(gate) * up) before ph is quantized */
         xprep_fill(&px[e], 0, ne);
-        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, is_x8(fmt_gu) ? 8 : 4), &px[e], Ge, inter};
-        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, is_x8(fmt_gu) ? 8 : 4), &px[e], Ue, inter};
-        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, is_x8(fmt_d) ? 8 : 4), &ph[e], Y[e], hidden};
+        mg[e] = (mm_ctx){fmt_gu, g[e], rb_gu, inter, chunk_rows(rb_gu, row_align(fmt_gu, ne)), &px[e], Ge, inter};
+        mu[e] = (mm_ctx){fmt_gu, u[e], rb_gu, inter, chunk_rows(rb_gu, row_align(fmt_gu, ne)), &px[e], Ue, inter};
+        md[e] = (mm_ctx){fmt_d, dn[e], rb_d, hidden, chunk_rows(rb_d, row_align(fmt_d, ne)), &ph[e], Y[e], hidden};
         act[e] = (act_ctx){Ge, Ue, inter, &ph[e]};
         jgu[2 * e] = (subjob){mm_chunk, &mg[e], (inter + mg[e].ch - 1) / mg[e].ch};
         jgu[2 * e + 1] = (subjob){mm_chunk, &mu[e], (inter + mu[e].ch - 1) / mu[e].ch};
