@@ -667,14 +667,14 @@ INLINE int is_ksb(int fmt) {
     return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
 }
 INLINE int ksb_runs(int fmt, int64_t n) {
-    const int takes = is_ksb(fmt) || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
+    const int takes = is_ksb(fmt) || fmt == Q5_KX8 || fmt == IQ4_XSX8; /* q4_kx8: dot_x16 */
     return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2);
 }
 
 /* Which products the avx512 variant's dot_x16 computes (below, with the kernels): q4_0x8 and q8_0x8
  * with int8 activations, from two vectors (one vector, a decode step, keeps the int16 kernels). */
 INLINE int i8_runs(int fmt, int64_t n) {
-    return MK_AVX512 && (fmt == Q4_0X8 || fmt == Q8_0X8) && n >= 2;
+    return MK_AVX512 && (fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8) && n >= 2;
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -1919,9 +1919,88 @@ INLINE void dot_x16_i8(int q8, const uint8_t *w, int64_t run, int J, const xprep
     for (int jj = 0; jj < J; jj++) _mm512_storeu_ps(out + 16 * jj, acc[jj]);
 }
 
+/* Scale byte t (q4_kx8's header) of sixteen rows: run q0's eight, then run q1's. */
+INLINE __m512i kx16_byte(const uint8_t *q0, const uint8_t *q1, int t) {
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(q0 + 32 + 8 * t)),
+                                                   _mm_loadl_epi64((const __m128i *)(q1 + 32 + 8 * t))));
+}
+
+/* Sub-block j's scale (min = 0) or min (min = 1) of sixteen rows, as kx8_scale unpacks eight. */
+INLINE __m512 kx16_scale(const uint8_t *q0, const uint8_t *q1, int j, int min) {
+    const __m512i m6 = _mm512_set1_epi32(63);
+    __m512i v;
+    if (j < 4) {
+        v = _mm512_and_si512(kx16_byte(q0, q1, j + 4 * min), m6);
+    } else {
+        const __m512i lo = kx16_byte(q0, q1, j + 4);
+        const __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(kx16_byte(q0, q1, j - 4 + 4 * min), 6), 4);
+        v = _mm512_or_si512(min ? _mm512_srli_epi32(lo, 4) : _mm512_and_si512(lo, _mm512_set1_epi32(15)), hi);
+    }
+    return _mm512_cvtepi32_ps(v);
+}
+
+/* q4_kx8, two runs against J vectors of int8 activations: dot_x16_i8's arrangement over each 64-weight
+ * group c of a super-block (units 16c..16c+15: register m holds weights 4m..4m+3 of sub-block 2c in its
+ * low nibbles and of sub-block 2c + 1 in its high ones), each sub-block's sum scaled by d * its scale;
+ * the mins are taken off with the sub-block's sum of rounded activations (xd8 * xk8), as llama.cpp
+ * takes them off with q8_K's sums.  Sums stay far inside int32: 32 products of at most 15 * 127. */
+INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    int16_t ie[32], io[32];
+    for (int o = 0; o < 32; o++) {
+        const int r = (o / 2) % 8, second = o / 16, unit = o % 2;
+        ie[o] = (int16_t)(32 * second + 8 * unit + r);
+        io[o] = (int16_t)(32 * second + 8 * (2 + unit) + r);
+    }
+    const __m512i idx_e = _mm512_loadu_si512(ie), idx_o = _mm512_loadu_si512(io);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[8];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
+    uintptr_t next_pf0 = pf_run_start(w), next_pf1 = pf_run_start(w + run);
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *q0 = w + 1152 * sb, *q1 = w + run + 1152 * sb;
+        pf_run_upto(&next_pf0, q0 + 1152);
+        pf_run_upto(&next_pf1, q1 + 1152);
+        const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)), _mm_loadu_si128((const __m128i *)q1), 1));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q0 + 16))), _mm_loadu_si128((const __m128i *)(q1 + 16)), 1));
+        for (int c = 0; c < 4; c++) {
+            __m512i zl[8], zh[8];
+            for (int k = 0; k < 4; k++) {
+                const __m512i a = _mm512_loadu_si512(q0 + 128 + 256 * c + 64 * k);
+                const __m512i b = _mm512_loadu_si512(q1 + 128 + 256 * c + 64 * k);
+                const __m512i ze = _mm512_permutex2var_epi16(a, idx_e, b), zo = _mm512_permutex2var_epi16(a, idx_o, b);
+                zl[2 * k] = _mm512_and_si512(ze, m4);
+                zl[2 * k + 1] = _mm512_and_si512(zo, m4);
+                zh[2 * k] = _mm512_and_si512(_mm512_srli_epi16(ze, 4), m4);
+                zh[2 * k + 1] = _mm512_and_si512(_mm512_srli_epi16(zo, 4), m4);
+            }
+            const __m512 sl = _mm512_mul_ps(d, kx16_scale(q0, q1, 2 * c, 0)), sh = _mm512_mul_ps(d, kx16_scale(q0, q1, 2 * c + 1, 0));
+            const __m512 ml = _mm512_mul_ps(dmin, kx16_scale(q0, q1, 2 * c, 1)), mh = _mm512_mul_ps(dmin, kx16_scale(q0, q1, 2 * c + 1, 1));
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + 8 * sb + 2 * c;
+                const int32_t *x = (const int32_t *)(p->xq8 + (j0 + jj) * cols + 256 * sb + 64 * c);
+                __m512i tl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), zl[0], _mm512_set1_epi32(x[0]));
+                __m512i th = _mm512_dpbusd_epi32(_mm512_setzero_si512(), zh[0], _mm512_set1_epi32(x[8]));
+                for (int m = 1; m < 8; m++) {
+                    tl = _mm512_dpbusd_epi32(tl, zl[m], _mm512_set1_epi32(x[m]));
+                    th = _mm512_dpbusd_epi32(th, zh[m], _mm512_set1_epi32(x[8 + m]));
+                }
+                __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tl), _mm512_mul_ps(sl, _mm512_set1_ps(p->xd8[k])), acc[jj]);
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(th), _mm512_mul_ps(sh, _mm512_set1_ps(p->xd8[k + 1])), a);
+                a = _mm512_fnmadd_ps(ml, _mm512_set1_ps(p->xd8[k] * (float)p->xk8[k]), a);
+                acc[jj] = _mm512_fnmadd_ps(mh, _mm512_set1_ps(p->xd8[k + 1] * (float)p->xk8[k + 1]), a);
+            }
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm512_storeu_ps(out + 16 * jj, acc[jj]);
+}
+
 #define MK_X16(J) \
     static void dot_x16q4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(0, w, run, J, p, j0, out); } \
-    static void dot_x16q8_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(1, w, run, J, p, j0, out); }
+    static void dot_x16q8_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(1, w, run, J, p, j0, out); } \
+    static void dot_x16k4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_kx16_i8(w, run, J, p, j0, out); }
 MK_X16(1)
 MK_X16(2)
 MK_X16(3)
@@ -1938,10 +2017,11 @@ MK_X16(8)
 static void rows_x16(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
                      int64_t ldy) {
     typedef void (*x16dot)(const uint8_t *, int64_t, const xprep *, int64_t, float *);
-    static const x16dot fns[2][8] = {
+    static const x16dot fns[3][8] = {
         {dot_x16q4_1, dot_x16q4_2, dot_x16q4_3, dot_x16q4_4, dot_x16q4_5, dot_x16q4_6, dot_x16q4_7, dot_x16q4_8},
-        {dot_x16q8_1, dot_x16q8_2, dot_x16q8_3, dot_x16q8_4, dot_x16q8_5, dot_x16q8_6, dot_x16q8_7, dot_x16q8_8}};
-    const x16dot *f = fns[fmt == Q8_0X8];
+        {dot_x16q8_1, dot_x16q8_2, dot_x16q8_3, dot_x16q8_4, dot_x16q8_5, dot_x16q8_6, dot_x16q8_7, dot_x16q8_8},
+        {dot_x16k4_1, dot_x16k4_2, dot_x16k4_3, dot_x16k4_4, dot_x16k4_5, dot_x16k4_6, dot_x16k4_7, dot_x16k4_8}};
+    const x16dot *f = fns[fmt == Q8_0X8 ? 1 : fmt == Q4_KX8 ? 2 : 0];
     float o[128];
     for (int64_t r = r0; r < r1; r += 16) {
         const int whole = r + 16 <= r1; /* else rows r..r+7, the last run */
@@ -2237,7 +2317,7 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
 #if MK_AVX512
     if (p->xq256 && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0) /* prepared for dot_ksb: ksb_runs */
         return;
-    if (p->xq8 && (fmt == Q4_0X8 || fmt == Q8_0X8)) { /* prepared for dot_x16: i8_runs */
+    if (p->xq8 && (fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8)) { /* prepared for dot_x16: i8_runs */
         rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
         return;
     }

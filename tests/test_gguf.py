@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import engine
+import kernels
 from engine import EngineError
 from engine.gguf import GgufFile
 from engine.gguf_import import GgufCheckpoint, gguf_side_files
@@ -135,8 +136,14 @@ def test_convert_gguf_to_store(name, tmp_path):
     stored = engine.load(dst, ram_cache="128KiB")
     try:
         a, b = direct.forward(ref["ids"]), stored.forward(ref["ids"])
-        # the same weights; the x8 kernels sum in another order (float fixtures: the same kernels)
-        assert rel_err(b, a) < (1e-3 if name in QUANTIZED else 1e-5)
+        # the same weights; the x8 kernels sum in another order (float fixtures: the same kernels), and on
+        # the avx512 variant a prompt's products over q4_kx8 experts round the activations to int8 where
+        # the GGUF's q4_k ones round them to int16: the store then lands as near llama.cpp's logits
+        int8 = any(kernels.int8_activations(f, len(ref["ids"])) for f in formats)
+        assert rel_err(b, a) < (1.5e-2 if int8 else 1e-3 if name in QUANTIZED else 1e-5)
+        if name in QUANTIZED:
+            near = [np.median([rel_err(o, t) for o, t in zip(x, ref["llama_cpp"])]) for x in (a, b)]
+            assert near[1] < 1.1 * near[0], near
         assert stored.tokenizer.encode("Hello world") == direct.tokenizer.encode("Hello world")
         assert stored.tokenizer.chat_template == direct.tokenizer.chat_template is not None
         assert stored.spec == direct.spec

@@ -406,7 +406,7 @@ def test_int8_kernels_round_activations_as_llama_cpp(backend, fmt):
     # (decode) keeps int16 activations; elsewhere nothing rounds to int8.
     rows, cols = 40, 512
     q = formats.interleave(random_blocks(formats.INTERLEAVED[fmt], rows, cols, seed=72), fmt)
-    for n in (2, 7, 13, 33):
+    for n in (2, 7, 13, 33, 200):
         X = llm_like(n, cols, seed=73 + n)
         Y = kernels.matmul(q, fmt, cols, X)
         to_int8 = _rel(Y, _ref(q, fmt, cols, int8_rounded(X)))
