@@ -81,10 +81,10 @@ SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "avx512"): 256, ("c", "hal
            ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # The formats of dot_ksb (the avx512 variant's products of several vectors; the x8 layouts are put back
 # in their plain layout a chunk at a time).
-KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q5_kx8", "iq4_xsx8")
+KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q5_kx8")
 # The formats the avx512 variant computes with int8 activations from two vectors on (qkernels.c's dot_x16:
 # llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
-INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8")
+INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "iq4_xsx8")
 # What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
 AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS)
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.

@@ -667,14 +667,15 @@ INLINE int is_ksb(int fmt) {
     return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
 }
 INLINE int ksb_runs(int fmt, int64_t n) {
-    const int takes = is_ksb(fmt) || fmt == Q5_KX8 || fmt == IQ4_XSX8; /* q4_kx8: dot_x16 */
+    const int takes = is_ksb(fmt) || fmt == Q5_KX8; /* q4_kx8, iq4_xsx8: dot_x16 */
     return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2);
 }
 
-/* Which products the avx512 variant's dot_x16 computes (below, with the kernels): q4_0x8 and q8_0x8
- * with int8 activations, from two vectors (one vector, a decode step, keeps the int16 kernels). */
+/* Which products the avx512 variant's dot_x16 kernels compute (below, with the kernels): q4_0x8, q8_0x8,
+ * q4_kx8 and iq4_xsx8 with int8 activations, from two vectors (one vector, a decode step, keeps the
+ * int16 kernels). */
 INLINE int i8_runs(int fmt, int64_t n) {
-    return MK_AVX512 && (fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8) && n >= 2;
+    return MK_AVX512 && (fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == IQ4_XSX8) && n >= 2;
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -1856,16 +1857,18 @@ INLINE void dot_x8_32_512(int q8, const uint8_t *w, int J, const xprep *p, int64
     }
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
-/* q4_0x8 (q8 = 0) and q8_0x8, two runs (sixteen rows: w, and w + run bytes) against J vectors of int8
- * activations (xq8): one 32-bit lane per row, so that a vector's four activations at a time are one
- * broadcast and one vpdpbusd does 64 products (dot_x8_32_512: 32, and a vpermd per vector).  A block's
- * weights are put in that order once for all J vectors: lane r of register m holds row r's weights
- * 4m..4m+3, which lie in units 2m and 2m+1 (two bytes each; one vpermt2w a register gathers them from
- * both runs).  vpdpbusd takes unsigned weights: q4_0's nibbles are w + 8 and q8_0's bytes are read as
- * w + 128, so the block's sum of activation codes (xk8) times 8 or 128 is taken off before scaling.
- * Sums stay far inside int32: 32 products of at most 255 * 128 a block. */
-INLINE void dot_x16_i8(int q8, const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t cols = p->cols, nb = p->nb, bs = q8 ? 272 : 144;
+/* q4_0x8, q8_0x8 and iq4_xsx8 (X16_*), two runs (sixteen rows: w, and w + run bytes) against J vectors
+ * of int8 activations (xq8): one 32-bit lane per row, so that a vector's four activations at a time are
+ * one broadcast and one vpdpbusd does 64 products (dot_x8_32_512: 32, and a vpermd per vector).  A
+ * 32-weight block's weights are put in that order once for all J vectors: lane r of register m holds
+ * row r's weights 4m..4m+3, which lie in units 2m and 2m+1 (two bytes each; one vpermt2w a register
+ * gathers them from both runs).  vpdpbusd takes unsigned weights: q4_0's nibbles are w + 8, q8_0's
+ * bytes are read as w + 128 and iq4_xs's values looked up as w + 128, so the block's sum of activation
+ * codes (xk8) times 8 or 128 is taken off before scaling.  Sums stay far inside int32: 32 products of at
+ * most 255 * 128 a block. */
+enum { X16_Q4_0, X16_Q8_0, X16_IQ4_XS };
+INLINE void dot_x16_i8(int kind, const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
     /* register m's output word 2r (+1): unit 2m (2m + 1) of the source register holding it, row r;
      * rows 8-15 from the second run (vpermt2w's second source, words 32-63) */
     int16_t ie[32], io[32];
@@ -1876,32 +1879,64 @@ INLINE void dot_x16_i8(int q8, const uint8_t *w, int64_t run, int J, const xprep
     }
     const __m512i idx_e = _mm512_loadu_si512(ie), idx_o = _mm512_loadu_si512(io);
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    /* iq4_xs's values + 128, in every 128-bit lane for vpshufb */
+    const __m512i tab = _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_VALUES)), flip);
+    const int shift = kind == X16_Q4_0 ? 3 : 7;
     __m512 acc[8];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
     uintptr_t next_pf0 = pf_run_start(w), next_pf1 = pf_run_start(w + run);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q0 = w + bs * b, *q1 = w + run + bs * b;
-        pf_run_upto(&next_pf0, q0 + bs);
-        pf_run_upto(&next_pf1, q1 + bs);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)), _mm_loadu_si128((const __m128i *)q1), 1));
+        const uint8_t *q0, *q1, *u0, *u1; /* the block's header (scales), its units */
+        __m512 dw;
+        if (kind == X16_IQ4_XS) { /* super-block b / 8: d, scales_h, scales_l (x8_pos), then 8 x 128 bytes */
+            const int k = (int)(b % 8);
+            q0 = w + 1088 * (b / 8);
+            q1 = q0 + run;
+            u0 = q0 + 64 + 128 * k;
+            u1 = q1 + 64 + 128 * k;
+            if (k == 0) {
+                pf_run_upto(&next_pf0, q0 + 1088);
+                pf_run_upto(&next_pf1, q1 + 1088);
+            }
+            const __m512i sh = _mm512_cvtepu16_epi32(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q0 + 16))), _mm_loadu_si128((const __m128i *)(q1 + 16)), 1));
+            const __m512i sl = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(q0 + 32 + 8 * (k / 2))),
+                                                                       _mm_loadl_epi64((const __m128i *)(q1 + 32 + 8 * (k / 2)))));
+            const __m512i ls = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(sl, 4 * (k % 2)), _mm512_set1_epi32(15)),
+                                               _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(sh, 2 * k), _mm512_set1_epi32(3)), 4));
+            const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)), _mm_loadu_si128((const __m128i *)q1), 1));
+            dw = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(ls, _mm512_set1_epi32(32))));
+        } else {
+            const int64_t bs = kind == X16_Q8_0 ? 272 : 144;
+            q0 = w + bs * b;
+            q1 = q0 + run;
+            u0 = q0 + 16;
+            u1 = q1 + 16;
+            pf_run_upto(&next_pf0, q0 + bs);
+            pf_run_upto(&next_pf1, q1 + bs);
+            dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)), _mm_loadu_si128((const __m128i *)q1), 1));
+        }
         __m512i z[8]; /* register m: weights 4m..4m+3 of each row */
-        if (q8) {
+        if (kind == X16_Q8_0) {
             for (int k = 0; k < 4; k++) {
-                const __m512i a = _mm512_loadu_si512(q0 + 16 + 64 * k), c = _mm512_loadu_si512(q1 + 16 + 64 * k);
+                const __m512i a = _mm512_loadu_si512(u0 + 64 * k), c = _mm512_loadu_si512(u1 + 64 * k);
                 z[2 * k] = _mm512_xor_si512(_mm512_permutex2var_epi16(a, idx_e, c), flip);
                 z[2 * k + 1] = _mm512_xor_si512(_mm512_permutex2var_epi16(a, idx_o, c), flip);
             }
         } else {
-            /* byte i of a q4_0 row holds weights i (low nibble) and 16 + i (high) */
+            /* byte i of a q4_0 or iq4_xs block holds weights i (low nibble) and 16 + i (high) */
             for (int k = 0; k < 2; k++) {
-                const __m512i a = _mm512_loadu_si512(q0 + 16 + 64 * k), c = _mm512_loadu_si512(q1 + 16 + 64 * k);
+                const __m512i a = _mm512_loadu_si512(u0 + 64 * k), c = _mm512_loadu_si512(u1 + 64 * k);
                 const __m512i ze = _mm512_permutex2var_epi16(a, idx_e, c), zo = _mm512_permutex2var_epi16(a, idx_o, c);
                 z[2 * k] = _mm512_and_si512(ze, m4);
                 z[2 * k + 1] = _mm512_and_si512(zo, m4);
                 z[4 + 2 * k] = _mm512_and_si512(_mm512_srli_epi16(ze, 4), m4);
                 z[5 + 2 * k] = _mm512_and_si512(_mm512_srli_epi16(zo, 4), m4);
             }
+            if (kind == X16_IQ4_XS)
+                for (int m = 0; m < 8; m++) z[m] = _mm512_shuffle_epi8(tab, z[m]);
         }
         for (int jj = 0; jj < J; jj++) {
             const int64_t k = (j0 + jj) * nb + b;
@@ -1912,7 +1947,7 @@ INLINE void dot_x16_i8(int q8, const uint8_t *w, int64_t run, int J, const xprep
                 se = _mm512_dpbusd_epi32(se, z[m], _mm512_set1_epi32(x[m]));
                 so = _mm512_dpbusd_epi32(so, z[m + 1], _mm512_set1_epi32(x[m + 1]));
             }
-            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(se, so), _mm512_set1_epi32(p->xk8[k] << (q8 ? 7 : 3)));
+            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(se, so), _mm512_set1_epi32(p->xk8[k] << shift));
             acc[jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(p->xd8[k])), acc[jj]);
         }
     }
@@ -1998,9 +2033,10 @@ INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, in
 }
 
 #define MK_X16(J) \
-    static void dot_x16q4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(0, w, run, J, p, j0, out); } \
-    static void dot_x16q8_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(1, w, run, J, p, j0, out); } \
-    static void dot_x16k4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_kx16_i8(w, run, J, p, j0, out); }
+    static void dot_x16q4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(X16_Q4_0, w, run, J, p, j0, out); } \
+    static void dot_x16q8_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(X16_Q8_0, w, run, J, p, j0, out); } \
+    static void dot_x16k4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_kx16_i8(w, run, J, p, j0, out); } \
+    static void dot_x16i4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(X16_IQ4_XS, w, run, J, p, j0, out); }
 MK_X16(1)
 MK_X16(2)
 MK_X16(3)
@@ -2011,17 +2047,18 @@ MK_X16(7)
 MK_X16(8)
 #undef MK_X16
 
-/* Rows [r0, r1) of a q4_0x8 or q8_0x8 matrix against p's int8 vectors (i8_runs), sixteen rows and up
+/* Rows [r0, r1) of a matrix in an i8_runs format against p's int8 vectors, sixteen rows and up
  * to eight vectors a call; a last run of eight is computed as both halves (so that every row of a
  * matrix sees the same activations' rounding). */
 static void rows_x16(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
                      int64_t ldy) {
     typedef void (*x16dot)(const uint8_t *, int64_t, const xprep *, int64_t, float *);
-    static const x16dot fns[3][8] = {
+    static const x16dot fns[4][8] = {
         {dot_x16q4_1, dot_x16q4_2, dot_x16q4_3, dot_x16q4_4, dot_x16q4_5, dot_x16q4_6, dot_x16q4_7, dot_x16q4_8},
         {dot_x16q8_1, dot_x16q8_2, dot_x16q8_3, dot_x16q8_4, dot_x16q8_5, dot_x16q8_6, dot_x16q8_7, dot_x16q8_8},
-        {dot_x16k4_1, dot_x16k4_2, dot_x16k4_3, dot_x16k4_4, dot_x16k4_5, dot_x16k4_6, dot_x16k4_7, dot_x16k4_8}};
-    const x16dot *f = fns[fmt == Q8_0X8 ? 1 : fmt == Q4_KX8 ? 2 : 0];
+        {dot_x16k4_1, dot_x16k4_2, dot_x16k4_3, dot_x16k4_4, dot_x16k4_5, dot_x16k4_6, dot_x16k4_7, dot_x16k4_8},
+        {dot_x16i4_1, dot_x16i4_2, dot_x16i4_3, dot_x16i4_4, dot_x16i4_5, dot_x16i4_6, dot_x16i4_7, dot_x16i4_8}};
+    const x16dot *f = fns[fmt == Q8_0X8 ? 1 : fmt == Q4_KX8 ? 2 : fmt == IQ4_XSX8 ? 3 : 0];
     float o[128];
     for (int64_t r = r0; r < r1; r += 16) {
         const int whole = r + 16 <= r1; /* else rows r..r+7, the last run */
@@ -2317,7 +2354,7 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
 #if MK_AVX512
     if (p->xq256 && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0) /* prepared for dot_ksb: ksb_runs */
         return;
-    if (p->xq8 && (fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8)) { /* prepared for dot_x16: i8_runs */
+    if (p->xq8 && i8_runs(fmt, p->n)) { /* prepared for dot_x16 */
         rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
         return;
     }

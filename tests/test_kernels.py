@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
 import threading
 
 import numpy as np
@@ -823,6 +824,19 @@ def test_x8_kernels_read_nothing_past_the_matrix(backend, fmt):
     del guarded
     region.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("variant", sorted(cpu_c.FLAGS))
+def test_c_source_compiles_without_warnings(variant):
+    # gcc only warns of some mistakes (an initializer with more rows than its array: a call through a
+    # pointer past the table); each variant's source, whatever this CPU runs, is held to -Wall -Wextra
+    try:
+        cc = cpu_c._compiler()
+    except cpu_c.CompileError:
+        pytest.skip("no C compiler")
+    p = subprocess.run([cc, *cpu_c.FLAGS[variant], *cpu_c.COMMON_FLAGS, "-Wall", "-Wextra", "-Werror",
+                        "-fsyntax-only", str(cpu_c.SOURCE)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
