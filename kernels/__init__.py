@@ -85,8 +85,11 @@ KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q5_kx8")
 # The formats the avx512 variant computes with int8 activations from two vectors on (qkernels.c's dot_x16:
 # llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
 INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "iq4_xsx8")
+# Their GGUF formats too, a chunk of rows interleaved first (x8_pack), from INT8_PACK_N vectors on.
+INT8_PACKED = {"q4_0": "q4_0x8", "q8_0": "q8_0x8", "q4_k": "q4_kx8", "iq4_xs": "iq4_xsx8"}
+INT8_PACK_N = 8
 # What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
-AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS)
+AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED)
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
@@ -107,8 +110,9 @@ def int8_activations(fmt: str, n: int) -> bool:
     q8_0 of them: relative error ~1e-2 of the product where a block holds an outlier, a few 1e-3 else)
     rather than to int16 (~1e-4) or not at all (the float32 tiles), on the active backend."""
     b, ck = _state()
-    return (ck is not None and ck.variant == "avx512" and fmt in INT8_FORMATS
-            and 2 <= n <= _small_n(b, ck, (fmt,)))
+    least = 2 if fmt in INT8_FORMATS else INT8_PACK_N if fmt in INT8_PACKED else None
+    return (ck is not None and ck.variant == "avx512" and least is not None
+            and least <= n <= _small_n(b, ck, (fmt,)))
 
 
 def _small_n(b: str, ck, fmts: Sequence[str]) -> int:

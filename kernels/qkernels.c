@@ -191,6 +191,10 @@ INLINE int64_t x8_pos(int fmt, int rr, int i) {
     return 8 * hdr + 16 * ((i - hdr) / 2) + 2 * rr + (i - hdr) % 2;
 }
 
+/* The x8 layout of a GGUF format, or -1. */
+INLINE int x8_of(int fmt) {
+    return fmt == Q4_0 ? Q4_0X8 : fmt == Q8_0 ? Q8_0X8 : fmt == Q4_K ? Q4_KX8 : fmt == Q5_K ? Q5_KX8 : fmt == IQ4_XS ? IQ4_XSX8 : -1;
+}
 INLINE int x8_base(int fmt) {
     return fmt == Q4_0X8 ? Q4_0 : fmt == Q8_0X8 ? Q8_0 : fmt == Q4_KX8 ? Q4_K : fmt == Q5_KX8 ? Q5_K : IQ4_XS;
 }
@@ -666,16 +670,21 @@ static void xprep_free(xprep *p) {
 INLINE int is_ksb(int fmt) {
     return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
 }
+#define I8_PACK_N 8
+INLINE int i8_runs(int fmt, int64_t n);
 INLINE int ksb_runs(int fmt, int64_t n) {
     const int takes = is_ksb(fmt) || fmt == Q5_KX8; /* q4_kx8, iq4_xsx8: dot_x16 */
-    return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2);
+    return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2) && !i8_runs(fmt, n);
 }
 
 /* Which products the avx512 variant's dot_x16 kernels compute (below, with the kernels): q4_0x8, q8_0x8,
  * q4_kx8 and iq4_xsx8 with int8 activations, from two vectors (one vector, a decode step, keeps the
  * int16 kernels). */
 INLINE int i8_runs(int fmt, int64_t n) {
-    return MK_AVX512 && (fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == IQ4_XSX8) && n >= 2;
+    const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == IQ4_XSX8;
+    /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
+    const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == IQ4_XS;
+    return MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N));
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -1812,6 +1821,48 @@ static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
     }
 }
 
+/* x8_unpack's inverse: rows of a GGUF format (row stride rb; `rows` <= 8 of them, the rest of the run
+ * zeros: products of zero weights) as one run of its x8 layout `fmt`, nblk blocks a row, at out.  The
+ * payload's 16-byte pieces of the eight rows go straight into two registers and out through the
+ * word transpose (two vpermt2w); the header (2, 8 or 16 bytes a row) byte by byte. */
+static void x8_pack(int fmt, const uint8_t *w, int64_t rb, int rows, int64_t nblk, uint8_t *out) {
+    static const uint8_t zeros[X8_MAX_BLOCK];
+    const int bs = x8_block_bytes(fmt), hdr = fmt == Q4_0X8 || fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 8 : 16;
+    __m512i ia, ib; /* output word o of units 0-3 (ia) or 4-7 (ib): row o % 8, word o / 8 (+4) */
+    int16_t ta[32], tb[32];
+    for (int o = 0; o < 32; o++) {
+        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
+        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
+    }
+    ia = _mm512_loadu_si512(ta);
+    ib = _mm512_loadu_si512(tb);
+    const uint8_t *src[8]; /* each row's block k at src[rr] + step[rr] * k */
+    int64_t step[8];
+    for (int rr = 0; rr < 8; rr++) {
+        src[rr] = rr < rows ? w + rr * rb : zeros;
+        step[rr] = rr < rows ? bs : 0;
+    }
+    for (int64_t k = 0; k < nblk; k++) {
+        uint8_t *q = out + 8 * bs * k;
+        const uint8_t *b[8];
+        for (int rr = 0; rr < 8; rr++) {
+            b[rr] = src[rr] + step[rr] * k;
+            for (int i = 0; i < hdr; i++) q[x8_pos(fmt, rr, i)] = b[rr][i];
+        }
+        for (int g = 0; g < (bs - hdr) / 16; g++) {
+            const int o = hdr + 16 * g;
+#define LD(r) _mm_loadu_si128((const __m128i *)(b[r] + o))
+            __m512i a = _mm512_inserti32x4(_mm512_castsi128_si512(LD(0)), LD(1), 1);
+            __m512i c = _mm512_inserti32x4(_mm512_castsi128_si512(LD(4)), LD(5), 1);
+            a = _mm512_inserti32x4(_mm512_inserti32x4(a, LD(2), 2), LD(3), 3);
+            c = _mm512_inserti32x4(_mm512_inserti32x4(c, LD(6), 2), LD(7), 3);
+#undef LD
+            _mm512_storeu_si512(q + 8 * hdr + 128 * g, _mm512_permutex2var_epi16(a, ia, c));
+            _mm512_storeu_si512(q + 8 * hdr + 128 * g + 64, _mm512_permutex2var_epi16(a, ib, c));
+        }
+    }
+}
+
 /* q4_0x8 (q8 = 0) and q8_0x8 in 512-bit registers: dot_x8_32's arithmetic with two 16-byte units (two
  * weight pairs of each of the eight rows) in one register, lanes 0-7 the first unit's rows and 8-15 the
  * second's; each vector's block of activations is loaded once, its pairs put in place for a unit pair by
@@ -2355,8 +2406,32 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
     if (p->xq256 && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0) /* prepared for dot_ksb: ksb_runs */
         return;
     if (p->xq8 && i8_runs(fmt, p->n)) { /* prepared for dot_x16 */
-        rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
-        return;
+        if (is_x8(fmt)) {
+            rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
+            return;
+        }
+        /* a GGUF format: the chunk's rows interleaved first (the last run padded with zero rows) */
+        const int x8 = x8_of(fmt), padded = (r1 - r0) % 8 != 0;
+        const int64_t xrb = fmt_row_bytes(fmt, p->cols), runs = (r1 - r0 + 7) / 8;
+        uint8_t *packed = malloc((size_t)(runs * 8 * xrb));
+        /* a padded run's outputs go to a scratch matrix, then the real rows' to Y */
+        float *Yp = packed && padded ? malloc((size_t)(p->n * runs * 8) * sizeof(float)) : NULL;
+        if (packed && (Yp || !padded)) {
+            for (int64_t k = 0; k < runs; k++) {
+                const int64_t r = r0 + 8 * k;
+                x8_pack(x8, w + r * rb, rb, (int)(r1 - r < 8 ? r1 - r : 8), xrb / x8_block_bytes(x8), packed + 8 * k * xrb);
+            }
+            if (padded) {
+                rows_x16(x8, packed, xrb, 0, runs * 8, p, Yp, runs * 8);
+                for (int64_t j = 0; j < p->n; j++) memcpy(Y + j * ldy + r0, Yp + j * runs * 8, (size_t)(r1 - r0) * sizeof(float));
+            } else {
+                rows_x16(x8, packed, xrb, 0, r1 - r0, p, Y + r0, ldy);
+            }
+            free(Yp);
+            free(packed);
+            return;
+        }
+        free(packed); /* no memory for the copy: the int16 kernels below (xq is always prepared) */
     }
 #endif
     if (is_x8(fmt)) {

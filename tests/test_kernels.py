@@ -215,8 +215,10 @@ def _rel(Y: np.ndarray, ref: np.ndarray) -> float:
 
 def _tol(fmt: str, n: int) -> float:
     """How far a product may be from the float one: int16 activations (~1e-4) or int8 ones (llama.cpp's
-    q8_0 of the activations, ~1e-2 with llm_like's outliers: kernels.int8_activations)."""
-    return 2.5e-2 if kernels.int8_activations(fmt, n) else 3e-3
+    q8_0 of the activations: ~1e-2 over the whole product with llm_like's outliers, up to ~3e-2 of the
+    largest output at one output; kernels.int8_activations).  test_int8_kernels_round_activations_as_llama_cpp
+    holds the int8 products to 1e-6 of the float product of the rounded activations."""
+    return 4e-2 if kernels.int8_activations(fmt, n) else 3e-3
 
 
 def int8_rounded(X: np.ndarray) -> np.ndarray:
@@ -245,8 +247,8 @@ def test_matmul_matches_dequantized_product(backend, fmt, n):
     Y = kernels.matmul(q, fmt, cols, X)
     assert Y.dtype == np.float32 and Y.shape == (n, rows)
     ref = _ref(q, fmt, cols, X)
-    assert _rel(Y, ref) < 3e-3
-    assert np.max(np.abs(Y - ref)) < 3e-3 * np.max(np.abs(ref))
+    assert _rel(Y, ref) < _tol(fmt, n)
+    assert np.max(np.abs(Y - ref)) < _tol(fmt, n) * np.max(np.abs(ref))
     if fmt in ("f16", "bf16"):  # float formats: as accurate as float32 arithmetic
         assert _rel(Y, ref) < 1e-5
 
@@ -399,19 +401,25 @@ def test_x8_products_reach_tiles_later_on_avx2(backend):
         assert err[below] < 1e-5     # elsewhere x8 takes the tiles above 32 (c-generic) or 2 (numba)
 
 
-@pytest.mark.parametrize("fmt", kernels.INT8_FORMATS)
+@pytest.mark.parametrize("fmt", [*kernels.INT8_FORMATS, *kernels.INT8_PACKED])
 def test_int8_kernels_round_activations_as_llama_cpp(backend, fmt):
-    # The avx512 variant's q4_0x8 and q8_0x8 products of 2..256 vectors (dot_x16) compute with the
-    # activations rounded to int8 per 32-block: exactly the float product of those rounded values, for
-    # every count of vectors a pass (1-8) and a last run of eight rows (40 rows: 16 + 16 + 8).  One vector
-    # (decode) keeps int16 activations; elsewhere nothing rounds to int8.
-    rows, cols = 40, 512
-    q = formats.interleave(random_blocks(formats.INTERLEAVED[fmt], rows, cols, seed=72), fmt)
-    for n in (2, 7, 13, 33, 200):
+    # The avx512 variant's products in the x8 layouts of q4_0, q8_0, q4_k and iq4_xs from 2 vectors, and
+    # in those GGUF formats from INT8_PACK_N (a chunk of rows interleaved first), up to 256 (dot_x16),
+    # compute with the activations rounded to int8 per 32-block: exactly the float product of those
+    # rounded values, for every count of vectors a pass (1-8), with a last run of eight rows (40 rows:
+    # 16 + 16 + 8) or, in a GGUF format, a run padded with zero rows (37).  One vector (decode) keeps
+    # int16 activations, as do 2-3 vectors in a GGUF format; elsewhere nothing rounds to int8.
+    x8 = fmt in kernels.INT8_FORMATS
+    rows, cols = (40, 512) if x8 else (37, 512)
+    base = formats.INTERLEAVED[fmt] if x8 else fmt
+    q = random_blocks(base, rows, cols, seed=72)
+    q = formats.interleave(q, fmt) if x8 else q
+    least = 2 if x8 else kernels.INT8_PACK_N
+    for n in (2, 3, 7, 8, 13, 33, 200):
         X = llm_like(n, cols, seed=73 + n)
         Y = kernels.matmul(q, fmt, cols, X)
         to_int8 = _rel(Y, _ref(q, fmt, cols, int8_rounded(X)))
-        if backend == "c-avx512":
+        if backend == "c-avx512" and n >= least:
             assert kernels.int8_activations(fmt, n) and to_int8 < 1e-6, (n, to_int8)
         else:
             assert not kernels.int8_activations(fmt, n) and to_int8 > 1e-3, (n, to_int8)
@@ -517,7 +525,7 @@ def test_super_block_kernels_take_whole_prompt_chunks(backend, fmt):
     q = formats.interleave(q, fmt) if fmt in formats.INTERLEAVED else q
     X = llm_like(200, cols, seed=71)
     err = _rel(kernels.matmul(q, fmt, cols, X), _ref(q, fmt, cols, X))
-    assert err < 3e-3
+    assert err < _tol(fmt, 200)
     if backend == "c-avx512":
         assert err > 1e-6
     else:
@@ -576,7 +584,7 @@ def test_expert_ffn_in_llama_cpp_formats(backend, fmts, n):
     down = QMatrix(random_blocks(fmts[1], hidden, inter, seed=62), fmts[1], hidden, inter)
     X = llm_like(n, hidden, seed=63) * np.float32(0.02)   # random-byte weights are large: keep silu in range
     Y = kernels.expert_ffn(gate, up, down, X)
-    assert _rel(Y, _ffn_ref(gate, up, down, X)) < 3e-3
+    assert _rel(Y, _ffn_ref(gate, up, down, X)) < max(_tol(up.fmt, n), _tol(down.fmt, n))
     Ys = kernels.experts_ffn([(gate, up, down)] * 2, [X, X[:1]])
     assert np.array_equal(Ys[0], Y) and _rel(Ys[1], _ffn_ref(gate, up, down, X[:1])) < 3e-3
 
@@ -770,7 +778,7 @@ def test_block_counts_not_multiple_of_four(backend, fmt, cols):
     q = random_blocks(fmt, 9, cols, seed=cols)
     for n in (1, 2, 5):
         X = llm_like(n, cols, seed=n)
-        assert _rel(kernels.matmul(q, fmt, cols, X), _ref(q, fmt, cols, X)) < 3e-3
+        assert _rel(kernels.matmul(q, fmt, cols, X), _ref(q, fmt, cols, X)) < _tol(fmt, n)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -807,12 +815,15 @@ def _before_a_guard_page(q: np.ndarray) -> tuple[np.ndarray, mmap.mmap]:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-@pytest.mark.parametrize("fmt", X8)
+@pytest.mark.parametrize("fmt", [*X8, *kernels.INT8_PACKED])
 def test_x8_kernels_read_nothing_past_the_matrix(backend, fmt):
-    # 40 rows: the int8 kernels take sixteen rows a call and compute the last run of eight on its own; a
-    # read past the matrix's last byte would fault on the guard page (in a child, so the run survives it)
-    rows, cols = 40, 512
-    q = formats.interleave(random_blocks(formats.INTERLEAVED[fmt], rows, cols, seed=81), fmt)
+    # 40 rows: the int8 kernels take sixteen rows a call and compute the last run of eight on its own; 37
+    # rows of a GGUF format: the last run they interleave is padded.  A read past the matrix's last byte
+    # would fault on the guard page (in a child, so the run survives it).
+    x8 = fmt in X8
+    rows, cols = (40, 512) if x8 else (37, 512)
+    q = random_blocks(formats.INTERLEAVED[fmt] if x8 else fmt, rows, cols, seed=81)
+    q = formats.interleave(q, fmt) if x8 else q
     want = {n: kernels.matmul(q, fmt, cols, llm_like(n, cols, seed=82)) for n in (1, 5, 20)}
     guarded, region = _before_a_guard_page(q)
     pid = os.fork()
