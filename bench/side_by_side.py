@@ -185,6 +185,13 @@ def _loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def failure(r: dict) -> str:
+    """Why a run has no figures, for the table and the plot."""
+    if r.get("rc") == "timeout":
+        return f"no token in {r.get('timeout_s', 900):.0f} s (stopped)"
+    return r["error"]
+
+
 def execute(run: Run, cg: MemoryCgroup | None, logdir: Path, timeout: float) -> dict:
     """One run in a fresh process (in `cg` when given) after dropping the page cache."""
     why = drop_page_cache()
@@ -216,6 +223,8 @@ def execute(run: Run, cg: MemoryCgroup | None, logdir: Path, timeout: float) -> 
     except ValueError:
         tail = err_path.read_text()[-1500:]
         res["error"] = "OOM-killed" if res.get("oom_killed") else f"no result (rc {rc}): {tail.strip()[-400:]}"
+        if rc == "timeout":
+            res["timeout_s"] = timeout
     status = res.get("error") or f"decode {res.get('decode_tokens_per_s', 0):.2f} tok/s" + (
         f", prefill {res['prefill_tokens_per_s']:.1f} tok/s" if "prefill_tokens_per_s" in res else "")
     log(f"  -> {status} ({wall:.0f} s)")
@@ -442,7 +451,7 @@ def render_table(data: dict) -> str:
         hist = ", ".join(v if isinstance(v, str) else _fmt(v) for v in r.get("earlier_decode_tokens_per_s", []))
         load = _fmt(r.get("loadavg_before"), ".1f")
         if "error" in r:
-            rows.append(f"| {case} | {r['label']} | {r['error']} | | {hist} | | | | "
+            rows.append(f"| {case} | {r['label']} | {failure(r)} | | {hist} | | | | "
                         f"{mib(r.get('cgroup_peak_bytes'))} | | | {load} |")
             continue
         hit = (r.get("hit_rate") or {}).get("ram")
@@ -476,7 +485,7 @@ def render_plot(results: list[dict], path: Path) -> bool:
         values = [r.get("decode_tokens_per_s") or 0.0 if "error" not in r else 0.0 for r in rs]
         bars = ax.barh([r["label"] for r in rs], values, color=colors)
         # Failed runs (llama.cpp with repacking is OOM-killed over the limit) keep their row, with the reason.
-        ax.bar_label(bars, labels=[r["error"] if "error" in r else f"{v:.2f}" for r, v in zip(rs, values)],
+        ax.bar_label(bars, labels=[failure(r) if "error" in r else f"{v:.2f}" for r, v in zip(rs, values)],
                      padding=3)
         ax.invert_yaxis()
         ax.set_title(title)
@@ -558,7 +567,8 @@ def render_section(data: dict) -> str:
         + (f"up to `read_ahead_kb` = {ra} KiB " if ra else "")
         + "around it, pulling in neighbouring experts that evict those the next token needs; hence disk reads "
         "per decoded token far above the 432 MiB of experts a token uses. With repacking (llama.cpp's default) "
-        "the weights are copied into anonymous memory and the process is OOM-killed.",
+        "the weights are copied into anonymous memory and the process is OOM-killed, or, as in the suite of "
+        "2026-11-30, has made no token when the run's time limit stops it.",
         "- \"Reading the GGUF\": mer-tui run on llama.cpp's own file, not converted (`--model M.gguf`): its "
         "experts are streamed from the GGUF's merged expert tensors, three reads a bundle (gate, up and down "
         "lie in three tensors) instead of one, and computed in the plain GGUF layout instead of the store's "
