@@ -655,7 +655,7 @@ typedef struct {
     int32_t *xc1;         /* q4_0x8: 8 * the block's sum of xq, (n, nb) */
     int16_t *xq256;       /* avx512, several vectors: int16 activations with one scale per 256, (n, cols) */
     float *xd256;         /* their scales, (n, cols / 256) */
-    int8_t *xq8;          /* avx512, several vectors, q4_0x8/q8_0x8: int8 activations per 32-block, (n, cols) */
+    int8_t *xq8;          /* avx512, several vectors, i8_runs: int8 activations per 32-block, (n, cols) */
     float *xd8;           /* their scales, (n, nb) */
     int32_t *xk8;         /* the block's sum of xq8, (n, nb) */
     void *mem;            /* the one allocation behind all of the above */
@@ -1913,6 +1913,21 @@ INLINE void dot_x8_32_512(int q8, const uint8_t *w, int J, const xprep *p, int64
     }
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
+/* The word indices (vpermt2w) that put the x8 units of two runs, four units of each in one register
+ * apiece, in the int8 kernels' order: output words 2r and 2r + 1 (lane r) of the first register are
+ * unit 0's and unit 1's word r (row r's two bytes in each), of the second units 2's and 3's; rows 8-15
+ * (lanes 8-15) from the second run, vpermt2w's second source (words 32-63). */
+INLINE void x16_gather(__m512i *even, __m512i *odd) {
+    int16_t ie[32], io[32];
+    for (int o = 0; o < 32; o++) {
+        const int r = (o / 2) % 8, second = o / 16, unit = o % 2;
+        ie[o] = (int16_t)(32 * second + 8 * unit + r);
+        io[o] = (int16_t)(32 * second + 8 * (2 + unit) + r);
+    }
+    *even = _mm512_loadu_si512(ie);
+    *odd = _mm512_loadu_si512(io);
+}
+
 /* q4_0x8, q8_0x8 and iq4_xsx8 (X16_*), two runs (sixteen rows: w, and w + run bytes) against J vectors
  * of int8 activations (xq8): one 32-bit lane per row, so that a vector's four activations at a time are
  * one broadcast and one vpdpbusd does 64 products (dot_x8_32_512: 32, and a vpermd per vector).  A
@@ -1925,15 +1940,8 @@ INLINE void dot_x8_32_512(int q8, const uint8_t *w, int J, const xprep *p, int64
 enum { X16_Q4_0, X16_Q8_0, X16_IQ4_XS };
 INLINE void dot_x16_i8(int kind, const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
-    /* register m's output word 2r (+1): unit 2m (2m + 1) of the source register holding it, row r;
-     * rows 8-15 from the second run (vpermt2w's second source, words 32-63) */
-    int16_t ie[32], io[32];
-    for (int o = 0; o < 32; o++) {
-        const int r = (o / 2) % 8, second = o / 16, unit = o % 2;
-        ie[o] = (int16_t)(32 * second + 8 * unit + r);
-        io[o] = (int16_t)(32 * second + 8 * (2 + unit) + r);
-    }
-    const __m512i idx_e = _mm512_loadu_si512(ie), idx_o = _mm512_loadu_si512(io);
+    __m512i idx_e, idx_o;
+    x16_gather(&idx_e, &idx_o);
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
     /* iq4_xs's values + 128, in every 128-bit lane for vpshufb */
     const __m512i tab = _mm512_xor_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_VALUES)), flip);
@@ -2037,13 +2045,8 @@ INLINE __m512 kx16_scale(const uint8_t *q0, const uint8_t *q1, int j, int min) {
  * takes them off with q8_K's sums.  Sums stay far inside int32: 32 products of at most 15 * 127. */
 INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
-    int16_t ie[32], io[32];
-    for (int o = 0; o < 32; o++) {
-        const int r = (o / 2) % 8, second = o / 16, unit = o % 2;
-        ie[o] = (int16_t)(32 * second + 8 * unit + r);
-        io[o] = (int16_t)(32 * second + 8 * (2 + unit) + r);
-    }
-    const __m512i idx_e = _mm512_loadu_si512(ie), idx_o = _mm512_loadu_si512(io);
+    __m512i idx_e, idx_o;
+    x16_gather(&idx_e, &idx_o);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512 acc[8];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
