@@ -1797,6 +1797,20 @@ MK_KSB(7)
 MK_KSB(8)
 #undef MK_KSB
 
+/* The word indices (vpermt2w over two registers of 64 words) that transpose 8 x 8 16-bit words: eight
+ * x8 units (unit k: word r is row r's pair k) into eight rows' 16 bytes (row r: word k is pair k), and,
+ * being a transpose, back.  Output word o of the first half (*lo) is input word 8 (o % 8) + o / 8, of
+ * the second (*hi) 8 (o % 8) + 4 + o / 8. */
+INLINE void x8_transpose(__m512i *lo, __m512i *hi) {
+    int16_t ta[32], tb[32];
+    for (int o = 0; o < 32; o++) {
+        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
+        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
+    }
+    *lo = _mm512_loadu_si512(ta);
+    *hi = _mm512_loadu_si512(tb);
+}
+
 /* A run of eight interleaved rows (q4_kx8, q5_kx8, iq4_xsx8; nsb super-blocks) as eight plain rows at
  * out, row stride nsb * bs.  The header (q4_k, q5_k: d, dmin, 12 scale bytes; iq4_xs: d, scales_h, 4
  * scales_l bytes) byte by byte; the payload 128 bytes at a time: eight 16-byte units, unit k holding
@@ -1804,14 +1818,8 @@ MK_KSB(8)
 static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
     const int bs = x8_block_bytes(fmt), hdr = fmt == IQ4_XSX8 ? 8 : 16;
     const int64_t prb = bs * nsb;
-    __m512i ia, ib; /* output word o of rows 0-3 (ia) or 4-7 (ib): row o / 8 (+4), pair o % 8 */
-    int16_t ta[32], tb[32];
-    for (int o = 0; o < 32; o++) {
-        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
-        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
-    }
-    ia = _mm512_loadu_si512(ta);
-    ib = _mm512_loadu_si512(tb);
+    __m512i ia, ib;
+    x8_transpose(&ia, &ib);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *q = run + 8 * bs * sb;
         for (int rr = 0; rr < 8; rr++)
@@ -1833,14 +1841,8 @@ static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
 static void x8_pack(int fmt, const uint8_t *w, int64_t rb, int rows, int64_t nblk, uint8_t *out) {
     static const uint8_t zeros[X8_MAX_BLOCK];
     const int bs = x8_block_bytes(fmt), hdr = fmt == Q4_0X8 || fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 8 : 16;
-    __m512i ia, ib; /* output word o of units 0-3 (ia) or 4-7 (ib): row o % 8, word o / 8 (+4) */
-    int16_t ta[32], tb[32];
-    for (int o = 0; o < 32; o++) {
-        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
-        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
-    }
-    ia = _mm512_loadu_si512(ta);
-    ib = _mm512_loadu_si512(tb);
+    __m512i ia, ib;
+    x8_transpose(&ia, &ib);
     const uint8_t *src[8]; /* each row's block k at src[rr] + step[rr] * k */
     int64_t step[8];
     for (int rr = 0; rr < 8; rr++) {
