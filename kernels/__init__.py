@@ -86,7 +86,7 @@ KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q5_kx8")
 # llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
 INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "iq4_xsx8")
 # Their GGUF formats too, a chunk of rows interleaved first (x8_pack), from INT8_PACK_N vectors on.
-INT8_PACKED = {"q4_0": "q4_0x8", "q8_0": "q8_0x8", "q4_k": "q4_kx8", "iq4_xs": "iq4_xsx8"}
+INT8_PACKED = tuple(INTERLEAVED[f] for f in INT8_FORMATS)
 INT8_PACK_N = 8
 # What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
 AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED)
@@ -326,8 +326,8 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
     n up to a few vectors runs the matrix-vector kernels (n=1 is decode); more vectors
     (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
     activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most; on the
-    avx512 variant q4_0x8 and q8_0x8 products of several vectors round them to int8 as llama.cpp
-    does (int8_activations).
+    avx512 variant products of several vectors in INT8_FORMATS (and from INT8_PACK_N vectors in their
+    GGUF formats) round them to int8 as llama.cpp does (int8_activations).
     """
     return _matmul(_rows(q, fmt, cols), fmt, cols, X)
 
