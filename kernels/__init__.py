@@ -79,12 +79,12 @@ BACKENDS = ("auto", "c", "c-avx512", "c-avx2", "c-generic", "numba", "numpy")
 # 12k, 32k vs 21k; and their int8 successors (dot_x16) twice that.
 SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "avx512"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
            ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
-# The formats of dot_ksb (the avx512 variant's products of several vectors; the x8 layouts are put back
-# in their plain layout a chunk at a time).
-KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs", "q5_kx8")
+# The formats of dot_ksb (the avx512 variant's products of several vectors, where the int8 kernels below
+# do not take them).
+KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs")
 # The formats the avx512 variant computes with int8 activations from two vectors on (qkernels.c's dot_x16:
 # llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
-INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "iq4_xsx8")
+INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "q5_kx8", "iq4_xsx8")
 # Their GGUF formats too, a chunk of rows interleaved first (x8_pack), from INT8_PACK_N vectors on.
 INT8_PACKED = tuple(INTERLEAVED[f] for f in INT8_FORMATS)
 INT8_PACK_N = 8

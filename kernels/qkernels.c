@@ -667,28 +667,24 @@ static void xprep_free(xprep *p) {
 }
 
 /* Which products the avx512 variant's dot_ksb computes (below, with the kernels): the super-block
- * formats, and the x8 layouts over q4_k, q5_k and iq4_xs, a chunk of rows first put back in the plain
- * layout (x8_unpack); from how many vectors: the x8 layouts' own 512-bit kernels are ahead of unpacking
- * for dot_ksb up to 16 vectors and about even at 32 (1024x2048, tokens/s: q4_kx8 n=8 74-76k vs 50-58k,
- * n=32 60-73k vs 62k; q5_kx8 n=8 51-56k vs 41-43k, n=32 70-75k vs 60-73k; iq4_xsx8 n=8 62-82k vs
- * 67-68k, n=32 89-93k vs 84-85k), behind from 64. */
+ * formats from two vectors, where the int8 kernels do not (i8_runs: all of the x8 layouts, and q4_k,
+ * q5_k and iq4_xs from I8_PACK_N vectors). */
 INLINE int is_ksb(int fmt) {
     return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
 }
 #define I8_PACK_N 8
 INLINE int i8_runs(int fmt, int64_t n);
 INLINE int ksb_runs(int fmt, int64_t n) {
-    const int takes = is_ksb(fmt) || fmt == Q5_KX8; /* q4_kx8, iq4_xsx8: dot_x16 */
-    return MK_AVX512 && takes && n >= (is_x8(fmt) ? 32 : 2) && !i8_runs(fmt, n);
+    return MK_AVX512 && is_ksb(fmt) && n >= 2 && !i8_runs(fmt, n); /* the x8 layouts: dot_x16 */
 }
 
 /* Which products the avx512 variant's dot_x16 kernels compute (below, with the kernels): q4_0x8, q8_0x8,
  * q4_kx8 and iq4_xsx8 with int8 activations, from two vectors (one vector, a decode step, keeps the
  * int16 kernels). */
 INLINE int i8_runs(int fmt, int64_t n) {
-    const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == IQ4_XSX8;
+    const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
     /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
-    const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == IQ4_XS;
+    const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q5_K || fmt == IQ4_XS;
     return MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N));
 }
 
@@ -1798,9 +1794,9 @@ MK_KSB(8)
 #undef MK_KSB
 
 /* The word indices (vpermt2w over two registers of 64 words) that transpose 8 x 8 16-bit words: eight
- * x8 units (unit k: word r is row r's pair k) into eight rows' 16 bytes (row r: word k is pair k), and,
- * being a transpose, back.  Output word o of the first half (*lo) is input word 8 (o % 8) + o / 8, of
- * the second (*hi) 8 (o % 8) + 4 + o / 8. */
+ * rows' 16 bytes (row r: word k is its pair k) into eight x8 units (unit k: word r is row r's pair k).
+ * Output word o of the first half (*lo) is input word 8 (o % 8) + o / 8, of the second (*hi)
+ * 8 (o % 8) + 4 + o / 8. */
 INLINE void x8_transpose(__m512i *lo, __m512i *hi) {
     int16_t ta[32], tb[32];
     for (int o = 0; o < 32; o++) {
@@ -1811,30 +1807,7 @@ INLINE void x8_transpose(__m512i *lo, __m512i *hi) {
     *hi = _mm512_loadu_si512(tb);
 }
 
-/* A run of eight interleaved rows (q4_kx8, q5_kx8, iq4_xsx8; nsb super-blocks) as eight plain rows at
- * out, row stride nsb * bs.  The header (q4_k, q5_k: d, dmin, 12 scale bytes; iq4_xs: d, scales_h, 4
- * scales_l bytes) byte by byte; the payload 128 bytes at a time: eight 16-byte units, unit k holding
- * pair k of rows 0..7, become 16 bytes of each row, a transpose of 8 x 8 16-bit words (two vpermt2w). */
-static void x8_unpack(int fmt, const uint8_t *run, int64_t nsb, uint8_t *out) {
-    const int bs = x8_block_bytes(fmt), hdr = fmt == IQ4_XSX8 ? 8 : 16;
-    const int64_t prb = bs * nsb;
-    __m512i ia, ib;
-    x8_transpose(&ia, &ib);
-    for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *q = run + 8 * bs * sb;
-        for (int rr = 0; rr < 8; rr++)
-            for (int i = 0; i < hdr; i++) out[rr * prb + bs * sb + i] = q[x8_pos(fmt, rr, i)];
-        for (int g = 0; g < (bs - hdr) / 16; g++) {
-            const __m512i a = _mm512_loadu_si512(q + 8 * hdr + 128 * g), b = _mm512_loadu_si512(q + 8 * hdr + 128 * g + 64);
-            uint8_t t[128];
-            _mm512_storeu_si512(t, _mm512_permutex2var_epi16(a, ia, b));
-            _mm512_storeu_si512(t + 64, _mm512_permutex2var_epi16(a, ib, b));
-            for (int rr = 0; rr < 8; rr++) memcpy(out + rr * prb + bs * sb + hdr + 16 * g, t + 16 * rr, 16);
-        }
-    }
-}
-
-/* x8_unpack's inverse: rows of a GGUF format (row stride rb; `rows` <= 8 of them, the rest of the run
+/* Rows of a GGUF format (row stride rb; `rows` <= 8 of them, the rest of the run
  * zeros: products of zero weights) as one run of its x8 layout `fmt`, nblk blocks a row, at out.  The
  * payload's 16-byte pieces of the eight rows go straight into two registers and out through the
  * word transpose (two vpermt2w); the header (2, 8 or 16 bytes a row) byte by byte. */
@@ -2045,8 +2018,13 @@ INLINE __m512 kx16_scale(const uint8_t *q0, const uint8_t *q1, int j, int min) {
  * low nibbles and of sub-block 2c + 1 in its high ones), each sub-block's sum scaled by d * its scale;
  * the mins are taken off with the sub-block's sum of rounded activations (xd8 * xk8), as llama.cpp
  * takes them off with q8_K's sums.  Sums stay far inside int32: 32 products of at most 15 * 127. */
-INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
-    const int64_t cols = p->cols, nb = p->nb;
+INLINE __m512i fifth_bit(__m512i qh, int b) { /* bit b of each byte, moved to bit 4 */
+    const __m512i v = b >= 4 ? _mm512_srli_epi16(qh, (unsigned)(b - 4)) : _mm512_slli_epi16(qh, (unsigned)(4 - b));
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
+}
+
+INLINE void dot_kx16_i8(int five, const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, rs = five ? 1408 : 1152, nib = five ? 384 : 128;
     __m512i idx_e, idx_o;
     x16_gather(&idx_e, &idx_o);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -2054,9 +2032,9 @@ INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, in
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
     uintptr_t next_pf0 = pf_run_start(w), next_pf1 = pf_run_start(w + run);
     for (int64_t sb = 0; sb < nb / 8; sb++) {
-        const uint8_t *q0 = w + 1152 * sb, *q1 = w + run + 1152 * sb;
-        pf_run_upto(&next_pf0, q0 + 1152);
-        pf_run_upto(&next_pf1, q1 + 1152);
+        const uint8_t *q0 = w + rs * sb, *q1 = w + run + rs * sb;
+        pf_run_upto(&next_pf0, q0 + rs);
+        pf_run_upto(&next_pf1, q1 + rs);
         const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(
             _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)), _mm_loadu_si128((const __m128i *)q1), 1));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_inserti128_si256(
@@ -2064,13 +2042,22 @@ INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, in
         for (int c = 0; c < 4; c++) {
             __m512i zl[8], zh[8];
             for (int k = 0; k < 4; k++) {
-                const __m512i a = _mm512_loadu_si512(q0 + 128 + 256 * c + 64 * k);
-                const __m512i b = _mm512_loadu_si512(q1 + 128 + 256 * c + 64 * k);
+                const __m512i a = _mm512_loadu_si512(q0 + nib + 256 * c + 64 * k);
+                const __m512i b = _mm512_loadu_si512(q1 + nib + 256 * c + 64 * k);
                 const __m512i ze = _mm512_permutex2var_epi16(a, idx_e, b), zo = _mm512_permutex2var_epi16(a, idx_o, b);
                 zl[2 * k] = _mm512_and_si512(ze, m4);
                 zl[2 * k + 1] = _mm512_and_si512(zo, m4);
                 zh[2 * k] = _mm512_and_si512(_mm512_srli_epi16(ze, 4), m4);
                 zh[2 * k + 1] = _mm512_and_si512(_mm512_srli_epi16(zo, 4), m4);
+                if (five) { /* q5_k's fifth bits: byte l of a row's qh holds those of weights 64c + l (bit 2c) and
+                             * 64c + 32 + l (bit 2c + 1), its units lined up with each group's nibble units */
+                    const __m512i ha = _mm512_loadu_si512(q0 + 128 + 64 * k), hb = _mm512_loadu_si512(q1 + 128 + 64 * k);
+                    const __m512i he = _mm512_permutex2var_epi16(ha, idx_e, hb), ho = _mm512_permutex2var_epi16(ha, idx_o, hb);
+                    zl[2 * k] = _mm512_or_si512(zl[2 * k], fifth_bit(he, 2 * c));
+                    zl[2 * k + 1] = _mm512_or_si512(zl[2 * k + 1], fifth_bit(ho, 2 * c));
+                    zh[2 * k] = _mm512_or_si512(zh[2 * k], fifth_bit(he, 2 * c + 1));
+                    zh[2 * k + 1] = _mm512_or_si512(zh[2 * k + 1], fifth_bit(ho, 2 * c + 1));
+                }
             }
             const __m512 sl = _mm512_mul_ps(d, kx16_scale(q0, q1, 2 * c, 0)), sh = _mm512_mul_ps(d, kx16_scale(q0, q1, 2 * c + 1, 0));
             const __m512 ml = _mm512_mul_ps(dmin, kx16_scale(q0, q1, 2 * c, 1)), mh = _mm512_mul_ps(dmin, kx16_scale(q0, q1, 2 * c + 1, 1));
@@ -2096,7 +2083,8 @@ INLINE void dot_kx16_i8(const uint8_t *w, int64_t run, int J, const xprep *p, in
 #define MK_X16(J) \
     static void dot_x16q4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(X16_Q4_0, w, run, J, p, j0, out); } \
     static void dot_x16q8_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(X16_Q8_0, w, run, J, p, j0, out); } \
-    static void dot_x16k4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_kx16_i8(w, run, J, p, j0, out); } \
+    static void dot_x16k4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_kx16_i8(0, w, run, J, p, j0, out); } \
+    static void dot_x16k5_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_kx16_i8(1, w, run, J, p, j0, out); } \
     static void dot_x16i4_##J(const uint8_t *w, int64_t run, const xprep *p, int64_t j0, float *out) { dot_x16_i8(X16_IQ4_XS, w, run, J, p, j0, out); }
 MK_X16(1)
 MK_X16(2)
@@ -2114,12 +2102,13 @@ MK_X16(8)
 static void rows_x16(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
                      int64_t ldy) {
     typedef void (*x16dot)(const uint8_t *, int64_t, const xprep *, int64_t, float *);
-    static const x16dot fns[4][8] = {
+    static const x16dot fns[5][8] = {
         {dot_x16q4_1, dot_x16q4_2, dot_x16q4_3, dot_x16q4_4, dot_x16q4_5, dot_x16q4_6, dot_x16q4_7, dot_x16q4_8},
         {dot_x16q8_1, dot_x16q8_2, dot_x16q8_3, dot_x16q8_4, dot_x16q8_5, dot_x16q8_6, dot_x16q8_7, dot_x16q8_8},
         {dot_x16k4_1, dot_x16k4_2, dot_x16k4_3, dot_x16k4_4, dot_x16k4_5, dot_x16k4_6, dot_x16k4_7, dot_x16k4_8},
-        {dot_x16i4_1, dot_x16i4_2, dot_x16i4_3, dot_x16i4_4, dot_x16i4_5, dot_x16i4_6, dot_x16i4_7, dot_x16i4_8}};
-    const x16dot *f = fns[fmt == Q8_0X8 ? 1 : fmt == Q4_KX8 ? 2 : fmt == IQ4_XSX8 ? 3 : 0];
+        {dot_x16i4_1, dot_x16i4_2, dot_x16i4_3, dot_x16i4_4, dot_x16i4_5, dot_x16i4_6, dot_x16i4_7, dot_x16i4_8},
+        {dot_x16k5_1, dot_x16k5_2, dot_x16k5_3, dot_x16k5_4, dot_x16k5_5, dot_x16k5_6, dot_x16k5_7, dot_x16k5_8}};
+    const x16dot *f = fns[fmt == Q8_0X8 ? 1 : fmt == Q4_KX8 ? 2 : fmt == IQ4_XSX8 ? 3 : fmt == Q5_KX8 ? 4 : 0];
     float o[128];
     for (int64_t r = r0; r < r1; r += 16) {
         const int whole = r + 16 <= r1; /* else rows r..r+7, the last run */
@@ -2244,9 +2233,9 @@ MK_X8_512(4)
 #undef MK_X8_512
 
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
- * stay in L1 while the rows stream past.  0, or -2 where an x8 chunk's plain copy cannot be allocated. */
-static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
-                    int64_t ldy) {
+ * stay in L1 while the rows stream past. */
+static void rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
+                     int64_t ldy) {
     typedef void (*ksbdot)(const uint8_t *, const xprep *, int64_t, float *);
     static const ksbdot fns[6][8] = {{ksb4_1, ksb4_2, ksb4_3, ksb4_4, ksb4_5, ksb4_6, ksb4_7, ksb4_8},
                                      {ksb5_1, ksb5_2, ksb5_3, ksb5_4, ksb5_5, ksb5_6, ksb5_7, ksb5_8},
@@ -2254,28 +2243,15 @@ static int rows_ksb(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r
                                      {ksbi_1, ksbi_2, ksbi_3, ksbi_4, ksbi_5, ksbi_6, ksbi_7, ksbi_8},
                                      {ksb3_1, ksb3_2, ksb3_3, ksb3_4, ksb3_5, ksb3_6, ksb3_7, ksb3_8},
                                      {ksb2_1, ksb2_2, ksb2_3, ksb2_4, ksb2_5, ksb2_6, ksb2_7, ksb2_8}};
-    uint8_t *plain = NULL;
-    const uint8_t *rows = w + r0 * rb; /* row r0 */
-    if (is_x8(fmt)) {
-        const int64_t nsb = p->cols / 256, prb = x8_block_bytes(fmt) * nsb;
-        plain = malloc((size_t)((r1 - r0) * prb));
-        if (!plain) return -2;
-        for (int64_t r = r0; r < r1; r += 8) x8_unpack(fmt, w + r * rb, nsb, plain + (r - r0) * prb);
-        fmt = x8_base(fmt);
-        rows = plain;
-        rb = prb;
-    }
     const ksbdot *f = fns[fmt == Q4_K ? 0 : fmt == Q5_K ? 1 : fmt == Q6_K ? 2 : fmt == IQ4_XS ? 3 : fmt == Q3_K ? 4 : 5];
     float o[8];
     for (int64_t j = 0; j < p->n; j += 8) {
         const int64_t J = p->n - j < 8 ? p->n - j : 8;
         for (int64_t r = r0; r < r1; r++) {
-            f[J - 1](rows + (r - r0) * rb, p, j, o);
+            f[J - 1](w + r * rb, p, j, o);
             for (int64_t jj = 0; jj < J; jj++) Y[(j + jj) * ldy + r] = o[jj];
         }
     }
-    free(plain);
-    return 0;
 }
 #endif /* MK_AVX512 */
 
@@ -2413,8 +2389,10 @@ INLINE int64_t row_align(int fmt, int64_t n) { return i8_runs(fmt, n) ? 16 : is_
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
 #if MK_AVX512
-    if (p->xq256 && rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy) == 0) /* prepared for dot_ksb: ksb_runs */
+    if (p->xq256) { /* prepared for dot_ksb: ksb_runs */
+        rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy);
         return;
+    }
     if (p->xq8 && i8_runs(fmt, p->n)) { /* prepared for dot_x16 */
         if (is_x8(fmt)) {
             rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
