@@ -85,9 +85,10 @@ KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs")
 # The formats the avx512 variant computes with int8 activations from two vectors on (qkernels.c's dot_x16:
 # llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
 INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "q5_kx8", "iq4_xsx8")
-# Their GGUF formats too, a chunk of rows interleaved first (x8_pack), from INT8_PACK_N vectors on.
-INT8_PACKED = tuple(INTERLEAVED[f] for f in INT8_FORMATS)
-INT8_PACK_N = 8
+# Their GGUF formats too, a chunk of rows interleaved first (x8_pack), and q6_k (no x8 layout: q6_pack),
+# from INT8_LEAST[fmt] vectors on (qkernels.c's i8_runs: where the copy costs less than it saves).
+INT8_PACKED = (*(INTERLEAVED[f] for f in INT8_FORMATS), "q6_k")
+INT8_LEAST = {**{f: 2 for f in INT8_FORMATS}, **{f: 8 for f in INT8_PACKED}, "q6_k": 16}
 # What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
 AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED)
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
@@ -110,7 +111,7 @@ def int8_activations(fmt: str, n: int) -> bool:
     q8_0 of them: relative error ~1e-2 of the product where a block holds an outlier, a few 1e-3 else)
     rather than to int16 (~1e-4) or not at all (the float32 tiles), on the active backend."""
     b, ck = _state()
-    least = 2 if fmt in INT8_FORMATS else INT8_PACK_N if fmt in INT8_PACKED else None
+    least = INT8_LEAST.get(fmt)
     return (ck is not None and ck.variant == "avx512" and least is not None
             and least <= n <= _small_n(b, ck, (fmt,)))
 
@@ -326,8 +327,8 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
     n up to a few vectors runs the matrix-vector kernels (n=1 is decode); more vectors
     (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
     activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most; on the
-    avx512 variant products of several vectors in INT8_FORMATS (and from INT8_PACK_N vectors in their
-    GGUF formats) round them to int8 as llama.cpp does (int8_activations).
+    avx512 variant products of several vectors in INT8_FORMATS and INT8_PACKED (from INT8_LEAST
+    vectors) round them to int8 as llama.cpp does (int8_activations).
     """
     return _matmul(_rows(q, fmt, cols), fmt, cols, X)
 

@@ -658,6 +658,7 @@ typedef struct {
     int8_t *xq8;          /* avx512, several vectors, i8_runs: int8 activations per 32-block, (n, cols) */
     float *xd8;           /* their scales, (n, nb) */
     int32_t *xk8;         /* the block's sum of xq8, (n, nb) */
+    int32_t *xk16;        /* the sums of xq8's 16-halves (q6_k's sub-blocks), (n, 2 nb) */
     void *mem;            /* the one allocation behind all of the above */
 } xprep;
 
@@ -668,11 +669,12 @@ static void xprep_free(xprep *p) {
 
 /* Which products the avx512 variant's dot_ksb computes (below, with the kernels): the super-block
  * formats from two vectors, where the int8 kernels do not (i8_runs: all of the x8 layouts, and q4_k,
- * q5_k and iq4_xs from I8_PACK_N vectors). */
+ * q5_k and iq4_xs from I8_PACK_N vectors, q6_k from I8_Q6_N). */
 INLINE int is_ksb(int fmt) {
     return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
 }
 #define I8_PACK_N 8
+#define I8_Q6_N 16
 INLINE int i8_runs(int fmt, int64_t n);
 INLINE int ksb_runs(int fmt, int64_t n) {
     return MK_AVX512 && is_ksb(fmt) && n >= 2 && !i8_runs(fmt, n); /* the x8 layouts: dot_x16 */
@@ -685,7 +687,9 @@ INLINE int i8_runs(int fmt, int64_t n) {
     const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
     /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
     const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q5_K || fmt == IQ4_XS;
-    return MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N));
+    /* q6_k's packing (q6_pack) costs more: 2048x1024 tokens/s, int16 vs int8, n=8 47-58k vs 26-32k,
+     * n=16 79-90k vs 77-90k, n=32 80-92k vs 107-131k */
+    return MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N));
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -705,19 +709,19 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int nee
 #if MK_SIMD
     if (cols % 32 == 0) {
         const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
-        const size_t sizes[14] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
+        const size_t sizes[15] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
                                   nb * 4, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0,
-                                  i8 ? (size_t)(n * cols) : 0, i8 ? nb * 4 : 0, i8 ? nb * 4 : 0};
+                                  i8 ? (size_t)(n * cols) : 0, i8 ? nb * 4 : 0, i8 ? nb * 4 : 0, i8 ? nb * 8 : 0};
         size_t total = 0;
-        for (int i = 0; i < 14; i++) total += (sizes[i] + 63) / 64 * 64;
+        for (int i = 0; i < 15; i++) total += (sizes[i] + 63) / 64 * 64;
         char *m = aligned_alloc(64, total ? total : 64);
         if (!m) return -2;
         p->mem = m;
-        void **dst[14] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
+        void **dst[15] = {(void **)&p->xq, (void **)&p->xd, (void **)&p->xs, (void **)&p->xs16,
                           (void **)&p->xd16, (void **)&p->xc, (void **)&p->xc4, (void **)&p->xd4,
                           (void **)&p->xc1, (void **)&p->xq256, (void **)&p->xd256,
-                          (void **)&p->xq8, (void **)&p->xd8, (void **)&p->xk8};
-        for (int i = 0; i < 14; i++) {
+                          (void **)&p->xq8, (void **)&p->xd8, (void **)&p->xk8, (void **)&p->xk16};
+        for (int i = 0; i < 15; i++) {
             *dst[i] = sizes[i] ? m : NULL;
             m += (sizes[i] + 63) / 64 * 64;
         }
@@ -767,7 +771,9 @@ static void xprep_fill8(xprep *p, int64_t j) {
         _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(q1));
         p->xd8[j * p->nb + b] = d;
-        p->xk8[j * p->nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        p->xk16[2 * (j * p->nb + b)] = _mm512_reduce_add_epi32(q0);
+        p->xk16[2 * (j * p->nb + b) + 1] = _mm512_reduce_add_epi32(q1);
+        p->xk8[j * p->nb + b] = p->xk16[2 * (j * p->nb + b)] + p->xk16[2 * (j * p->nb + b) + 1];
     }
 }
 #endif
@@ -2096,6 +2102,105 @@ MK_X16(7)
 MK_X16(8)
 #undef MK_X16
 
+/* q6_k in int8: sixteen rows' codes (q, 0..63) laid out once per product in dot_x16's lane order
+ * (q6_pack), then each 32-weight block's two 16-weight sub-blocks summed apart (registers 0-3 and 4-7),
+ * the -32 taken off with the sub-block's sum of activation codes (xk16), and scaled by d * its int8 scale.
+ * A packed block: 8 registers of 64 code bytes, then d * scale of the 16 rows for each sub-block. */
+#define Q6P_BLOCK (8 * 64 + 2 * 64)
+
+/* Rows [0, rows) (rows <= 16; the rest zeros) of a q6_k matrix, row stride rb, nb 32-blocks a row. */
+static void q6_pack(const uint8_t *w, int64_t rb, int rows, int64_t nb, uint8_t *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i at = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448); /* dword m of a row: register m */
+    memset(out, 0, (size_t)(nb * Q6P_BLOCK));
+    for (int r = 0; r < rows; r++) {
+        for (int64_t s = 0; s < nb / 8; s++) {
+            const uint8_t *q = w + r * rb + 210 * s;
+            const float d = h2f(q + 208);
+            for (int h = 0; h < 2; h++) { /* weights 128 h + 32 t + l from byte l (as deq_row) */
+                const __m256i A = _mm256_loadu_si256((const __m256i *)(q + 64 * h));
+                const __m256i B = _mm256_loadu_si256((const __m256i *)(q + 64 * h + 32));
+                const __m256i H = _mm256_loadu_si256((const __m256i *)(q + 128 + 32 * h));
+                const __m256i c[4] = {
+                    _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30)),
+                    _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(H, m30)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30))};
+                for (int t = 0; t < 4; t++) {
+                    const int64_t b = 8 * s + 4 * h + t;
+                    uint8_t *blk = out + Q6P_BLOCK * b;
+                    _mm256_i32scatter_epi32(blk + 4 * r, at, c[t], 1);
+                    float *sc = (float *)(blk + 512);
+                    sc[r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t)];
+                    sc[16 + r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t) + 1];
+                }
+            }
+        }
+    }
+}
+
+INLINE void dot_q6x16_i8(const uint8_t *pk, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    __m512 acc[8];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = pk + Q6P_BLOCK * b;
+        __m512i z[8];
+        for (int m = 0; m < 8; m++) z[m] = _mm512_loadu_si512(blk + 64 * m);
+        const __m512 sa = _mm512_loadu_ps((const float *)(blk + 512)), sb = _mm512_loadu_ps((const float *)(blk + 576));
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            const int32_t *x = (const int32_t *)(p->xq8 + (j0 + jj) * cols + 32 * b);
+            __m512i ta = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z[0], _mm512_set1_epi32(x[0]));
+            __m512i tb = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z[4], _mm512_set1_epi32(x[4]));
+            for (int m = 1; m < 4; m++) {
+                ta = _mm512_dpbusd_epi32(ta, z[m], _mm512_set1_epi32(x[m]));
+                tb = _mm512_dpbusd_epi32(tb, z[4 + m], _mm512_set1_epi32(x[4 + m]));
+            }
+            ta = _mm512_sub_epi32(ta, _mm512_set1_epi32(p->xk16[2 * k] << 5));
+            tb = _mm512_sub_epi32(tb, _mm512_set1_epi32(p->xk16[2 * k + 1] << 5));
+            const __m512 dx = _mm512_set1_ps(p->xd8[k]);
+            __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ta), _mm512_mul_ps(sa, dx), acc[jj]);
+            acc[jj] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tb), _mm512_mul_ps(sb, dx), a);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm512_storeu_ps(out + 16 * jj, acc[jj]);
+}
+
+#define MK_Q6X16(J) \
+    static void dot_q6x16_##J(const uint8_t *pk, const xprep *p, int64_t j0, float *out) { dot_q6x16_i8(pk, J, p, j0, out); }
+MK_Q6X16(1)
+MK_Q6X16(2)
+MK_Q6X16(3)
+MK_Q6X16(4)
+MK_Q6X16(5)
+MK_Q6X16(6)
+MK_Q6X16(7)
+MK_Q6X16(8)
+#undef MK_Q6X16
+
+/* Rows [r0, r1) of a q6_k matrix against p's int8 vectors: sixteen rows packed at a time (q6_pack).
+ * -2 where the packed copy cannot be allocated. */
+static int rows_q6x16(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y, int64_t ldy) {
+    typedef void (*q6dot)(const uint8_t *, const xprep *, int64_t, float *);
+    static const q6dot fns[8] = {dot_q6x16_1, dot_q6x16_2, dot_q6x16_3, dot_q6x16_4,
+                                 dot_q6x16_5, dot_q6x16_6, dot_q6x16_7, dot_q6x16_8};
+    uint8_t *pk = aligned_alloc(64, (size_t)(p->nb * Q6P_BLOCK));
+    if (!pk) return -2;
+    float o[128];
+    for (int64_t r = r0; r < r1; r += 16) {
+        const int rows = (int)(r1 - r < 16 ? r1 - r : 16);
+        q6_pack(w + r * rb, rb, rows, p->nb, pk);
+        for (int64_t j = 0; j < p->n; j += 8) {
+            const int64_t J = p->n - j < 8 ? p->n - j : 8;
+            fns[J - 1](pk, p, j, o);
+            for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 16 * jj, (size_t)rows * sizeof(float));
+        }
+    }
+    free(pk);
+    return 0;
+}
+
 /* Rows [r0, r1) of a matrix in an i8_runs format against p's int8 vectors, sixteen rows and up
  * to eight vectors a call; a last run of eight is computed as both halves (so that every row of a
  * matrix sees the same activations' rounding). */
@@ -2386,6 +2491,36 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
  * rows for dot_x16, four rows otherwise). */
 INLINE int64_t row_align(int fmt, int64_t n) { return i8_runs(fmt, n) ? 16 : is_x8(fmt) ? 8 : 4; }
 
+#if MK_AVX512
+/* Rows [r0, r1) of a matrix in a GGUF format with an x8 layout, against p's int8 vectors: the rows
+ * interleaved first (x8_pack; a last run of fewer than eight padded with zero rows, its outputs through
+ * a scratch matrix).  -2 where the copies cannot be allocated. */
+static int rows_packed(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
+                       int64_t ldy) {
+    const int x8 = x8_of(fmt), padded = (r1 - r0) % 8 != 0;
+    const int64_t xrb = fmt_row_bytes(fmt, p->cols), runs = (r1 - r0 + 7) / 8;
+    uint8_t *packed = malloc((size_t)(runs * 8 * xrb));
+    float *Yp = packed && padded ? malloc((size_t)(p->n * runs * 8) * sizeof(float)) : NULL;
+    if (!packed || (padded && !Yp)) {
+        free(packed);
+        return -2;
+    }
+    for (int64_t k = 0; k < runs; k++) {
+        const int64_t r = r0 + 8 * k;
+        x8_pack(x8, w + r * rb, rb, (int)(r1 - r < 8 ? r1 - r : 8), xrb / x8_block_bytes(x8), packed + 8 * k * xrb);
+    }
+    if (padded) {
+        rows_x16(x8, packed, xrb, 0, runs * 8, p, Yp, runs * 8);
+        for (int64_t j = 0; j < p->n; j++) memcpy(Y + j * ldy + r0, Yp + j * runs * 8, (size_t)(r1 - r0) * sizeof(float));
+    } else {
+        rows_x16(x8, packed, xrb, 0, r1 - r0, p, Y + r0, ldy);
+    }
+    free(Yp);
+    free(packed);
+    return 0;
+}
+#endif
+
 static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p,
                      float *Y, int64_t ldy) {
 #if MK_AVX512
@@ -2398,28 +2533,10 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
             rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
             return;
         }
-        /* a GGUF format: the chunk's rows interleaved first (the last run padded with zero rows) */
-        const int x8 = x8_of(fmt), padded = (r1 - r0) % 8 != 0;
-        const int64_t xrb = fmt_row_bytes(fmt, p->cols), runs = (r1 - r0 + 7) / 8;
-        uint8_t *packed = malloc((size_t)(runs * 8 * xrb));
-        /* a padded run's outputs go to a scratch matrix, then the real rows' to Y */
-        float *Yp = packed && padded ? malloc((size_t)(p->n * runs * 8) * sizeof(float)) : NULL;
-        if (packed && (Yp || !padded)) {
-            for (int64_t k = 0; k < runs; k++) {
-                const int64_t r = r0 + 8 * k;
-                x8_pack(x8, w + r * rb, rb, (int)(r1 - r < 8 ? r1 - r : 8), xrb / x8_block_bytes(x8), packed + 8 * k * xrb);
-            }
-            if (padded) {
-                rows_x16(x8, packed, xrb, 0, runs * 8, p, Yp, runs * 8);
-                for (int64_t j = 0; j < p->n; j++) memcpy(Y + j * ldy + r0, Yp + j * runs * 8, (size_t)(r1 - r0) * sizeof(float));
-            } else {
-                rows_x16(x8, packed, xrb, 0, r1 - r0, p, Y + r0, ldy);
-            }
-            free(Yp);
-            free(packed);
+        /* a GGUF format: its rows put in the int8 kernels' order first (q6_k, with no x8 layout, its own
+         * way); without memory for that copy, the int16 kernels below (xq is always prepared) */
+        if ((fmt == Q6_K ? rows_q6x16(w, rb, r0, r1, p, Y, ldy) : rows_packed(fmt, w, rb, r0, r1, p, Y, ldy)) == 0)
             return;
-        }
-        free(packed); /* no memory for the copy: the int16 kernels below (xq is always prepared) */
     }
 #endif
     if (is_x8(fmt)) {

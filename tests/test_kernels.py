@@ -404,18 +404,18 @@ def test_x8_products_reach_tiles_later_on_avx2(backend):
 @pytest.mark.parametrize("fmt", [*kernels.INT8_FORMATS, *kernels.INT8_PACKED])
 def test_int8_kernels_round_activations_as_llama_cpp(backend, fmt):
     # The avx512 variant's products in the x8 layouts of q4_0, q8_0, q4_k, q5_k and iq4_xs from 2 vectors,
-    # and in those GGUF formats from INT8_PACK_N (a chunk of rows interleaved first), up to 256 (dot_x16),
+    # and in those GGUF formats and q6_k from INT8_LEAST (a chunk of rows packed first), up to 256,
     # compute with the activations rounded to int8 per 32-block: exactly the float product of those
     # rounded values, for every count of vectors a pass (1-8), with a last run of eight rows (40 rows:
     # 16 + 16 + 8) or, in a GGUF format, a run padded with zero rows (37).  One vector (decode) keeps
-    # int16 activations, as do fewer than INT8_PACK_N in a GGUF format; elsewhere nothing rounds to int8.
+    # int16 activations, as do fewer than INT8_LEAST in a GGUF format; elsewhere nothing rounds to int8.
     x8 = fmt in kernels.INT8_FORMATS
     rows, cols = (40, 512) if x8 else (37, 512)
     base = formats.INTERLEAVED[fmt] if x8 else fmt
     q = random_blocks(base, rows, cols, seed=72)
     q = formats.interleave(q, fmt) if x8 else q
-    least = 2 if x8 else kernels.INT8_PACK_N
-    for n in (2, 3, 7, 8, 13, 33, 200):
+    least = kernels.INT8_LEAST[fmt]
+    for n in (2, 3, 7, 8, 13, 15, 16, 33, 200):
         X = llm_like(n, cols, seed=73 + n)
         Y = kernels.matmul(q, fmt, cols, X)
         to_int8 = _rel(Y, _ref(q, fmt, cols, int8_rounded(X)))
