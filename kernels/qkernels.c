@@ -18,8 +18,8 @@
  * with AVX2.  Block sums that undo the formats' offsets (q6_k's -32, q3_k's -4, the mins of q4_k,
  * q5_k, q2_k, q4_1, q5_1) use the float activations, so they add no quantization error; q4_0's -8
  * and q5_0's -16 come off the integer sums of the int16 activations, exactly.
- * The exception: with AVX-512 VNNI, products of several vectors (prompts) in q4_0, q8_0, q4_k, q5_k
- * and iq4_xs and their x8 layouts take llama.cpp's trade (i8_runs, dot_x16_i8): int8 activations per
+ * The exception: with AVX-512 VNNI, products of several vectors (prompts) in q4_0, q8_0, q4_k, q5_k,
+ * q6_k and iq4_xs and their x8 layouts take llama.cpp's trade (i8_runs, dot_x16_i8): int8 activations per
  * 32-block, where vpdpbusd does twice the products an instruction; that error stays an order of
  * magnitude below the 4-bit weights' own.  Decoding (one vector) keeps int16, and the avx2 variant
  * (MER_TUI_KERNELS=c-avx2) computes everything as before.
