@@ -32,6 +32,18 @@ from .machine import best_direct_read_bandwidth, block_device, disk_counters, dr
 MIN_BUSY_S = 0.25
 
 
+def device_share(dev0: tuple[int, float], dev1: tuple[int, float], seconds: float) -> dict[str, float]:
+    """The device's own view of `seconds` of decoding from two disk_counters samples: the share of the
+    time it had a request in flight, and its read speed then.  io_ticks advances in whole ticks (1-4 ms
+    by the kernel's HZ), so a decode shorter than MIN_BUSY_S gets no figures (a 6 ms one read 8 ms
+    busy), and a longer one's share is capped at the whole interval its tick rounding can pass."""
+    if seconds < MIN_BUSY_S:
+        return {}
+    dev_bytes, dev_busy = dev1[0] - dev0[0], dev1[1] - dev0[1]
+    return {"device_busy_fraction": min(dev_busy / seconds, 1.0),
+            "device_read_bytes_per_s_while_busy": dev_bytes / dev_busy if dev_busy >= max(MIN_BUSY_S, 1e-3) else 0.0}
+
+
 def _resident_bytes_per_token(model: engine.Model) -> int:
     """Bytes of non-expert weights one decoded token reads (the embedding only one row of)."""
     w = model.weights
@@ -195,12 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "requests_in_flight_while_busy": in_flight / busy if busy >= MIN_BUSY_S else 0.0,
             })
             if dev0 and dev1 and n > 1:
-                dev_bytes, dev_busy = dev1[0] - dev0[0], dev1[1] - dev0[1]
-                enough = dev_busy >= max(MIN_BUSY_S, 1e-3)   # io_ticks counts whole milliseconds
-                runs[-1].update({
-                    "device_busy_fraction": dev_busy / (t_end - t_first),
-                    "device_read_bytes_per_s_while_busy": dev_bytes / dev_busy if enough else 0.0,
-                })
+                runs[-1].update(device_share(dev0, dev1, t_end - t_first))
     peak_rss = peak_rss_bytes()
     snap = model.telemetry()
     model.close()
