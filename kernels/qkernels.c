@@ -693,14 +693,20 @@ INLINE int i8_runs(int fmt, int64_t n) {
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
-enum { XP_KSB = 1, XP_I8 = 2 };
-INLINE int xprep_needs(int fmt, int64_t n) { return (ksb_runs(fmt, n) ? XP_KSB : 0) | (i8_runs(fmt, n) ? XP_I8 : 0); }
+enum { XP_KSB = 1, XP_I8 = 2, XP_NO16 = 4 };
+INLINE int xprep_needs(int fmt, int64_t n) {
+    /* an x8 layout's int8 products read nothing else (a GGUF format's fall back on int16 without memory) */
+    const int i8 = i8_runs(fmt, n);
+    return (ksb_runs(fmt, n) ? XP_KSB : 0) | (i8 ? XP_I8 : 0) | (i8 && is_x8(fmt) ? XP_NO16 : 0);
+}
 
 /* Allocates the buffers (one allocation, 64-byte aligned regions); xprep_fill then fills vectors
  * [j0, j1).  needs (xprep_needs): XP_KSB, the vectors are for dot_ksb, which reads them with one
- * scale per 256; XP_I8, for dot_x16, which reads them in int8. */
+ * scale per 256; XP_I8, for dot_x16, which reads them in int8; XP_NO16, only for dot_x16 (the int16
+ * blocks and their sums are neither allocated nor filled). */
 static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int needs) {
-    const int sb = needs & XP_KSB, i8 = needs & XP_I8; /* the portable build has neither kernel */
+    /* the portable build has none of these kernels */
+    const int sb = needs & XP_KSB, i8 = needs & XP_I8, i16 = !(needs & XP_NO16);
     memset(p, 0, sizeof(*p));
     p->n = n;
     p->cols = cols;
@@ -709,8 +715,9 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int nee
 #if MK_SIMD
     if (cols % 32 == 0) {
         const size_t nb = (size_t)(n * p->nb), ng = (size_t)n * (size_t)(p->nb / 4);
-        const size_t sizes[15] = {(size_t)(n * cols) * 2, nb * 4, nb * 4, nb * 8, nb * 8, nb * 32, ng * 32, ng * 32,
-                                  nb * 4, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0,
+        const size_t sizes[15] = {i16 ? (size_t)(n * cols) * 2 : 0, i16 ? nb * 4 : 0, i16 ? nb * 4 : 0,
+                                  i16 ? nb * 8 : 0, i16 ? nb * 8 : 0, i16 ? nb * 32 : 0, i16 ? ng * 32 : 0,
+                                  i16 ? ng * 32 : 0, i16 ? nb * 4 : 0, sb ? (size_t)(n * cols) * 2 : 0, sb ? nb / 8 * 4 : 0,
                                   i8 ? (size_t)(n * cols) : 0, i8 ? nb * 4 : 0, i8 ? nb * 4 : 0, i8 ? nb * 8 : 0};
         size_t total = 0;
         for (int i = 0; i < 15; i++) total += (sizes[i] + 63) / 64 * 64;
@@ -729,6 +736,7 @@ static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int nee
 #else
     (void)sb;
     (void)i8;
+    (void)i16;
 #endif
     return 0;
 }
@@ -778,78 +786,82 @@ static void xprep_fill8(xprep *p, int64_t j) {
 }
 #endif
 
-static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
-    if (!p->xq) return;
-    for (int64_t j = j0; j < j1; j++) {
-        const float *x = p->xf + j * p->cols;
-        for (int64_t b = 0; b < p->nb; b++) {
-            const float *xb = x + 32 * b;
-            int16_t *q = p->xq + j * p->cols + 32 * b;
-            const int64_t k = j * p->nb + b;
+/* Vector j's int16 activations per 32-block and the sums and scales the int16 kernels read beside them. */
+static void xprep_fill16(xprep *p, int64_t j) {
+    const float *x = p->xf + j * p->cols;
+    for (int64_t b = 0; b < p->nb; b++) {
+        const float *xb = x + 32 * b;
+        int16_t *q = p->xq + j * p->cols + 32 * b;
+        const int64_t k = j * p->nb + b;
 #if MK_SIMD
-            /* The same arithmetic in eight lanes (a decode call's vector is prepared on the calling
-             * thread before the others join: the scalar loop was ~2 us of a ~55 us product).
-             * max_ps keeps its second operand when the first is NaN, as the scalar max did. */
-            const __m256 sign = _mm256_set1_ps(-0.0f);
-            const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
-            const __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-            __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_setzero_ps());
-            m = _mm256_max_ps(_mm256_andnot_ps(sign, v1), m);
-            m = _mm256_max_ps(_mm256_andnot_ps(sign, v2), m);
-            m = _mm256_max_ps(_mm256_andnot_ps(sign, v3), m);
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float amax = _mm_cvtss_f32(m4);
-            const float s0 = hsum(_mm256_add_ps(v0, v1)), s1 = hsum(_mm256_add_ps(v2, v3));
-            const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            const __m256 vid = _mm256_set1_ps(id);
-            /* cvtps rounds to nearest even, as lrintf does in the default rounding mode */
-            const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
-            const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
-            /* packs interleaves 128-bit lanes; the permute puts elements back in order */
-            const __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
-            const __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
-            _mm256_storeu_si256((__m256i *)q, q01);
-            _mm256_storeu_si256((__m256i *)(q + 16), q23);
-            const __m256i ones = _mm256_set1_epi16(1);
-            const __m256i c = _mm256_slli_epi32(_mm256_add_epi32(_mm256_madd_epi16(q01, ones), _mm256_madd_epi16(q23, ones)), 3);
-            _mm256_storeu_si256((__m256i *)(p->xc + 8 * k), c);
+        /* The same arithmetic in eight lanes (a decode call's vector is prepared on the calling
+         * thread before the others join: the scalar loop was ~2 us of a ~55 us product).
+         * max_ps keeps its second operand when the first is NaN, as the scalar max did. */
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        const __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_setzero_ps());
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v1), m);
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v2), m);
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, v3), m);
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float s0 = hsum(_mm256_add_ps(v0, v1)), s1 = hsum(_mm256_add_ps(v2, v3));
+        const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        /* cvtps rounds to nearest even, as lrintf does in the default rounding mode */
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+        /* packs interleaves 128-bit lanes; the permute puts elements back in order */
+        const __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
+        const __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
+        _mm256_storeu_si256((__m256i *)q, q01);
+        _mm256_storeu_si256((__m256i *)(q + 16), q23);
+        const __m256i ones = _mm256_set1_epi16(1);
+        const __m256i c = _mm256_slli_epi32(_mm256_add_epi32(_mm256_madd_epi16(q01, ones), _mm256_madd_epi16(q23, ones)), 3);
+        _mm256_storeu_si256((__m256i *)(p->xc + 8 * k), c);
 #else
-            float amax = 0.0f, s0 = 0.0f, s1 = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                const float a = fabsf(xb[i]);
-                amax = a > amax ? a : amax;
-            }
-            for (int i = 0; i < 16; i++) s0 += xb[i];
-            for (int i = 16; i < 32; i++) s1 += xb[i];
-            const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            for (int i = 0; i < 32; i++) q[i] = (int16_t)lrintf(xb[i] * id);
-            /* _mm256_madd_epi16 lane l sums elements 2l and 2l+1 of each 16-element half. */
-            for (int l = 0; l < 8; l++)
-                p->xc[8 * k + l] = 8 * ((int32_t)q[2 * l] + q[2 * l + 1] + q[16 + 2 * l] + q[17 + 2 * l]);
+        float amax = 0.0f, s0 = 0.0f, s1 = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        for (int i = 0; i < 16; i++) s0 += xb[i];
+        for (int i = 16; i < 32; i++) s1 += xb[i];
+        const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < 32; i++) q[i] = (int16_t)lrintf(xb[i] * id);
+        /* _mm256_madd_epi16 lane l sums elements 2l and 2l+1 of each 16-element half. */
+        for (int l = 0; l < 8; l++)
+            p->xc[8 * k + l] = 8 * ((int32_t)q[2 * l] + q[2 * l + 1] + q[16 + 2 * l] + q[17 + 2 * l]);
 #endif
-            p->xc1[k] = 0;
-            for (int l = 0; l < 8; l++) p->xc1[k] += p->xc[8 * k + l];
-            p->xd[k] = d;
-            p->xs[k] = s0 + s1;
-            p->xs16[2 * k] = 32.0f * s0; /* exact: a power of two */
-            p->xs16[2 * k + 1] = 32.0f * s1;
-            p->xd16[2 * k] = d;
-            p->xd16[2 * k + 1] = d;
+        p->xc1[k] = 0;
+        for (int l = 0; l < 8; l++) p->xc1[k] += p->xc[8 * k + l];
+        p->xd[k] = d;
+        p->xs[k] = s0 + s1;
+        p->xs16[2 * k] = 32.0f * s0; /* exact: a power of two */
+        p->xs16[2 * k + 1] = 32.0f * s1;
+        p->xd16[2 * k] = d;
+        p->xd16[2 * k + 1] = d;
+    }
+    /* Groups of four blocks in the layout of hadd(hadd(s0, s1), hadd(s2, s3)): lane k holds
+     * block k's madd lanes 0-3, lane 4+k its lanes 4-7. */
+    const int64_t ng = p->nb / 4;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t k0 = j * p->nb + 4 * g, o = 8 * (j * ng + g);
+        for (int k = 0; k < 4; k++) {
+            const int32_t *c = p->xc + 8 * (k0 + k);
+            p->xc4[o + k] = c[0] + c[1] + c[2] + c[3];
+            p->xc4[o + 4 + k] = c[4] + c[5] + c[6] + c[7];
+            p->xd4[o + k] = p->xd4[o + 4 + k] = p->xd[k0 + k];
         }
-        /* Groups of four blocks in the layout of hadd(hadd(s0, s1), hadd(s2, s3)): lane k holds
-         * block k's madd lanes 0-3, lane 4+k its lanes 4-7. */
-        const int64_t ng = p->nb / 4;
-        for (int64_t g = 0; g < ng; g++) {
-            const int64_t k0 = j * p->nb + 4 * g, o = 8 * (j * ng + g);
-            for (int k = 0; k < 4; k++) {
-                const int32_t *c = p->xc + 8 * (k0 + k);
-                p->xc4[o + k] = c[0] + c[1] + c[2] + c[3];
-                p->xc4[o + 4 + k] = c[4] + c[5] + c[6] + c[7];
-                p->xd4[o + k] = p->xd4[o + 4 + k] = p->xd[k0 + k];
-            }
-        }
+    }
+}
+
+static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        if (p->xq) xprep_fill16(p, j);
 #if MK_AVX512
         if (p->xq256) xprep_fill256(p, j);
         if (p->xq8) xprep_fill8(p, j);
