@@ -2343,10 +2343,7 @@ INLINE void dot_iq4_xsx8_512(const uint8_t *w, int J, const xprep *p, int64_t j0
     static void dot_kx8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(0, w, J, p, j0, out); } \
     static void dot_5x8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_q45_kx8_512(1, w, J, p, j0, out); } \
     static void dot_ix8z_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_iq4_xsx8_512(w, J, p, j0, out); }
-MK_X8_512(1)
-MK_X8_512(2)
-MK_X8_512(3)
-MK_X8_512(4)
+MK_X8_512(1) /* one vector, decode: several go to dot_x16 (i8_runs) */
 #undef MK_X8_512
 
 /* Rows [r0, r1) against all of p's vectors, eight at a time: a group's activations (8 x cols int16)
@@ -2484,13 +2481,19 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 
 /* Rows [r0, r1) of W against every prepared vector: Y[j * ldy + r].  (x8 layouts: r0 and r1 are
  * multiples of 8.) */
-/* The x8 layouts' kernels: in 512-bit registers where the variant has them */
+/* The x8 layouts' kernels: in 512-bit registers where the variant has them, for one vector (products of
+ * several are dot_x16's there and never reach these; the AVX2 kernels stand in the table for them) */
 #if MK_AVX512
-#define X8_Q4_0(J) dot_x8z_##J
-#define X8_Q8_0(J) dot_8x8z_##J
-#define X8_Q4_K(J) dot_kx8z_##J
-#define X8_Q5_K(J) dot_5x8z_##J
-#define X8_IQ4_XS(J) dot_ix8z_##J
+#define X8_PICK(J, one, several) X8_PICK_##J(one, several)
+#define X8_PICK_1(one, several) one
+#define X8_PICK_2(one, several) several
+#define X8_PICK_3(one, several) several
+#define X8_PICK_4(one, several) several
+#define X8_Q4_0(J) X8_PICK(J, dot_x8z_1, dot_x8_##J)
+#define X8_Q8_0(J) X8_PICK(J, dot_8x8z_1, dot_8x8_##J)
+#define X8_Q4_K(J) X8_PICK(J, dot_kx8z_1, dot_kx8_##J)
+#define X8_Q5_K(J) X8_PICK(J, dot_5x8z_1, dot_5x8_##J)
+#define X8_IQ4_XS(J) X8_PICK(J, dot_ix8z_1, dot_ix8_##J)
 #else
 #define X8_Q4_0(J) dot_x8_##J
 #define X8_Q8_0(J) dot_8x8_##J
