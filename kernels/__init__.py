@@ -11,7 +11,7 @@ contract the engine relies on; the implementations behind it live in submodules:
 
 Which products run where is the *backend*: "c" (default where a C compiler works; the variant
 follows the CPU's flags), "numba", or "numpy" (dequantize, then BLAS; the slow reference).  Pick
-one with the MER_TUI_KERNELS environment variable (auto, c, c-avx512, c-avx2, c-generic, numba, numpy) or
+one with the MER_TUI_KERNELS environment variable (auto, c, c-avx512, c-avxvnni, c-avx2, c-generic, numba, numpy) or
 `set_backend`.  Every function here is thread-safe: the engine calls from a worker thread and a
 prefetch thread at once.
 """
@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "c", "c-avx512", "c-avx2", "c-generic", "numba", "numpy")
+BACKENDS = ("auto", "c", "c-avx512", "c-avxvnni", "c-avx2", "c-generic", "numba", "numpy")
 # Up to this many vectors a product runs the matrix-vector kernels (the C ones decode each
 # weight block once per four vectors); above it, tiles of rows are dequantized to float32 and
 # multiplied by BLAS, whose matrix-matrix kernels win once there are enough vectors to reuse
@@ -77,20 +77,23 @@ BACKENDS = ("auto", "c", "c-avx512", "c-avx2", "c-generic", "numba", "numpy")
 # So do its 512-bit q4_0x8 and q8_0x8 kernels (dot_x8_32_512), with SMALL_N patched past 256, tokens/s
 # (kernels vs tiles): q4_0x8 1024x2048 at 64 vectors 93k vs 30k, 256 99k vs 45k; q8_0x8 2048x2048 43k vs
 # 12k, 32k vs 21k; and their int8 successors (dot_x16) twice that.
-SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "avx512"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
+SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "chunk"): 256, ("c", "half"): 8, ("numba", "quant"): 2,
            ("numba", "half"): 2, ("numpy", "quant"): 0, ("numpy", "half"): 0}
 # The formats of dot_ksb (the avx512 variant's products of several vectors, where the int8 kernels below
 # do not take them).
 KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs")
-# The formats the avx512 variant computes with int8 activations from two vectors on (qkernels.c's dot_x16:
-# llama.cpp's q8_0 of the activations, one vpdpbusd per 64 products; decode keeps int16).
+# The x8 layouts the int8 kernels compute from two vectors on (llama.cpp's q8_0 of the activations; decode
+# keeps int16): the avx512 variant's dot_x16 (one vpdpbusd per 64 products) and the avxvnni variant's
+# dot_x8_i8 (256-bit, 32).
 INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "q5_kx8", "iq4_xsx8")
-# Their GGUF formats too, a chunk of rows interleaved first (x8_pack), and q6_k (no x8 layout: q6_pack),
-# from INT8_LEAST[fmt] vectors on (qkernels.c's i8_runs: where the copy costs less than it saves).
+# On the avx512 variant their GGUF formats too, a chunk of rows interleaved first (x8_pack), and q6_k (no x8
+# layout: q6_pack), from more vectors (where the copy costs less than it saves).
 INT8_PACKED = (*(INTERLEAVED[f] for f in INT8_FORMATS), "q6_k")
-INT8_LEAST = {**{f: 2 for f in INT8_FORMATS}, **{f: 8 for f in INT8_PACKED}, "q6_k": 16}
-# What the avx512 variant computes faster than the tiles up to a prompt chunk: SMALL_N's "avx512" kind.
-AVX512_TO_CHUNK = (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED)
+# From how many vectors each C variant rounds a format's activations to int8 (qkernels.c's i8_runs).
+INT8_LEAST = {"avx512": {**{f: 2 for f in INT8_FORMATS}, **{f: 8 for f in INT8_PACKED}, "q6_k": 16},
+              "avxvnni": {f: 2 for f in INT8_FORMATS}}
+# What each variant computes faster than the tiles up to a prompt chunk: SMALL_N's "chunk" kind.
+TO_CHUNK = {"avx512": (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED), "avxvnni": INT8_FORMATS}
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 
@@ -99,9 +102,9 @@ def _kind(variant: str | None, fmt: str) -> str:
     """SMALL_N's column for a product in `fmt` on the C kernels' `variant` (None: no C kernels)."""
     if fmt in FLOAT_FORMATS:
         return "half"
-    if variant == "avx512" and fmt in AVX512_TO_CHUNK:
-        return "avx512"
-    if variant in ("avx2", "avx512") and fmt in INTERLEAVED:
+    if fmt in TO_CHUNK.get(variant, ()):
+        return "chunk"
+    if variant in ("avx2", "avx512", "avxvnni") and fmt in INTERLEAVED:
         return "x8"
     return "quant"
 
@@ -111,9 +114,8 @@ def int8_activations(fmt: str, n: int) -> bool:
     q8_0 of them: relative error ~1e-2 of the product where a block holds an outlier, a few 1e-3 else)
     rather than to int16 (~1e-4) or not at all (the float32 tiles), on the active backend."""
     b, ck = _state()
-    least = INT8_LEAST.get(fmt)
-    return (ck is not None and ck.variant == "avx512" and least is not None
-            and least <= n <= _small_n(b, ck, (fmt,)))
+    least = INT8_LEAST.get(ck.variant, {}).get(fmt) if ck is not None else None
+    return least is not None and least <= n <= _small_n(b, ck, (fmt,))
 
 
 def _small_n(b: str, ck, fmts: Sequence[str]) -> int:
@@ -161,7 +163,7 @@ def _resolve(name: str) -> tuple[str, object]:
     """(backend name, C kernels or None) for a requested backend, falling back as needed."""
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r} (known: {', '.join(BACKENDS)})")
-    if name in ("auto", "c", "c-avx512", "c-avx2", "c-generic"):
+    if name in ("auto", "c", "c-avx512", "c-avxvnni", "c-avx2", "c-generic"):
         from . import cpu_c
         variant = name[2:] if name.startswith("c-") else None
         try:
@@ -178,8 +180,8 @@ def _resolve(name: str) -> tuple[str, object]:
 def set_backend(name: str | None = None) -> str:
     """Choose the kernel backend (None: MER_TUI_KERNELS, else auto); returns the one in use.
 
-    "auto" and "c" fall back to numba when the C kernels cannot be built; "c-avx512", "c-avx2" and
-    "c-generic" raise instead, so that tests can insist on a path.
+    "auto" and "c" fall back to numba when the C kernels cannot be built; "c-avx512", "c-avxvnni",
+    "c-avx2" and "c-generic" raise instead, so that tests can insist on a path.
     """
     global _active
     name = name or os.environ.get("MER_TUI_KERNELS", "auto").strip().lower() or "auto"
@@ -198,7 +200,8 @@ def _state() -> tuple[str, object]:
 
 
 def backend() -> str:
-    """The backend in use ("c-avx512", "c-avx2", "c-generic", "numba" or "numpy"), resolving it if needed."""
+    """The backend in use ("c-avx512", "c-avxvnni", "c-avx2", "c-generic", "numba" or "numpy"), resolving it
+    if needed."""
     return _state()[0]
 
 
@@ -326,9 +329,9 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
 
     n up to a few vectors runs the matrix-vector kernels (n=1 is decode); more vectors
     (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
-    activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most; on the
-    avx512 variant products of several vectors in INT8_FORMATS and INT8_PACKED (from INT8_LEAST
-    vectors) round them to int8 as llama.cpp does (int8_activations).
+    activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most; products
+    of several vectors in INT8_FORMATS (on the avx512 variant INT8_PACKED too; from INT8_LEAST vectors)
+    round them to int8 as llama.cpp does, where the variant has int8 kernels (int8_activations).
     """
     return _matmul(_rows(q, fmt, cols), fmt, cols, X)
 

@@ -4,9 +4,10 @@ ABI mode needs neither Python headers nor setuptools, only a C compiler; the sha
 a per-user cache directory keyed by a hash of the source, the flags and the compiler, so every later
 process just dlopens it.  The variant is chosen from /proc/cpuinfo: "avx2" (AVX2 + FMA + F16C
 kernels) where the CPU has those flags, "avx512" (those, plus AVX-512 VNNI ones for prefill) where it
-also has AVX-512 F/BW/VL and VNNI, else "generic" (portable C).  Any failure (no compiler, a
-sandbox that forbids exec) is reported by `load` as an exception the caller turns into a
-fallback to numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
+also has AVX-512 F/BW/VL and VNNI, "avxvnni" (the AVX2 kernels plus 256-bit VNNI ones for prefill) where
+it has AVX-VNNI but not those (Intel's client cores since Alder Lake), else "generic" (portable C).
+Any failure (no compiler, a sandbox that forbids exec) is reported by `load` as an exception the caller
+turns into a fallback to numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
 """
 from __future__ import annotations
 
@@ -48,11 +49,15 @@ uint32_t mk_crc32(uint32_t crc, const uint8_t *p, int64_t n);
 """
 
 _AVX2 = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-FLAGS = {"generic": ["-O3"], "avx2": _AVX2, "avx512": [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+FLAGS = {"generic": ["-O3"], "avx2": _AVX2, "avx512": [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+         "avxvnni": [*_AVX2, "-mavxvnni"]}
 # What each variant needs of the CPU (/proc/cpuinfo's names), and what mk_simd() says it was built with.
 NEEDS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"},
-         "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
-SIMD_LEVEL = {"generic": 0, "avx2": 1, "avx512": 2}
+         "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+         "avxvnni": {"avx2", "fma", "f16c", "avx_vnni"}}
+SIMD_LEVEL = {"generic": 0, "avx2": 1, "avx512": 2, "avxvnni": 3}
+# The variants from the most capable down: a CPU takes the first it runs.
+PREFERENCE = ("avx512", "avxvnni", "avx2", "generic")
 COMMON_FLAGS = ["-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 
 
@@ -78,8 +83,8 @@ def runs_here(variant: str) -> bool:
 
 
 def best_variant() -> str:
-    """The most capable variant this CPU runs: "avx512", "avx2" or "generic"."""
-    return next(v for v in ("avx512", "avx2", "generic") if runs_here(v))
+    """The most capable variant this CPU runs: "avx512", "avxvnni", "avx2" or "generic"."""
+    return next(v for v in PREFERENCE if runs_here(v))
 
 
 def cache_dir() -> Path:
@@ -249,11 +254,11 @@ _lock = threading.Lock()
 
 
 def load(variant: str | None = None) -> CKernels:
-    """The C kernels for `variant` ("avx512", "avx2", "generic"; None: the best this CPU runs), built if
-    need be.  With None, a variant the compiler cannot build (an old gcc without -mavx512vnni) gives way
-    to the next one."""
+    """The C kernels for `variant` ("avx512", "avxvnni", "avx2", "generic"; None: the best this CPU runs),
+    built if need be.  With None, a variant the compiler cannot build (an old gcc without -mavx512vnni or
+    -mavxvnni) gives way to the next one."""
     if variant is None:
-        tried = [v for v in ("avx512", "avx2", "generic") if runs_here(v)]
+        tried = [v for v in PREFERENCE if runs_here(v)]
         for v in tried[:-1]:
             try:
                 return load(v)

@@ -21,8 +21,9 @@
  * The exception: with AVX-512 VNNI, products of several vectors (prompts) in q4_0, q8_0, q4_k, q5_k,
  * q6_k and iq4_xs and their x8 layouts take llama.cpp's trade (i8_runs, dot_x16_i8): int8 activations per
  * 32-block, where vpdpbusd does twice the products an instruction; that error stays an order of
- * magnitude below the 4-bit weights' own.  Decoding (one vector) keeps int16, and the avx2 variant
- * (MER_TUI_KERNELS=c-avx2) computes everything as before.
+ * magnitude below the 4-bit weights' own.  The avxvnni variant does the same for the x8 layouts in 256-bit
+ * registers (dot_x8_i8: eight rows, one run, a call).  Decoding (one vector) keeps int16, and the avx2
+ * variant (MER_TUI_KERNELS=c-avx2) computes everything as before.
  */
 #include <math.h>
 #include <pthread.h>
@@ -44,6 +45,16 @@
 #else
 #define MK_AVX512 0
 #endif
+/* The avxvnni variant (CPUs with AVX-VNNI but not AVX-512: Intel's client cores since Alder Lake): the
+ * AVX2 kernels, plus 256-bit vpdpbusd ones for the products of several vectors in the x8 layouts
+ * (dot_x8_i8, the int8 trade below). */
+#if MK_SIMD && !MK_AVX512 && defined(__AVXVNNI__)
+#define MK_VNNI256 1
+#else
+#define MK_VNNI256 0
+#endif
+/* Variants with int8 kernels for prompts (i8_runs) */
+#define MK_I8 (MK_AVX512 || MK_VNNI256)
 
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
@@ -85,8 +96,8 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
 #define SEQ_ROW_BYTES 2304
 
 MK_API int mk_version(void) { return 13; }
-/* 0: portable, 1: AVX2, 2: AVX2 and AVX-512 VNNI */
-MK_API int mk_simd(void) { return MK_SIMD + MK_AVX512; }
+/* 0: portable, 1: AVX2, 2: AVX2 and AVX-512 VNNI, 3: AVX2 and AVX-VNNI */
+MK_API int mk_simd(void) { return MK_SIMD + MK_AVX512 + 2 * MK_VNNI256; }
 
 /* ---------- half precision ---------- */
 
@@ -680,16 +691,17 @@ INLINE int ksb_runs(int fmt, int64_t n) {
     return MK_AVX512 && is_ksb(fmt) && n >= 2 && !i8_runs(fmt, n); /* the x8 layouts: dot_x16 */
 }
 
-/* Which products the avx512 variant's dot_x16 kernels compute (below, with the kernels): q4_0x8, q8_0x8,
- * q4_kx8 and iq4_xsx8 with int8 activations, from two vectors (one vector, a decode step, keeps the
- * int16 kernels). */
+/* Which products the int8 kernels compute (below, with the kernels): on the avx512 variant (dot_x16) the
+ * x8 layouts with int8 activations from two vectors (one vector, a decode step, keeps the int16 kernels),
+ * and GGUF formats from more; on the avxvnni variant (dot_x8_i8) the x8 layouts only. */
 INLINE int i8_runs(int fmt, int64_t n) {
     const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
     /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
     const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q5_K || fmt == IQ4_XS;
     /* q6_k's packing (q6_pack) costs more: 2048x1024 tokens/s, int16 vs int8, n=8 47-58k vs 26-32k,
      * n=16 79-90k vs 77-90k, n=32 80-92k vs 107-131k */
-    return MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N));
+    return (MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N)))
+        || (MK_VNNI256 && x8 && n >= 2);
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -763,25 +775,51 @@ static void xprep_fill256(xprep *p, int64_t j) {
         p->xd256[j * (p->cols / 256) + b] = d;
     }
 }
+#endif
 
-/* Vector j's int8 activations per 32-block (xq8, xd8, xk8), for dot_x16: llama.cpp's q8_0 of the
- * activations (the largest |x| maps to 127, rounding to nearest even), with each block's sum of codes
- * for the weights' offsets (q4_0's nibbles are w + 8, q8_0's bytes are read as w + 128). */
+#if MK_SIMD
+/* The largest |x| of a 32-block in four registers.  max_ps keeps its second operand when the first is
+ * NaN, as the scalar max did. */
+INLINE float amax32(const __m256 v[4]) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_setzero_ps());
+    for (int i = 1; i < 4; i++) m = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), m);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    return _mm_cvtss_f32(m4);
+}
+#endif
+
+#if MK_I8
+INLINE int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+
+/* Vector j's int8 activations per 32-block (xq8, xd8, xk8, xk16), for the int8 kernels: llama.cpp's q8_0
+ * of the activations (the largest |x| maps to 127, rounding to nearest even, saturated), with each block's
+ * and each 16-half's sum of codes for the weights' offsets (q4_0's nibbles are w + 8, q8_0's bytes are
+ * read as w + 128, q6_k's codes q + 32). */
 static void xprep_fill8(xprep *p, int64_t j) {
+    /* packs interleaves 128-bit lanes: dword i of the packed bytes holds elements 4 perm[i] .. +3 */
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < p->nb; b++) {
         const float *x = p->xf + j * p->cols + 32 * b;
-        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        const __m512 vid = _mm512_set1_ps(id);
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
-        int8_t *q = p->xq8 + j * p->cols + 32 * b;
-        _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(q1));
-        p->xd8[j * p->nb + b] = d;
-        p->xk16[2 * (j * p->nb + b)] = _mm512_reduce_add_epi32(q0);
-        p->xk16[2 * (j * p->nb + b) + 1] = _mm512_reduce_add_epi32(q1);
-        p->xk8[j * p->nb + b] = p->xk16[2 * (j * p->nb + b)] + p->xk16[2 * (j * p->nb + b) + 1];
+        __m256 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i);
+        const float d = amax32(v) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+        const __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(p->xq8 + j * p->cols + 32 * b), _mm256_permutevar8x32_epi32(q8, perm));
+        const int64_t k = j * p->nb + b;
+        p->xd8[k] = d;
+        p->xk16[2 * k] = hsum_i32(_mm256_add_epi32(q[0], q[1]));
+        p->xk16[2 * k + 1] = hsum_i32(_mm256_add_epi32(q[2], q[3]));
+        p->xk8[k] = p->xk16[2 * k] + p->xk16[2 * k + 1];
     }
 }
 #endif
@@ -795,19 +833,10 @@ static void xprep_fill16(xprep *p, int64_t j) {
         const int64_t k = j * p->nb + b;
 #if MK_SIMD
         /* The same arithmetic in eight lanes (a decode call's vector is prepared on the calling
-         * thread before the others join: the scalar loop was ~2 us of a ~55 us product).
-         * max_ps keeps its second operand when the first is NaN, as the scalar max did. */
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
-        const __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-        __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_setzero_ps());
-        m = _mm256_max_ps(_mm256_andnot_ps(sign, v1), m);
-        m = _mm256_max_ps(_mm256_andnot_ps(sign, v2), m);
-        m = _mm256_max_ps(_mm256_andnot_ps(sign, v3), m);
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
+         * thread before the others join: the scalar loop was ~2 us of a ~55 us product). */
+        const __m256 v[4] = {_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8), _mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)};
+        const __m256 v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
+        const float amax = amax32(v);
         const float s0 = hsum(_mm256_add_ps(v0, v1)), s1 = hsum(_mm256_add_ps(v2, v3));
         const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
         const __m256 vid = _mm256_set1_ps(id);
@@ -864,6 +893,8 @@ static void xprep_fill(xprep *p, int64_t j0, int64_t j1) {
         if (p->xq) xprep_fill16(p, j);
 #if MK_AVX512
         if (p->xq256) xprep_fill256(p, j);
+#endif
+#if MK_I8
         if (p->xq8) xprep_fill8(p, j);
 #endif
     }
@@ -1649,6 +1680,170 @@ INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, fl
     for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
 }
 
+#if MK_I8
+/* The int8 kernels' weight kinds of the 32-block x8 layouts (dot_x16_i8, dot_x8_i8) */
+enum { X16_Q4_0, X16_Q8_0, X16_IQ4_XS };
+#endif
+
+#if MK_VNNI256
+/* ---------- AVX-VNNI: the x8 layouts against several vectors, in int8 ----------
+ * dot_x16_i8's arithmetic in 256-bit registers, one run of eight rows a call: lane r of a register holds
+ * row r's four weights 4m..4m+3 (units 2m and 2m + 1 of the run), a vector's four int8 activations are one
+ * broadcast and one vpdpbusd does 32 products (the AVX2 kernels' int16 madd does 16, and an add).  Up to
+ * four vectors a call: the eight weight registers, four accumulators and the temporaries fill the sixteen
+ * registers AVX2 has. */
+
+/* Units 2m and 2m + 1 of a run (32 bytes at u: the eight rows' words 0-7 of each) in lane order: vpermq
+ * puts both units' words 0-3 in the low 128-bit lane and 4-7 in the high, vpshufb pairs them word by word. */
+INLINE __m256i x8_lanes(const uint8_t *u) {
+    const __m256i order = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                           0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+    return _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)u), 0xD8), order);
+}
+
+/* acc + the eight rows' weights in z (unsigned) times the four activations at x, lane by lane */
+INLINE __m256i dp4(__m256i acc, __m256i z, const int8_t *x) {
+    return _mm256_dpbusd_avx_epi32(acc, z, _mm256_set1_epi32((int)rd32((const uint8_t *)x)));
+}
+
+/* q4_0x8, q8_0x8 and iq4_xsx8 (X16_*): one run against J <= 4 vectors of int8 activations, out[8 jj + r].
+ * As dot_x16_i8: the weights made unsigned (q4_0's nibbles w + 8, q8_0's bytes read as w + 128, iq4_xs's
+ * values looked up as w + 128), the block's sum of activation codes times 8 or 128 taken off. */
+INLINE void dot_x8_i8(int kind, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x80);
+    const __m256i tab = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES)), flip);
+    const int32_t offset = kind == X16_Q4_0 ? 8 : 128;
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = pf_run_start(w);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *u; /* the block's units */
+        __m256 dw;
+        if (kind == X16_IQ4_XS) { /* super-block b / 8: d, scales_h, scales_l (x8_pos), then 8 x 128 bytes */
+            const int k = (int)(b % 8);
+            const uint8_t *q = w + 1088 * (b / 8);
+            u = q + 64 + 128 * k;
+            if (k == 0) pf_run_upto(&next_pf, q + 1088);
+            const __m256i sh = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+            const __m256i sl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 32 + 8 * (k / 2))));
+            const __m256i ls = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(sl, 4 * (k % 2)), _mm256_set1_epi32(15)),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(sh, 2 * k), _mm256_set1_epi32(3)), 4));
+            dw = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q)),
+                               _mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32))));
+        } else {
+            const int64_t bs = kind == X16_Q8_0 ? 272 : 144;
+            const uint8_t *q = w + bs * b;
+            u = q + 16;
+            pf_run_upto(&next_pf, q + bs);
+            dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        }
+        __m256i z[8]; /* register m: weights 4m..4m+3 of each row */
+        if (kind == X16_Q8_0) {
+            for (int m = 0; m < 8; m++) z[m] = _mm256_xor_si256(x8_lanes(u + 32 * m), flip);
+        } else {
+            /* byte i of a q4_0 or iq4_xs block holds weights i (low nibble) and 16 + i (high) */
+            for (int m = 0; m < 4; m++) {
+                const __m256i g = x8_lanes(u + 32 * m);
+                z[m] = _mm256_and_si256(g, m4);
+                z[4 + m] = _mm256_and_si256(_mm256_srli_epi16(g, 4), m4);
+            }
+            if (kind == X16_IQ4_XS)
+                for (int m = 0; m < 8; m++) z[m] = _mm256_shuffle_epi8(tab, z[m]);
+        }
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            const int8_t *x = p->xq8 + (j0 + jj) * cols + 32 * b;
+            __m256i se = dp4(_mm256_setzero_si256(), z[0], x), so = dp4(_mm256_setzero_si256(), z[1], x + 4);
+            for (int m = 2; m < 8; m += 2) {
+                se = dp4(se, z[m], x + 4 * m);
+                so = dp4(so, z[m + 1], x + 4 * m + 4);
+            }
+            const __m256i t = _mm256_sub_epi32(_mm256_add_epi32(se, so), _mm256_set1_epi32(p->xk8[k] * offset));
+            acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, _mm256_set1_ps(p->xd8[k])), acc[jj]);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
+INLINE __m256i fifth_bit256(__m256i qh, int b) { /* bit b of each byte, moved to bit 4 */
+    const __m256i v = b >= 4 ? _mm256_srli_epi16(qh, b - 4) : _mm256_slli_epi16(qh, 4 - b);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+/* q4_kx8 (five = 0) and q5_kx8: one run against J <= 4 vectors of int8 activations, sub-block by sub-block
+ * (the low nibbles of a 64-weight group c are sub-block 2c, the high ones 2c + 1; q5_k's fifth bits lined up
+ * with them as in dot_kx16_i8), each sub-block's sum scaled by d * its scale and its min taken off with its
+ * sum of rounded activations (xd8 * xk8).  A group's bytes are put in lane order once for each of its two
+ * sub-blocks: eight weight registers are what the sixteen leave room for. */
+INLINE void dot_kx8_i8(int five, const uint8_t *w, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb, rs = five ? 1408 : 1152, nib = five ? 384 : 128;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    uintptr_t next_pf = pf_run_start(w);
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *q = w + rs * sb;
+        pf_run_upto(&next_pf, q + rs);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 16)));
+        for (int j = 0; j < 8; j++) { /* sub-block j: group j / 2's low (j even) or high nibbles */
+            __m256i z[8];
+            for (int m = 0; m < 8; m++) {
+                const __m256i g = x8_lanes(q + nib + 256 * (j / 2) + 32 * m);
+                z[m] = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(g, 4) : g, m4);
+                if (five) z[m] = _mm256_or_si256(z[m], fifth_bit256(x8_lanes(q + 128 + 32 * m), j));
+            }
+            const __m256 sc = _mm256_mul_ps(d, kx8_scale(q, j, 0)), mn = _mm256_mul_ps(dmin, kx8_scale(q, j, 1));
+            for (int jj = 0; jj < J; jj++) {
+                const int64_t k = (j0 + jj) * nb + 8 * sb + j;
+                const int8_t *x = p->xq8 + (j0 + jj) * cols + 256 * sb + 32 * j;
+                __m256i te = dp4(_mm256_setzero_si256(), z[0], x), to = dp4(_mm256_setzero_si256(), z[1], x + 4);
+                for (int m = 2; m < 8; m += 2) {
+                    te = dp4(te, z[m], x + 4 * m);
+                    to = dp4(to, z[m + 1], x + 4 * m + 4);
+                }
+                const __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(te, to)),
+                                                 _mm256_mul_ps(sc, _mm256_set1_ps(p->xd8[k])), acc[jj]);
+                acc[jj] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(p->xd8[k] * (float)p->xk8[k]), a);
+            }
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
+#define MK_X8I8(J) \
+    static void dot_i8q4_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_i8(X16_Q4_0, w, J, p, j0, out); } \
+    static void dot_i8q8_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_i8(X16_Q8_0, w, J, p, j0, out); } \
+    static void dot_i8k4_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_kx8_i8(0, w, J, p, j0, out); } \
+    static void dot_i8k5_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_kx8_i8(1, w, J, p, j0, out); } \
+    static void dot_i8i4_##J(const uint8_t *w, const xprep *p, int64_t j0, float *out) { dot_x8_i8(X16_IQ4_XS, w, J, p, j0, out); }
+MK_X8I8(1)
+MK_X8I8(2)
+MK_X8I8(3)
+MK_X8I8(4)
+#undef MK_X8I8
+
+/* Rows [r0, r1) of a matrix in an x8 layout against p's int8 vectors, a run and up to four vectors a call. */
+static void rows_x8_i8(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
+                       int64_t ldy) {
+    typedef void (*x8i8dot)(const uint8_t *, const xprep *, int64_t, float *);
+    static const x8i8dot fns[5][4] = {{dot_i8q4_1, dot_i8q4_2, dot_i8q4_3, dot_i8q4_4},
+                                      {dot_i8q8_1, dot_i8q8_2, dot_i8q8_3, dot_i8q8_4},
+                                      {dot_i8k4_1, dot_i8k4_2, dot_i8k4_3, dot_i8k4_4},
+                                      {dot_i8i4_1, dot_i8i4_2, dot_i8i4_3, dot_i8i4_4},
+                                      {dot_i8k5_1, dot_i8k5_2, dot_i8k5_3, dot_i8k5_4}};
+    const x8i8dot *f = fns[fmt == Q8_0X8 ? 1 : fmt == Q4_KX8 ? 2 : fmt == IQ4_XSX8 ? 3 : fmt == Q5_KX8 ? 4 : 0];
+    float o[32];
+    for (int64_t r = r0; r < r1; r += 8)
+        for (int64_t j = 0; j < p->n; j += 4) {
+            const int64_t J = p->n - j < 4 ? p->n - j : 4;
+            f[J - 1](w + r * rb, p, j, o);
+            for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
+        }
+}
+#endif /* MK_VNNI256 */
+
 #if MK_AVX512
 /* ---------- AVX-512 VNNI: super-block formats against several vectors ----------
  *
@@ -1930,7 +2125,6 @@ INLINE void x16_gather(__m512i *even, __m512i *odd) {
  * bytes are read as w + 128 and iq4_xs's values looked up as w + 128, so the block's sum of activation
  * codes (xk8) times 8 or 128 is taken off before scaling.  Sums stay far inside int32: 32 products of at
  * most 255 * 128 a block. */
-enum { X16_Q4_0, X16_Q8_0, X16_IQ4_XS };
 INLINE void dot_x16_i8(int kind, const uint8_t *w, int64_t run, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
     __m512i idx_e, idx_o;
@@ -2504,7 +2698,7 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 
 /* Rows a thread claims together: whole groups of the kernels that will run (eight-row runs, sixteen
  * rows for dot_x16, four rows otherwise). */
-INLINE int64_t row_align(int fmt, int64_t n) { return i8_runs(fmt, n) ? 16 : is_x8(fmt) ? 8 : 4; }
+INLINE int64_t row_align(int fmt, int64_t n) { return MK_AVX512 && i8_runs(fmt, n) ? 16 : is_x8(fmt) ? 8 : 4; }
 
 #if MK_AVX512
 /* Rows [r0, r1) of a matrix in a GGUF format with an x8 layout, against p's int8 vectors: the rows
@@ -2552,6 +2746,12 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
          * way); without memory for that copy, the int16 kernels below (xq is always prepared) */
         if ((fmt == Q6_K ? rows_q6x16(w, rb, r0, r1, p, Y, ldy) : rows_packed(fmt, w, rb, r0, r1, p, Y, ldy)) == 0)
             return;
+    }
+#endif
+#if MK_VNNI256
+    if (p->xq8 && i8_runs(fmt, p->n)) { /* the x8 layouts only */
+        rows_x8_i8(fmt, w, rb, r0, r1, p, Y, ldy);
+        return;
     }
 #endif
     if (is_x8(fmt)) {

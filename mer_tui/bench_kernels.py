@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="which sample counts: the median (default) or the fastest (best case on a busy machine)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
-    p.add_argument("--backend", default=None, help="kernel backend: auto, c, c-avx512, c-avx2, c-generic, numba, numpy")
+    p.add_argument("--backend", default=None,
+                   help="kernel backend: auto, c, c-avx512, c-avxvnni, c-avx2, c-generic, numba, numpy")
     p.add_argument("--hot", action="store_true", help="time one matrix repeatedly (cache-resident when it fits)")
     p.add_argument("--sample-ms", type=float, default=20.0,
                    help="length of one timed sample (default 20); short samples with --stat min find "

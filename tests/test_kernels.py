@@ -24,7 +24,7 @@ NOT_F32 = ("f16", "bf16", *QUANT)
 
 
 def _backends() -> list[str]:
-    return ["numpy", "numba", "c-generic", *(f"c-{v}" for v in ("avx2", "avx512") if cpu_c.runs_here(v))]
+    return ["numpy", "numba", "c-generic", *(f"c-{v}" for v in ("avx2", "avxvnni", "avx512") if cpu_c.runs_here(v))]
 
 
 BACKENDS = _backends()
@@ -386,16 +386,16 @@ def test_matvec_fast_path_still_checks(backend, fmt):
 
 
 def test_x8_products_reach_tiles_later_on_avx2(backend):
-    # The x8 kernels stay ahead of dequantize-then-BLAS up to 64 vectors (kernels.SMALL_N), the avx512
-    # variant's q4_0x8 and q8_0x8 ones up to 256: below that the kernels (int16 activations, or int8 ones
-    # on the avx512 variant: a small error), above it float32 tiles.
+    # The x8 kernels stay ahead of dequantize-then-BLAS up to 64 vectors (kernels.SMALL_N), the int8 ones
+    # of the avx512 and avxvnni variants up to 256: below that the kernels (int16 activations, or int8
+    # ones: a small error), above it float32 tiles.
     q = formats.interleave(random_blocks("q4_0", 48, 512, seed=35), "q4_0x8")
-    below, above = (200, 260) if backend == "c-avx512" else (48, 80)
+    below, above = (200, 260) if backend in ("c-avx512", "c-avxvnni") else (48, 80)
     err = {n: _rel(kernels.matmul(q, "q4_0x8", 512, X), _ref(q, "q4_0x8", 512, X))
            for n, X in ((below, llm_like(below, 512, seed=36)), (above, llm_like(above, 512, seed=37)))}
     assert err[above] < 1e-5 and err[below] < _tol("q4_0x8", below)
     assert not kernels.int8_activations("q4_0x8", above)
-    if backend in ("c-avx2", "c-avx512"):
+    if backend in ("c-avx2", "c-avx512", "c-avxvnni"):
         assert err[below] > 1e-6     # the kernels, not the tiles
     else:
         assert err[below] < 1e-5     # elsewhere x8 takes the tiles above 32 (c-generic) or 2 (numba)
@@ -407,19 +407,20 @@ def test_int8_kernels_round_activations_as_llama_cpp(backend, fmt):
     # and in those GGUF formats and q6_k from INT8_LEAST (a chunk of rows packed first), up to 256,
     # compute with the activations rounded to int8 per 32-block: exactly the float product of those
     # rounded values, for every count of vectors a pass (1-8), with a last run of eight rows (40 rows:
-    # 16 + 16 + 8) or, in a GGUF format, a run padded with zero rows (37).  One vector (decode) keeps
-    # int16 activations, as do fewer than INT8_LEAST in a GGUF format; elsewhere nothing rounds to int8.
+    # 16 + 16 + 8) or, in a GGUF format, a run padded with zero rows (37).  So do the avxvnni variant's
+    # in the x8 layouts (eight rows and up to four vectors a pass).  One vector (decode) keeps int16
+    # activations, as do fewer than INT8_LEAST in a GGUF format; elsewhere nothing rounds to int8.
     x8 = fmt in kernels.INT8_FORMATS
     rows, cols = (40, 512) if x8 else (37, 512)
     base = formats.INTERLEAVED[fmt] if x8 else fmt
     q = random_blocks(base, rows, cols, seed=72)
     q = formats.interleave(q, fmt) if x8 else q
-    least = kernels.INT8_LEAST[fmt]
+    least = kernels.INT8_LEAST.get(backend.removeprefix("c-"), {}).get(fmt)
     for n in (2, 3, 7, 8, 13, 15, 16, 33, 200):
         X = llm_like(n, cols, seed=73 + n)
         Y = kernels.matmul(q, fmt, cols, X)
         to_int8 = _rel(Y, _ref(q, fmt, cols, int8_rounded(X)))
-        if backend == "c-avx512" and n >= least:
+        if least is not None and n >= least:
             assert kernels.int8_activations(fmt, n) and to_int8 < 1e-6, (n, to_int8)
         else:
             assert not kernels.int8_activations(fmt, n) and to_int8 > 1e-3, (n, to_int8)
@@ -859,7 +860,8 @@ def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
 
 
 def test_a_variant_the_compiler_cannot_build_gives_way(monkeypatch):
-    # An old compiler without -mavx512vnni must cost the avx512 kernels only, not every C kernel.
+    # An old compiler without -mavx512vnni (or -mavxvnni) must cost that variant's kernels only, not every
+    # C kernel: the next variant this CPU runs takes over.
     best = cpu_c.best_variant()
     if best == "generic":
         pytest.skip("this CPU runs only the portable kernels")
@@ -867,10 +869,22 @@ def test_a_variant_the_compiler_cannot_build_gives_way(monkeypatch):
     monkeypatch.setattr(cpu_c, "_loaded", {k: v for k, v in cpu_c._loaded.items() if k != best})
     with pytest.raises(cpu_c.CompileError, match="no-such-option"):
         cpu_c.load(best)
-    assert cpu_c.load().variant == ("avx2" if best == "avx512" else "generic")
+    runnable = [v for v in cpu_c.PREFERENCE if cpu_c.runs_here(v)]
+    assert cpu_c.load().variant == runnable[runnable.index(best) + 1]
 
 
-@pytest.mark.parametrize("variant", [v for v in ("generic", "avx2", "avx512") if cpu_c.runs_here(v)])
+@pytest.mark.parametrize(("flags", "best"), [({"avx2", "fma", "f16c"}, "avx2"),
+                                             ({"avx2", "fma", "f16c", "avx_vnni"}, "avxvnni"),
+                                             ({"avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw",
+                                               "avx512vl", "avx512_vnni"}, "avx512"),
+                                             ({"avx_vnni"}, "generic")])
+def test_best_variant_follows_the_cpus_flags(monkeypatch, flags, best):
+    # Intel's client cores since Alder Lake have AVX-VNNI without AVX-512: the avxvnni variant is theirs.
+    monkeypatch.setattr(cpu_c, "cpu_flags", lambda: flags)
+    assert cpu_c.best_variant() == best
+
+
+@pytest.mark.parametrize("variant", [v for v in cpu_c.PREFERENCE if cpu_c.runs_here(v)])
 def test_crc32_equals_zlibs(variant):
     # The engine checks every bundle it reads against index.json's zlib CRC-32: the folded C code must
     # agree with zlib at every length (the 64-byte folds, the 16-byte steps, the bitwise tail), at any
