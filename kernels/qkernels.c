@@ -691,9 +691,9 @@ INLINE int ksb_runs(int fmt, int64_t n) {
     return MK_AVX512 && is_ksb(fmt) && n >= 2 && !i8_runs(fmt, n); /* the x8 layouts: dot_x16 */
 }
 
-/* Which products the int8 kernels compute (below, with the kernels): on the avx512 variant (dot_x16) the
- * x8 layouts with int8 activations from two vectors (one vector, a decode step, keeps the int16 kernels),
- * and GGUF formats from more; on the avxvnni variant (dot_x8_i8) the x8 layouts only. */
+/* Which products the int8 kernels compute (below, with the kernels: dot_x16 on the avx512 variant,
+ * dot_x8_i8 on the avxvnni one): the x8 layouts with int8 activations from two vectors (one vector, a
+ * decode step, keeps the int16 kernels), and their GGUF formats from more; q6_k only on avx512. */
 INLINE int i8_runs(int fmt, int64_t n) {
     const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
     /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
@@ -701,7 +701,7 @@ INLINE int i8_runs(int fmt, int64_t n) {
     /* q6_k's packing (q6_pack) costs more: 2048x1024 tokens/s, int16 vs int8, n=8 47-58k vs 26-32k,
      * n=16 79-90k vs 77-90k, n=32 80-92k vs 107-131k */
     return (MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N)))
-        || (MK_VNNI256 && x8 && n >= 2);
+        || (MK_VNNI256 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N)));
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -2006,56 +2006,6 @@ MK_KSB(7)
 MK_KSB(8)
 #undef MK_KSB
 
-/* The word indices (vpermt2w over two registers of 64 words) that transpose 8 x 8 16-bit words: eight
- * rows' 16 bytes (row r: word k is its pair k) into eight x8 units (unit k: word r is row r's pair k).
- * Output word o of the first half (*lo) is input word 8 (o % 8) + o / 8, of the second (*hi)
- * 8 (o % 8) + 4 + o / 8. */
-INLINE void x8_transpose(__m512i *lo, __m512i *hi) {
-    int16_t ta[32], tb[32];
-    for (int o = 0; o < 32; o++) {
-        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
-        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
-    }
-    *lo = _mm512_loadu_si512(ta);
-    *hi = _mm512_loadu_si512(tb);
-}
-
-/* Rows of a GGUF format (row stride rb; `rows` <= 8 of them, the rest of the run
- * zeros: products of zero weights) as one run of its x8 layout `fmt`, nblk blocks a row, at out.  The
- * payload's 16-byte pieces of the eight rows go straight into two registers and out through the
- * word transpose (two vpermt2w); the header (2, 8 or 16 bytes a row) byte by byte. */
-static void x8_pack(int fmt, const uint8_t *w, int64_t rb, int rows, int64_t nblk, uint8_t *out) {
-    static const uint8_t zeros[X8_MAX_BLOCK];
-    const int bs = x8_block_bytes(fmt), hdr = fmt == Q4_0X8 || fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 8 : 16;
-    __m512i ia, ib;
-    x8_transpose(&ia, &ib);
-    const uint8_t *src[8]; /* each row's block k at src[rr] + step[rr] * k */
-    int64_t step[8];
-    for (int rr = 0; rr < 8; rr++) {
-        src[rr] = rr < rows ? w + rr * rb : zeros;
-        step[rr] = rr < rows ? bs : 0;
-    }
-    for (int64_t k = 0; k < nblk; k++) {
-        uint8_t *q = out + 8 * bs * k;
-        const uint8_t *b[8];
-        for (int rr = 0; rr < 8; rr++) {
-            b[rr] = src[rr] + step[rr] * k;
-            for (int i = 0; i < hdr; i++) q[x8_pos(fmt, rr, i)] = b[rr][i];
-        }
-        for (int g = 0; g < (bs - hdr) / 16; g++) {
-            const int o = hdr + 16 * g;
-#define LD(r) _mm_loadu_si128((const __m128i *)(b[r] + o))
-            __m512i a = _mm512_inserti32x4(_mm512_castsi128_si512(LD(0)), LD(1), 1);
-            __m512i c = _mm512_inserti32x4(_mm512_castsi128_si512(LD(4)), LD(5), 1);
-            a = _mm512_inserti32x4(_mm512_inserti32x4(a, LD(2), 2), LD(3), 3);
-            c = _mm512_inserti32x4(_mm512_inserti32x4(c, LD(6), 2), LD(7), 3);
-#undef LD
-            _mm512_storeu_si512(q + 8 * hdr + 128 * g, _mm512_permutex2var_epi16(a, ia, c));
-            _mm512_storeu_si512(q + 8 * hdr + 128 * g + 64, _mm512_permutex2var_epi16(a, ib, c));
-        }
-    }
-}
-
 /* q4_0x8 (q8 = 0) and q8_0x8 in 512-bit registers: dot_x8_32's arithmetic with two 16-byte units (two
  * weight pairs of each of the eight rows) in one register, lanes 0-7 the first unit's rows and 8-15 the
  * second's; each vector's block of activations is loaded once, its pairs put in place for a unit pair by
@@ -2700,7 +2650,92 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
  * rows for dot_x16, four rows otherwise). */
 INLINE int64_t row_align(int fmt, int64_t n) { return MK_AVX512 && i8_runs(fmt, n) ? 16 : is_x8(fmt) ? 8 : 4; }
 
+#if MK_I8
 #if MK_AVX512
+/* The word indices (vpermt2w over two registers of 64 words) that transpose 8 x 8 16-bit words: eight
+ * rows' 16 bytes (row r: word k is its pair k) into eight x8 units (unit k: word r is row r's pair k).
+ * Output word o of the first half (*lo) is input word 8 (o % 8) + o / 8, of the second (*hi)
+ * 8 (o % 8) + 4 + o / 8. */
+INLINE void x8_transpose(__m512i *lo, __m512i *hi) {
+    int16_t ta[32], tb[32];
+    for (int o = 0; o < 32; o++) {
+        ta[o] = (int16_t)(8 * (o % 8) + o / 8);
+        tb[o] = (int16_t)(8 * (o % 8) + 4 + o / 8);
+    }
+    *lo = _mm512_loadu_si512(ta);
+    *hi = _mm512_loadu_si512(tb);
+}
+#else
+/* Eight rows' 16 bytes at b[r] + o (row r: word k is its pair k) as eight x8 units at dst (unit k: word r
+ * is row r's pair k): an 8 x 8 transpose of 16-bit words in three rounds of unpacks. */
+INLINE void x8_transpose_sse(const uint8_t *const b[8], int o, uint8_t *dst) {
+    __m128i a[8], t[8], u[8];
+    for (int r = 0; r < 8; r++) a[r] = _mm_loadu_si128((const __m128i *)(b[r] + o));
+    for (int i = 0; i < 4; i++) { /* rows 2i, 2i + 1: words 0-3 (t[2i]) and 4-7 (t[2i + 1]) paired */
+        t[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++) /* rows 4h..4h+3: u[4h + i] holds their words 2i and 2i + 1 */
+        for (int i = 0; i < 2; i++) {
+            u[4 * h + 2 * i] = _mm_unpacklo_epi32(t[4 * h + i], t[4 * h + 2 + i]);
+            u[4 * h + 2 * i + 1] = _mm_unpackhi_epi32(t[4 * h + i], t[4 * h + 2 + i]);
+        }
+    for (int i = 0; i < 4; i++) {
+        _mm_storeu_si128((__m128i *)(dst + 32 * i), _mm_unpacklo_epi64(u[i], u[4 + i]));
+        _mm_storeu_si128((__m128i *)(dst + 32 * i + 16), _mm_unpackhi_epi64(u[i], u[4 + i]));
+    }
+}
+#endif
+
+/* Rows of a GGUF format (row stride rb; `rows` <= 8 of them, the rest of the run
+ * zeros: products of zero weights) as one run of its x8 layout `fmt`, nblk blocks a row, at out.  The
+ * payload's 16-byte pieces of the eight rows are transposed word by word (two vpermt2w on the avx512
+ * variant, unpacks on the avxvnni one); the header (2, 8 or 16 bytes a row) byte by byte. */
+static void x8_pack(int fmt, const uint8_t *w, int64_t rb, int rows, int64_t nblk, uint8_t *out) {
+    static const uint8_t zeros[X8_MAX_BLOCK];
+    const int bs = x8_block_bytes(fmt), hdr = fmt == Q4_0X8 || fmt == Q8_0X8 ? 2 : fmt == IQ4_XSX8 ? 8 : 16;
+#if MK_AVX512
+    __m512i ia, ib;
+    x8_transpose(&ia, &ib);
+#endif
+    const uint8_t *src[8]; /* each row's block k at src[rr] + step[rr] * k */
+    int64_t step[8];
+    for (int rr = 0; rr < 8; rr++) {
+        src[rr] = rr < rows ? w + rr * rb : zeros;
+        step[rr] = rr < rows ? bs : 0;
+    }
+    for (int64_t k = 0; k < nblk; k++) {
+        uint8_t *q = out + 8 * bs * k;
+        const uint8_t *b[8];
+        for (int rr = 0; rr < 8; rr++) {
+            b[rr] = src[rr] + step[rr] * k;
+            for (int i = 0; i < hdr; i++) q[x8_pos(fmt, rr, i)] = b[rr][i];
+        }
+        for (int g = 0; g < (bs - hdr) / 16; g++) {
+            const int o = hdr + 16 * g;
+#if MK_AVX512
+#define LD(r) _mm_loadu_si128((const __m128i *)(b[r] + o))
+            __m512i a = _mm512_inserti32x4(_mm512_castsi128_si512(LD(0)), LD(1), 1);
+            __m512i c = _mm512_inserti32x4(_mm512_castsi128_si512(LD(4)), LD(5), 1);
+            a = _mm512_inserti32x4(_mm512_inserti32x4(a, LD(2), 2), LD(3), 3);
+            c = _mm512_inserti32x4(_mm512_inserti32x4(c, LD(6), 2), LD(7), 3);
+#undef LD
+            _mm512_storeu_si512(q + 8 * hdr + 128 * g, _mm512_permutex2var_epi16(a, ia, c));
+            _mm512_storeu_si512(q + 8 * hdr + 128 * g + 64, _mm512_permutex2var_epi16(a, ib, c));
+#else
+            x8_transpose_sse(b, o, q + 8 * hdr + 128 * g);
+#endif
+        }
+    }
+}
+
+/* The int8 kernels over rows of an x8 layout: sixteen rows a call on the avx512 variant, eight on avxvnni. */
+#if MK_AVX512
+#define rows_i8 rows_x16
+#else
+#define rows_i8 rows_x8_i8
+#endif
+
 /* Rows [r0, r1) of a matrix in a GGUF format with an x8 layout, against p's int8 vectors: the rows
  * interleaved first (x8_pack; a last run of fewer than eight padded with zero rows, its outputs through
  * a scratch matrix).  -2 where the copies cannot be allocated. */
@@ -2719,10 +2754,10 @@ static int rows_packed(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_
         x8_pack(x8, w + r * rb, rb, (int)(r1 - r < 8 ? r1 - r : 8), xrb / x8_block_bytes(x8), packed + 8 * k * xrb);
     }
     if (padded) {
-        rows_x16(x8, packed, xrb, 0, runs * 8, p, Yp, runs * 8);
+        rows_i8(x8, packed, xrb, 0, runs * 8, p, Yp, runs * 8);
         for (int64_t j = 0; j < p->n; j++) memcpy(Y + j * ldy + r0, Yp + j * runs * 8, (size_t)(r1 - r0) * sizeof(float));
     } else {
-        rows_x16(x8, packed, xrb, 0, r1 - r0, p, Y + r0, ldy);
+        rows_i8(x8, packed, xrb, 0, r1 - r0, p, Y + r0, ldy);
     }
     free(Yp);
     free(packed);
@@ -2737,21 +2772,23 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
         rows_ksb(fmt, w, rb, r0, r1, p, Y, ldy);
         return;
     }
-    if (p->xq8 && i8_runs(fmt, p->n)) { /* prepared for dot_x16 */
+#endif
+#if MK_I8
+    if (p->xq8 && i8_runs(fmt, p->n)) { /* prepared for the int8 kernels */
         if (is_x8(fmt)) {
-            rows_x16(fmt, w, rb, r0, r1, p, Y, ldy);
+            rows_i8(fmt, w, rb, r0, r1, p, Y, ldy);
             return;
         }
         /* a GGUF format: its rows put in the int8 kernels' order first (q6_k, with no x8 layout, its own
-         * way); without memory for that copy, the int16 kernels below (xq is always prepared) */
-        if ((fmt == Q6_K ? rows_q6x16(w, rb, r0, r1, p, Y, ldy) : rows_packed(fmt, w, rb, r0, r1, p, Y, ldy)) == 0)
-            return;
-    }
+         * way, on the avx512 variant only); without memory for that copy, the int16 kernels below (xq is
+         * always prepared) */
+#if MK_AVX512
+        if (fmt == Q6_K) {
+            if (rows_q6x16(w, rb, r0, r1, p, Y, ldy) == 0) return;
+        } else
 #endif
-#if MK_VNNI256
-    if (p->xq8 && i8_runs(fmt, p->n)) { /* the x8 layouts only */
-        rows_x8_i8(fmt, w, rb, r0, r1, p, Y, ldy);
-        return;
+        if (rows_packed(fmt, w, rb, r0, r1, p, Y, ldy) == 0)
+            return;
     }
 #endif
     if (is_x8(fmt)) {
