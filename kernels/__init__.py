@@ -86,15 +86,15 @@ KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs")
 # keeps int16): the avx512 variant's dot_x16 (one vpdpbusd per 64 products) and the avxvnni variant's
 # dot_x8_i8 (256-bit, 32).
 INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "q5_kx8", "iq4_xsx8")
-# Their GGUF formats too, a chunk of rows interleaved first (x8_pack), and on the avx512 variant q6_k (no x8
-# layout: q6_pack), from more vectors (where the copy costs less than it saves: 2048x1024 on the avxvnni
-# variant, n=4 0.7-1.6x the int16 kernels, n=8 1.2-2x).
+# Their GGUF formats too, a chunk of rows interleaved first (x8_pack), and q6_k (no x8 layout: q6_pack), from
+# more vectors (where the copy costs less than it saves: 2048x1024 on the avxvnni variant, n=4 0.7-1.6x
+# the int16 kernels, n=8 1.2-2x; q6_k n=4 1.4x).
 INT8_PACKED = (*(INTERLEAVED[f] for f in INT8_FORMATS), "q6_k")
 # From how many vectors each C variant rounds a format's activations to int8 (qkernels.c's i8_runs).
 _INT8_X8 = {**{f: 2 for f in INT8_FORMATS}, **{INTERLEAVED[f]: 8 for f in INT8_FORMATS}}
-INT8_LEAST = {"avx512": {**_INT8_X8, "q6_k": 16}, "avxvnni": _INT8_X8}
+INT8_LEAST = {"avx512": {**_INT8_X8, "q6_k": 16}, "avxvnni": {**_INT8_X8, "q6_k": 4}}
 # What each variant computes faster than the tiles up to a prompt chunk: SMALL_N's "chunk" kind.
-TO_CHUNK = {"avx512": (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED), "avxvnni": tuple(_INT8_X8)}
+TO_CHUNK = {"avx512": (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED), "avxvnni": (*INT8_FORMATS, *INT8_PACKED)}
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 

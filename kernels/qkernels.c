@@ -685,7 +685,9 @@ INLINE int is_ksb(int fmt) {
     return fmt == Q4_K || fmt == Q5_K || fmt == Q6_K || fmt == IQ4_XS || fmt == Q3_K || fmt == Q2_K;
 }
 #define I8_PACK_N 8
-#define I8_Q6_N 16
+/* q6_k from I8_Q6_N vectors: it has no x8 layout, and packing it (q6_pack) costs more than the others; the
+ * avxvnni variant's int16 q6_k kernel is slower than avx512's dot_ksb, so there it pays sooner */
+#define I8_Q6_N (MK_AVX512 ? 16 : 4)
 INLINE int i8_runs(int fmt, int64_t n);
 INLINE int ksb_runs(int fmt, int64_t n) {
     return MK_AVX512 && is_ksb(fmt) && n >= 2 && !i8_runs(fmt, n); /* the x8 layouts: dot_x16 */
@@ -698,10 +700,10 @@ INLINE int i8_runs(int fmt, int64_t n) {
     const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
     /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
     const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q5_K || fmt == IQ4_XS;
-    /* q6_k's packing (q6_pack) costs more: 2048x1024 tokens/s, int16 vs int8, n=8 47-58k vs 26-32k,
-     * n=16 79-90k vs 77-90k, n=32 80-92k vs 107-131k */
+    /* q6_k's packing (q6_pack) costs more: 2048x1024 tokens/s, int16 vs int8, avx512 n=8 47-58k vs 26-32k,
+     * n=16 79-90k vs 77-90k, n=32 80-92k vs 107-131k; avxvnni n=2 9-17k vs 9-13k, n=4 28-30k vs 40k */
     return (MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N)))
-        || (MK_VNNI256 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N)));
+        || (MK_VNNI256 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N)));
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -1683,6 +1685,19 @@ INLINE void dot_iq4_xsx8(const uint8_t *w, int J, const xprep *p, int64_t j0, fl
 #if MK_I8
 /* The int8 kernels' weight kinds of the 32-block x8 layouts (dot_x16_i8, dot_x8_i8) */
 enum { X16_Q4_0, X16_Q8_0, X16_IQ4_XS };
+
+/* Half h of a q6_k super-block at q as codes 0..63: c[t] holds weights 128 h + 32 t + l (byte l), as deq_row
+ * reads them; for the int8 kernels' packed q6_k (q6_pack). */
+INLINE void q6_codes(const uint8_t *q, int h, __m256i c[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i A = _mm256_loadu_si256((const __m256i *)(q + 64 * h));
+    const __m256i B = _mm256_loadu_si256((const __m256i *)(q + 64 * h + 32));
+    const __m256i H = _mm256_loadu_si256((const __m256i *)(q + 128 + 32 * h));
+    c[0] = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30));
+    c[1] = _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30));
+    c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(H, m30));
+    c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
+}
 #endif
 
 #if MK_VNNI256
@@ -1823,6 +1838,70 @@ MK_X8I8(2)
 MK_X8I8(3)
 MK_X8I8(4)
 #undef MK_X8I8
+
+/* q6_k in int8, eight rows: dot_q6x16_i8's arithmetic in 256-bit registers.  A packed block: 8 registers of
+ * 32 code bytes (lane r: row r's codes 4m..4m+3), then d * scale of the 8 rows for each 16-weight sub-block. */
+#define Q6P8_BLOCK (8 * 32 + 2 * 32)
+
+/* Rows [0, rows) (rows <= 8; the rest zeros) of a q6_k matrix, row stride rb, nb 32-blocks a row: a row's
+ * codes go out a dword at a time (AVX2 has no scatter). */
+static void q6_pack8(const uint8_t *w, int64_t rb, int rows, int64_t nb, uint8_t *out) {
+    memset(out, 0, (size_t)(nb * Q6P8_BLOCK));
+    for (int r = 0; r < rows; r++) {
+        for (int64_t s = 0; s < nb / 8; s++) {
+            const uint8_t *q = w + r * rb + 210 * s;
+            const float d = h2f(q + 208);
+            for (int h = 0; h < 2; h++) {
+                __m256i c[4];
+                q6_codes(q, h, c);
+                for (int t = 0; t < 4; t++) {
+                    uint8_t *blk = out + Q6P8_BLOCK * (8 * s + 4 * h + t), codes[32];
+                    _mm256_storeu_si256((__m256i *)codes, c[t]);
+                    for (int m = 0; m < 8; m++) memcpy(blk + 32 * m + 4 * r, codes + 4 * m, 4);
+                    float *sc = (float *)(blk + 256);
+                    sc[r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t)];
+                    sc[8 + r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t) + 1];
+                }
+            }
+        }
+    }
+}
+
+INLINE void dot_q6x8_i8(const uint8_t *pk, int J, const xprep *p, int64_t j0, float *out) {
+    const int64_t cols = p->cols, nb = p->nb;
+    __m256 acc[4];
+    for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = pk + Q6P8_BLOCK * b;
+        __m256i z[8];
+        for (int m = 0; m < 8; m++) z[m] = _mm256_load_si256((const __m256i *)(blk + 32 * m));
+        const __m256 sa = _mm256_load_ps((const float *)(blk + 256)), sb = _mm256_load_ps((const float *)(blk + 288));
+        for (int jj = 0; jj < J; jj++) {
+            const int64_t k = (j0 + jj) * nb + b;
+            const int8_t *x = p->xq8 + (j0 + jj) * cols + 32 * b;
+            __m256i ta = dp4(_mm256_setzero_si256(), z[0], x), tb = dp4(_mm256_setzero_si256(), z[4], x + 16);
+            for (int m = 1; m < 4; m++) {
+                ta = dp4(ta, z[m], x + 4 * m);
+                tb = dp4(tb, z[4 + m], x + 16 + 4 * m);
+            }
+            /* codes are q + 32: 32 times each sub-block's sum of activation codes comes off */
+            ta = _mm256_sub_epi32(ta, _mm256_set1_epi32(p->xk16[2 * k] * 32));
+            tb = _mm256_sub_epi32(tb, _mm256_set1_epi32(p->xk16[2 * k + 1] * 32));
+            const __m256 dx = _mm256_set1_ps(p->xd8[k]);
+            const __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ta), _mm256_mul_ps(sa, dx), acc[jj]);
+            acc[jj] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tb), _mm256_mul_ps(sb, dx), a);
+        }
+    }
+    for (int jj = 0; jj < J; jj++) _mm256_storeu_ps(out + 8 * jj, acc[jj]);
+}
+
+#define MK_Q6X8(J) \
+    static void dot_q6x8_##J(const uint8_t *pk, const xprep *p, int64_t j0, float *out) { dot_q6x8_i8(pk, J, p, j0, out); }
+MK_Q6X8(1)
+MK_Q6X8(2)
+MK_Q6X8(3)
+MK_Q6X8(4)
+#undef MK_Q6X8
 
 /* Rows [r0, r1) of a matrix in an x8 layout against p's int8 vectors, a run and up to four vectors a call. */
 static void rows_x8_i8(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y,
@@ -2266,22 +2345,15 @@ MK_X16(8)
 
 /* Rows [0, rows) (rows <= 16; the rest zeros) of a q6_k matrix, row stride rb, nb 32-blocks a row. */
 static void q6_pack(const uint8_t *w, int64_t rb, int rows, int64_t nb, uint8_t *out) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     const __m256i at = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448); /* dword m of a row: register m */
     memset(out, 0, (size_t)(nb * Q6P_BLOCK));
     for (int r = 0; r < rows; r++) {
         for (int64_t s = 0; s < nb / 8; s++) {
             const uint8_t *q = w + r * rb + 210 * s;
             const float d = h2f(q + 208);
-            for (int h = 0; h < 2; h++) { /* weights 128 h + 32 t + l from byte l (as deq_row) */
-                const __m256i A = _mm256_loadu_si256((const __m256i *)(q + 64 * h));
-                const __m256i B = _mm256_loadu_si256((const __m256i *)(q + 64 * h + 32));
-                const __m256i H = _mm256_loadu_si256((const __m256i *)(q + 128 + 32 * h));
-                const __m256i c[4] = {
-                    _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(H, 4), m30)),
-                    _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(H, 2), m30)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(H, m30)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30))};
+            for (int h = 0; h < 2; h++) {
+                __m256i c[4];
+                q6_codes(q, h, c);
                 for (int t = 0; t < 4; t++) {
                     const int64_t b = 8 * s + 4 * h + t;
                     uint8_t *blk = out + Q6P_BLOCK * b;
@@ -2334,28 +2406,6 @@ MK_Q6X16(6)
 MK_Q6X16(7)
 MK_Q6X16(8)
 #undef MK_Q6X16
-
-/* Rows [r0, r1) of a q6_k matrix against p's int8 vectors: sixteen rows packed at a time (q6_pack).
- * -2 where the packed copy cannot be allocated. */
-static int rows_q6x16(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y, int64_t ldy) {
-    typedef void (*q6dot)(const uint8_t *, const xprep *, int64_t, float *);
-    static const q6dot fns[8] = {dot_q6x16_1, dot_q6x16_2, dot_q6x16_3, dot_q6x16_4,
-                                 dot_q6x16_5, dot_q6x16_6, dot_q6x16_7, dot_q6x16_8};
-    uint8_t *pk = aligned_alloc(64, (size_t)(p->nb * Q6P_BLOCK));
-    if (!pk) return -2;
-    float o[128];
-    for (int64_t r = r0; r < r1; r += 16) {
-        const int rows = (int)(r1 - r < 16 ? r1 - r : 16);
-        q6_pack(w + r * rb, rb, rows, p->nb, pk);
-        for (int64_t j = 0; j < p->n; j += 8) {
-            const int64_t J = p->n - j < 8 ? p->n - j : 8;
-            fns[J - 1](pk, p, j, o);
-            for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 16 * jj, (size_t)rows * sizeof(float));
-        }
-    }
-    free(pk);
-    return 0;
-}
 
 /* Rows [r0, r1) of a matrix in an i8_runs format against p's int8 vectors, sixteen rows and up
  * to eight vectors a call; a last run of eight is computed as both halves (so that every row of a
@@ -2736,6 +2786,38 @@ static void x8_pack(int fmt, const uint8_t *w, int64_t rb, int rows, int64_t nbl
 #define rows_i8 rows_x8_i8
 #endif
 
+/* Rows [r0, r1) of a q6_k matrix against p's int8 vectors: a run of rows packed at a time (q6_pack: sixteen
+ * rows and up to eight vectors a call on the avx512 variant, eight and four on avxvnni).  -2 where the
+ * packed copy cannot be allocated. */
+static int rows_q6(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y, int64_t ldy) {
+    typedef void (*q6dot)(const uint8_t *, const xprep *, int64_t, float *);
+#if MK_AVX512
+    enum { RUN = 16, JMAX = 8, BLOCK = Q6P_BLOCK };
+    static const q6dot fns[JMAX] = {dot_q6x16_1, dot_q6x16_2, dot_q6x16_3, dot_q6x16_4,
+                                    dot_q6x16_5, dot_q6x16_6, dot_q6x16_7, dot_q6x16_8};
+#define Q6_PACK q6_pack
+#else
+    enum { RUN = 8, JMAX = 4, BLOCK = Q6P8_BLOCK };
+    static const q6dot fns[JMAX] = {dot_q6x8_1, dot_q6x8_2, dot_q6x8_3, dot_q6x8_4};
+#define Q6_PACK q6_pack8
+#endif
+    uint8_t *pk = aligned_alloc(64, (size_t)(p->nb * BLOCK));
+    if (!pk) return -2;
+    float o[RUN * JMAX];
+    for (int64_t r = r0; r < r1; r += RUN) {
+        const int rows = (int)(r1 - r < RUN ? r1 - r : RUN);
+        Q6_PACK(w + r * rb, rb, rows, p->nb, pk);
+        for (int64_t j = 0; j < p->n; j += JMAX) {
+            const int64_t J = p->n - j < JMAX ? p->n - j : JMAX;
+            fns[J - 1](pk, p, j, o);
+            for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + RUN * jj, (size_t)rows * sizeof(float));
+        }
+    }
+#undef Q6_PACK
+    free(pk);
+    return 0;
+}
+
 /* Rows [r0, r1) of a matrix in a GGUF format with an x8 layout, against p's int8 vectors: the rows
  * interleaved first (x8_pack; a last run of fewer than eight padded with zero rows, its outputs through
  * a scratch matrix).  -2 where the copies cannot be allocated. */
@@ -2780,14 +2862,8 @@ static void rows_dot(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_t 
             return;
         }
         /* a GGUF format: its rows put in the int8 kernels' order first (q6_k, with no x8 layout, its own
-         * way, on the avx512 variant only); without memory for that copy, the int16 kernels below (xq is
-         * always prepared) */
-#if MK_AVX512
-        if (fmt == Q6_K) {
-            if (rows_q6x16(w, rb, r0, r1, p, Y, ldy) == 0) return;
-        } else
-#endif
-        if (rows_packed(fmt, w, rb, r0, r1, p, Y, ldy) == 0)
+         * way); without memory for that copy, the int16 kernels below (xq is always prepared) */
+        if ((fmt == Q6_K ? rows_q6(w, rb, r0, r1, p, Y, ldy) : rows_packed(fmt, w, rb, r0, r1, p, Y, ldy)) == 0)
             return;
     }
 #endif
