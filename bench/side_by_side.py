@@ -319,7 +319,7 @@ def machine_info(out: Path) -> dict:
     mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     df = subprocess.run(["df", "-hT", str(out)], capture_output=True, text=True).stdout.splitlines()[-1].split()
     flags = Path("/proc/cpuinfo").read_text()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "fma", "f16c") if f" {f}" in flags]
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c") if f" {f}" in flags]
     try:
         import llama_cpp
         llama_version = llama_cpp.__version__
