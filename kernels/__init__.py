@@ -83,8 +83,9 @@ SMALL_N = {("c", "quant"): 32, ("c", "x8"): 64, ("c", "chunk"): 256, ("c", "half
 # do not take them).
 KSB_FORMATS = ("q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_xs")
 # The x8 layouts the int8 kernels compute from two vectors on (llama.cpp's q8_0 of the activations; decode
-# keeps int16): the avx512 variant's dot_x16 (one vpdpbusd per 64 products) and the avxvnni variant's
-# dot_x8_i8 (256-bit, 32).
+# keeps int16): the avx512 variant's dot_x16 (one vpdpbusd per 64 products), the avxvnni variant's
+# dot_x8_i8 (256-bit, 32) and the avx2 variant's (vpmaddubsw, whose int16 sums only 4-6-bit codes keep
+# from saturating: not q8_0 or iq4_xs).
 INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "q5_kx8", "iq4_xsx8")
 # Their GGUF formats too, a chunk of rows interleaved first (x8_pack), and q6_k (no x8 layout: q6_pack), from
 # more vectors (where the copy costs less than it saves: 2048x1024 on the avxvnni variant, n=4 0.7-1.6x
@@ -92,9 +93,12 @@ INT8_FORMATS = ("q4_0x8", "q8_0x8", "q4_kx8", "q5_kx8", "iq4_xsx8")
 INT8_PACKED = (*(INTERLEAVED[f] for f in INT8_FORMATS), "q6_k")
 # From how many vectors each C variant rounds a format's activations to int8 (qkernels.c's i8_runs).
 _INT8_X8 = {**{f: 2 for f in INT8_FORMATS}, **{INTERLEAVED[f]: 8 for f in INT8_FORMATS}}
-INT8_LEAST = {"avx512": {**_INT8_X8, "q6_k": 16}, "avxvnni": {**_INT8_X8, "q6_k": 4}}
+INT8_LEAST = {"avx512": {**_INT8_X8, "q6_k": 16}, "avxvnni": {**_INT8_X8, "q6_k": 4},
+              "avx2": {f: n for f, n in {**_INT8_X8, "q6_k": 4}.items()
+                       if f not in ("q8_0x8", "iq4_xsx8", "q8_0", "iq4_xs")}}
 # What each variant computes faster than the tiles up to a prompt chunk: SMALL_N's "chunk" kind.
-TO_CHUNK = {"avx512": (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED), "avxvnni": (*INT8_FORMATS, *INT8_PACKED)}
+TO_CHUNK = {"avx512": (*KSB_FORMATS, *INT8_FORMATS, *INT8_PACKED), "avxvnni": (*INT8_FORMATS, *INT8_PACKED),
+            "avx2": tuple(INT8_LEAST["avx2"])}
 # Bytes of float32 weights per dequantized tile: a few MB stays in L2/L3 for BLAS.
 TILE_BYTES = 4 << 20
 

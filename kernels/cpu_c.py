@@ -3,11 +3,12 @@
 ABI mode needs neither Python headers nor setuptools, only a C compiler; the shared library goes to
 a per-user cache directory keyed by a hash of the source, the flags and the compiler, so every later
 process just dlopens it.  The variant is chosen from /proc/cpuinfo: "avx2" (AVX2 + FMA + F16C
-kernels) where the CPU has those flags, "avx512" (those, plus AVX-512 VNNI ones for prefill) where it
-also has AVX-512 F/BW/VL and VNNI, "avxvnni" (the AVX2 kernels plus 256-bit VNNI ones for prefill) where
-it has AVX-VNNI but not those (Intel's client cores since Alder Lake), else "generic" (portable C).
-Any failure (no compiler, a sandbox that forbids exec) is reported by `load` as an exception the caller
-turns into a fallback to numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
+kernels; prompts over the 4-6-bit formats in int8 with vpmaddubsw) where the CPU has those flags,
+"avx512" (those, plus AVX-512 VNNI ones for prefill) where it also has AVX-512 F/BW/VL and VNNI,
+"avxvnni" (the AVX2 kernels plus 256-bit VNNI ones for prefill) where it has AVX-VNNI but not those
+(Intel's client cores since Alder Lake), else "generic" (portable C).  Any failure (no compiler, a
+sandbox that forbids exec) is reported by `load` as an exception the caller turns into a fallback to
+numba.  cffi releases the GIL around each call, so threads can run kernels in parallel.
 """
 from __future__ import annotations
 

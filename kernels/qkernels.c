@@ -21,9 +21,10 @@
  * The exception: with AVX-512 VNNI, products of several vectors (prompts) in q4_0, q8_0, q4_k, q5_k,
  * q6_k and iq4_xs and their x8 layouts take llama.cpp's trade (i8_runs, dot_x16_i8): int8 activations per
  * 32-block, where vpdpbusd does twice the products an instruction; that error stays an order of
- * magnitude below the 4-bit weights' own.  The avxvnni variant does the same for the x8 layouts in 256-bit
- * registers (dot_x8_i8: eight rows, one run, a call).  Decoding (one vector) keeps int16, and the avx2
- * variant (MER_TUI_KERNELS=c-avx2) computes everything as before.
+ * magnitude below the 4-bit weights' own.  The avxvnni variant does the same in 256-bit registers
+ * (dot_x8_i8: eight rows, one run, a call), and so does the avx2 variant, with vpmaddubsw + vpmaddwd for
+ * vpdpbusd, for the formats of 4-6-bit codes (q4_0, q4_k, q5_k, q6_k: not q8_0 or iq4_xs, whose products
+ * could saturate vpmaddubsw's int16 sums).  Decoding (one vector) keeps int16.
  */
 #include <math.h>
 #include <pthread.h>
@@ -46,15 +47,17 @@
 #define MK_AVX512 0
 #endif
 /* The avxvnni variant (CPUs with AVX-VNNI but not AVX-512: Intel's client cores since Alder Lake): the
- * AVX2 kernels, plus 256-bit vpdpbusd ones for the products of several vectors in the x8 layouts
- * (dot_x8_i8, the int8 trade below). */
+ * AVX2 kernels, plus 256-bit vpdpbusd ones for the products of several vectors (dot_x8_i8, the int8 trade
+ * below).  The avx2 variant builds the same 256-bit int8 kernels with vpmaddubsw + vpmaddwd in place of
+ * vpdpbusd (MK_I8_256), for the formats whose codes cannot saturate vpmaddubsw's int16 sums. */
 #if MK_SIMD && !MK_AVX512 && defined(__AVXVNNI__)
 #define MK_VNNI256 1
 #else
 #define MK_VNNI256 0
 #endif
-/* Variants with int8 kernels for prompts (i8_runs) */
-#define MK_I8 (MK_AVX512 || MK_VNNI256)
+#define MK_I8_256 (MK_SIMD && !MK_AVX512)
+/* Variants with int8 kernels for prompts (i8_runs): every SIMD one */
+#define MK_I8 MK_SIMD
 
 #define MK_API __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
@@ -694,16 +697,19 @@ INLINE int ksb_runs(int fmt, int64_t n) {
 }
 
 /* Which products the int8 kernels compute (below, with the kernels: dot_x16 on the avx512 variant,
- * dot_x8_i8 on the avxvnni one): the x8 layouts with int8 activations from two vectors (one vector, a
- * decode step, keeps the int16 kernels), and their GGUF formats from more; q6_k only on avx512. */
+ * dot_x8_i8 on the others): the x8 layouts with int8 activations from two vectors (one vector, a decode
+ * step, keeps the int16 kernels), their GGUF formats and q6_k from more.  Without vpdpbusd (the avx2
+ * variant) only the formats of 4-6-bit unsigned codes: a pair of q8_0's or iq4_xs's weights (as w + 128)
+ * times activations of up to 127 can pass vpmaddubsw's int16. */
 INLINE int i8_runs(int fmt, int64_t n) {
     const int x8 = fmt == Q4_0X8 || fmt == Q8_0X8 || fmt == Q4_KX8 || fmt == Q5_KX8 || fmt == IQ4_XSX8;
     /* their GGUF formats, a chunk of rows interleaved first (x8_pack): from I8_PACK_N vectors */
     const int plain = fmt == Q4_0 || fmt == Q8_0 || fmt == Q4_K || fmt == Q5_K || fmt == IQ4_XS;
+    const int wide = fmt == Q8_0X8 || fmt == IQ4_XSX8 || fmt == Q8_0 || fmt == IQ4_XS;
     /* q6_k's packing (q6_pack) costs more: 2048x1024 tokens/s, int16 vs int8, avx512 n=8 47-58k vs 26-32k,
      * n=16 79-90k vs 77-90k, n=32 80-92k vs 107-131k; avxvnni n=2 9-17k vs 9-13k, n=4 28-30k vs 40k */
-    return (MK_AVX512 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N)))
-        || (MK_VNNI256 && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N)));
+    return (MK_AVX512 || MK_VNNI256 || (MK_I8_256 && !wide))
+        && ((x8 && n >= 2) || (plain && n >= I8_PACK_N) || (fmt == Q6_K && n >= I8_Q6_N));
 }
 
 /* What a product's activations are prepared for, beside the int16 blocks every SIMD kernel reads. */
@@ -1700,13 +1706,13 @@ INLINE void q6_codes(const uint8_t *q, int h, __m256i c[4]) {
 }
 #endif
 
-#if MK_VNNI256
-/* ---------- AVX-VNNI: the x8 layouts against several vectors, in int8 ----------
+#if MK_I8_256
+/* ---------- 256-bit: the x8 layouts against several vectors, in int8 ----------
  * dot_x16_i8's arithmetic in 256-bit registers, one run of eight rows a call: lane r of a register holds
  * row r's four weights 4m..4m+3 (units 2m and 2m + 1 of the run), a vector's four int8 activations are one
- * broadcast and one vpdpbusd does 32 products (the AVX2 kernels' int16 madd does 16, and an add).  Up to
- * four vectors a call: the eight weight registers, four accumulators and the temporaries fill the sixteen
- * registers AVX2 has. */
+ * broadcast and one vpdpbusd does 32 products (the AVX2 kernels' int16 madd does 16, and an add; without
+ * AVX-VNNI, vpmaddubsw + vpmaddwd + an add do 32).  Up to four vectors a call: the eight weight registers,
+ * four accumulators and the temporaries fill the sixteen registers AVX2 has. */
 
 /* Units 2m and 2m + 1 of a run (32 bytes at u: the eight rows' words 0-7 of each) in lane order: vpermq
  * puts both units' words 0-3 in the low 128-bit lane and 4-7 in the high, vpshufb pairs them word by word. */
@@ -1716,9 +1722,15 @@ INLINE __m256i x8_lanes(const uint8_t *u) {
     return _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)u), 0xD8), order);
 }
 
-/* acc + the eight rows' weights in z (unsigned) times the four activations at x, lane by lane */
+/* acc + the eight rows' weights in z (unsigned) times the four activations at x, lane by lane.  vpmaddubsw
+ * saturates its pair sums at 32767: exact for codes below 64 (63 * 127 * 2 = 16002), see i8_runs. */
 INLINE __m256i dp4(__m256i acc, __m256i z, const int8_t *x) {
-    return _mm256_dpbusd_avx_epi32(acc, z, _mm256_set1_epi32((int)rd32((const uint8_t *)x)));
+    const __m256i xv = _mm256_set1_epi32((int)rd32((const uint8_t *)x));
+#if MK_VNNI256
+    return _mm256_dpbusd_avx_epi32(acc, z, xv);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(z, xv), _mm256_set1_epi16(1)));
+#endif
 }
 
 /* q4_0x8, q8_0x8 and iq4_xsx8 (X16_*): one run against J <= 4 vectors of int8 activations, out[8 jj + r].
@@ -1922,7 +1934,7 @@ static void rows_x8_i8(int fmt, const uint8_t *w, int64_t rb, int64_t r0, int64_
             for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + 8 * jj, 32);
         }
 }
-#endif /* MK_VNNI256 */
+#endif /* MK_I8_256 */
 
 #if MK_AVX512
 /* ---------- AVX-512 VNNI: super-block formats against several vectors ----------

@@ -385,16 +385,18 @@ def test_matvec_fast_path_still_checks(backend, fmt):
     assert np.array_equal(kernels.matvec(q, fmt, 64, x.astype(np.float64)), y)
 
 
-def test_x8_products_reach_tiles_later_on_avx2(backend):
+@pytest.mark.parametrize("fmt", ["q4_0x8", "q8_0x8"])
+def test_x8_products_reach_tiles_later_on_avx2(backend, fmt):
     # The x8 kernels stay ahead of dequantize-then-BLAS up to 64 vectors (kernels.SMALL_N), the int8 ones
-    # of the avx512 and avxvnni variants up to 256: below that the kernels (int16 activations, or int8
-    # ones: a small error), above it float32 tiles.
-    q = formats.interleave(random_blocks("q4_0", 48, 512, seed=35), "q4_0x8")
-    below, above = (200, 260) if backend in ("c-avx512", "c-avxvnni") else (48, 80)
-    err = {n: _rel(kernels.matmul(q, "q4_0x8", 512, X), _ref(q, "q4_0x8", 512, X))
+    # (kernels.TO_CHUNK: q8_0x8 has none on the avx2 variant) up to 256: below that the kernels (int16
+    # activations, or int8 ones: a small error), above it float32 tiles.
+    q = formats.interleave(random_blocks(formats.INTERLEAVED[fmt], 48, 512, seed=35), fmt)
+    chunk = fmt in kernels.TO_CHUNK.get(backend.removeprefix("c-"), ())
+    below, above = (200, 260) if chunk else (48, 80)
+    err = {n: _rel(kernels.matmul(q, fmt, 512, X), _ref(q, fmt, 512, X))
            for n, X in ((below, llm_like(below, 512, seed=36)), (above, llm_like(above, 512, seed=37)))}
-    assert err[above] < 1e-5 and err[below] < _tol("q4_0x8", below)
-    assert not kernels.int8_activations("q4_0x8", above)
+    assert err[above] < 1e-5 and err[below] < _tol(fmt, below)
+    assert not kernels.int8_activations(fmt, above)
     if backend in ("c-avx2", "c-avx512", "c-avxvnni"):
         assert err[below] > 1e-6     # the kernels, not the tiles
     else:
@@ -408,8 +410,9 @@ def test_int8_kernels_round_activations_as_llama_cpp(backend, fmt):
     # compute with the activations rounded to int8 per 32-block: exactly the float product of those
     # rounded values, for every count of vectors a pass (1-8), with a last run of eight rows (40 rows:
     # 16 + 16 + 8) or, in a GGUF format, a run padded with zero rows (37).  So do the avxvnni variant's
-    # in the x8 layouts (eight rows and up to four vectors a pass).  One vector (decode) keeps int16
-    # activations, as do fewer than INT8_LEAST in a GGUF format; elsewhere nothing rounds to int8.
+    # (eight rows and up to four vectors a pass), and the avx2 variant's where vpmaddubsw cannot saturate
+    # (kernels.INT8_LEAST["avx2"]: not q8_0 or iq4_xs).  One vector (decode) keeps int16 activations, as
+    # do fewer than INT8_LEAST in a GGUF format; elsewhere nothing rounds to int8.
     x8 = fmt in kernels.INT8_FORMATS
     rows, cols = (40, 512) if x8 else (37, 512)
     base = formats.INTERLEAVED[fmt] if x8 else fmt
