@@ -167,9 +167,13 @@ class _Timer:
         return (time.perf_counter() - t) / self.per_sample
 
 
-def _time(call, items: list, repeats: int, stat: str = "median", sample_s: float = 0.02) -> float:
-    """Median (or minimum) seconds of one call, over `repeats` samples."""
+def _time(call, items: list, repeats: int, stat: str = "median", sample_s: float = 0.02,
+          settle_s: float = 0.0) -> float:
+    """Median (or minimum) seconds of one call, over `repeats` samples, after `settle_s` of untimed calls
+    (a product timed right after numpy's shares the cores with its spinning BLAS workers: see _paired)."""
     timer = _Timer(call, items, sample_s)
+    if settle_s > 0:
+        timer.run_for(settle_s)
     samples = [timer.sample() for _ in range(max(1, repeats))]
     return float(np.min(samples) if stat == "min" else np.median(samples))
 
@@ -282,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
             for n in batch:
                 X = rng.standard_normal((n, cols), dtype=np.float32)
                 tb = _time(lambda m, fmt=fmt, cols=cols, X=X: kernels.matmul(m, fmt, cols, X), [q],
-                           args.repeats, args.stat, sample_s)
+                           args.repeats, args.stat, sample_s, settle_s)
                 rows_out[-1].setdefault("batch", []).append(
                     {"n": n, "seconds": tb, "tokens_per_s": n / tb, "bytes_per_s": q.nbytes / tb})
         del base

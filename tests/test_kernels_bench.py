@@ -67,3 +67,17 @@ def test_settling_calls_the_kernel_instead_of_sleeping():
     assert len(calls["a"]) > timed + 10          # 20 ms of settling, twice, made calls
     assert calls["a"][:5] == [0, 1, 2, 3, 4]     # the ring walked round from where the timer was
     assert len(calls["b"]) == 2 * b.per_sample   # the baseline is only timed
+
+
+def test_batch_timing_settles_before_its_samples():
+    # The first batch size of a shape is timed right after numpy's matvec: its samples follow untimed
+    # calls of the product (settle_s), as the kernel's own samples in _paired do; before, the first
+    # size of each shape read up to half the speed of the same size timed later.
+    from mer_tui.bench_kernels import _time
+
+    calls = []
+    _time(lambda item: calls.append(item), [None], repeats=2, sample_s=1e-4, settle_s=0.0)
+    unsettled = len(calls)
+    calls.clear()
+    _time(lambda item: calls.append(item), [None], repeats=2, sample_s=1e-4, settle_s=0.02)
+    assert len(calls) > unsettled + 10
