@@ -23,9 +23,11 @@ import os
 import threading
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .formats import (
     BLOCK,
@@ -191,7 +193,29 @@ def set_backend(name: str | None = None) -> str:
     global _active
     name = name or os.environ.get("MER_TUI_KERNELS", "auto").strip().lower() or "auto"
     _active = _resolve(name)
+    _blas_threads(one=_active[1] is not None)
     return _active[0]
+
+
+# numpy's BLAS (OpenBLAS) keeps its worker threads spinning for ~0.1 s after each multi-threaded call, and
+# the C kernels' threads, called right after (a layer's router product, then its experts), shared the
+# cores with them: 64 experts' FFNs on 2048 vectors took 55-60 ms after a 256x2048 @ 2048x64 product
+# instead of 39, and a 256-token prompt prefilled 187-207 tok/s instead of 264 (the q4_0 store, two cores).
+# So with the C kernels BLAS runs on the calling thread alone, and the float32 tiles (_tiled) are shared
+# out among threads of our own.
+_blas = ThreadpoolController()
+_blas_limit = None   # the one-thread limit in force, or None
+_blas_lock = threading.Lock()
+
+
+def _blas_threads(one: bool) -> None:
+    global _blas_limit
+    with _blas_lock:
+        if one and _blas_limit is None:
+            _blas_limit = _blas.limit(limits=1, user_api="blas")
+        elif not one and _blas_limit is not None:
+            _blas_limit.restore_original_limits()
+            _blas_limit = None
 
 
 def _state() -> tuple[str, object]:
@@ -278,14 +302,14 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
 
 
 def _dequant_fast(q: np.ndarray, fmt: str, cols: int, b: str, ck,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, nthreads: int | None = None) -> np.ndarray:
     if fmt == "f32":
         W = np.ascontiguousarray(q).view(np.float32).reshape(q.shape[0], cols)
     elif ck is not None:
-        return ck.dequantize(q, fmt, cols, threads(), out)
+        return ck.dequantize(q, fmt, cols, nthreads or threads(), out)
     elif b == "numba":
         from . import matvec_numba
-        return matvec_numba.dequantize(np.ascontiguousarray(q), fmt, cols, threads(), out)
+        return matvec_numba.dequantize(np.ascontiguousarray(q), fmt, cols, nthreads or threads(), out)
     else:
         W = dequantize_ref(q, fmt, cols)
     if out is None:
@@ -315,17 +339,45 @@ def _scratch(n: int) -> np.ndarray:
     return buf[:n]
 
 
+_tile_pool: ThreadPoolExecutor | None = None
+
+
+def _tile_threads() -> ThreadPoolExecutor:
+    global _tile_pool
+    with _blas_lock:
+        if _tile_pool is None:
+            _tile_pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
+                                            thread_name_prefix="mer-tiles")
+        return _tile_pool
+
+
 def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.ndarray:
     # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
     # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.
+    # Where BLAS runs on one thread (with the C kernels: _blas_threads), the tiles are shared out among
+    # threads() threads instead, each dequantizing and multiplying its own (bf16 2048x2048 by 256 vectors:
+    # 11 ms on two cores, as BLAS's own two threads took, against 20 on one).
     rows = q.shape[0]
+    nt = threads() if _blas_limit is not None else 1
     step = min(rows, max(16, TILE_BYTES // (4 * max(cols, 1))) // X8_ROWS * X8_ROWS)  # whole runs of an x8 layout
-    buf = _scratch(step * cols)
+    if nt > 1:   # at least a tile a thread: rows / nt rounded up to whole runs
+        share = -(-rows // nt)
+        step = min(step, max(X8_ROWS, -(-share // X8_ROWS) * X8_ROWS))
     Yt = np.empty((rows, X.shape[0]), dtype=np.float32)
-    for r0 in range(0, rows, step):
-        m = min(step, rows - r0)
-        W = _dequant_fast(q[r0:r0 + m], fmt, cols, b, ck, buf[:m * cols].reshape(m, cols))
-        np.matmul(W, X.T, out=Yt[r0:r0 + m])
+
+    def run(starts: list[int]) -> None:
+        buf = _scratch(step * cols)
+        for r0 in starts:
+            m = min(step, rows - r0)
+            W = _dequant_fast(q[r0:r0 + m], fmt, cols, b, ck, buf[:m * cols].reshape(m, cols), 1 if nt > 1 else None)
+            np.matmul(W, X.T, out=Yt[r0:r0 + m])
+
+    starts = list(range(0, rows, step))
+    groups = [starts[k::nt] for k in range(min(nt, len(starts)))]
+    others = [_tile_threads().submit(run, g) for g in groups[1:]]
+    run(groups[0])
+    for f in others:
+        f.result()
     return np.ascontiguousarray(Yt.T)
 
 

@@ -854,6 +854,34 @@ def test_c_source_compiles_without_warnings(variant):
     assert p.returncode == 0, p.stderr[-3000:]
 
 
+def test_blas_runs_on_one_thread_beside_the_c_kernels():
+    # numpy's OpenBLAS spins its workers ~0.1 s after a threaded call, and the C kernels called right after
+    # (a router product, then a layer's experts) ran 30-50% slower beside them: with the C kernels BLAS gets
+    # one thread, the float32 tiles run on threads of our own (their products still agree with the float
+    # ones), and another backend gets BLAS's threads back.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    before = kernels.backend()
+    try:
+        kernels.set_backend("numpy")
+        threaded = blas_threads()
+        kernels.set_backend("c")
+        assert blas_threads() == {1}
+        kernels.set_threads(2)
+        q = kernels.quantize(np.random.default_rng(90).standard_normal((37, 512), dtype=np.float32), "bf16")
+        X = llm_like(40, 512, seed=91)
+        assert _rel(kernels.matmul(q, "bf16", 512, X), _ref(q, "bf16", 512, X)) < 1e-5
+        assert blas_threads() == {1}
+        kernels.set_backend("numpy")
+        assert blas_threads() == threaded
+    finally:
+        kernels.set_threads(None)
+        kernels.set_backend(before)
+
+
 def test_unwritable_cache_dir_falls_back_to_tmp(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
