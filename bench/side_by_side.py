@@ -776,7 +776,7 @@ def carry_history(results: list[dict], prev: dict) -> None:
         if old is None or old is r:
             continue
         history = list(old.get("earlier_decode_tokens_per_s", []))
-        history.append(old.get("decode_tokens_per_s") if "error" not in old else old["error"])
+        history.append(old.get("decode_tokens_per_s") if "error" not in old else failure(old))
         r["earlier_decode_tokens_per_s"] = history
 
 
