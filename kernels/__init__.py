@@ -200,7 +200,8 @@ def set_backend(name: str | None = None) -> str:
 # numpy's BLAS (OpenBLAS) keeps its worker threads spinning for ~0.1 s after each multi-threaded call, and
 # the C kernels' threads, called right after (a layer's router product, then its experts), shared the
 # cores with them: 64 experts' FFNs on 2048 vectors took 55-60 ms after a 256x2048 @ 2048x64 product
-# instead of 39, and a 256-token prompt prefilled 187-207 tok/s instead of 264 (the q4_0 store, two cores).
+# instead of 39, and a 256-token prompt prefilled 188-192 tok/s instead of 257-262 (the q4_0 store, two
+# cores; docs/BENCHMARKS.md, "numpy's BLAS on one thread").
 # So with the C kernels BLAS runs on the calling thread alone, and the float32 tiles (_tiled) are shared
 # out among threads of our own.
 _blas = ThreadpoolController()
@@ -387,8 +388,8 @@ def matmul(q: np.ndarray, fmt: str, cols: int, X: np.ndarray) -> np.ndarray:
     n up to a few vectors runs the matrix-vector kernels (n=1 is decode); more vectors
     (prefill) dequantize row tiles and use BLAS.  Quantized formats on the C backend round the
     activations to int16 per 32-block first (see qkernels.c): relative error ~1e-4 at most; products
-    of several vectors in INT8_FORMATS (on the avx512 variant INT8_PACKED too; from INT8_LEAST vectors)
-    round them to int8 as llama.cpp does, where the variant has int8 kernels (int8_activations).
+    of several vectors in the formats of INT8_LEAST[variant], from that many vectors, round them to
+    int8 as llama.cpp does (int8_activations).
     """
     return _matmul(_rows(q, fmt, cols), fmt, cols, X)
 

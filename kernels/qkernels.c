@@ -689,7 +689,8 @@ INLINE int is_ksb(int fmt) {
 }
 #define I8_PACK_N 8
 /* q6_k from I8_Q6_N vectors: it has no x8 layout, and packing it (q6_pack) costs more than the others; the
- * avxvnni variant's int16 q6_k kernel is slower than avx512's dot_ksb, so there it pays sooner */
+ * AVX2 int16 q6_k kernel (the avxvnni and avx2 variants') is slower than avx512's dot_ksb, so there it pays
+ * sooner */
 #define I8_Q6_N (MK_AVX512 ? 16 : 4)
 INLINE int i8_runs(int fmt, int64_t n);
 INLINE int ksb_runs(int fmt, int64_t n) {
