@@ -210,6 +210,7 @@ _blas_lock = threading.Lock()
 
 
 def _blas_threads(one: bool) -> None:
+    """BLAS on one thread (one=True; set_backend does it for the C kernels) or on its own count again."""
     global _blas_limit
     with _blas_lock:
         if one and _blas_limit is None:
@@ -217,6 +218,17 @@ def _blas_threads(one: bool) -> None:
         elif not one and _blas_limit is not None:
             _blas_limit.restore_original_limits()
             _blas_limit = None
+
+
+def blas_threads() -> int:
+    """The threads numpy's BLAS runs on now (1 beside the C kernels: _blas_threads)."""
+    return max((i["num_threads"] for i in _blas.info() if i["user_api"] == "blas"), default=1)
+
+
+def unlimit_blas() -> None:
+    """Give numpy's BLAS its own thread count back while the C kernels stay in use: for a benchmark whose
+    baseline is numpy itself (`mer-tui bench kernels`), which must run as numpy does everywhere else."""
+    _blas_threads(one=False)
 
 
 def _state() -> tuple[str, object]:

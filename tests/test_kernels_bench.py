@@ -9,10 +9,18 @@ from mer_tui.bench_kernels import main
 
 
 def test_bench_kernels_json(capsys):
+    import kernels
+
+    before = kernels.backend()
+    kernels.set_backend("numpy")
+    own = kernels.blas_threads()   # BLAS's own count: the baseline runs on it, not on the engine's one
+    kernels.set_backend(before)
     rc = main(["--shapes", "64x256", "--formats", "q4_0,f16", "--repeats", "1", "--hot", "--json",
                "--batch", "1,3", "--threads", "1", "--dram-mib", "16"])
+    kernels.set_backend(before)
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["blas_threads"] == own
     assert [r["format"] for r in res["results"]] == ["q4_0", "f16"]
     for r in res["results"]:
         assert r["bytes_per_s"] > 0 and r["numpy_f32_bytes_per_s"] > 0 and r["ratio"] > 0
