@@ -1705,6 +1705,34 @@ INLINE void q6_codes(const uint8_t *q, int h, __m256i c[4]) {
     c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(H, m30));
     c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4), _mm256_and_si256(_mm256_srli_epi16(H, 2), m30));
 }
+
+/* A packed q6_k block for a run of `run` rows (16: dot_q6x16_i8, 8: dot_q6x8_i8): 8 registers of 4 * run code
+ * bytes (lane r: row r's codes 4m..4m+3), then d * scale of the run's rows for each 16-weight sub-block. */
+#define Q6P_BLOCK(run) (40 * (run))
+
+/* Rows [0, rows) (rows <= run; the rest zeros) of a q6_k matrix, row stride rb, nb 32-blocks a row, as
+ * Q6P_BLOCK(run) blocks at out: a row's codes go out a dword at a time (as fast as AVX-512's scatter was). */
+static void q6_pack(const uint8_t *w, int64_t rb, int rows, int run, int64_t nb, uint8_t *out) {
+    memset(out, 0, (size_t)(nb * Q6P_BLOCK(run)));
+    for (int r = 0; r < rows; r++) {
+        for (int64_t s = 0; s < nb / 8; s++) {
+            const uint8_t *q = w + r * rb + 210 * s;
+            const float d = h2f(q + 208);
+            for (int h = 0; h < 2; h++) {
+                __m256i c[4];
+                q6_codes(q, h, c);
+                for (int t = 0; t < 4; t++) {
+                    uint8_t *blk = out + Q6P_BLOCK(run) * (8 * s + 4 * h + t), codes[32];
+                    _mm256_storeu_si256((__m256i *)codes, c[t]);
+                    for (int m = 0; m < 8; m++) memcpy(blk + 4 * run * m + 4 * r, codes + 4 * m, 4);
+                    float *sc = (float *)(blk + 32 * run);
+                    sc[r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t)];
+                    sc[run + r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t) + 1];
+                }
+            }
+        }
+    }
+}
 #endif
 
 #if MK_I8_256
@@ -1853,40 +1881,14 @@ MK_X8I8(3)
 MK_X8I8(4)
 #undef MK_X8I8
 
-/* q6_k in int8, eight rows: dot_q6x16_i8's arithmetic in 256-bit registers.  A packed block: 8 registers of
- * 32 code bytes (lane r: row r's codes 4m..4m+3), then d * scale of the 8 rows for each 16-weight sub-block. */
-#define Q6P8_BLOCK (8 * 32 + 2 * 32)
-
-/* Rows [0, rows) (rows <= 8; the rest zeros) of a q6_k matrix, row stride rb, nb 32-blocks a row: a row's
- * codes go out a dword at a time (AVX2 has no scatter). */
-static void q6_pack8(const uint8_t *w, int64_t rb, int rows, int64_t nb, uint8_t *out) {
-    memset(out, 0, (size_t)(nb * Q6P8_BLOCK));
-    for (int r = 0; r < rows; r++) {
-        for (int64_t s = 0; s < nb / 8; s++) {
-            const uint8_t *q = w + r * rb + 210 * s;
-            const float d = h2f(q + 208);
-            for (int h = 0; h < 2; h++) {
-                __m256i c[4];
-                q6_codes(q, h, c);
-                for (int t = 0; t < 4; t++) {
-                    uint8_t *blk = out + Q6P8_BLOCK * (8 * s + 4 * h + t), codes[32];
-                    _mm256_storeu_si256((__m256i *)codes, c[t]);
-                    for (int m = 0; m < 8; m++) memcpy(blk + 32 * m + 4 * r, codes + 4 * m, 4);
-                    float *sc = (float *)(blk + 256);
-                    sc[r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t)];
-                    sc[8 + r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t) + 1];
-                }
-            }
-        }
-    }
-}
-
+/* q6_k in int8, eight rows: dot_q6x16_i8's arithmetic in 256-bit registers, over q6_pack's blocks of a run
+ * of eight. */
 INLINE void dot_q6x8_i8(const uint8_t *pk, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
     __m256 acc[4];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = pk + Q6P8_BLOCK * b;
+        const uint8_t *blk = pk + Q6P_BLOCK(8) * b;
         __m256i z[8];
         for (int m = 0; m < 8; m++) z[m] = _mm256_load_si256((const __m256i *)(blk + 32 * m));
         const __m256 sa = _mm256_load_ps((const float *)(blk + 256)), sb = _mm256_load_ps((const float *)(blk + 288));
@@ -2353,40 +2355,13 @@ MK_X16(8)
 
 /* q6_k in int8: sixteen rows' codes (q, 0..63) laid out once per product in dot_x16's lane order
  * (q6_pack), then each 32-weight block's two 16-weight sub-blocks summed apart (registers 0-3 and 4-7),
- * the -32 taken off with the sub-block's sum of activation codes (xk16), and scaled by d * its int8 scale.
- * A packed block: 8 registers of 64 code bytes, then d * scale of the 16 rows for each sub-block. */
-#define Q6P_BLOCK (8 * 64 + 2 * 64)
-
-/* Rows [0, rows) (rows <= 16; the rest zeros) of a q6_k matrix, row stride rb, nb 32-blocks a row. */
-static void q6_pack(const uint8_t *w, int64_t rb, int rows, int64_t nb, uint8_t *out) {
-    const __m256i at = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448); /* dword m of a row: register m */
-    memset(out, 0, (size_t)(nb * Q6P_BLOCK));
-    for (int r = 0; r < rows; r++) {
-        for (int64_t s = 0; s < nb / 8; s++) {
-            const uint8_t *q = w + r * rb + 210 * s;
-            const float d = h2f(q + 208);
-            for (int h = 0; h < 2; h++) {
-                __m256i c[4];
-                q6_codes(q, h, c);
-                for (int t = 0; t < 4; t++) {
-                    const int64_t b = 8 * s + 4 * h + t;
-                    uint8_t *blk = out + Q6P_BLOCK * b;
-                    _mm256_i32scatter_epi32(blk + 4 * r, at, c[t], 1);
-                    float *sc = (float *)(blk + 512);
-                    sc[r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t)];
-                    sc[16 + r] = d * (float)((const int8_t *)(q + 192))[2 * (4 * h + t) + 1];
-                }
-            }
-        }
-    }
-}
-
+ * the -32 taken off with the sub-block's sum of activation codes (xk16), and scaled by d * its int8 scale. */
 INLINE void dot_q6x16_i8(const uint8_t *pk, int J, const xprep *p, int64_t j0, float *out) {
     const int64_t cols = p->cols, nb = p->nb;
     __m512 acc[8];
     for (int jj = 0; jj < J; jj++) acc[jj] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = pk + Q6P_BLOCK * b;
+        const uint8_t *blk = pk + Q6P_BLOCK(16) * b;
         __m512i z[8];
         for (int m = 0; m < 8; m++) z[m] = _mm512_loadu_si512(blk + 64 * m);
         const __m512 sa = _mm512_loadu_ps((const float *)(blk + 512)), sb = _mm512_loadu_ps((const float *)(blk + 576));
@@ -2806,28 +2781,25 @@ static void x8_pack(int fmt, const uint8_t *w, int64_t rb, int rows, int64_t nbl
 static int rows_q6(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, const xprep *p, float *Y, int64_t ldy) {
     typedef void (*q6dot)(const uint8_t *, const xprep *, int64_t, float *);
 #if MK_AVX512
-    enum { RUN = 16, JMAX = 8, BLOCK = Q6P_BLOCK };
+    enum { RUN = 16, JMAX = 8 };
     static const q6dot fns[JMAX] = {dot_q6x16_1, dot_q6x16_2, dot_q6x16_3, dot_q6x16_4,
                                     dot_q6x16_5, dot_q6x16_6, dot_q6x16_7, dot_q6x16_8};
-#define Q6_PACK q6_pack
 #else
-    enum { RUN = 8, JMAX = 4, BLOCK = Q6P8_BLOCK };
+    enum { RUN = 8, JMAX = 4 };
     static const q6dot fns[JMAX] = {dot_q6x8_1, dot_q6x8_2, dot_q6x8_3, dot_q6x8_4};
-#define Q6_PACK q6_pack8
 #endif
-    uint8_t *pk = aligned_alloc(64, (size_t)(p->nb * BLOCK));
+    uint8_t *pk = aligned_alloc(64, (size_t)(p->nb * Q6P_BLOCK(RUN)));
     if (!pk) return -2;
     float o[RUN * JMAX];
     for (int64_t r = r0; r < r1; r += RUN) {
         const int rows = (int)(r1 - r < RUN ? r1 - r : RUN);
-        Q6_PACK(w + r * rb, rb, rows, p->nb, pk);
+        q6_pack(w + r * rb, rb, rows, RUN, p->nb, pk);
         for (int64_t j = 0; j < p->n; j += JMAX) {
             const int64_t J = p->n - j < JMAX ? p->n - j : JMAX;
             fns[J - 1](pk, p, j, o);
             for (int64_t jj = 0; jj < J; jj++) memcpy(Y + (j + jj) * ldy + r, o + RUN * jj, (size_t)rows * sizeof(float));
         }
     }
-#undef Q6_PACK
     free(pk);
     return 0;
 }
