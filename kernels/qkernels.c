@@ -2685,9 +2685,10 @@ static float dot_generic_x8(int fmt, const uint8_t *grp, int rr, const float *x,
 #define X8_IQ4_XS(J) dot_ix8_##J
 #endif
 
-/* Rows a thread claims together: whole groups of the kernels that will run (eight-row runs, sixteen
- * rows for dot_x16, four rows otherwise). */
-INLINE int64_t row_align(int fmt, int64_t n) { return MK_AVX512 && i8_runs(fmt, n) ? 16 : is_x8(fmt) ? 8 : 4; }
+/* Rows a thread claims together: whole groups of the kernels that will run (sixteen rows for dot_x16, runs
+ * of eight for the other x8 and int8 kernels, a GGUF format's rows packed into them included; four rows
+ * otherwise). */
+INLINE int64_t row_align(int fmt, int64_t n) { return i8_runs(fmt, n) ? (MK_AVX512 ? 16 : 8) : is_x8(fmt) ? 8 : 4; }
 
 #if MK_I8
 #if MK_AVX512
