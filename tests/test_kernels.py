@@ -522,8 +522,8 @@ def test_super_block_products_at_their_largest(backend, fmt):
 def test_super_block_kernels_take_whole_prompt_chunks(backend, fmt):
     # On the avx512 variant the super-block formats' kernels (dot_ksb, or the int8 ones) stay ahead of the
     # float32 tiles up to a prompt chunk's 256 vectors: 200 vectors go through them (int16 or int8
-    # activations, a small error), eight at a time with a remainder of 0; on the avxvnni variant those
-    # with an x8 layout (the int8 kernels, their rows packed); elsewhere 200 vectors take the tiles.
+    # activations, a small error), eight at a time with a remainder of 0; on the avxvnni and avx2 variants
+    # those kernels.TO_CHUNK names (the int8 kernels, their rows packed); elsewhere 200 vectors take the tiles.
     rows, cols = 24, 512
     q = random_blocks(formats.INTERLEAVED.get(fmt, fmt), rows, cols, seed=70)
     q = formats.interleave(q, fmt) if fmt in formats.INTERLEAVED else q
@@ -859,24 +859,19 @@ def test_blas_runs_on_one_thread_beside_the_c_kernels():
     # (a router product, then a layer's experts) ran 30-50% slower beside them: with the C kernels BLAS gets
     # one thread, the float32 tiles run on threads of our own (their products still agree with the float
     # ones), and another backend gets BLAS's threads back.
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def blas_threads() -> set[int]:
-        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
-
     before = kernels.backend()
     try:
         kernels.set_backend("numpy")
-        threaded = blas_threads()
+        threaded = kernels.blas_threads()
         kernels.set_backend("c")
-        assert blas_threads() == {1}
+        assert kernels.blas_threads() == 1
         kernels.set_threads(2)
         q = kernels.quantize(np.random.default_rng(90).standard_normal((37, 512), dtype=np.float32), "bf16")
         X = llm_like(40, 512, seed=91)
         assert _rel(kernels.matmul(q, "bf16", 512, X), _ref(q, "bf16", 512, X)) < 1e-5
-        assert blas_threads() == {1}
+        assert kernels.blas_threads() == 1
         kernels.set_backend("numpy")
-        assert blas_threads() == threaded
+        assert kernels.blas_threads() == threaded
     finally:
         kernels.set_threads(None)
         kernels.set_backend(before)
