@@ -35,6 +35,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T).
 PREFILL_CHUNK = 256
 
+# Attention over at least this many (query, key) pairs a head has its KV heads shared out among the kernel
+# threads (kernels.map_threads): numpy's loops run on one core, and BLAS is kept to one beside the C kernels.
+# A decode step's attention (one query) stays on the calling thread: handing it over costs more than it saves.
+PARALLEL_ATTENTION_PAIRS = 1 << 16
+
 # Decoding guesses this many MoE layers ahead (Model._prefetch).  Two against one, over the 2 GiB limit on
 # the OLMoE-sized model: see docs/BENCHMARKS.md.
 PREFETCH_AHEAD = 2
@@ -83,16 +88,26 @@ class Model:
         T, start = K.shape[1], cache.length
         group = s.num_heads // s.num_kv_heads
         qg = q.transpose(1, 0, 2).reshape(s.num_kv_heads, group, n, s.head_dim)
-        scores = (qg @ K[:, None].transpose(0, 1, 3, 2)) * self.scale   # (kv, group, n, T)
         qpos = np.arange(start, start + n)[:, None]
         kpos = np.arange(T)[None, :]
         allowed = kpos <= qpos
         window = s.sliding_window[i]
         if window:
             allowed &= kpos > qpos - window
-        if not allowed.all():
-            scores = np.where(allowed, scores, -np.inf)
-        out = softmax(scores) @ V[:, None]                  # (kv, group, n, d)
+        mask = None if allowed.all() else allowed
+
+        def attend(h: slice) -> np.ndarray:   # KV heads h and their query groups: (heads, group, n, d)
+            scores = (qg[h] @ K[h, None].transpose(0, 1, 3, 2)) * self.scale   # (heads, group, n, T)
+            if mask is not None:
+                scores = np.where(mask, scores, -np.inf)
+            return softmax(scores) @ V[h, None]
+
+        if n * T >= PARALLEL_ATTENTION_PAIRS and s.num_kv_heads > 1:
+            nt = min(kernels.threads(), s.num_kv_heads)
+            cuts = [s.num_kv_heads * k // nt for k in range(nt + 1)]
+            out = np.concatenate(kernels.map_threads(attend, [slice(a, b) for a, b in zip(cuts, cuts[1:])]))
+        else:
+            out = attend(slice(None))
         out = out.reshape(s.num_heads, n, s.head_dim).transpose(1, 0, 2).reshape(n, s.q_size)
         y = lw.o.matmul(out)
         return y + lw.o_bias if lw.o_bias is not None else y

@@ -364,6 +364,26 @@ def _tile_threads() -> ThreadPoolExecutor:
         return _tile_pool
 
 
+def map_threads(fn, items: Sequence) -> list:
+    """[fn(item) for item in items], the items shared out among threads() threads (the calling one
+    included): for numpy work that BLAS, on one thread beside the C kernels, no longer spreads over the
+    cores itself (numpy's loops and BLAS calls release the GIL)."""
+    nt = min(threads(), len(items))
+    if nt <= 1:
+        return [fn(it) for it in items]
+    out: list = [None] * len(items)
+
+    def run(k: int) -> None:
+        for i in range(k, len(items), nt):
+            out[i] = fn(items[i])
+
+    others = [_tile_threads().submit(run, k) for k in range(1, nt)]
+    run(0)
+    for f in others:
+        f.result()
+    return out
+
+
 def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.ndarray:
     # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
     # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.
