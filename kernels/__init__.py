@@ -398,19 +398,18 @@ def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.
         step = min(step, max(X8_ROWS, -(-share // X8_ROWS) * X8_ROWS))
     Yt = np.empty((rows, X.shape[0]), dtype=np.float32)
 
-    def run(starts: list[int]) -> None:
-        buf = _scratch(step * cols)
-        for r0 in starts:
-            m = min(step, rows - r0)
-            W = _dequant_fast(q[r0:r0 + m], fmt, cols, b, ck, buf[:m * cols].reshape(m, cols), 1 if nt > 1 else None)
-            np.matmul(W, X.T, out=Yt[r0:r0 + m])
+    def tile(r0: int) -> None:
+        m = min(step, rows - r0)
+        W = _dequant_fast(q[r0:r0 + m], fmt, cols, b, ck, _scratch(step * cols)[:m * cols].reshape(m, cols),
+                          1 if nt > 1 else None)
+        np.matmul(W, X.T, out=Yt[r0:r0 + m])
 
-    starts = list(range(0, rows, step))
-    groups = [starts[k::nt] for k in range(min(nt, len(starts)))]
-    others = [_tile_threads().submit(run, g) for g in groups[1:]]
-    run(groups[0])
-    for f in others:
-        f.result()
+    starts = range(0, rows, step)
+    if nt > 1:
+        map_threads(tile, starts)
+    else:
+        for r0 in starts:
+            tile(r0)
     return np.ascontiguousarray(Yt.T)
 
 

@@ -669,7 +669,7 @@ typedef struct {
     int32_t *xc1;         /* q4_0x8: 8 * the block's sum of xq, (n, nb) */
     int16_t *xq256;       /* avx512, several vectors: int16 activations with one scale per 256, (n, cols) */
     float *xd256;         /* their scales, (n, cols / 256) */
-    int8_t *xq8;          /* avx512, several vectors, i8_runs: int8 activations per 32-block, (n, cols) */
+    int8_t *xq8;          /* several vectors, i8_runs: int8 activations per 32-block, (n, cols) */
     float *xd8;           /* their scales, (n, nb) */
     int32_t *xk8;         /* the block's sum of xq8, (n, nb) */
     int32_t *xk16;        /* the sums of xq8's 16-halves (q6_k's sub-blocks), (n, 2 nb) */
@@ -723,8 +723,8 @@ INLINE int xprep_needs(int fmt, int64_t n) {
 
 /* Allocates the buffers (one allocation, 64-byte aligned regions); xprep_fill then fills vectors
  * [j0, j1).  needs (xprep_needs): XP_KSB, the vectors are for dot_ksb, which reads them with one
- * scale per 256; XP_I8, for dot_x16, which reads them in int8; XP_NO16, only for dot_x16 (the int16
- * blocks and their sums are neither allocated nor filled). */
+ * scale per 256; XP_I8, for the int8 kernels (i8_runs); XP_NO16, only for them (the int16 blocks and
+ * their sums are neither allocated nor filled). */
 static int xprep_init(xprep *p, const float *X, int64_t n, int64_t cols, int needs) {
     /* the portable build has none of these kernels */
     const int sb = needs & XP_KSB, i8 = needs & XP_I8, i16 = !(needs & XP_NO16);
@@ -844,14 +844,13 @@ static void xprep_fill16(xprep *p, int64_t j) {
         /* The same arithmetic in eight lanes (a decode call's vector is prepared on the calling
          * thread before the others join: the scalar loop was ~2 us of a ~55 us product). */
         const __m256 v[4] = {_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8), _mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24)};
-        const __m256 v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
         const float amax = amax32(v);
-        const float s0 = hsum(_mm256_add_ps(v0, v1)), s1 = hsum(_mm256_add_ps(v2, v3));
+        const float s0 = hsum(_mm256_add_ps(v[0], v[1])), s1 = hsum(_mm256_add_ps(v[2], v[3]));
         const float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
         const __m256 vid = _mm256_set1_ps(id);
         /* cvtps rounds to nearest even, as lrintf does in the default rounding mode */
-        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
-        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], vid)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], vid));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], vid)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], vid));
         /* packs interleaves 128-bit lanes; the permute puts elements back in order */
         const __m256i q01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
         const __m256i q23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
