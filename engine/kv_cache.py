@@ -47,6 +47,18 @@ class KVCache:
     def capacity(self) -> int:
         return self.k[0].shape[1]
 
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` in all, grown now (one copy) rather than in the middle of a generation."""
+        if tokens > self.capacity:
+            self._grow(tokens)
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from `length` on (a kept context whose prompt changed there); their keys
+        and values are written over by the next append."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate: {length} is outside 0..{self.length}")
+        self.length = length
+
     def _grow(self, need: int) -> None:
         cap = self.capacity
         while cap < need:

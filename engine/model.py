@@ -10,6 +10,7 @@ import numpy as np
 import kernels
 
 from . import kv_cache
+from .context import Context
 from .errors import EngineError
 from .experts import ExpertBundle, ExpertSource
 from .kv_cache import KVCache
@@ -258,6 +259,11 @@ class Model:
         return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=room)
 
     # ----------------------------------------------------------------- public
+    def new_context(self) -> Context:
+        """An empty sequence to pass to successive `generate` calls (a chat's turns): each computes only
+        the part of its prompt the one before had not."""
+        return Context(self, self._new_cache())
+
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits (len(ids), vocab) for a fresh sequence."""
         arr = self._check_ids(ids)
@@ -268,14 +274,19 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: Sequence[str] | None = None, ignore_eos: bool = False,
-                 cancel: threading.Event | None = None, forced: Sequence[int] | None = None) -> Iterator[int]:
+                 cancel: threading.Event | None = None, forced: Sequence[int] | None = None,
+                 context: Context | None = None) -> Iterator[int]:
         """Yield new token ids until max_new_tokens, an eos id (not yielded) or a stop string (yielded).
 
         ignore_eos decodes exactly max_new_tokens tokens (benchmarks).  Setting `cancel` ends the
         generation at the next prompt chunk or token, so a UI can stop even a long prefill.  `forced`
         gives the tokens to emit instead of sampled ones (teacher forcing, at most max_new_tokens of
-        them): a benchmark can then make two engines do the same work whatever their logits say."""
+        them): a benchmark can then make two engines do the same work whatever their logits say.
+        With a `context` (new_context()) the generation starts from the keys and values the context
+        holds where its tokens begin the prompt, and leaves there those of everything it computed."""
         arr = self._check_ids(ids)
+        if context is not None and context.owner is not self:
+            raise EngineError("context: it holds another model's keys and values")
         if max_new_tokens < 0:
             raise EngineError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
         if forced is not None:
@@ -287,40 +298,51 @@ class Model:
         if stops and self.tokenizer is None:
             raise EngineError("stop: stop strings need a tokenizer, and this model has none")
         eos = set() if ignore_eos else set(self.spec.eos_token_ids)
-        return self._generate(arr, max_new_tokens, sampler, stops, eos, cancel or threading.Event(), forced)
+        return self._generate(arr, max_new_tokens, sampler, stops, eos, cancel or threading.Event(), forced,
+                              context)
 
     def _generate(self, arr: np.ndarray, max_new: int, sampler: Sampler, stops: list[str],
-                  eos: set[int], cancel: threading.Event, forced: list[int] | None = None) -> Iterator[int]:
+                  eos: set[int], cancel: threading.Event, forced: list[int] | None = None,
+                  context: Context | None = None) -> Iterator[int]:
         with self._run_lock:
             t0 = time.perf_counter()
             self._telemetry.generation_started()
-            cache = self._new_cache(len(arr) + max_new)
-            logits = self._prefill(arr, cache, last_only=True, cancel=cancel)
-            if logits is None:
-                return
-            logits = logits[-1]
-            self._telemetry.prefill_done(len(arr), time.perf_counter() - t0)
-            history = arr.tolist()
-            new: list[int] = []
-            for n in range(max_new):
-                if cancel.is_set():
+            history = arr.tolist()   # the prompt and the tokens chosen so far; the cache holds a prefix of it
+            if context is None:
+                cache, kept = self._new_cache(len(arr) + max_new), 0
+            else:
+                cache, kept = context.cache, context.keep(history)
+                if kv_cache.ROOM_IS_FREE:
+                    cache.reserve(len(arr) + max_new)
+            try:
+                logits = self._prefill(arr[kept:], cache, last_only=True, cancel=cancel)
+                if logits is None:
                     return
-                tok = sampler.sample(logits, history) if forced is None else forced[n]
-                if tok in eos:
-                    return
-                if n == 0:
-                    self._telemetry.first_token(time.perf_counter() - t0)
-                self._telemetry.token()
-                history.append(tok)
-                new.append(tok)
-                yield tok
-                if stops:
-                    # Decode only a short tail: enough to see any stop string end at this token.
-                    tail = self.tokenizer.decode(new[-(max(map(len, stops)) + 8):])
-                    if any(st in tail for st in stops):
+                logits = logits[-1]
+                self._telemetry.prefill_done(len(arr) - kept, time.perf_counter() - t0)
+                new: list[int] = []
+                for n in range(max_new):
+                    if cancel.is_set():
                         return
-                if n + 1 < max_new:
-                    logits = self._step(np.array([tok]), cache, last_only=True)[-1]
+                    tok = sampler.sample(logits, history) if forced is None else forced[n]
+                    if tok in eos:
+                        return
+                    if n == 0:
+                        self._telemetry.first_token(time.perf_counter() - t0)
+                    self._telemetry.token()
+                    history.append(tok)
+                    new.append(tok)
+                    yield tok
+                    if stops:
+                        # Decode only a short tail: enough to see any stop string end at this token.
+                        tail = self.tokenizer.decode(new[-(max(map(len, stops)) + 8):])
+                        if any(st in tail for st in stops):
+                            return
+                    if n + 1 < max_new:
+                        logits = self._step(np.array([tok]), cache, last_only=True)[-1]
+            finally:
+                if context is not None:   # whatever ended the generation, the ids say what the cache holds
+                    context.ids = history[:cache.length]
 
     # ----------------------------------------------------------------- telemetry and settings
     def telemetry(self) -> dict:

@@ -1,6 +1,8 @@
 """The engine against transformers: logits, greedy tokens, incremental decoding."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,79 @@ def test_attention_shared_out_among_threads_equals_one_thread(checkpoint_dir, mo
         kernels.set_threads(None)
     assert calls and all(c == 2 for c in calls)
     assert np.array_equal(parallel, serial)
+
+
+def _prefilled(model, monkeypatch) -> list[int]:
+    """The number of tokens each prompt step of `model` computes, as they run."""
+    sizes: list[int] = []
+    real = model._prefill
+    monkeypatch.setattr(model, "_prefill", lambda ids, *a, **k: (sizes.append(len(ids)), real(ids, *a, **k))[1])
+    return sizes
+
+
+def test_a_kept_context_computes_only_what_is_new(checkpoint_dir, monkeypatch):
+    """A chat's second turn resends the first: with the context kept, only the new tokens are computed,
+    and the reply is the one a fresh generation of the whole prompt gives."""
+    model = engine.load(checkpoint_dir("qwen3"))
+    fresh = engine.load(checkpoint_dir("qwen3"))
+    ctx, sizes = model.new_context(), _prefilled(model, monkeypatch)
+    turn1 = IDS[:6]
+    reply1 = list(model.generate(turn1, max_new_tokens=5, ignore_eos=True, context=ctx))
+    # the last token was chosen, never run: the cache holds the prompt and the replies before it
+    assert sizes == [6] and ctx.ids == turn1 + reply1[:-1] and ctx.kept == 0
+    turn2 = turn1 + reply1 + [5, 9, 11]
+    reply2 = list(model.generate(turn2, max_new_tokens=6, ignore_eos=True, context=ctx))
+    assert ctx.kept == 10 and sizes[-1] == len(turn2) - 10 == 4
+    assert reply2 == list(fresh.generate(turn2, max_new_tokens=6, ignore_eos=True))
+    # the same prompt again: everything but its last token is kept
+    again = list(model.generate(turn2, max_new_tokens=6, ignore_eos=True, context=ctx))
+    assert ctx.kept == len(turn2) - 1 and sizes[-1] == 1 and again == reply2
+    # a prompt that parts from the context after 3 tokens keeps 3
+    turn3 = turn1[:3] + [70, 71, 72, 73]
+    reply3 = list(model.generate(turn3, max_new_tokens=6, ignore_eos=True, context=ctx))
+    assert ctx.kept == 3 and sizes[-1] == 4
+    assert reply3 == list(fresh.generate(turn3, max_new_tokens=6, ignore_eos=True))
+    ctx.clear()
+    assert len(ctx) == ctx.cache.length == 0   # the ids always name what the cache holds
+    list(model.generate(turn3, max_new_tokens=1, context=ctx))
+    assert ctx.kept == 0 and sizes[-1] == len(turn3)
+
+
+def test_a_context_left_mid_reply_holds_what_was_computed(checkpoint_dir):
+    """A reply stopped after two tokens (a closed generator) leaves the prompt and the first of them, whose
+    step ran; a stop between prompt chunks leaves the chunks done.  The next turn then agrees with a fresh
+    generation."""
+    from engine import model as model_mod
+
+    m = engine.load(checkpoint_dir("qwen3"))
+    fresh = engine.load(checkpoint_dir("qwen3"))
+    ctx = m.new_context()
+    gen = m.generate(IDS, max_new_tokens=20, ignore_eos=True, context=ctx)
+    got = [next(gen), next(gen)]
+    gen.close()
+    assert ctx.ids == IDS + got[:1] and ctx.cache.length == len(IDS) + 1
+    cancel = threading.Event()
+    real_step = m._step
+
+    def step_then_cancel(ids, cache, last_only):
+        cancel.set()       # stop after the first chunk
+        return real_step(ids, cache, last_only)
+
+    m._step = step_then_cancel
+    old_chunk, model_mod.PREFILL_CHUNK = model_mod.PREFILL_CHUNK, 4
+    try:
+        assert list(m.generate(IDS + got + IDS, max_new_tokens=3, context=ctx, cancel=cancel)) == []
+    finally:
+        model_mod.PREFILL_CHUNK = old_chunk
+        del m._step
+    assert ctx.ids == (IDS + got + IDS)[: len(IDS) + 1 + 4] == ctx.ids[: ctx.cache.length]
+    prompt = IDS + got + IDS[:3] + [70]
+    assert list(m.generate(prompt, max_new_tokens=5, ignore_eos=True, context=ctx)) == \
+        list(fresh.generate(prompt, max_new_tokens=5, ignore_eos=True))
+    assert ctx.kept == len(IDS) + 1 + 4 == len(prompt) - 1
+
+
+def test_a_context_serves_only_its_model(checkpoint_dir):
+    a, b = engine.load(checkpoint_dir("qwen3")), engine.load(checkpoint_dir("qwen3"))
+    with pytest.raises(engine.EngineError, match="another model"):
+        b.generate(IDS, context=a.new_context())
