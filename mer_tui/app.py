@@ -67,6 +67,7 @@ class SessionLike(Protocol):
     def drain(self) -> list[Event]: ...
     def send(self, text: str) -> bool: ...
     def stop(self) -> None: ...
+    def new_chat(self) -> bool: ...
     def request(self, action: str) -> None: ...
     def close(self, timeout: float = 1.5) -> None: ...
 
@@ -102,6 +103,7 @@ class MerApp(App):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         *(Binding(key, action, label) for action, key, label, *_ in TUNING),
+        Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+s", "export", "Export"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
@@ -237,6 +239,10 @@ class MerApp(App):
                 parts.append(f"first after {ev.first_s:.1f} s")
             if ev.decode_tokens_per_s:
                 parts.append(f"{ev.decode_tokens_per_s:.1f} tok/s")
+            if ev.prompt_tokens:
+                # the conversation so far is resent each turn; what was computed before is kept, not redone
+                kept = f", {ev.kept_tokens} kept" if ev.kept_tokens else ""
+                parts.append(f"prompt {ev.prompt_tokens} tokens{kept}")
             chat.end_reply(" · ".join(parts) + (" — stopped" if ev.stopped else ""))
         elif isinstance(ev, Notice):
             self.notify(ev.message, timeout=4)
@@ -250,7 +256,7 @@ class MerApp(App):
             return False
         return True
 
-    _MODEL_ACTIONS = frozenset([a for a, *_ in TUNING] + ["stop", "export"])
+    _MODEL_ACTIONS = frozenset([a for a, *_ in TUNING] + ["stop", "export", "new_chat"])
 
     # ------------------------------------------------------------------ chat
     def on_chat_pane_submitted(self, message: ChatPane.Submitted) -> None:
@@ -269,6 +275,16 @@ class MerApp(App):
     def action_stop(self) -> None:
         if self.session.busy:
             self.session.stop()
+
+    def action_new_chat(self) -> None:
+        if not self._loaded:
+            return
+        if not self.session.new_chat():
+            self.notify("Still replying — Esc stops the reply", severity="warning", timeout=3)
+            return
+        self.chat.clear()
+        if self.session.info.note:
+            self.chat.add_note(self.session.info.note, "note demo")
 
     # ------------------------------------------------------------------ tuning
     def _request(self, action: str) -> None:
@@ -305,6 +321,7 @@ class MerApp(App):
         for action, key, _label, name, help_text in TUNING:
             yield SystemCommand(name, f"{help_text} ({key})", getattr(self, f"action_{action}"))
         yield SystemCommand("Stop reply", "Stop generating at the next token (esc)", self.action_stop)
+        yield SystemCommand("New chat", "Forget the conversation and start another (ctrl+n)", self.action_new_chat)
         yield SystemCommand("Export telemetry", "SVG screenshot + JSON + CSV into the export folder (ctrl+s)",
                             self.action_export)
 

@@ -52,6 +52,8 @@ class TurnDone:
     seconds: float           # the whole turn: prompt (prefill) and reply
     stopped: bool            # the user stopped it (vs. eos or the token limit)
     first_s: float = 0.0     # time to the first token (mostly the prompt's prefill)
+    prompt_tokens: int = 0   # the conversation as the model saw it this turn
+    kept_tokens: int = 0     # of those, the ones computed in earlier turns and kept (engine.Context)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -130,6 +132,7 @@ class Session:
         self.settings = settings or GenerationSettings()
         self.system_prompt = system_prompt
         self.messages: list[dict[str, str]] = []
+        self._context = None     # the conversation's keys and values, kept from turn to turn (engine.Context)
         self.status = "ready" if model is not None else "new"     # new → loading → ready | failed
         self.progress: tuple[str, int, int] = ("", 0, 0)
         self.load_error: str | None = None
@@ -209,6 +212,15 @@ class Session:
         """Stop the reply at the next token; what was generated stays in the conversation."""
         self._stop.set()
 
+    def new_chat(self) -> bool:
+        """Forget the conversation and its kept keys and values; False (and nothing happens) while busy."""
+        if self.busy:
+            return False
+        self.messages.clear()
+        if self._context is not None:
+            self._context.clear()
+        return True
+
     def _context_limit(self) -> int:
         return min(self.model.spec.max_position_embeddings or MAX_CONTEXT, MAX_CONTEXT)
 
@@ -229,18 +241,21 @@ class Session:
 
         model, s = self.model, self.settings
         t0 = time.perf_counter()
-        n, reply, stopped, first = 0, [], False, 0.0
+        n, reply, stopped, first, ids = 0, [], False, 0.0, []
         try:
             tok = model.tokenizer
             if tok is None:
                 raise EngineError(f"{model.path}: no tokenizer.json, so the chat cannot encode text")
             ids = self._prompt_ids()
+            if self._context is None:
+                self._context = model.new_context()
             # A tokenizer's end-of-turn token may not be among config.json's eos ids; stop on it too.
             eos = tok.eos_id
             stream = tok.stream()
             gen = model.generate(ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
-                                 cancel=self._stop)   # also interrupts a long prompt between chunks
+                                 cancel=self._stop,   # also interrupts a long prompt between chunks
+                                 context=self._context)
             try:
                 for t in gen:
                     if t == eos:
@@ -270,10 +285,14 @@ class Session:
             else:
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
             self._emit(Failure(_describe(e)))
-            self._emit(TurnDone(n, time.perf_counter() - t0, stopped=True, first_s=first))
+            self._emit(TurnDone(n, time.perf_counter() - t0, stopped=True, first_s=first, **self._prompt_stats(ids)))
             return
         self.messages.append({"role": "assistant", "content": "".join(reply)})
-        self._emit(TurnDone(n, time.perf_counter() - t0, stopped, first_s=first))
+        self._emit(TurnDone(n, time.perf_counter() - t0, stopped, first_s=first, **self._prompt_stats(ids)))
+
+    def _prompt_stats(self, ids: list[int]) -> dict[str, int]:
+        kept = self._context.kept if self._context is not None and ids else 0
+        return {"prompt_tokens": len(ids), "kept_tokens": kept}
 
     # ------------------------------------------------------------------ settings (run off the UI thread)
     def request(self, action: str) -> None:

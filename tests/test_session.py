@@ -80,6 +80,45 @@ def test_second_turn_sees_the_first(model):
     s.close()
 
 
+def test_later_turns_compute_only_what_is_new(model):
+    """Each turn resends the conversation; the keys and values of what earlier turns computed are kept
+    (engine.Context), and the reply is the one the whole prompt computed afresh gives."""
+    s = Session(model=model)
+    s.settings.temperature, s.settings.repetition_penalty = 0.0, None
+    s.settings.max_new_tokens = 6
+    s.send("one")
+    first = [e for e in wait_turn(s) if isinstance(e, TurnDone)][0]
+    assert first.kept_tokens == 0 and first.prompt_tokens == len(model.tokenizer.encode_chat(s.messages[:1]))
+    s.send("two")
+    events = wait_turn(s)
+    second = [e for e in events if isinstance(e, TurnDone)][0]
+    ids = model.tokenizer.encode_chat(s.messages[:3])   # turn two's prompt: the conversation before its reply
+    assert second.prompt_tokens == len(ids)
+    # at least turn one's prompt is kept; the new message is computed
+    assert first.prompt_tokens <= second.kept_tokens < second.prompt_tokens
+    want = list(model.generate(ids, max_new_tokens=6))
+    if model.tokenizer.eos_id in want:
+        want = want[:want.index(model.tokenizer.eos_id)]
+    assert "".join(e.text for e in events if isinstance(e, Text)) == model.tokenizer.decode(want)
+    # a new chat forgets both the messages and their keys and values
+    assert s.new_chat() and s.messages == []
+    s.send("one")
+    again = [e for e in wait_turn(s) if isinstance(e, TurnDone)][0]
+    assert again.kept_tokens == 0 and again.prompt_tokens == first.prompt_tokens
+    s.close()
+
+
+def test_new_chat_waits_for_the_reply(model):
+    s = Session(model=model)
+    greedy_and_long(s, 2000)
+    assert s.send("a long one")
+    assert not s.new_chat() and s.messages
+    s.stop()
+    wait_turn(s)
+    assert s.new_chat() and s.messages == []
+    s.close()
+
+
 def test_send_while_busy_is_refused(model):
     s = Session(model=model)
     greedy_and_long(s, 2000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -205,6 +206,27 @@ async def test_escape_stops_generation_without_quitting(model):
         app.session.settings.max_new_tokens = 4
         await send(pilot, "again")
         await until(pilot, lambda: len(app.session.messages) == 4, what="second reply")
+
+
+@aio
+async def test_ctrl_n_starts_a_new_chat_and_turns_say_what_they_kept(model):
+    app = make_app(model)
+    app.session.settings.max_new_tokens = 4
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.main.query_one(ChatPane)
+        for n, text in enumerate(["one", "two"], start=1):
+            await send(pilot, text)
+            await until(pilot, lambda n=n: len(app.session.messages) == 2 * n and app.chat._reply is None,
+                        what=f"reply {n}")
+        # the second turn's line says how much of its prompt the first had computed
+        meta = [str(m.render()) for m in chat.query(".meta")]
+        assert re.search(r"prompt \d+ tokens$", meta[0]) and re.search(r"prompt \d+ tokens, \d+ kept$", meta[1])
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.2)
+        assert app.session.messages == [] and not chat.query(".msg")
+        await send(pilot, "three")
+        await until(pilot, lambda: len(app.session.messages) == 2 and app.chat._reply is None, what="reply 3")
+        assert not str(chat.query(".meta").last().render()).endswith("kept")
 
 
 @aio

@@ -309,6 +309,10 @@ class ReplaySession:
     def stop(self) -> None:
         pass
 
+    def new_chat(self) -> bool:
+        self.messages.clear()
+        return True
+
     def request(self, action: str) -> None:
         snap = self.snapshots[-1]
         if action == "toggle_prefetch":

@@ -98,6 +98,11 @@ class ChatPane(Vertical):
         self.chat_log.mount(widget)
         self.chat_log.anchor()
 
+    def clear(self) -> None:
+        """Empty the log (a new chat)."""
+        self.chat_log.remove_children()
+        self._reply, self._reply_text, self._drawn = None, "", 0
+
     def add_note(self, markdown: str, kind: str = "note") -> None:
         """A line from the app, not the model: the demo notice, an error, a stop."""
         self._add(Markdown(markdown, classes=f"msg {kind}"))
