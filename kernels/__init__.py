@@ -384,6 +384,53 @@ def map_threads(fn, items: Sequence) -> list:
     return out
 
 
+# ---------------------------------------------------------------- attention over a KV cache
+
+def kv_dtype() -> np.dtype:
+    """What the engine keeps keys and values in: float16 where the C kernels compute a decoded token's
+    attention on it (half the bytes it reads: 256 MiB at 2048 tokens of OLMoE's shape), else float32,
+    since numpy has no float16 product and casting is slow (2048 keys of 16 heads: 5 ms)."""
+    return np.dtype(np.float16 if _state()[1] is not None else np.float32)
+
+
+def attend_one(q: np.ndarray, K: np.ndarray, V: np.ndarray, t0: int, T: int, scale: float) -> np.ndarray:
+    """One decoded token's attention.  q: (kv_heads, group, d) float32, each KV head's query rows; K, V:
+    (kv_heads, cap, d) buffers whose rows [t0, T) it attends to.  Returns (kv_heads, group, d) float32 =
+    softmax(scale * q K^T) V, in float32 whatever K and V hold."""
+    ck = _state()[1]
+    if ck is not None and K.dtype == np.float16:
+        return ck.attend_f16(q, K, V, t0, T, scale, threads())
+    Kf, Vf = (np.asarray(a[:, t0:T], dtype=np.float32) for a in (K, V))
+    s = (q @ Kf.transpose(0, 2, 1)) * np.float32(scale)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)) @ Vf
+
+
+def widen(a: np.ndarray, slot: int = 0) -> np.ndarray:
+    """float32 (heads, T, d) of a float16 view whose rows are contiguous (a KV cache's first T rows), in this
+    thread's scratch buffer `slot`: valid until the next widen of that slot on this thread (a prompt chunk's
+    attention widens K into slot 0, V into 1).  Fresh arrays cost their page faults every time: 64 MiB a
+    layer at 4096 tokens of OLMoE's shape, 6% of a 4096-token prompt.  The C kernels convert with F16C on
+    the kernel threads, numpy's cast being ~1 ns an element.  float32 comes back as it is."""
+    if a.dtype == np.float32:
+        return a
+    heads, T, d = a.shape
+    bufs = getattr(_tls, "wide", None)
+    if bufs is None:
+        bufs = _tls.wide = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < a.size:
+        buf = bufs[slot] = np.empty(a.size, dtype=np.float32)
+    out = buf[:a.size].reshape(heads, T, d)
+    ck = _state()[1]
+    if ck is None or a.dtype != np.float16 or a.strides[-1] != 2 or a.strides[-2] != 2 * d:
+        out[...] = a
+        return out
+    for h in range(heads):
+        ck.dequantize(a[h].view(np.uint8), "f16", d, threads(), out=out[h])
+    return out
+
+
 def _tiled(q: np.ndarray, fmt: str, cols: int, X: np.ndarray, b: str, ck) -> np.ndarray:
     # Prefill: dequantize a tile of rows to float32, then one BLAS sgemm per tile.  The result
     # is exactly float32 (dequantized weights) @ float32 activations, as accurate as numpy.

@@ -31,7 +31,7 @@ FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_
             "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9, "q5_k": 10, "q3_k": 11, "q2_k": 12,
             "iq4_nl": 13, "iq4_xs": 14, "q4_1": 15, "q5_0": 16, "q5_1": 17, "iq4_xsx8": 18,
             "q5_kx8": 19}
-ABI_VERSION = 13
+ABI_VERSION = 14
 
 CDEF = """
 int mk_version(void);
@@ -44,6 +44,8 @@ int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fm
 int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t E, const uint8_t *const *g,
            const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
            const float *const *X, const int64_t *n, float *const *Y, int nthreads);
+int mk_attend_f16(const float *q, const uint16_t *K, const uint16_t *V, int64_t heads, int64_t group,
+                  int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads);
 double mk_read_sum(const float *buf, int64_t n, int nthreads);
 int mk_crc32_fast(void);
 uint32_t mk_crc32(uint32_t crc, const uint8_t *p, int64_t n);
@@ -240,6 +242,21 @@ class CKernels:
         if rc:
             raise RuntimeError(f"mk_moe failed with {rc}")
         return Ys
+
+    def attend_f16(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, t0: int, T: int, scale: float,
+                   threads: int) -> np.ndarray:
+        """One decoded token's attention: q (heads, group, d) float32 against keys and values [t0, T) of K, V
+        (heads, cap, d) float16 buffers; returns (heads, group, d) float32."""
+        heads, group, d = q.shape
+        assert K.shape == V.shape and K.shape[0] == heads and K.shape[2] == d and K.dtype == V.dtype == np.float16
+        assert K.flags.c_contiguous and V.flags.c_contiguous
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty_like(q)
+        rc = self.lib.mk_attend_f16(self._p(q, "float"), self._p(K, "uint16_t"), self._p(V, "uint16_t"), heads,
+                                    group, K.shape[1], t0, T, d, scale, self._p(out, "float"), threads)
+        if rc:
+            raise RuntimeError(f"mk_attend_f16 failed with {rc}")
+        return out
 
     def crc32(self, data, value: int = 0) -> int:
         """zlib.crc32(data, value) for any contiguous buffer."""

@@ -98,7 +98,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 13; }
+MK_API int mk_version(void) { return 14; }
 /* 0: portable, 1: AVX2, 2: AVX2 and AVX-512 VNNI, 3: AVX2 and AVX-VNNI */
 MK_API int mk_simd(void) { return MK_SIMD + MK_AVX512 + 2 * MK_VNNI256; }
 
@@ -3102,6 +3102,86 @@ static void sum_chunk(void *vctx, int64_t c) {
     float s = 0.0f;
     for (int l = 0; l < 16; l++) s += lane[l];
     x->part[c] = s;
+}
+
+/* ---------- a decoded token's attention over float16 keys and values ---------- */
+
+/* The KV cache keeps keys and values in float16, as llama.cpp does: a decoded token reads all of
+ * them (at 2048 tokens of OLMoE's shape 256 MiB, 512 in float32), and numpy has no float16 product.
+ * One chunk per KV head: its `group` query rows against keys and values [t0, T) of `cap`-row
+ * buffers, out = softmax(scale * q K^T) V, computed in float32 (scores, then one pass over V). */
+typedef struct {
+    const float *q;
+    const uint16_t *K, *V;
+    int64_t group, cap, t0, T, d;
+    float scale;
+    float *out;
+    int failed;
+} attend_ctx;
+
+INLINE float dot_h(const float *q, const uint16_t *k, int64_t d) {
+    int64_t j = 0;
+    float s = 0.0f;
+#if MK_SIMD
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; j + 16 <= d; j += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j))),
+                               _mm256_loadu_ps(q + j), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j + 8))),
+                               _mm256_loadu_ps(q + j + 8), acc1);
+    }
+    s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; j < d; j++) s += q[j] * half_to_float_soft(k[j]);
+    return s;
+}
+
+INLINE void axpy_h(float *o, float p, const uint16_t *v, int64_t d) {
+    int64_t j = 0;
+#if MK_SIMD
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; j + 8 <= d; j += 8)
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j))), pv,
+                                                _mm256_loadu_ps(o + j)));
+#endif
+    for (; j < d; j++) o[j] += p * half_to_float_soft(v[j]);
+}
+
+static void attend_head(void *ctx, int64_t h) {
+    attend_ctx *x = ctx;
+    const int64_t n = x->T - x->t0, d = x->d, G = x->group;
+    const float *q = x->q + h * G * d;
+    const uint16_t *K = x->K + (h * x->cap + x->t0) * d, *V = x->V + (h * x->cap + x->t0) * d;
+    float *out = x->out + h * G * d;
+    float *p = malloc((size_t)(G * n) * sizeof(float));
+    if (!p) {
+        x->failed = 1;
+        return;
+    }
+    /* Key row t once for all the group's queries (GQA shares it). */
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t g = 0; g < G; g++) p[g * n + t] = x->scale * dot_h(q + g * d, K + t * d, d);
+    float inv[G];
+    for (int64_t g = 0; g < G; g++) {
+        float *pg = p + g * n, m = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) m = pg[t] > m ? pg[t] : m;
+        for (int64_t t = 0; t < n; t++) sum += (pg[t] = expf(pg[t] - m));
+        inv[g] = 1.0f / sum;
+        memset(out + g * d, 0, (size_t)d * sizeof(float));
+    }
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t g = 0; g < G; g++) axpy_h(out + g * d, p[g * n + t], V + t * d, d);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t j = 0; j < d; j++) out[g * d + j] *= inv[g];
+    free(p);
+}
+
+MK_API int mk_attend_f16(const float *q, const uint16_t *K, const uint16_t *V, int64_t heads, int64_t group,
+                         int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads) {
+    if (heads < 1 || group < 1 || d < 1 || t0 < 0 || T <= t0 || T > cap) return 1;
+    attend_ctx x = {q, K, V, group, cap, t0, T, d, scale, out, 0};
+    mk_parallel(attend_head, &x, heads, pick_threads(nthreads, heads * (T - t0) * d * 4));
+    return x.failed ? 2 : 0;
 }
 
 /* Sums a float buffer with every thread streaming its own chunks: a DRAM read-bandwidth probe

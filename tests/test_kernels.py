@@ -935,3 +935,42 @@ def test_crc32_falls_back_to_zlib(backend):
     import zlib
     buf = np.random.default_rng(6).integers(0, 256, 70_000, dtype=np.uint8)
     assert kernels.crc32(buf) == zlib.crc32(buf) and kernels.crc32(buf[3:], 99) == zlib.crc32(buf[3:], 99)
+
+
+def _attention_reference(q, K, V, t0, T, scale):
+    Kf, Vf = K[:, t0:T].astype(np.float64), V[:, t0:T].astype(np.float64)
+    s = q.astype(np.float64) @ Kf.transpose(0, 2, 1) * scale
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)) @ Vf
+
+
+@pytest.mark.parametrize("kv", [np.float16, np.float32])
+@pytest.mark.parametrize("heads,group,d,T,cap,t0", [(4, 1, 128, 300, 512, 0), (2, 4, 64, 33, 33, 0),
+                                                    (3, 2, 72, 1000, 1024, 600), (1, 1, 8, 1, 4, 0)])
+def test_a_decoded_tokens_attention_over_the_cache(backend, kv, heads, group, d, T, cap, t0):
+    # A decoded token's attention reads the cache's buffers as they are: float16 ones by the C kernels (F16C,
+    # or the portable conversion), numpy's casts elsewhere.  Against float64 on the same stored values:
+    # grouped queries (GQA), a window (t0 > 0), a head size not a multiple of 16 (the tail loops), one key.
+    rng = np.random.default_rng(heads * 100 + d + T)
+    q = rng.standard_normal((heads, group, d), dtype=np.float32)
+    K = (rng.standard_normal((heads, cap, d)) * 3).astype(kv)
+    V = rng.standard_normal((heads, cap, d)).astype(kv)
+    got = kernels.attend_one(q, K, V, t0, T, d ** -0.5)
+    ref = _attention_reference(q, K, V, t0, T, d ** -0.5)
+    assert got.dtype == np.float32 and got.shape == (heads, group, d)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
+
+
+def test_widen_is_an_exact_cast(backend):
+    K = np.random.default_rng(8).standard_normal((3, 50, 40)).astype(np.float16)
+    K[0, 0, :4] = [np.inf, -np.inf, 6e-8, -0.0]   # a subnormal and the signs survive too
+    got = kernels.widen(K[:, :37])
+    assert got.dtype == np.float32 and np.array_equal(got, K[:, :37].astype(np.float32))
+    assert np.signbit(got[0, 0, 3])
+    # keys and values widened for one prompt chunk live side by side, in slots of their own
+    V = -K
+    k32, v32 = kernels.widen(K[:, :20], 0), kernels.widen(V[:, :20], 1)
+    assert np.array_equal(k32, K[:, :20].astype(np.float32)) and np.array_equal(v32, V[:, :20].astype(np.float32))
+    f32 = np.ones((2, 3, 4), np.float32)
+    assert kernels.widen(f32) is f32
+    assert kernels.kv_dtype() == (np.float16 if backend.startswith("c-") else np.float32)
