@@ -20,25 +20,30 @@ except ImportError:   # pragma: no cover - numpy 1.x, or a numpy without the swi
 ROOM_IS_FREE = _set_madvise_hugepage is not None
 
 
-def _zeros(shape: tuple[int, int, int]) -> np.ndarray:
-    """Zeroed float32 whose pages the kernel maps as they are first written.  numpy asks for transparent huge
+def _zeros(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
+    """Zeroes whose pages the kernel maps as they are first written.  numpy asks for transparent huge
     pages on large arrays (madvise), and a 2 MiB page for each head of each layer made room reserved for 8192
     tokens resident at once: +960 MiB after 10 tokens of OLMoE's shape, +4 MiB with 4 KiB pages."""
     if _set_madvise_hugepage is None:
-        return np.zeros(shape, np.float32)
+        return np.zeros(shape, dtype)
     before = _set_madvise_hugepage(False)
     try:
-        return np.zeros(shape, np.float32)
+        return np.zeros(shape, dtype)
     finally:
         _set_madvise_hugepage(before)
 
 
 class KVCache:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256):
+    """Per layer, keys and values in (kv_heads, capacity, head_dim) buffers of `dtype` (float16 where the
+    kernels attend over it, kernels.kv_dtype: half the bytes a decoded token reads, as llama.cpp keeps them)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
+                 dtype: np.dtype | type = np.float32):
         self.length = 0
-        self._shape = (kv_heads, capacity, head_dim)
-        self.k = [_zeros(self._shape) for _ in range(layers)]
-        self.v = [_zeros(self._shape) for _ in range(layers)]
+        self.dtype = np.dtype(dtype)
+        shape = (kv_heads, capacity, head_dim)
+        self.k = [_zeros(shape, self.dtype) for _ in range(layers)]
+        self.v = [_zeros(shape, self.dtype) for _ in range(layers)]
         # (1, hidden) per layer, once a step has run: Model._prefetch adds these to the residual to guess
         # the experts of the layers ahead before their own attention has run
         self.last_attention: list[np.ndarray | None] = [None] * layers
@@ -65,7 +70,7 @@ class KVCache:
             cap *= 2
         for buf in (self.k, self.v):
             for i, old in enumerate(buf):
-                new = _zeros((old.shape[0], cap, old.shape[2]))
+                new = _zeros((old.shape[0], cap, old.shape[2]), self.dtype)
                 new[:, : self.length] = old[:, : self.length]
                 buf[i] = new
 

@@ -22,6 +22,7 @@ from .store import checkpoint_layout, is_store, open_store
 log = logging.getLogger("engine.loader")
 
 QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
+KV_CACHES = ("f16", "f32")
 IO_BACKENDS = ("auto", "uring", "pread", "mmap")
 
 Progress = Callable[[str, int, int], None]
@@ -29,7 +30,8 @@ Progress = Callable[[str, int, int], None]
 
 def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str = "auto",
          policy: str = "lru", prefetch: bool = True, quant: str | None = None, dense_quant: str | None = None,
-         quant_dense: bool = False, threads: int | None = None, progress: Progress | None = None) -> Model:
+         quant_dense: bool = False, threads: int | None = None, kv_cache: str | None = None,
+         progress: Progress | None = None) -> Model:
     """Open a Hugging Face checkpoint folder, an expert store (`mer-tui convert`) or a GGUF file and
     return a Model.
 
@@ -56,6 +58,9 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     re-quantizes from the stored values.  `quant_dense=True` is the older spelling of
     dense_quant=quant.
 
+    `kv_cache` is what a generation keeps keys and values in: "f16" (half the bytes a decoded token reads,
+    as llama.cpp keeps them) or "f32"; None: f16 where the kernels attend over it (kernels.kv_dtype).
+
     `progress(stage, done, total)` is called while weights load, for a UI to show.
     """
     folder = Path(path)
@@ -76,6 +81,8 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         raise EngineError(f"io: unknown reader {io!r} (choose from {', '.join(IO_BACKENDS)})")
     if policy not in POLICIES:
         raise EngineError(f"policy: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    if kv_cache is not None and kv_cache not in KV_CACHES:
+        raise EngineError(f"kv_cache: unknown format {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
     budget = parse_size(ram_cache, "ram_cache")
     if threads is not None:
         if threads < 1:
@@ -113,7 +120,7 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     elif (folder / "tokenizer.json").exists():
         tokenizer = Tokenizer(folder)
     return Model(spec, weights, experts, tokenizer=tokenizer, path=str(folder), prefetch=prefetch,
-                 quant=quant)
+                 quant=quant, kv_cache=kv_cache)
 
 
 def _streaming(folder: Path, ckpt: Checkpoint, spec: ModelSpec, store: bool, *, budget: int | None, io: str,

@@ -36,10 +36,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T).
 PREFILL_CHUNK = 256
 
-# Attention over at least this many (query, key) pairs a head has its KV heads shared out among the kernel
-# threads (kernels.map_threads): numpy's loops run on one core, and BLAS is kept to one beside the C kernels.
-# The figure puts a full prompt chunk (256 queries over 256 keys) on the threads and a 32-token prompt not;
-# a decode step (one query) reaches it only past 65,536 tokens of context.  The crossover was not measured.
+# A prompt's attention over at least this many (query, key) pairs a head has its KV heads shared out among the
+# kernel threads (kernels.map_threads): numpy's loops run on one core, and BLAS is kept to one beside the C
+# kernels.  The figure puts a full prompt chunk (256 queries over 256 keys) on the threads and a 32-token
+# prompt not; the crossover was not measured.  (A decoded token's attention is kernels.attend_one's.)
 PARALLEL_ATTENTION_PAIRS = 1 << 16
 
 # Decoding guesses this many MoE layers ahead (Model._prefetch).  Two against one, over the 2 GiB limit on
@@ -52,13 +52,15 @@ class Model:
     telemetry() and the settings methods may be called from any thread at any time."""
 
     def __init__(self, spec: ModelSpec, weights: ResidentWeights, experts: ExpertSource | None,
-                 tokenizer=None, path: str = "", prefetch: bool = True, quant: str | None = None):
+                 tokenizer=None, path: str = "", prefetch: bool = True, quant: str | None = None,
+                 kv_cache: str | None = None):
         self.spec = spec
         self.weights = weights
         self.experts = experts
         self.tokenizer = tokenizer
         self.path = path
         self.quant = quant
+        self.kv_cache = kv_cache   # "f16", "f32" or None: the kernels' choice (kernels.kv_dtype)
         self.prefetch_enabled = prefetch
         self.rope = Rope(spec)
         self.scale = spec.head_dim ** -0.5
@@ -89,11 +91,18 @@ class Model:
         K, V = cache.append(i, k, v)                       # (kv, T, d)
         T, start = K.shape[1], cache.length
         group = s.num_heads // s.num_kv_heads
+        window = s.sliding_window[i]
+        if n == 1:   # a decoded token: every key up to its own, within the window; float16 ones read as they are
+            t0 = max(0, start - window + 1) if window else 0
+            out = kernels.attend_one(q.reshape(s.num_kv_heads, group, s.head_dim), cache.k[i], cache.v[i],
+                                     t0, T, self.scale)
+            y = lw.o.matmul(out.reshape(1, s.q_size))
+            return y + lw.o_bias if lw.o_bias is not None else y
+        K, V = kernels.widen(K, 0), kernels.widen(V, 1)    # a prompt's products run in float32 (BLAS)
         qg = q.transpose(1, 0, 2).reshape(s.num_kv_heads, group, n, s.head_dim)
         qpos = np.arange(start, start + n)[:, None]
         kpos = np.arange(T)[None, :]
         allowed = kpos <= qpos
-        window = s.sliding_window[i]
         if window:
             allowed &= kpos > qpos - window
         mask = None if allowed.all() else allowed
@@ -249,14 +258,17 @@ class Model:
             raise EngineError(f"ids: token id {int(bad[0])} is outside the vocabulary (size {self.spec.vocab_size})")
         return arr
 
-    def _new_cache(self, tokens: int = 0) -> KVCache:
+    def _new_cache(self, tokens: int = 0, scratch: bool = False) -> KVCache:
         """A KV cache with room for `tokens` where room costs nothing until written (kv_cache.ROOM_IS_FREE);
         more grows it by doubling, which copies every layer's keys and values: 1.0 s on the OLMoE-sized
         model when a decode passed 2048 tokens (`mer-tui bench --prompt-tokens 2048 --decode-tokens 8`
-        decoded at 5 tok/s)."""
+        decoded at 5 tok/s).  A `scratch` cache, for forward()'s one pass, keeps float32: no token is
+        decoded over it, so rounding its keys to float16 would save nothing."""
         s = self.spec
         room = max(256, tokens) if kv_cache.ROOM_IS_FREE else 256
-        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=room)
+        dtype = np.float32 if scratch or self.kv_cache == "f32" else \
+            np.float16 if self.kv_cache == "f16" else kernels.kv_dtype()
+        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=room, dtype=dtype)
 
     # ----------------------------------------------------------------- public
     def new_context(self) -> Context:
@@ -268,7 +280,7 @@ class Model:
         """float32 logits (len(ids), vocab) for a fresh sequence."""
         arr = self._check_ids(ids)
         with self._run_lock:
-            return self._prefill(arr, self._new_cache(len(arr)), last_only=False)
+            return self._prefill(arr, self._new_cache(len(arr), scratch=True), last_only=False)
 
     def generate(self, ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,

@@ -16,7 +16,7 @@ def load_from_args(args: argparse.Namespace) -> engine.Model:
     """The model named by --model with the cache options shared by generate, bench and launch."""
     return engine.load(args.model, ram_cache=args.ram_cache, io=args.io, policy=args.policy,
                        prefetch=not args.no_prefetch, quant=args.quant, dense_quant=args.dense_quant,
-                       threads=args.threads)
+                       threads=args.threads, kv_cache=args.kv_cache)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -78,7 +78,7 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
     """What to load and how to describe it: (loader for the session, info for the screen, budget)."""
     budget = _check_options(args)
     common = dict(io=args.io, policy=args.policy, prefetch=not args.no_prefetch, quant=args.quant,
-                  dense_quant=args.dense_quant, threads=args.threads)
+                  dense_quant=args.dense_quant, threads=args.threads, kv_cache=args.kv_cache)
 
     if args.model:
         path = Path(args.model).expanduser()

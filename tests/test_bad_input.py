@@ -119,7 +119,7 @@ def test_cli_prints_one_line_and_exits_2(good, case):
 
 @pytest.mark.parametrize("options, word", [
     (dict(quant="q3_x"), "quant"), (dict(io="floppy"), "io"), (dict(policy="random"), "policy"),
-    (dict(ram_cache="lots"), "ram_cache"), (dict(threads=0), "threads"),
+    (dict(ram_cache="lots"), "ram_cache"), (dict(threads=0), "threads"), (dict(kv_cache="q8_0"), "kv_cache"),
 ])
 def test_bad_options_are_named(checkpoint_dir, options, word):
     with pytest.raises(EngineError, match=word):

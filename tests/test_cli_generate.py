@@ -6,6 +6,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 import engine
 
 
@@ -56,3 +59,15 @@ def test_generate_json_chat(chat_model_dir):
 def test_generate_needs_a_tokenizer(checkpoint_dir):
     r = _run("--model", str(checkpoint_dir("mixtral")), "--prompt", "x")
     assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kv, dtype", [("f32", np.float32), ("f16", np.float16)])
+def test_kv_cache_option_reaches_the_model(chat_model_dir, kv, dtype):
+    from mer_tui.cli import build_parser
+    from mer_tui.generate import load_from_args
+
+    args = build_parser().parse_args(["generate", "--model", str(chat_model_dir), "--prompt", "x", "--kv-cache", kv])
+    with load_from_args(args) as model:
+        ctx = model.new_context()
+        list(model.generate([1, 2, 3], max_new_tokens=2, context=ctx))
+        assert ctx.cache.k[0].dtype == dtype and ctx.cache.v[-1].dtype == dtype
