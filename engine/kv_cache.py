@@ -49,6 +49,11 @@ class KVCache:
         self.last_attention: list[np.ndarray | None] = [None] * layers
 
     @property
+    def bytes_per_token(self) -> int:
+        """What one more token's keys and values take, over every layer."""
+        return 2 * sum(k.shape[0] * k.shape[2] for k in self.k) * self.dtype.itemsize
+
+    @property
     def capacity(self) -> int:
         return self.k[0].shape[1]
 

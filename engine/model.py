@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -42,6 +43,9 @@ PREFILL_CHUNK = 256
 # prompt not; the crossover was not measured.  (A decoded token's attention is kernels.attend_one's.)
 PARALLEL_ATTENTION_PAIRS = 1 << 16
 
+# The telemetry's names of the KV cache's dtypes (as the --kv-cache option spells them).
+KV_NAMES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}
+
 # Decoding guesses this many MoE layers ahead (Model._prefetch).  Two against one, over the 2 GiB limit on
 # the OLMoE-sized model: see docs/BENCHMARKS.md.
 PREFETCH_AHEAD = 2
@@ -68,6 +72,7 @@ class Model:
         self._next_moe = {a: b for a, b in zip(self.moe_layer_ids, self.moe_layer_ids[1:])}
         self._telemetry = Telemetry(spec.num_layers, spec.num_experts)
         self._run_lock = threading.Lock()
+        self._kv: weakref.ref[KVCache] | None = None   # the cache a generation last ran on, while it lives
         self._guess_routers: dict[int, np.ndarray] = {}   # float32, the norm's weights folded in (_rank_experts)
 
     # ----------------------------------------------------------------- layers
@@ -266,9 +271,14 @@ class Model:
         decoded over it, so rounding its keys to float16 would save nothing."""
         s = self.spec
         room = max(256, tokens) if kv_cache.ROOM_IS_FREE else 256
-        dtype = np.float32 if scratch or self.kv_cache == "f32" else \
-            np.float16 if self.kv_cache == "f16" else kernels.kv_dtype()
-        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=room, dtype=dtype)
+        cache = KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=room,
+                        dtype=np.float32 if scratch else self._kv_dtype())
+        self._kv = weakref.ref(cache)
+        return cache
+
+    def _kv_dtype(self) -> np.dtype:
+        return np.dtype(np.float32 if self.kv_cache == "f32" else np.float16 if self.kv_cache == "f16"
+                        else kernels.kv_dtype())
 
     # ----------------------------------------------------------------- public
     def new_context(self) -> Context:
@@ -324,6 +334,7 @@ class Model:
                 cache, kept = self._new_cache(len(arr) + max_new), 0
             else:
                 cache, kept = context.cache, context.keep(history)
+                self._kv = weakref.ref(cache)
                 if kv_cache.ROOM_IS_FREE:
                     cache.reserve(len(arr) + max_new)
             try:
@@ -364,6 +375,12 @@ class Model:
         snap.setdefault("prefetch", {"enabled": False, "issued": 0, "useful": 0})
         snap["prefetch"]["enabled"] = self.prefetch_enabled
         snap["policy"] = src.get("policy", getattr(self.experts, "policy_name", "resident"))
+        # The keys and values held now: a kept context's between turns, none once a generation's cache is gone.
+        cache = self._kv() if self._kv is not None else None
+        tokens = cache.length if cache is not None else 0
+        snap["kv"] = {"tokens": tokens, "bytes": tokens * cache.bytes_per_token if cache is not None else 0,
+                      "dtype": KV_NAMES[cache.dtype if cache is not None else self._kv_dtype()],
+                      "context": self.spec.max_position_embeddings}
         return snap
 
     def set_prefetch(self, enabled: bool) -> None:

@@ -19,9 +19,10 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
     # no prefetch: then every byte read is a demand miss, at most the experts a token uses
     r = _bench("--model", str(chat_model_dir), "--ram-cache", "40KiB", "--io", "pread", "--no-prefetch",
-               "--prompt-tokens", "8", "--decode-tokens", "6", "--repeats", "2", "--json")
+               "--prompt-tokens", "8", "--decode-tokens", "6", "--repeats", "2", "--json", "--kv-cache", "f32")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["kv_cache"] == "f32"
     assert len(out["runs"]) == 2 and out["decode_tokens_per_s"] > 0 and out["prefill_tokens_per_s"] > 0
     assert out["io"] == "pread" and out["ram_cache"] == 40 * 1024
     assert 0.0 <= out["hit_rate"]["ram"] < 1.0          # a 40 KiB budget cannot hold every expert

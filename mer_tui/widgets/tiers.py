@@ -75,6 +75,14 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
             pins = Text(f"asked {format_size(requested_budget)}", style=styles["asked"])
         t.add_row("", detail, pins)
 
+    # The keys and values the model holds (a chat's, kept between turns), against the model's context.
+    kv = snap.get("kv")
+    if kv is not None:
+        tokens, context = kv.get("tokens") or 0, kv.get("context")
+        t.add_row(f"KV {kv.get('dtype', '')}", bar(tokens / context if context else None, gauge_w, styles["used"],
+                                                   styles["track"]),
+                  Text(f"{tokens}/{context or '?'} tok, {format_size(kv.get('bytes') or 0)}"))
+
     # The SSD as a gauge of how much of the last seconds some read was under way: near 100% while
     # decoding, the disk is the bound (a bigger cache, or fewer wasted prefetches, helps); well below,
     # compute or the guessing of the next experts is.  Totals read are in the exported telemetry.
