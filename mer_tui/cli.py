@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", metavar="DIR", default=".", help="where ctrl+s writes screenshots and telemetry")
     p.add_argument("--system", help="system message for the chat")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--ctx-size", type=int, metavar="N",
+                   help="tokens of conversation the chat keeps, the reply included (default: the model's "
+                        "trained context, at most 4096; never more than it): older turns are left out")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy replies")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.1)

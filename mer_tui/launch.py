@@ -67,6 +67,8 @@ def _check_options(args: argparse.Namespace) -> int | None:
         raise CliError(f"--threads: must be >= 1, got {args.threads}")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if args.ctx_size is not None and args.ctx_size <= args.max_new_tokens:
+        raise CliError(f"--ctx-size: must be more than --max-new-tokens ({args.max_new_tokens}), got {args.ctx_size}")
     # the engine's Sampler names a bad temperature / top-p / penalty the same way generate's would
     from engine.sampling import Sampler
 
@@ -138,7 +140,8 @@ def run_launch(args: argparse.Namespace) -> int:
     from .app import MerApp  # textual only once the options are known to be good
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                  context=args.ctx_size)
     session = Session(loader, info=info, policy=args.policy, ram_budget=budget, settings=settings,
                       system_prompt=args.system)
     app = MerApp(session, export_dir=args.export_dir)

@@ -87,6 +87,7 @@ class GenerationSettings:
     top_k: int | None = None
     repetition_penalty: float | None = 1.1
     seed: int | None = None
+    context: int | None = None   # tokens of conversation kept (None: the model's trained context, <= MAX_CONTEXT)
 
 
 @dataclass
@@ -224,10 +225,13 @@ class Session:
         return True
 
     def _context_limit(self) -> int:
-        return min(self.model.spec.max_position_embeddings or MAX_CONTEXT, MAX_CONTEXT)
+        trained = self.model.spec.max_position_embeddings
+        asked = self.settings.context or MAX_CONTEXT
+        return min(asked, trained) if trained else asked
 
-    def _prompt_ids(self) -> list[int]:
-        """The conversation through the chat template, dropping the oldest turns if it is too long."""
+    def _prompt_ids(self) -> tuple[list[int], int]:
+        """The conversation through the chat template, and how many of its oldest messages were left out
+        to fit the context with room for the reply."""
         tok = self.model.tokenizer
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         budget = self._context_limit() - self.settings.max_new_tokens
@@ -235,7 +239,7 @@ class Session:
         while True:
             ids = tok.encode_chat(system + turns)
             if len(ids) <= budget or len(turns) <= 1:
-                return ids
+                return ids, len(self.messages) - len(turns)
             turns = turns[2:] if len(turns) > 2 else turns[-1:]
 
     def _generate_main(self) -> None:
@@ -248,7 +252,10 @@ class Session:
             tok = model.tokenizer
             if tok is None:
                 raise EngineError(f"{model.path}: no tokenizer.json, so the chat cannot encode text")
-            ids = self._prompt_ids()
+            ids, dropped = self._prompt_ids()
+            if dropped:   # the kept keys and values cannot serve a prompt that lost its beginning: said once a turn
+                self._emit(Notice(f"The conversation is past the {self._context_limit()}-token context: its "
+                                  f"{dropped} oldest messages are left out, and the rest is computed again"))
             if self._context is None:
                 self._context = model.new_context()
             # A tokenizer's end-of-turn token may not be among config.json's eos ids; stop on it too.

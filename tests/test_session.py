@@ -75,7 +75,7 @@ def test_second_turn_sees_the_first(model):
     s.send("two")
     wait_turn(s)
     assert [m["content"] for m in s.messages if m["role"] == "user"] == ["one", "two"]
-    prompt = model.tokenizer.decode(s._prompt_ids(), skip_special_tokens=False)
+    prompt = model.tokenizer.decode(s._prompt_ids()[0], skip_special_tokens=False)
     assert "one" in prompt and "two" in prompt
     s.close()
 
@@ -105,6 +105,34 @@ def test_later_turns_compute_only_what_is_new(model):
     s.send("one")
     again = [e for e in wait_turn(s) if isinstance(e, TurnDone)][0]
     assert again.kept_tokens == 0 and again.prompt_tokens == first.prompt_tokens
+    s.close()
+
+
+def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so(model):
+    s = Session(model=model)
+    s.settings.temperature, s.settings.repetition_penalty = 0.0, None
+    s.settings.max_new_tokens = 4
+    one = len(model.tokenizer.encode_chat([{"role": "user", "content": "first message"}]))
+    s.settings.context = 2 * one + 4 + 8   # room for two short turns and a reply, not three
+    s.send("first message")
+    assert not [e for e in wait_turn(s) if isinstance(e, Notice)]
+    s.send("second one")
+    events = wait_turn(s)
+    assert not [e for e in events if isinstance(e, Notice)]
+    assert [e for e in events if isinstance(e, TurnDone)][0].kept_tokens >= one
+    s.send("third one")
+    events = wait_turn(s)
+    notes = [e.message for e in events if isinstance(e, Notice)]
+    assert len(notes) == 1 and f"past the {s.settings.context}-token context" in notes[0]
+    assert "2 oldest messages are left out" in notes[0]
+    done = [e for e in events if isinstance(e, TurnDone)][0]
+    ids, dropped = s._prompt_ids()
+    assert dropped >= 2 and done.prompt_tokens <= s.settings.context - s.settings.max_new_tokens
+    # what was kept began with the first message, which the prompt no longer has
+    assert done.kept_tokens < one
+    # the model's trained context bounds what is asked for
+    s.settings.context = 10 * model.spec.max_position_embeddings
+    assert s._context_limit() == model.spec.max_position_embeddings
     s.close()
 
 

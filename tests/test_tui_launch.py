@@ -69,6 +69,7 @@ def test_chat_demo_is_found_or_named_missing(model_dir, monkeypatch):
     (["--policy", "fifo"], "--policy: unknown policy 'fifo'"),
     (["--quant", "q3_x"], "--quant: unknown format"),
     (["--threads", "0"], "--threads: must be >= 1"),
+    (["--ctx-size", "64", "--max-new-tokens", "64"], "--ctx-size: must be more than --max-new-tokens (64), got 64"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_the_app_starts(argv, message, capsys, model_dir):
     if argv[0] != "--model":
