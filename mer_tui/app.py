@@ -68,6 +68,7 @@ class SessionLike(Protocol):
     def send(self, text: str) -> bool: ...
     def stop(self) -> None: ...
     def new_chat(self) -> bool: ...
+    def regenerate(self) -> bool: ...
     def request(self, action: str) -> None: ...
     def close(self, timeout: float = 1.5) -> None: ...
 
@@ -103,6 +104,7 @@ class MerApp(App):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         *(Binding(key, action, label) for action, key, label, *_ in TUNING),
+        Binding("ctrl+r", "regenerate", "Retry"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+s", "export", "Export"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -256,7 +258,7 @@ class MerApp(App):
             return False
         return True
 
-    _MODEL_ACTIONS = frozenset([a for a, *_ in TUNING] + ["stop", "export", "new_chat"])
+    _MODEL_ACTIONS = frozenset([a for a, *_ in TUNING] + ["stop", "export", "new_chat", "regenerate"])
 
     # ------------------------------------------------------------------ chat
     def on_chat_pane_submitted(self, message: ChatPane.Submitted) -> None:
@@ -275,6 +277,19 @@ class MerApp(App):
     def action_stop(self) -> None:
         if self.session.busy:
             self.session.stop()
+
+    def action_regenerate(self) -> None:
+        if not self._loaded:
+            return
+        if self.session.busy:
+            self.notify("Still replying — Esc stops the reply", severity="warning", timeout=3)
+            return
+        if not self.session.regenerate():
+            self.notify("No reply to generate again yet", severity="warning", timeout=3)
+            return
+        self.chat.drop_last_reply()
+        self.chat.begin_reply()
+        self._pacer.new_reply()
 
     def action_new_chat(self) -> None:
         if not self._loaded:
@@ -321,6 +336,7 @@ class MerApp(App):
         for action, key, _label, name, help_text in TUNING:
             yield SystemCommand(name, f"{help_text} ({key})", getattr(self, f"action_{action}"))
         yield SystemCommand("Stop reply", "Stop generating at the next token (esc)", self.action_stop)
+        yield SystemCommand("Retry", "Generate the last reply again (ctrl+r)", self.action_regenerate)
         yield SystemCommand("New chat", "Forget the conversation and start another (ctrl+n)", self.action_new_chat)
         yield SystemCommand("Export telemetry", "SVG screenshot + JSON + CSV into the export folder (ctrl+s)",
                             self.action_export)

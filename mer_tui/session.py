@@ -206,10 +206,23 @@ class Session:
         if self.busy or self.model is None or not text.strip():
             return False
         self.messages.append({"role": "user", "content": text})
+        self._reply()
+        return True
+
+    def regenerate(self) -> bool:
+        """Answer the last message again, in place of its reply; False (and nothing happens) while busy or
+        before a reply.  The conversation up to that message is kept (engine.Context), so the new reply
+        starts at once."""
+        if self.busy or self.model is None or not self.messages or self.messages[-1]["role"] != "assistant":
+            return False
+        self.messages.pop()
+        self._reply()
+        return True
+
+    def _reply(self) -> None:
         self._stop.clear()
         self._gen = threading.Thread(target=self._generate_main, name="mer-generate", daemon=True)
         self._gen.start()
-        return True
 
     def stop(self) -> None:
         """Stop the reply at the next token; what was generated stays in the conversation."""

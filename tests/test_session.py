@@ -136,6 +136,28 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so
     s.close()
 
 
+def test_regenerate_answers_the_last_message_again_from_its_kept_prompt(model):
+    s = Session(model=model)
+    s.settings.temperature, s.settings.repetition_penalty = 0.0, None   # greedy: the same reply again
+    s.settings.max_new_tokens = 6
+    assert not s.regenerate()                 # nothing to answer again yet
+    s.send("hello")
+    first = wait_turn(s)
+    reply = s.messages[-1]["content"]
+    assert s.regenerate() and [m["role"] for m in s.messages] == ["user"]
+    again = wait_turn(s)
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[-1]["content"] == reply
+    assert "".join(e.text for e in again if isinstance(e, Text)) == "".join(e.text for e in first if isinstance(e, Text))
+    done = [e for e in again if isinstance(e, TurnDone)][0]
+    assert done.kept_tokens == done.prompt_tokens - 1   # all of the prompt but the token the logits come from
+    greedy_and_long(s, 2000)
+    s.regenerate()
+    assert not s.regenerate() and not s.new_chat()      # busy
+    s.stop()
+    wait_turn(s)
+    s.close()
+
+
 def test_new_chat_waits_for_the_reply(model):
     s = Session(model=model)
     greedy_and_long(s, 2000)

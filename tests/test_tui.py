@@ -209,7 +209,7 @@ async def test_escape_stops_generation_without_quitting(model):
 
 
 @aio
-async def test_ctrl_n_starts_a_new_chat_and_turns_say_what_they_kept(model):
+async def test_ctrl_r_retries_ctrl_n_starts_a_new_chat_and_turns_say_what_they_kept(model):
     app = make_app(model)
     app.session.settings.max_new_tokens = 4
     async with app.run_test(size=SIZE) as pilot:
@@ -221,6 +221,13 @@ async def test_ctrl_n_starts_a_new_chat_and_turns_say_what_they_kept(model):
         # the second turn's line says how much of its prompt the first had computed
         meta = [str(m.render()) for m in chat.query(".meta")]
         assert re.search(r"prompt \d+ tokens$", meta[0]) and re.search(r"prompt \d+ tokens, \d+ kept$", meta[1])
+        # ctrl+r answers the last message again: its reply and the line under it are replaced
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: len(app.session.messages) == 4 and app.chat._reply is None and not app.session.busy,
+                    what="the reply again")
+        await pilot.pause(0.2)
+        assert len(chat.query(".assistant")) == 2 and len(chat.query(".meta")) == 2
+        assert re.search(r"prompt (\d+) tokens, (\d+) kept$", str(chat.query(".meta").last().render()))
         await pilot.press("ctrl+n")
         await pilot.pause(0.2)
         assert app.session.messages == [] and not chat.query(".msg")

@@ -313,6 +313,13 @@ class ReplaySession:
         self.messages.clear()
         return True
 
+    def regenerate(self) -> bool:
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            return False
+        self.messages.pop()
+        self._events += [Text("(replay: no model is loaded)"), TurnDone(0, 0.0, False)]
+        return True
+
     def request(self, action: str) -> None:
         snap = self.snapshots[-1]
         if action == "toggle_prefetch":

@@ -103,6 +103,15 @@ class ChatPane(Vertical):
         self.chat_log.remove_children()
         self._reply, self._reply_text, self._drawn = None, "", 0
 
+    def drop_last_reply(self) -> None:
+        """Remove the last reply and the line under it (the reply is being generated again)."""
+        widgets = list(self.chat_log.children)
+        last = next((i for i in range(len(widgets) - 1, -1, -1) if widgets[i].has_class("assistant")), None)
+        if last is not None:
+            for w in widgets[last:]:
+                if w.has_class("assistant") or w.has_class("meta"):
+                    w.remove()
+
     def add_note(self, markdown: str, kind: str = "note") -> None:
         """A line from the app, not the model: the demo notice, an error, a stop."""
         self._add(Markdown(markdown, classes=f"msg {kind}"))
