@@ -338,14 +338,18 @@ class MerApp(App):
         yield SystemCommand("Stop reply", "Stop generating at the next token (esc)", self.action_stop)
         yield SystemCommand("Retry", "Generate the last reply again (ctrl+r)", self.action_regenerate)
         yield SystemCommand("New chat", "Forget the conversation and start another (ctrl+n)", self.action_new_chat)
-        yield SystemCommand("Export telemetry", "SVG screenshot + JSON + CSV into the export folder (ctrl+s)",
+        yield SystemCommand("Export telemetry",
+                            "SVG screenshot + JSON (telemetry, conversation) + CSV into the export folder (ctrl+s)",
                             self.action_export)
 
     # ------------------------------------------------------------------ export and quit
     def action_export(self) -> None:
         try:
+            system = getattr(self.session, "system_prompt", None)
+            conversation = ([{"role": "system", "content": system}] if system else []) + list(self.session.messages)
             paths = export_bundle(self.export_dir, self.export_screenshot(), self.snapshot, self.series,
-                                  model={"name": self.session.info.name, "path": self.session.info.path})
+                                  model={"name": self.session.info.name, "path": self.session.info.path},
+                                  conversation=conversation)
         except OSError as e:
             self.notify(f"{e}", title="Export failed", severity="error", timeout=8)
             return

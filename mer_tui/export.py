@@ -1,4 +1,5 @@
-"""ctrl+s: the screen as SVG, the telemetry snapshot and the recent time series as JSON and CSV.
+"""ctrl+s: the screen as SVG, the telemetry snapshot, the conversation and the recent time series as JSON
+and CSV.
 
 Every file is written to a temporary name in the target folder and renamed into place, so a
 reader (or a crash half-way) never sees a partial file.
@@ -39,8 +40,11 @@ def series_csv(series: TimeSeries) -> str:
 
 
 def export_bundle(folder: str | os.PathLike, svg: str | None, snapshot: dict | None, series: TimeSeries,
-                  model: dict | None = None, stamp: str | None = None) -> list[Path]:
-    """Write mer-tui-<stamp>.svg / .json / .csv into `folder` (created if needed); return the paths."""
+                  model: dict | None = None, stamp: str | None = None,
+                  conversation: list[dict[str, str]] | None = None) -> list[Path]:
+    """Write mer-tui-<stamp>.svg / .json / .csv into `folder` (created if needed); return the paths.  The JSON
+    holds the conversation too (role/content messages, the system prompt first), so that what the
+    figures were measured on can be replayed."""
     out = Path(folder).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
@@ -49,7 +53,7 @@ def export_bundle(folder: str | os.PathLike, svg: str | None, snapshot: dict | N
     if svg is not None:
         paths.append(base.with_suffix(".svg"))
         write_atomic(paths[-1], svg)
-    doc = {"model": model or {}, "snapshot": snapshot, "series": series.to_dict()}
+    doc = {"model": model or {}, "snapshot": snapshot, "conversation": conversation or [], "series": series.to_dict()}
     paths.append(base.with_suffix(".json"))
     write_atomic(paths[-1], json.dumps(doc, indent=1, default=str) + "\n")
     paths.append(base.with_suffix(".csv"))

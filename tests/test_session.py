@@ -147,7 +147,10 @@ def test_regenerate_answers_the_last_message_again_from_its_kept_prompt(model):
     assert s.regenerate() and [m["role"] for m in s.messages] == ["user"]
     again = wait_turn(s)
     assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[-1]["content"] == reply
-    assert "".join(e.text for e in again if isinstance(e, Text)) == "".join(e.text for e in first if isinstance(e, Text))
+    def text(events):
+        return "".join(e.text for e in events if isinstance(e, Text))
+
+    assert text(again) == text(first)
     done = [e for e in again if isinstance(e, TurnDone)][0]
     assert done.kept_tokens == done.prompt_tokens - 1   # all of the prompt but the token the logits come from
     greedy_and_long(s, 2000)
@@ -325,9 +328,11 @@ def test_export_bundle_writes_three_files(tmp_path):
     ts = TimeSeries()
     for s in snaps:
         ts.push(s)
-    paths = export_bundle(tmp_path / "out", "<svg/>", snaps[-1], ts, model={"name": "x"}, stamp="T")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    paths = export_bundle(tmp_path / "out", "<svg/>", snaps[-1], ts, model={"name": "x"}, stamp="T", conversation=chat)
     assert [p.name for p in paths] == ["mer-tui-T.svg", "mer-tui-T.json", "mer-tui-T.csv"]
     doc = json.loads(paths[1].read_text())
+    assert doc["conversation"] == chat
     assert doc["snapshot"]["tokens"] == snaps[-1]["tokens"] and len(doc["series"]["t"]) == len(snaps)
     rows = list(csv.DictReader(paths[2].open()))
     assert len(rows) == len(snaps) and float(rows[-1]["tokens"]) == snaps[-1]["tokens"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import threading
 import time
@@ -256,13 +257,18 @@ async def test_engine_error_is_shown_and_the_app_stays_usable(model):
 
 @aio
 async def test_ctrl_s_exports_svg_json_csv(model, tmp_path):
-    app = make_app(model, tmp_path / "exports")
+    app = make_app(model, tmp_path / "exports", system_prompt="be brief")
+    app.session.settings.max_new_tokens = 3
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: len(app.series) > 2, what="some telemetry")
+        await send(pilot, "hi")
+        await until(pilot, lambda: len(app.session.messages) == 2 and len(app.series) > 2, what="a reply")
         await pilot.press("ctrl+s")
         await pilot.pause(0.1)
         files = sorted(p.suffix for p in (tmp_path / "exports").iterdir())
         assert files == [".csv", ".json", ".svg"]
+        doc = json.loads(next((tmp_path / "exports").glob("*.json")).read_text())
+        assert doc["conversation"] == [{"role": "system", "content": "be brief"}, *app.session.messages]
+        assert doc["snapshot"]["kv"]["tokens"] > 0   # the chat's kept keys and values
         svg = next((tmp_path / "exports").glob("*.svg")).read_text()
         assert svg.startswith("<svg") and "Expert" in svg
         assert any(".svg" in n and ".csv" in n for n in notes(app))
