@@ -79,17 +79,19 @@ class KVCache:
                 new[:, : self.length] = old[:, : self.length]
                 buf[i] = new
 
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Add (n, kv_heads, head_dim) keys/values at the end; return all (kv_heads, T, head_dim).
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray, at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Put (n, kv_heads, head_dim) keys/values at position `at` (default: the end); return the layer's
+        (kv_heads, at + n, head_dim) so far.
 
-        `length` advances once per step, in `advance`, after every layer has appended.
+        `length` advances once per step, in `advance`, after every layer has appended all its rows (a
+        prompt's chunks append at their own positions, layer by layer).
         """
-        n = k.shape[0]
-        end = self.length + n
+        at = self.length if at is None else at
+        end = at + k.shape[0]
         if end > self.capacity:
             self._grow(end)
-        self.k[layer][:, self.length:end] = k.transpose(1, 0, 2)
-        self.v[layer][:, self.length:end] = v.transpose(1, 0, 2)
+        self.k[layer][:, at:end] = k.transpose(1, 0, 2)
+        self.v[layer][:, at:end] = v.transpose(1, 0, 2)
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def advance(self, n: int) -> None:

@@ -34,7 +34,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-# Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T).
+# Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T) (Model._step).
 PREFILL_CHUNK = 256
 
 # A prompt's attention over at least this many (query, key) pairs a head has its KV heads shared out among the
@@ -76,7 +76,9 @@ class Model:
         self._guess_routers: dict[int, np.ndarray] = {}   # float32, the norm's weights folded in (_rank_experts)
 
     # ----------------------------------------------------------------- layers
-    def _attention(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _attention(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray,
+                   start: int) -> np.ndarray:
+        """Layer i's attention for rows x at positions start.. (their keys and values join the cache there)."""
         s, lw = self.spec, self.weights.layers[i]
         n = x.shape[0]
         h = rms_norm(x, lw.attn_norm, s.rms_norm_eps)
@@ -93,8 +95,8 @@ class Model:
         if s.qk_norm == "head":
             q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
-        K, V = cache.append(i, k, v)                       # (kv, T, d)
-        T, start = K.shape[1], cache.length
+        K, V = cache.append(i, k, v, start)                # (kv, T, d)
+        T = K.shape[1]
         group = s.num_heads // s.num_kv_heads
         window = s.sliding_window[i]
         if n == 1:   # a decoded token: every key up to its own, within the window; float16 ones read as they are
@@ -228,31 +230,37 @@ class Model:
             w = self._guess_routers[layer] = np.ascontiguousarray(lw.router.to_float() * lw.mlp_norm, np.float32)
         return np.argsort(-(x @ w.T), axis=-1, kind="stable")
 
-    def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
-        """Run `ids` through the model after what `cache` holds; return logits."""
+    def _step(self, ids: np.ndarray, cache: KVCache, last_only: bool,
+              cancel: threading.Event | None = None) -> np.ndarray | None:
+        """Run `ids` through the model after what `cache` holds; return float32 logits (of the last row
+        alone with last_only), or None if `cancel` was set between two chunks (the cache then holds what it
+        held before: its length moves only at the end).
+
+        A prompt runs in chunks of PREFILL_CHUNK rows, so attention scores stay (heads x CHUNK x T), and
+        layer by layer: every chunk through a layer before the next layer.  A layer's experts are then
+        asked for once a chunk in a row, and a cache holding one layer's experts reads each of them once a
+        prompt; chunk by chunk through all layers, a prompt over a memory limit read the whole model once
+        a chunk (docs/BENCHMARKS.md, "A prompt layer by layer")."""
         s, W = self.spec, self.weights
+        start, n = cache.length, len(ids)
+        cache.reserve(start + n)   # now: growing copies only what `length` counts, and chunks write past it
         x = W.embed.rows_f32(ids)
-        cos, sin = self.rope.tables(np.arange(cache.length, cache.length + len(ids)))
+        cos, sin = self.rope.tables(np.arange(start, start + n))
+        spans = [slice(a, min(a + PREFILL_CHUNK, n)) for a in range(0, n, PREFILL_CHUNK)]
         for i, lw in enumerate(W.layers):
-            a = self._attention(i, x, cache, cos, sin)
-            cache.last_attention[i] = a[-1:].copy()   # a copy: a prompt's whole output would stay alive
-            x = x + a
-            h = rms_norm(x, lw.mlp_norm, s.rms_norm_eps)
-            x = x + (self._moe(i, h, x, cache) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
-        cache.advance(len(ids))
+            for sp in spans:
+                if cancel is not None and cancel.is_set():
+                    return None
+                xc = x[sp]
+                a = self._attention(i, xc, cache, cos[sp], sin[sp], start + sp.start)
+                xc = xc + a
+                h = rms_norm(xc, lw.mlp_norm, s.rms_norm_eps)
+                x[sp] = xc + (self._moe(i, h, xc, cache) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
+            cache.last_attention[i] = a[-1:].copy()   # a copy: a chunk's whole output would stay alive
+        cache.advance(n)
         if last_only:
             x = x[-1:]
-        return W.lm_head.matmul(rms_norm(x, W.final_norm, s.rms_norm_eps))
-
-    def _prefill(self, ids: np.ndarray, cache: KVCache, last_only: bool,
-                 cancel: threading.Event | None = None) -> np.ndarray | None:
-        """Logits of `ids` after the cache, computed chunk by chunk; None if cancelled between chunks."""
-        outs = []
-        for a in range(0, len(ids), PREFILL_CHUNK):
-            if cancel is not None and cancel.is_set():
-                return None
-            outs.append(self._step(ids[a:a + PREFILL_CHUNK], cache, last_only))
-        return outs[-1] if last_only else np.concatenate(outs).astype(np.float32, copy=False)
+        return W.lm_head.matmul(rms_norm(x, W.final_norm, s.rms_norm_eps)).astype(np.float32, copy=False)
 
     def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
         arr = np.asarray(list(ids), dtype=np.int64)
@@ -290,7 +298,7 @@ class Model:
         """float32 logits (len(ids), vocab) for a fresh sequence."""
         arr = self._check_ids(ids)
         with self._run_lock:
-            return self._prefill(arr, self._new_cache(len(arr), scratch=True), last_only=False)
+            return self._step(arr, self._new_cache(len(arr), scratch=True), last_only=False)
 
     def generate(self, ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
@@ -338,7 +346,7 @@ class Model:
                 if kv_cache.ROOM_IS_FREE:
                     cache.reserve(len(arr) + max_new)
             try:
-                logits = self._prefill(arr[kept:], cache, last_only=True, cancel=cancel)
+                logits = self._step(arr[kept:], cache, last_only=True, cancel=cancel)
                 if logits is None:
                     return
                 logits = logits[-1]

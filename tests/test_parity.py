@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import engine
+import engine.kv_cache
 from tests.checkpoints import VARIANTS, load_reference
 
 IDS = [3, 17, 42, 5, 88, 9, 61, 23, 7, 50, 12, 31]
@@ -68,7 +69,7 @@ def test_incremental_decoding_equals_full_recompute(checkpoint_dir, variant, kv)
     full = model.forward(ids)
     cache = model._new_cache()
     assert cache.k[0].dtype == np.dtype(np.float16 if kv == "f16" else np.float32)
-    steps = [model._prefill(ids[:4], cache, last_only=False)]
+    steps = [model._step(ids[:4], cache, last_only=False)]
     for t in ids[4:]:
         steps.append(model._step(np.array([t]), cache, last_only=False))
     inc = np.concatenate(steps)
@@ -156,10 +157,11 @@ def test_attention_shared_out_among_threads_equals_one_thread(checkpoint_dir, mo
 
 
 def _prefilled(model, monkeypatch) -> list[int]:
-    """The number of tokens each prompt step of `model` computes, as they run."""
+    """The number of tokens each step of `model` computes, as they run: a generation of k new tokens is its
+    prompt's step and k - 1 of one token, so its prompt's is sizes[-k] after it."""
     sizes: list[int] = []
-    real = model._prefill
-    monkeypatch.setattr(model, "_prefill", lambda ids, *a, **k: (sizes.append(len(ids)), real(ids, *a, **k))[1])
+    real = model._step
+    monkeypatch.setattr(model, "_step", lambda ids, *a, **k: (sizes.append(len(ids)), real(ids, *a, **k))[1])
     return sizes
 
 
@@ -172,18 +174,18 @@ def test_a_kept_context_computes_only_what_is_new(checkpoint_dir, monkeypatch):
     turn1 = IDS[:6]
     reply1 = list(model.generate(turn1, max_new_tokens=5, ignore_eos=True, context=ctx))
     # the last token was chosen, never run: the cache holds the prompt and the replies before it
-    assert sizes == [6] and ctx.ids == turn1 + reply1[:-1] and ctx.kept == 0
+    assert sizes == [6, 1, 1, 1, 1] and ctx.ids == turn1 + reply1[:-1] and ctx.kept == 0
     turn2 = turn1 + reply1 + [5, 9, 11]
     reply2 = list(model.generate(turn2, max_new_tokens=6, ignore_eos=True, context=ctx))
-    assert ctx.kept == 10 and sizes[-1] == len(turn2) - 10 == 4
+    assert ctx.kept == 10 and sizes[-6] == len(turn2) - 10 == 4
     assert reply2 == list(fresh.generate(turn2, max_new_tokens=6, ignore_eos=True))
     # the same prompt again: everything but its last token is kept
     again = list(model.generate(turn2, max_new_tokens=6, ignore_eos=True, context=ctx))
-    assert ctx.kept == len(turn2) - 1 and sizes[-1] == 1 and again == reply2
+    assert ctx.kept == len(turn2) - 1 and sizes[-6] == 1 and again == reply2
     # a prompt that parts from the context after 3 tokens keeps 3
     turn3 = turn1[:3] + [70, 71, 72, 73]
     reply3 = list(model.generate(turn3, max_new_tokens=6, ignore_eos=True, context=ctx))
-    assert ctx.kept == 3 and sizes[-1] == 4
+    assert ctx.kept == 3 and sizes[-6] == 4
     assert reply3 == list(fresh.generate(turn3, max_new_tokens=6, ignore_eos=True))
     ctx.clear()
     assert len(ctx) == ctx.cache.length == 0   # the ids always name what the cache holds
@@ -193,8 +195,9 @@ def test_a_kept_context_computes_only_what_is_new(checkpoint_dir, monkeypatch):
 
 def test_a_context_left_mid_reply_holds_what_was_computed(checkpoint_dir):
     """A reply stopped after two tokens (a closed generator) leaves the prompt and the first of them, whose
-    step ran; a stop between prompt chunks leaves the chunks done.  The next turn then agrees with a fresh
-    generation."""
+    step ran; a prompt stopped between two of its chunks leaves the cache as it was before it (a prompt runs
+    layer by layer, and its tokens count only once the last layer has them).  The next turn then agrees with
+    a fresh generation."""
     from engine import model as model_mod
 
     m = engine.load(checkpoint_dir("qwen3"))
@@ -205,27 +208,54 @@ def test_a_context_left_mid_reply_holds_what_was_computed(checkpoint_dir):
     gen.close()
     assert ctx.ids == IDS + got[:1] and ctx.cache.length == len(IDS) + 1
     cancel = threading.Event()
-    real_step = m._step
+    real_attention = m._attention
 
-    def step_then_cancel(ids, cache, last_only):
-        cancel.set()       # stop after the first chunk
-        return real_step(ids, cache, last_only)
+    def attention_then_cancel(*args):
+        cancel.set()       # stop after the first chunk of the first layer
+        return real_attention(*args)
 
-    m._step = step_then_cancel
+    m._attention = attention_then_cancel
     old_chunk, model_mod.PREFILL_CHUNK = model_mod.PREFILL_CHUNK, 4
     try:
         assert list(m.generate(IDS + got + IDS, max_new_tokens=3, context=ctx, cancel=cancel)) == []
     finally:
         model_mod.PREFILL_CHUNK = old_chunk
-        del m._step
-    assert ctx.ids == (IDS + got + IDS)[: len(IDS) + 1 + 4] == ctx.ids[: ctx.cache.length]
+        del m._attention
+    assert ctx.ids == IDS + got[:1] and ctx.cache.length == len(IDS) + 1
     prompt = IDS + got + IDS[:3] + [70]
     assert list(m.generate(prompt, max_new_tokens=5, ignore_eos=True, context=ctx)) == \
         list(fresh.generate(prompt, max_new_tokens=5, ignore_eos=True))
-    assert ctx.kept == len(IDS) + 1 + 4 == len(prompt) - 1
+    assert ctx.kept == len(IDS) + 1
 
 
 def test_a_context_serves_only_its_model(checkpoint_dir):
     a, b = engine.load(checkpoint_dir("qwen3")), engine.load(checkpoint_dir("qwen3"))
     with pytest.raises(engine.EngineError, match="another model"):
         b.generate(IDS, context=a.new_context())
+
+
+@pytest.mark.parametrize("variant", ["mixtral-window", "qwen2_moe", "olmoe"])
+def test_a_prompt_in_many_chunks_matches_transformers(checkpoint_dir, variant, monkeypatch):
+    """A prompt runs layer by layer, each layer over all its chunks before the next: with chunks of 5 rows, 36
+    tokens (longer than mixtral-window's window) give transformers' logits, and the experts are asked for a
+    layer at a time, each layer once a chunk."""
+    from engine import model as model_mod
+
+    folder = checkpoint_dir(variant)
+    ids = IDS * 3
+    ref, _ = _reference_logits(folder, ids)
+    model = engine.load(folder)
+    asked = []
+    real_request = model.experts.request
+    monkeypatch.setattr(model.experts, "request", lambda layer, picked: (asked.append(layer),
+                                                                         real_request(layer, picked))[1])
+    monkeypatch.setattr(model_mod, "PREFILL_CHUNK", 5)
+    ours = model.forward(ids)
+    assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+    chunks = -(-len(ids) // 5)
+    assert asked == [layer for layer in model.moe_layer_ids for _ in range(chunks)]
+    # a cache with room for 4 grows before the first chunk, not under a later one (chunks write past its length)
+    s = model.spec
+    small = engine.kv_cache.KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=4, dtype=np.float32)
+    np.testing.assert_allclose(model._step(np.array(ids), small, last_only=False), ours, rtol=0,
+                               atol=1e-5 * np.abs(ours).max())

@@ -79,9 +79,9 @@ def test_forced_tokens_are_decoded_as_if_they_had_been_sampled(checkpoint_dir, m
     fed = []
     real_step = model._step
 
-    def step(ids, cache, last_only):
+    def step(ids, cache, last_only, **kw):
         fed.append(ids.tolist())
-        return real_step(ids, cache, last_only)
+        return real_step(ids, cache, last_only, **kw)
 
     monkeypatch.setattr(model, "_step", step)
     assert list(model.generate(prompt, max_new_tokens=10, forced=forced)) == forced
