@@ -180,6 +180,7 @@ def run_bench(args: argparse.Namespace) -> int:
             n = 0
             start_snap = dev0 = None
             prompt, continuation = inputs[r]
+            read0 = _tier(model.telemetry(), "ssd").get("bytes_read", 0)
             for _ in model.generate(prompt, max_new_tokens=args.decode_tokens, ignore_eos=True, forced=continuation):
                 n += 1
                 if t_first is None:
@@ -196,6 +197,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 "wait_ms_per_token": sum(waits[-1]),
                 "ttft_s": t_first - t0,
                 "prefill_tokens_per_s": args.prompt_tokens / (t_first - t0),
+                # what the prompt read (a prompt runs layer by layer: each expert once, when the cache holds a layer)
+                "prefill_read_bytes": ssd0.get("bytes_read", 0) - read0,
                 "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
                 "missed_bytes_per_token": read / max(n - 1, 1),
                 # while decoding: the share of the time some read was under way, and the speed the
@@ -278,7 +281,8 @@ def _print_report(r: dict) -> None:
         f"model            {r['model']}  (io={r['io']}, policy={r['policy']}, "
         f"ram cache={format_size(r['ram_cache'])})",
         f"prompt/decode    {r['prompt_tokens']} / {r['decode_tokens']} tokens, median of {r['repeats']} runs",
-        f"prefill          {r['prefill_tokens_per_s']:.1f} tokens/s   (time to first token {r['ttft_s']:.3f} s)",
+        f"prefill          {r['prefill_tokens_per_s']:.1f} tokens/s   (time to first token {r['ttft_s']:.3f} s"
+        + (f", {format_size(r['prefill_read_bytes'])} read" if r.get("prefill_read_bytes") else "") + ")",
         f"decode           {r['decode_tokens_per_s']:.2f} tokens/s",
         "hit rate         " + ", ".join(f"{k} {v:.1%}" for k, v in r["hit_rate"].items() if v is not None),
         f"missed bytes     {format_size(r['missed_bytes_per_token'])} per token, read {r['read_mb_s']:.0f} MB/s, "

@@ -23,6 +23,8 @@ def test_bench_json_reports_speed_cache_and_roofline(chat_model_dir):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["kv_cache"] == "f32"
+    # the prompt read experts: a 40 KiB cache holds almost none
+    assert all(0 < run["prefill_read_bytes"] for run in out["runs"])
     assert len(out["runs"]) == 2 and out["decode_tokens_per_s"] > 0 and out["prefill_tokens_per_s"] > 0
     assert out["io"] == "pread" and out["ram_cache"] == 40 * 1024
     assert 0.0 <= out["hit_rate"]["ram"] < 1.0          # a 40 KiB budget cannot hold every expert
