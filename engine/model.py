@@ -247,16 +247,25 @@ class Model:
         x = W.embed.rows_f32(ids)
         cos, sin = self.rope.tables(np.arange(start, start + n))
         spans = [slice(a, min(a + PREFILL_CHUNK, n)) for a in range(0, n, PREFILL_CHUNK)]
-        for i, lw in enumerate(W.layers):
-            for sp in spans:
-                if cancel is not None and cancel.is_set():
-                    return None
-                xc = x[sp]
-                a = self._attention(i, xc, cache, cos[sp], sin[sp], start + sp.start)
-                xc = xc + a
-                h = rms_norm(xc, lw.mlp_norm, s.rms_norm_eps)
-                x[sp] = xc + (self._moe(i, h, xc, cache) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
-            cache.last_attention[i] = a[-1:].copy()   # a copy: a chunk's whole output would stay alive
+        prompt = n > 1
+        if prompt:
+            self._telemetry.prompt_started(n, len(W.layers) * len(spans))
+        try:
+            for i, lw in enumerate(W.layers):
+                for sp in spans:
+                    if cancel is not None and cancel.is_set():
+                        return None
+                    xc = x[sp]
+                    a = self._attention(i, xc, cache, cos[sp], sin[sp], start + sp.start)
+                    xc = xc + a
+                    h = rms_norm(xc, lw.mlp_norm, s.rms_norm_eps)
+                    x[sp] = xc + (self._moe(i, h, xc, cache) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
+                    if prompt:
+                        self._telemetry.prompt_advanced()
+                cache.last_attention[i] = a[-1:].copy()   # a copy: a chunk's whole output would stay alive
+        finally:
+            if prompt:
+                self._telemetry.prompt_ended()
         cache.advance(n)
         if last_only:
             x = x[-1:]

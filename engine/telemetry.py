@@ -41,6 +41,22 @@ class Telemetry:
             # token as the waits are, so that the two make a share of the same recent tokens.
             self.token_recent = 0.0
             self.token_steps = 0
+            self.prompt: list[int] | None = None   # [tokens, parts done, parts] while a prompt runs
+
+    def prompt_started(self, tokens: int, parts: int) -> None:
+        """A prompt of `tokens` began, in `parts` (chunk, layer) steps: progress for a UI, since a long one
+        over a memory limit takes seconds before its first token."""
+        with self._lock:
+            self.prompt = [tokens, 0, parts]
+
+    def prompt_advanced(self) -> None:
+        with self._lock:
+            if self.prompt is not None:
+                self.prompt[1] += 1
+
+    def prompt_ended(self) -> None:
+        with self._lock:
+            self.prompt = None
 
     def prefill_done(self, n_tokens: int, seconds: float) -> None:
         with self._lock:
@@ -103,6 +119,9 @@ class Telemetry:
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
                 "ttft_s": self.ttft_s,
                 "tokens": self.tokens,
+                # a prompt under way: its tokens and the share of its (chunk, layer) steps done; else None
+                "prompt": None if self.prompt is None else
+                {"tokens": self.prompt[0], "done": self.prompt[1] / max(self.prompt[2], 1)},
                 "experts": {"layers": self.layers, "experts": self.experts, "counts": self.counts.tolist()},
                 # ms a decoded token by layer: lately (decayed as the counts are), and since the reset
                 "waits": {"recent_ms_per_token": (1e3 * self.wait_recent / steps_weight).tolist()

@@ -178,6 +178,38 @@ def test_header_fits_and_keeps_model_reader_budget(width):
         assert "policy lfu-decay" in text.plain and "4.2 tok/s" in text.plain
 
 
+def test_header_shows_how_far_a_prompt_is():
+    snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
+    info = ModelInfo(name="m", io="uring")
+    busy = {**snap, "prompt": {"tokens": 2048, "done": 0.4219}}
+    assert render_header(info, busy, "generating", 160).plain.endswith("│ prompt 42% of 2048 tokens")
+    assert render_header(info, {**snap, "prompt": None}, "generating", 160).plain.endswith("│ generating")
+    assert render_header(info, busy, "idle", 160).plain.endswith("│ idle")   # a stale figure is not shown
+
+
+def test_the_engine_reports_a_prompts_progress(model, monkeypatch):
+    """A prompt's share of (chunk, layer) steps done, while it runs; None before and after."""
+    from engine import model as model_mod
+
+    monkeypatch.setattr(model_mod, "PREFILL_CHUNK", 4)
+    assert model.telemetry()["prompt"] is None
+    seen = []
+    real = model._attention
+
+    def attention(*args):
+        seen.append(model.telemetry()["prompt"])
+        return real(*args)
+
+    monkeypatch.setattr(model, "_attention", attention)
+    list(model.generate(list(range(1, 11)), max_new_tokens=2, ignore_eos=True))
+    parts = model.spec.num_layers * 3          # 10 tokens: chunks of 4, 4 and 2 through every layer
+    prompt_steps = seen[:parts]
+    assert [p["done"] for p in prompt_steps] == [k / parts for k in range(parts)]
+    assert all(p["tokens"] == 10 for p in prompt_steps)
+    assert seen[parts:] == [None] * model.spec.num_layers    # the decoded token's step is no prompt
+    assert model.telemetry()["prompt"] is None
+
+
 def test_printable_replaces_control_characters():
     assert printable("a\x00b\x1bc\nd\te\x7f") == "a\ufffdb\ufffdc\nd\te\ufffd"
     # C1 controls, a bidi override and an isolate, a line separator, an unassigned code point

@@ -42,6 +42,9 @@ def render_header(info: ModelInfo, snap: dict | None, state: str, width: int = 1
         ]
         fields = [f for f in fields if f]
     badge = BADGES.get(info.kind)
+    prompt = (snap or {}).get("prompt")
+    # a long prompt takes seconds before its first token: how far it is
+    shown = f"prompt {prompt['done']:.0%} of {prompt['tokens']} tokens" if state == "generating" and prompt else state
 
     def build(labels: bool, max_priority: int, brand: bool) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
@@ -57,7 +60,7 @@ def render_header(info: ModelInfo, snap: dict | None, state: str, width: int = 1
                     t.append(label, style=styles["label"])
                 t.append(value)
         t.append(" │ ", style=styles["label"])
-        t.append(state, style=styles.get(state, ""))
+        t.append(shown, style=styles.get(state, ""))
         return t
 
     # The fullest line that fits.
