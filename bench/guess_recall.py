@@ -55,8 +55,8 @@ def record(model: engine.Model, runs) -> list[dict]:
             step[i]["picks"] = set(top[0].tolist())
         routed(i, top)
 
-    def on_moe(i, h, residual, cache):
-        y = moe(i, h, residual, cache)
+    def on_moe(i, h, residual, cache, **kw):
+        y = moe(i, h, residual, cache, **kw)
         if h.shape[0] == 1:
             step[i].update(residual=residual.copy(), experts=y)
             if i == model.moe_layer_ids[-1]:

@@ -130,9 +130,9 @@ class Model:
         y = lw.o.matmul(out)
         return y + lw.o_bias if lw.o_bias is not None else y
 
-    def _moe(self, i: int, h: np.ndarray, residual: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _moe(self, i: int, h: np.ndarray, residual: np.ndarray, cache: KVCache, ahead: bool = True) -> np.ndarray:
         """Layer i's experts on h (the normalised residual); `residual` and the attention outputs of the
-        token before (in `cache`) feed the prefetch of the layers ahead."""
+        token before (in `cache`) feed the prefetch of the layers ahead, unless `ahead` is False."""
         s, lw = self.spec, self.weights.layers[i]
         probs = softmax(lw.router.matmul(h).astype(np.float32))
         top = np.argsort(-probs, axis=-1, kind="stable")[:, : s.top_k]
@@ -141,7 +141,7 @@ class Model:
             w = w / w.sum(axis=-1, keepdims=True)
         self._telemetry.routed(i, top)
         chosen = np.unique(top)
-        if self.prefetch_enabled and i in self._next_moe and self.experts.wants_hints():
+        if ahead and self.prefetch_enabled and i in self._next_moe and self.experts.wants_hints():
             self._prefetch(i, residual, cache)
         picked = chosen.tolist()
         self.experts.observe_routing(i, probs, picked)
@@ -259,7 +259,14 @@ class Model:
                     a = self._attention(i, xc, cache, cos[sp], sin[sp], start + sp.start)
                     xc = xc + a
                     h = rms_norm(xc, lw.mlp_norm, s.rms_norm_eps)
-                    x[sp] = xc + (self._moe(i, h, xc, cache) if s.moe_layers[i] else kernels.expert_ffn(*lw.dense, h))
+                    # A prompt guesses the next layer's experts from its first chunk alone: the reads then
+                    # overlap the layer's other chunks, and later chunks' guesses (nearly every expert
+                    # again) only evicted experts those chunks still needed.  2048 tokens over a 300 MiB
+                    # cache read 8.2 GB guessing at every chunk, 4.7 at the first, 3.3 at the last; at the
+                    # last the reads no longer overlap: 11.8 / 10.8 s against 10.7 / 9.7 at the first,
+                    # over 1086 MiB with the disk at 1 GB/s (docs/BENCHMARKS.md, "A prompt layer by layer").
+                    x[sp] = xc + (self._moe(i, h, xc, cache, ahead=sp is spans[0]) if s.moe_layers[i]
+                                  else kernels.expert_ffn(*lw.dense, h))
                     if prompt:
                         self._telemetry.prompt_advanced()
                 cache.last_attention[i] = a[-1:].copy()   # a copy: a chunk's whole output would stay alive

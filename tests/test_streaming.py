@@ -259,7 +259,8 @@ def test_decode_guesses_two_layers_ahead_with_the_previous_tokens_attention(tiny
         events: list[tuple] = []
         attention, moe, prefetch = m._attention, m._moe, m.experts.prefetch
         m._attention = lambda i, x, *rest: events.append(("attn", i, attention(i, x, *rest))) or events[-1][2]
-        m._moe = lambda i, h, residual, cache: events.append(("res", i, residual.copy())) or moe(i, h, residual, cache)
+        m._moe = lambda i, h, residual, cache, **kw: (events.append(("res", i, residual.copy()))
+                                                      or moe(i, h, residual, cache, **kw))
         m.experts.prefetch = lambda hints: (events.append(("hints", None, hints)), prefetch(hints))
         assert list(m.generate(IDS[:4], max_new_tokens=12)) == reference[1]
     layers = m.moe_layer_ids
