@@ -386,48 +386,69 @@ def map_threads(fn, items: Sequence) -> list:
 
 # ---------------------------------------------------------------- attention over a KV cache
 
-def kv_dtype() -> np.dtype:
-    """What the engine keeps keys and values in: float16 where the C kernels compute a decoded token's
-    attention on it (half the bytes it reads: 256 MiB at 2048 tokens of OLMoE's shape), else float32,
+# A KV cache's rows by their numpy dtype: float32 and float16 as they are, q8_0 as uint8 bytes (34 a 32).
+KV_FORMATS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint8): "q8_0"}
+
+
+def kv_format() -> str:
+    """What the engine keeps keys and values in by default: "f16" where the C kernels compute a decoded
+    token's attention on it (half the bytes it reads: 256 MiB at 2048 tokens of OLMoE's shape), else "f32",
     since numpy has no float16 product and casting is slow (2048 keys of 16 heads: 5 ms)."""
-    return np.dtype(np.float16 if _state()[1] is not None else np.float32)
+    return "f16" if _state()[1] is not None else "f32"
+
+
+def kv_rows(x: np.ndarray, fmt: str) -> np.ndarray:
+    """(..., d) float32 keys or values as a KV cache of `fmt` keeps them: (..., d) float32 / float16, or
+    (..., d / 32 * 34) uint8 q8_0 rows (ggml's bytes; the C kernels quantize, ~0.05 us a row)."""
+    if fmt == "f32":
+        return x.astype(np.float32, copy=False)
+    if fmt == "f16":
+        return x.astype(np.float16)
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    ck = _state()[1]
+    q = ck.quant_q8_0(flat) if ck is not None else quantize(flat, "q8_0")
+    return q.reshape(*x.shape[:-1], q.shape[-1])
 
 
 def attend_one(q: np.ndarray, K: np.ndarray, V: np.ndarray, t0: int, T: int, scale: float) -> np.ndarray:
     """One decoded token's attention.  q: (kv_heads, group, d) float32, each KV head's query rows; K, V:
-    (kv_heads, cap, d) buffers whose rows [t0, T) it attends to.  Returns (kv_heads, group, d) float32 =
-    softmax(scale * q K^T) V, in float32 whatever K and V hold."""
+    (kv_heads, cap, row) buffers of a KV cache (KV_FORMATS) whose rows [t0, T) it attends to.  Returns
+    (kv_heads, group, d) float32 = softmax(scale * q K^T) V, in float32 whatever K and V hold."""
+    fmt = KV_FORMATS[K.dtype]
     ck = _state()[1]
-    if ck is not None and K.dtype == np.float16:
-        return ck.attend_f16(q, K, V, t0, T, scale, threads())
-    Kf, Vf = (np.asarray(a[:, t0:T], dtype=np.float32) for a in (K, V))
+    if ck is not None and fmt != "f32":
+        return ck.attend(q, K, V, fmt, t0, T, scale, threads())
+    Kf, Vf = widen(K[:, t0:T], 0), widen(V[:, t0:T], 1)
     s = (q @ Kf.transpose(0, 2, 1)) * np.float32(scale)
     e = np.exp(s - s.max(axis=-1, keepdims=True))
     return (e / e.sum(axis=-1, keepdims=True)) @ Vf
 
 
 def widen(a: np.ndarray, slot: int = 0) -> np.ndarray:
-    """float32 (heads, T, d) of a float16 view whose rows are contiguous (a KV cache's first T rows), in this
-    thread's scratch buffer `slot`: valid until the next widen of that slot on this thread (a prompt chunk's
-    attention widens K into slot 0, V into 1).  Fresh arrays cost their page faults every time: 64 MiB a
-    layer at 4096 tokens of OLMoE's shape, 6% of a 4096-token prompt.  The C kernels convert with F16C on
-    the kernel threads, numpy's cast being ~1 ns an element.  float32 comes back as it is."""
-    if a.dtype == np.float32:
+    """float32 (heads, T, d) of a KV cache's first T rows (float16, or q8_0 bytes), in this thread's scratch
+    buffer `slot`: valid until the next widen of that slot on this thread (a prompt chunk's attention widens
+    K into slot 0, V into 1).  Fresh arrays cost their page faults every time: 64 MiB a layer at 4096 tokens
+    of OLMoE's shape, 6% of a 4096-token prompt.  The C kernels convert on the kernel threads, numpy's cast
+    being ~1 ns an element.  float32 comes back as it is."""
+    fmt = KV_FORMATS[a.dtype]
+    if fmt == "f32":
         return a
-    heads, T, d = a.shape
+    heads, T, row = a.shape
+    d = row if fmt == "f16" else row // 34 * 32
     bufs = getattr(_tls, "wide", None)
     if bufs is None:
         bufs = _tls.wide = {}
     buf = bufs.get(slot)
-    if buf is None or buf.size < a.size:
-        buf = bufs[slot] = np.empty(a.size, dtype=np.float32)
-    out = buf[:a.size].reshape(heads, T, d)
+    if buf is None or buf.size < heads * T * d:
+        buf = bufs[slot] = np.empty(heads * T * d, dtype=np.float32)
+    out = buf[:heads * T * d].reshape(heads, T, d)
     ck = _state()[1]
-    if ck is None or a.dtype != np.float16 or a.strides[-1] != 2 or a.strides[-2] != 2 * d:
-        out[...] = a
-        return out
     for h in range(heads):
-        ck.dequantize(a[h].view(np.uint8), "f16", d, threads(), out=out[h])
+        rows = a[h].view(np.uint8)   # (T, row bytes), each row contiguous
+        if ck is not None:
+            ck.dequantize(rows, fmt, d, threads(), out=out[h])
+        else:
+            out[h] = dequantize(rows, fmt, d)
     return out
 
 

@@ -31,7 +31,7 @@ FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_
             "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9, "q5_k": 10, "q3_k": 11, "q2_k": 12,
             "iq4_nl": 13, "iq4_xs": 14, "q4_1": 15, "q5_0": 16, "q5_1": 17, "iq4_xsx8": 18,
             "q5_kx8": 19}
-ABI_VERSION = 14
+ABI_VERSION = 15
 
 CDEF = """
 int mk_version(void);
@@ -44,8 +44,9 @@ int mk_ffn(int fmt_gu, const uint8_t *g, const uint8_t *u, int64_t rb_gu, int fm
 int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t E, const uint8_t *const *g,
            const uint8_t *const *u, int64_t rb_gu, const uint8_t *const *dn, int64_t rb_d,
            const float *const *X, const int64_t *n, float *const *Y, int nthreads);
-int mk_attend_f16(const float *q, const uint16_t *K, const uint16_t *V, int64_t heads, int64_t group,
-                  int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads);
+int mk_attend(int fmt, const float *q, const uint8_t *K, const uint8_t *V, int64_t heads, int64_t group,
+              int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads);
+void mk_quant_q8_0(const float *x, int64_t rows, int64_t cols, uint8_t *out);
 double mk_read_sum(const float *buf, int64_t n, int nthreads);
 int mk_crc32_fast(void);
 uint32_t mk_crc32(uint32_t crc, const uint8_t *p, int64_t n);
@@ -243,19 +244,28 @@ class CKernels:
             raise RuntimeError(f"mk_moe failed with {rc}")
         return Ys
 
-    def attend_f16(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, t0: int, T: int, scale: float,
-                   threads: int) -> np.ndarray:
+    def attend(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, fmt: str, t0: int, T: int, scale: float,
+               threads: int) -> np.ndarray:
         """One decoded token's attention: q (heads, group, d) float32 against keys and values [t0, T) of K, V
-        (heads, cap, d) float16 buffers; returns (heads, group, d) float32."""
+        (heads, cap, row bytes) buffers of `fmt` rows ("f16", or "q8_0" for d a multiple of 32); returns
+        (heads, group, d) float32."""
         heads, group, d = q.shape
-        assert K.shape == V.shape and K.shape[0] == heads and K.shape[2] == d and K.dtype == V.dtype == np.float16
-        assert K.flags.c_contiguous and V.flags.c_contiguous
+        assert K.shape == V.shape and K.shape[0] == heads and K.flags.c_contiguous and V.flags.c_contiguous
         q = np.ascontiguousarray(q, dtype=np.float32)
         out = np.empty_like(q)
-        rc = self.lib.mk_attend_f16(self._p(q, "float"), self._p(K, "uint16_t"), self._p(V, "uint16_t"), heads,
-                                    group, K.shape[1], t0, T, d, scale, self._p(out, "float"), threads)
+        rc = self.lib.mk_attend(FMT_CODE[fmt], self._p(q, "float"), self._p(K.view(np.uint8), "uint8_t"),
+                                self._p(V.view(np.uint8), "uint8_t"), heads, group, K.shape[1], t0, T, d, scale,
+                                self._p(out, "float"), threads)
         if rc:
-            raise RuntimeError(f"mk_attend_f16 failed with {rc}")
+            raise RuntimeError(f"mk_attend({fmt}) failed with {rc}")
+        return out
+
+    def quant_q8_0(self, x: np.ndarray) -> np.ndarray:
+        """float32 (rows, cols), cols a multiple of 32 -> uint8 (rows, cols / 32 * 34): ggml's q8_0 bytes."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows, cols = x.shape
+        out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
+        self.lib.mk_quant_q8_0(self._p(x, "float"), rows, cols, self._p(out, "uint8_t"))
         return out
 
     def crc32(self, data, value: int = 0) -> int:

@@ -98,7 +98,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 14; }
+MK_API int mk_version(void) { return 15; }
 /* 0: portable, 1: AVX2, 2: AVX2 and AVX-512 VNNI, 3: AVX2 and AVX-VNNI */
 MK_API int mk_simd(void) { return MK_SIMD + MK_AVX512 + 2 * MK_VNNI256; }
 
@@ -3104,20 +3104,64 @@ static void sum_chunk(void *vctx, int64_t c) {
     x->part[c] = s;
 }
 
-/* ---------- a decoded token's attention over float16 keys and values ---------- */
+/* ---------- a decoded token's attention over float16 or q8_0 keys and values ---------- */
 
 /* The KV cache keeps keys and values in float16, as llama.cpp does: a decoded token reads all of
  * them (at 2048 tokens of OLMoE's shape 256 MiB, 512 in float32), and numpy has no float16 product.
+ * Or in q8_0 (llama.cpp's --cache-type-k/v q8_0): 34 bytes a 32 of them, 53% of float16.
  * One chunk per KV head: its `group` query rows against keys and values [t0, T) of `cap`-row
  * buffers, out = softmax(scale * q K^T) V, computed in float32 (scores, then one pass over V). */
 typedef struct {
     const float *q;
-    const uint16_t *K, *V;
-    int64_t group, cap, t0, T, d;
+    const uint8_t *K, *V;
+    int kind; /* F16 or Q8_0: the rows' layout */
+    int64_t group, cap, t0, T, d, rb;
     float scale;
     float *out;
     int failed;
 } attend_ctx;
+
+/* IEEE binary32 -> binary16, rounding to nearest even, for the portable build (F16C's vcvtps2ph else). */
+static __attribute__((unused)) uint16_t float_to_half_soft(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) return (uint16_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0u));
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* 65520 and up round past 65504 */
+    if (a >= 0x38800000u) {                                   /* a normal half: rebias, round at bit 13 */
+        const uint32_t r = a - 0x38000000u;
+        return (uint16_t)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)sign; /* below 2^-25 (2^-25 itself ties to even: 0) */
+    const uint32_t e = a >> 23, m = (a & 0x7FFFFFu) | 0x800000u, shift = 126u - e; /* units of 2^-24 */
+    uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) q++;
+    return (uint16_t)(sign | q);
+}
+
+INLINE uint16_t f2h(float f) {
+#if MK_SIMD
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    return float_to_half_soft(f);
+#endif
+}
+
+/* Rows of `cols` floats (a multiple of 32) to q8_0 rows, as ggml's quantize_row_q8_0_ref: the
+ * same bytes as kernels.quantize(x, "q8_0").  The KV cache's keys and values as they are appended. */
+MK_API void mk_quant_q8_0(const float *x, int64_t rows, int64_t cols, uint8_t *out) {
+    for (int64_t i = 0; i < rows * cols / 32; i++) {
+        const float *b = x + 32 * i;
+        uint8_t *o = out + 34 * i;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fabsf(b[j]) > amax ? fabsf(b[j]) : amax;
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t h = f2h(d);
+        memcpy(o, &h, 2);
+        for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)(int8_t)roundf(b[j] * id);
+    }
+}
 
 INLINE float dot_h(const float *q, const uint16_t *k, int64_t d) {
     int64_t j = 0;
@@ -3147,11 +3191,52 @@ INLINE void axpy_h(float *o, float p, const uint16_t *v, int64_t d) {
     for (; j < d; j++) o[j] += p * half_to_float_soft(v[j]);
 }
 
+#if MK_SIMD
+INLINE __m256 i8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+#endif
+
+/* q . row for a q8_0 row of d values (d a multiple of 32). */
+INLINE float dot_q8(const float *q, const uint8_t *k, int64_t d) {
+    float s = 0.0f;
+#if MK_SIMD
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < d / 32; b++, k += 34, q += 32) {
+        __m256 blk = _mm256_mul_ps(i8x8(k + 2), _mm256_loadu_ps(q));
+        blk = _mm256_fmadd_ps(i8x8(k + 10), _mm256_loadu_ps(q + 8), blk);
+        blk = _mm256_fmadd_ps(i8x8(k + 18), _mm256_loadu_ps(q + 16), blk);
+        blk = _mm256_fmadd_ps(i8x8(k + 26), _mm256_loadu_ps(q + 24), blk);
+        acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(h2f(k)), acc);
+    }
+    s = hsum(acc);
+#else
+    for (int64_t b = 0; b < d / 32; b++, k += 34, q += 32) {
+        float blk = 0.0f;
+        for (int j = 0; j < 32; j++) blk += q[j] * (float)(int8_t)k[2 + j];
+        s += blk * h2f(k);
+    }
+#endif
+    return s;
+}
+
+INLINE void axpy_q8(float *o, float p, const uint8_t *v, int64_t d) {
+    for (int64_t b = 0; b < d / 32; b++, v += 34, o += 32) {
+        const float pd = p * h2f(v);
+#if MK_SIMD
+        const __m256 pv = _mm256_set1_ps(pd);
+        for (int j = 0; j < 32; j += 8)
+            _mm256_storeu_ps(o + j, _mm256_fmadd_ps(i8x8(v + 2 + j), pv, _mm256_loadu_ps(o + j)));
+#else
+        for (int j = 0; j < 32; j++) o[j] += pd * (float)(int8_t)v[2 + j];
+#endif
+    }
+}
+
 static void attend_head(void *ctx, int64_t h) {
     attend_ctx *x = ctx;
-    const int64_t n = x->T - x->t0, d = x->d, G = x->group;
+    const int64_t n = x->T - x->t0, d = x->d, G = x->group, rb = x->rb;
+    const int q8 = x->kind == Q8_0;
     const float *q = x->q + h * G * d;
-    const uint16_t *K = x->K + (h * x->cap + x->t0) * d, *V = x->V + (h * x->cap + x->t0) * d;
+    const uint8_t *K = x->K + (h * x->cap + x->t0) * rb, *V = x->V + (h * x->cap + x->t0) * rb;
     float *out = x->out + h * G * d;
     float *p = malloc((size_t)(G * n) * sizeof(float));
     if (!p) {
@@ -3160,7 +3245,9 @@ static void attend_head(void *ctx, int64_t h) {
     }
     /* Key row t once for all the group's queries (GQA shares it). */
     for (int64_t t = 0; t < n; t++)
-        for (int64_t g = 0; g < G; g++) p[g * n + t] = x->scale * dot_h(q + g * d, K + t * d, d);
+        for (int64_t g = 0; g < G; g++)
+            p[g * n + t] = x->scale * (q8 ? dot_q8(q + g * d, K + t * rb, d)
+                                          : dot_h(q + g * d, (const uint16_t *)(K + t * rb), d));
     float inv[G];
     for (int64_t g = 0; g < G; g++) {
         float *pg = p + g * n, m = -INFINITY, sum = 0.0f;
@@ -3170,17 +3257,25 @@ static void attend_head(void *ctx, int64_t h) {
         memset(out + g * d, 0, (size_t)d * sizeof(float));
     }
     for (int64_t t = 0; t < n; t++)
-        for (int64_t g = 0; g < G; g++) axpy_h(out + g * d, p[g * n + t], V + t * d, d);
+        for (int64_t g = 0; g < G; g++) {
+            if (q8)
+                axpy_q8(out + g * d, p[g * n + t], V + t * rb, d);
+            else
+                axpy_h(out + g * d, p[g * n + t], (const uint16_t *)(V + t * rb), d);
+        }
     for (int64_t g = 0; g < G; g++)
         for (int64_t j = 0; j < d; j++) out[g * d + j] *= inv[g];
     free(p);
 }
 
-MK_API int mk_attend_f16(const float *q, const uint16_t *K, const uint16_t *V, int64_t heads, int64_t group,
-                         int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads) {
+/* fmt: the FMT_CODE of K's and V's rows, f16 or q8_0 (d a multiple of 32). */
+MK_API int mk_attend(int fmt, const float *q, const uint8_t *K, const uint8_t *V, int64_t heads, int64_t group,
+                     int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads) {
     if (heads < 1 || group < 1 || d < 1 || t0 < 0 || T <= t0 || T > cap) return 1;
-    attend_ctx x = {q, K, V, group, cap, t0, T, d, scale, out, 0};
-    mk_parallel(attend_head, &x, heads, pick_threads(nthreads, heads * (T - t0) * d * 4));
+    if (fmt != F16 && !(fmt == Q8_0 && d % 32 == 0)) return 3;
+    const int64_t rb = fmt == F16 ? 2 * d : d / 32 * 34;
+    attend_ctx x = {q, K, V, fmt, group, cap, t0, T, d, rb, scale, out, 0};
+    mk_parallel(attend_head, &x, heads, pick_threads(nthreads, heads * (T - t0) * rb * 2));
     return x.failed ? 2 : 0;
 }
 

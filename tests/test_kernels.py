@@ -944,21 +944,55 @@ def _attention_reference(q, K, V, t0, T, scale):
     return (e / e.sum(axis=-1, keepdims=True)) @ Vf
 
 
-@pytest.mark.parametrize("kv", [np.float16, np.float32])
+def _stored(x: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the cache's buffer of x in `fmt`, the float values it holds)."""
+    rows = kernels.kv_rows(x.astype(np.float32), fmt)
+    if fmt != "q8_0":
+        return rows, rows.astype(np.float64)
+    d = x.shape[-1]
+    held = formats.dequantize_ref(rows.reshape(-1, rows.shape[-1]), "q8_0", d).reshape(x.shape)
+    return rows, held.astype(np.float64)
+
+
+@pytest.mark.parametrize("kv", ["f16", "f32", "q8_0"])
 @pytest.mark.parametrize("heads,group,d,T,cap,t0", [(4, 1, 128, 300, 512, 0), (2, 4, 64, 33, 33, 0),
-                                                    (3, 2, 72, 1000, 1024, 600), (1, 1, 8, 1, 4, 0)])
+                                                    (3, 2, 72, 1000, 1024, 600), (1, 1, 32, 1, 4, 0)])
 def test_a_decoded_tokens_attention_over_the_cache(backend, kv, heads, group, d, T, cap, t0):
-    # A decoded token's attention reads the cache's buffers as they are: float16 ones by the C kernels (F16C,
-    # or the portable conversion), numpy's casts elsewhere.  Against float64 on the same stored values:
+    # A decoded token's attention reads the cache's buffers as they are: float16 and q8_0 ones by the C kernels
+    # (F16C, or the portable conversion), numpy's casts elsewhere.  Against float64 on the same stored values:
     # grouped queries (GQA), a window (t0 > 0), a head size not a multiple of 16 (the tail loops), one key.
+    if kv == "q8_0" and d % 32:
+        pytest.skip("q8_0 rows are whole blocks of 32")
     rng = np.random.default_rng(heads * 100 + d + T)
     q = rng.standard_normal((heads, group, d), dtype=np.float32)
-    K = (rng.standard_normal((heads, cap, d)) * 3).astype(kv)
-    V = rng.standard_normal((heads, cap, d)).astype(kv)
+    K, Kheld = _stored(rng.standard_normal((heads, cap, d)) * 3, kv)
+    V, Vheld = _stored(rng.standard_normal((heads, cap, d)), kv)
     got = kernels.attend_one(q, K, V, t0, T, d ** -0.5)
-    ref = _attention_reference(q, K, V, t0, T, d ** -0.5)
+    ref = _attention_reference(q, Kheld, Vheld, t0, T, d ** -0.5)
     assert got.dtype == np.float32 and got.shape == (heads, group, d)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
+
+
+def test_kv_rows_in_q8_0_are_ggmls_bytes(backend):
+    # The C kernels quantize a KV cache's rows themselves (the numpy reference costs 7 ms a prompt chunk's layer):
+    # ggml's q8_0, byte for byte, scales' float16 rounding (subnormal, overflowing, tie cases) included.
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((50, 128)).astype(np.float32)
+    x[1] *= 1e-6            # scales in float16's subnormal range
+    x[2] *= 1e-9            # below it
+    x[3] = 0.0              # an all-zero block: scale 0
+    x[4, :32] = 127 * 65530.0      # a scale that rounds past float16's largest: infinity, as ggml writes it
+    x[4, 32:64] = 127 * 65519.0    # one just under the boundary: 65504
+    x[5, :32] = 127 * 2.0 ** -25   # a scale of exactly 2**-25: ties to even, 0
+    x[6, :32] = [127, 2.5, -3.5, 0.5, -0.5, 1.5, -1.5, 126.5] + [0.25] * 24   # scale 1: ties round away from 0
+    x[7, :32] = 127 * (1 + 2.0 ** -11)   # a scale half-way between two float16s: to the even one, 1.0
+    with np.errstate(over="ignore", invalid="ignore"):   # numpy's float16 of the overflowing scale
+        got = kernels.kv_rows(x, "q8_0")
+        want = gguf_bytes(x, "q8_0")
+    assert got.dtype == np.uint8 and got.shape == (50, 136)
+    np.testing.assert_array_equal(got, want)
+    many = rng.standard_normal((3, 7, 64)).astype(np.float32)   # any leading shape
+    assert kernels.kv_rows(many, "q8_0").shape == (3, 7, 68)
 
 
 def test_widen_is_an_exact_cast(backend):
@@ -973,4 +1007,8 @@ def test_widen_is_an_exact_cast(backend):
     assert np.array_equal(k32, K[:, :20].astype(np.float32)) and np.array_equal(v32, V[:, :20].astype(np.float32))
     f32 = np.ones((2, 3, 4), np.float32)
     assert kernels.widen(f32) is f32
-    assert kernels.kv_dtype() == (np.float16 if backend.startswith("c-") else np.float32)
+    # q8_0 rows widen to the values they hold
+    x = np.random.default_rng(10).standard_normal((2, 9, 64)).astype(np.float32)
+    rows, held = _stored(x, "q8_0")
+    assert np.array_equal(kernels.widen(rows[:, :5]), held[:, :5].astype(np.float32))
+    assert kernels.kv_format() == ("f16" if backend.startswith("c-") else "f32")
