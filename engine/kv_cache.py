@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import kernels
+
 try:   # numpy >= 2
     from numpy._core.multiarray import _set_madvise_hugepage
 except ImportError:   # pragma: no cover - numpy 1.x, or a numpy without the switch
@@ -18,6 +20,9 @@ except ImportError:   # pragma: no cover - numpy 1.x, or a numpy without the swi
 
 #: whether room reserved ahead costs memory only as tokens fill it (Model reserves a generation's at its start)
 ROOM_IS_FREE = _set_madvise_hugepage is not None
+
+# A format's rows: (dtype, elements of it per `per` values, per)
+ROWS = {"f32": (np.float32, 1, 1), "f16": (np.float16, 1, 1), "q8_0": (np.uint8, 34, 32)}
 
 
 def _zeros(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
@@ -34,14 +39,20 @@ def _zeros(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
 
 
 class KVCache:
-    """Per layer, keys and values in (kv_heads, capacity, head_dim) buffers of `dtype` (float16 where the
-    kernels attend over it, kernels.kv_dtype: half the bytes a decoded token reads, as llama.cpp keeps them)."""
+    """Per layer, keys and values in (kv_heads, capacity, row) buffers of `fmt`: "f32", "f16" (where the kernels
+    attend over it, kernels.kv_format: half the bytes a decoded token reads, as llama.cpp keeps them), or
+    "q8_0" (ggml's 34-byte blocks of 32, as llama.cpp's --cache-type-k/v q8_0; head_dim a multiple of 32)."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
-                 dtype: np.dtype | type = np.float32):
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 256, fmt: str = "f32"):
+        if fmt not in ROWS:
+            raise ValueError(f"KVCache: unknown format {fmt!r} (choose from {', '.join(ROWS)})")
+        if fmt == "q8_0" and head_dim % 32:
+            raise ValueError(f"KVCache: q8_0 needs a head size that is a multiple of 32, not {head_dim}")
         self.length = 0
-        self.dtype = np.dtype(dtype)
-        shape = (kv_heads, capacity, head_dim)
+        self.fmt = fmt
+        self.dtype = np.dtype(ROWS[fmt][0])
+        self._row = head_dim * ROWS[fmt][1] // ROWS[fmt][2]   # a row's elements of dtype: d, or d / 32 * 34 bytes
+        shape = (kv_heads, capacity, self._row)
         self.k = [_zeros(shape, self.dtype) for _ in range(layers)]
         self.v = [_zeros(shape, self.dtype) for _ in range(layers)]
         # (1, hidden) per layer, once a step has run: Model._prefetch adds these to the residual to guess
@@ -80,8 +91,8 @@ class KVCache:
                 buf[i] = new
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray, at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Put (n, kv_heads, head_dim) keys/values at position `at` (default: the end); return the layer's
-        (kv_heads, at + n, head_dim) so far.
+        """Put (n, kv_heads, head_dim) float32 keys/values at position `at` (default: the end), in the cache's
+        format; return the layer's (kv_heads, at + n, row) buffers so far.
 
         `length` advances once per step, in `advance`, after every layer has appended all its rows (a
         prompt's chunks append at their own positions, layer by layer).
@@ -90,8 +101,8 @@ class KVCache:
         end = at + k.shape[0]
         if end > self.capacity:
             self._grow(end)
-        self.k[layer][:, at:end] = k.transpose(1, 0, 2)
-        self.v[layer][:, at:end] = v.transpose(1, 0, 2)
+        self.k[layer][:, at:end] = kernels.kv_rows(k, self.fmt).transpose(1, 0, 2)
+        self.v[layer][:, at:end] = kernels.kv_rows(v, self.fmt).transpose(1, 0, 2)
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def advance(self, n: int) -> None:

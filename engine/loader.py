@@ -22,7 +22,7 @@ from .store import checkpoint_layout, is_store, open_store
 log = logging.getLogger("engine.loader")
 
 QUANTS = ("q4_0", "q8_0", "q4_k", "bf16", "f16", "f32")
-KV_CACHES = ("f16", "f32")
+KV_CACHES = ("f16", "f32", "q8_0")
 IO_BACKENDS = ("auto", "uring", "pread", "mmap")
 
 Progress = Callable[[str, int, int], None]
@@ -59,7 +59,8 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
     dense_quant=quant.
 
     `kv_cache` is what a generation keeps keys and values in: "f16" (half the bytes a decoded token reads,
-    as llama.cpp keeps them) or "f32"; None: f16 where the kernels attend over it (kernels.kv_dtype).
+    as llama.cpp keeps them), "f32", or "q8_0" (53% of f16's bytes, llama.cpp's --cache-type-k/v q8_0; the
+    head size a multiple of 32); None: f16 where the kernels attend over it (kernels.kv_format).
 
     `progress(stage, done, total)` is called while weights load, for a UI to show.
     """
@@ -97,6 +98,9 @@ def load(path: str | os.PathLike, *, ram_cache: int | str | None = None, io: str
         spec = load_spec(folder)
         store = is_store(folder)
         ckpt = Checkpoint(folder)
+    if kv_cache == "q8_0" and spec.head_dim % 32:
+        raise EngineError(f"kv_cache: q8_0 needs a head size that is a multiple of 32, and this model's is "
+                          f"{spec.head_dim}")
     from .weights import load_resident
 
     # A GGUF's block formats are put in the kernels' faster layouts as they load (a store has them so).

@@ -43,9 +43,6 @@ PREFILL_CHUNK = 256
 # prompt not; the crossover was not measured.  (A decoded token's attention is kernels.attend_one's.)
 PARALLEL_ATTENTION_PAIRS = 1 << 16
 
-# The telemetry's names of the KV cache's dtypes (as the --kv-cache option spells them).
-KV_NAMES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}
-
 # Decoding guesses this many MoE layers ahead (Model._prefetch).  Two against one, over the 2 GiB limit on
 # the OLMoE-sized model: see docs/BENCHMARKS.md.
 PREFETCH_AHEAD = 2
@@ -64,7 +61,7 @@ class Model:
         self.tokenizer = tokenizer
         self.path = path
         self.quant = quant
-        self.kv_cache = kv_cache   # "f16", "f32" or None: the kernels' choice (kernels.kv_dtype)
+        self.kv_cache = kv_cache   # "f16", "f32", "q8_0" or None: the kernels' choice (kernels.kv_format)
         self.prefetch_enabled = prefetch
         self.rope = Rope(spec)
         self.scale = spec.head_dim ** -0.5
@@ -296,13 +293,12 @@ class Model:
         s = self.spec
         room = max(256, tokens) if kv_cache.ROOM_IS_FREE else 256
         cache = KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=room,
-                        dtype=np.float32 if scratch else self._kv_dtype())
+                        fmt="f32" if scratch else self._kv_format())
         self._kv = weakref.ref(cache)
         return cache
 
-    def _kv_dtype(self) -> np.dtype:
-        return np.dtype(np.float32 if self.kv_cache == "f32" else np.float16 if self.kv_cache == "f16"
-                        else kernels.kv_dtype())
+    def _kv_format(self) -> str:
+        return self.kv_cache or kernels.kv_format()
 
     # ----------------------------------------------------------------- public
     def new_context(self) -> Context:
@@ -403,7 +399,7 @@ class Model:
         cache = self._kv() if self._kv is not None else None
         tokens = cache.length if cache is not None else 0
         snap["kv"] = {"tokens": tokens, "bytes": tokens * cache.bytes_per_token if cache is not None else 0,
-                      "dtype": KV_NAMES[cache.dtype if cache is not None else self._kv_dtype()],
+                      "dtype": cache.fmt if cache is not None else self._kv_format(),
                       "context": self.spec.max_position_embeddings}
         return snap
 

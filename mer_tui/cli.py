@@ -33,8 +33,9 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
                         "q8_0 (as llama.cpp), q4_0, q4_k, bf16, f16, f32; default: as stored")
     p.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's experts ahead")
     p.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
-    p.add_argument("--kv-cache", choices=["f16", "f32"],
-                   help="keys and values kept in float16 (as llama.cpp; the default with the C kernels) or float32")
+    p.add_argument("--kv-cache", choices=["f16", "f32", "q8_0"],
+                   help="keys and values kept in float16 (as llama.cpp; the default with the C kernels), float32, "
+                        "or q8_0 (about half of float16's memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:

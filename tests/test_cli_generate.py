@@ -71,3 +71,10 @@ def test_kv_cache_option_reaches_the_model(chat_model_dir, kv, dtype):
         ctx = model.new_context()
         list(model.generate([1, 2, 3], max_new_tokens=2, context=ctx))
         assert ctx.cache.k[0].dtype == dtype and ctx.cache.v[-1].dtype == dtype
+
+
+def test_kv_cache_q8_0_needs_whole_blocks(chat_model_dir):
+    r = _run("--model", str(chat_model_dir), "--prompt", "x", "--kv-cache", "q8_0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("q8_0 needs a head size that is a multiple of 32, and this "
+                                                      "model's is 8")

@@ -76,6 +76,38 @@ def test_incremental_decoding_equals_full_recompute(checkpoint_dir, variant, kv)
     np.testing.assert_allclose(inc, full, rtol=0, atol=KV_ATOL[kv] * np.abs(full).max())
 
 
+def test_q8_0_keys_and_values_are_the_rounded_ones(checkpoint_dir, monkeypatch):
+    """With --kv-cache q8_0 the keys and values are ggml's q8_0 of them, and a decode computes with exactly
+    those: the same logits as float32 keys and values rounded through q8_0 (head size 64, two KV heads).
+    How far that rounding moves the logits depends on the model (7% of the largest here: transformers'
+    small random init, whose largest logit is 1.1)."""
+    import kernels
+    from kernels import formats
+
+    folder = checkpoint_dir("quant")
+    ids = np.array(IDS * 3)
+
+    def decode(model):
+        cache = model._new_cache()
+        steps = [model._step(ids[:4], cache, last_only=False)]
+        steps += [model._step(np.array([t]), cache, last_only=False) for t in ids[4:]]
+        return np.concatenate(steps), cache
+
+    ours, cache = decode(engine.load(folder, kv_cache="q8_0"))
+    assert cache.fmt == "q8_0" and cache.k[0].dtype == np.uint8 and cache.k[0].shape[2] == 64 // 32 * 34
+    real = kernels.kv_rows
+
+    def rounded(x, fmt):   # float32 rows holding q8_0's values
+        q = real(x, "q8_0")
+        return formats.dequantize_ref(q.reshape(-1, q.shape[-1]), "q8_0", x.shape[-1]).reshape(x.shape)
+
+    monkeypatch.setattr(kernels, "kv_rows", lambda x, fmt: rounded(x, fmt) if fmt == "f32" else real(x, fmt))
+    want, _ = decode(engine.load(folder, kv_cache="f32"))
+    np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(engine.EngineError, match="multiple of 32"):
+        engine.load(checkpoint_dir("mixtral"), kv_cache="q8_0")   # a head size of 8
+
+
 def test_sliding_window_changes_the_result(checkpoint_dir):
     """The window is really applied: beyond it, logits differ from full attention."""
     model = engine.load(checkpoint_dir("mixtral-window"))
@@ -256,6 +288,6 @@ def test_a_prompt_in_many_chunks_matches_transformers(checkpoint_dir, variant, m
     assert asked == [layer for layer in model.moe_layer_ids for _ in range(chunks)]
     # a cache with room for 4 grows before the first chunk, not under a later one (chunks write past its length)
     s = model.spec
-    small = engine.kv_cache.KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=4, dtype=np.float32)
+    small = engine.kv_cache.KVCache(s.num_layers, s.num_kv_heads, s.head_dim, capacity=4, fmt="f32")
     np.testing.assert_allclose(model._step(np.array(ids), small, last_only=False), ours, rtol=0,
                                atol=1e-5 * np.abs(ours).max())
