@@ -399,7 +399,7 @@ class Model:
         cache = self._kv() if self._kv is not None else None
         tokens = cache.length if cache is not None else 0
         snap["kv"] = {"tokens": tokens, "bytes": tokens * cache.bytes_per_token if cache is not None else 0,
-                      "dtype": cache.fmt if cache is not None else self._kv_format(),
+                      "format": cache.fmt if cache is not None else self._kv_format(),
                       "context": self.spec.max_position_embeddings}
         return snap
 

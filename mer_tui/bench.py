@@ -241,7 +241,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "io": snap.get("io", {}).get("backend"),
         "policy": snap.get("policy"),
-        "kv_cache": snap["kv"]["dtype"],
+        "kv_cache": snap["kv"]["format"],
         "ram_cache": ram.get("bytes_budget"),
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,

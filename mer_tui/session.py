@@ -136,6 +136,7 @@ class Session:
         self.system_prompt = system_prompt
         self.messages: list[dict[str, str]] = []
         self._context = None     # the conversation's keys and values, kept from turn to turn (engine.Context)
+        self._first_kept = 0     # messages before this one no longer fit the context (_prompt_ids)
         self.status = "ready" if model is not None else "new"     # new → loading → ready | failed
         self.progress: tuple[str, int, int] = ("", 0, 0)
         self.load_error: str | None = None
@@ -177,10 +178,13 @@ class Session:
 
     # ------------------------------------------------------------------ telemetry and events
     def telemetry(self) -> dict | None:
-        """The engine's snapshot, or None before the model is loaded."""
+        """The engine's snapshot, or None before the model is loaded; its KV context is the chat's."""
         if self.model is None:
             return None
-        return self.model.telemetry()
+        snap = self.model.telemetry()
+        if "kv" in snap:
+            snap["kv"]["context"] = self._context_limit()
+        return snap
 
     def _emit(self, event: Event) -> None:
         with self._lock:
@@ -233,6 +237,7 @@ class Session:
         if self.busy:
             return False
         self.messages.clear()
+        self._first_kept = 0
         if self._context is not None:
             self._context.clear()
         return True
@@ -243,17 +248,23 @@ class Session:
         return min(asked, trained) if trained else asked
 
     def _prompt_ids(self) -> tuple[list[int], int]:
-        """The conversation through the chat template, and how many of its oldest messages were left out
-        to fit the context with room for the reply."""
+        """The conversation through the chat template from its first kept message, and how many more of its
+        oldest messages this turn left out to fit the context with room for the reply.
+
+        Past the context, whole turns are left out until the rest fills half of it (llama.cpp's context
+        shift discards half too): the turns after keep the same beginning, and so the keys and values
+        kept for it, until the context fills again, rather than all of it being computed again each turn."""
         tok = self.model.tokenizer
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         budget = self._context_limit() - self.settings.max_new_tokens
-        turns = list(self.messages)
-        while True:
-            ids = tok.encode_chat(system + turns)
-            if len(ids) <= budget or len(turns) <= 1:
-                return ids, len(self.messages) - len(turns)
-            turns = turns[2:] if len(turns) > 2 else turns[-1:]
+        start = min(self._first_kept, max(len(self.messages) - 1, 0))
+        ids = tok.encode_chat(system + self.messages[start:])
+        if len(ids) > budget:
+            while len(ids) > budget // 2 and len(self.messages) - start > 1:
+                start += min(2, len(self.messages) - start - 1)   # a turn; never the message to answer
+                ids = tok.encode_chat(system + self.messages[start:])
+        dropped, self._first_kept = start - self._first_kept, start
+        return ids, max(dropped, 0)
 
     def _generate_main(self) -> None:
         from engine import EngineError
@@ -266,9 +277,10 @@ class Session:
             if tok is None:
                 raise EngineError(f"{model.path}: no tokenizer.json, so the chat cannot encode text")
             ids, dropped = self._prompt_ids()
-            if dropped:   # the kept keys and values cannot serve a prompt that lost its beginning: said once a turn
-                self._emit(Notice(f"The conversation is past the {self._context_limit()}-token context: its "
-                                  f"{dropped} oldest messages are left out, and the rest is computed again"))
+            if dropped:   # the kept keys and values cannot serve a prompt that lost its beginning
+                self._emit(Notice(f"The conversation is past the {self._context_limit()}-token context: "
+                                  f"{dropped} more of its oldest messages are left out ({self._first_kept} in "
+                                  f"all), and the rest is computed again"))
             if self._context is None:
                 self._context = model.new_context()
             # A tokenizer's end-of-turn token may not be among config.json's eos ids; stop on it too.

@@ -109,30 +109,40 @@ def test_later_turns_compute_only_what_is_new(model):
 
 
 def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so(model):
+    """Past the context, whole turns are left out until the rest fills half of it, with a notice; the turns
+    after that keep the same beginning, and so what was computed for it, until the context fills again."""
     s = Session(model=model)
     s.settings.temperature, s.settings.repetition_penalty = 0.0, None
     s.settings.max_new_tokens = 4
-    one = len(model.tokenizer.encode_chat([{"role": "user", "content": "first message"}]))
-    s.settings.context = 2 * one + 4 + 8   # room for two short turns and a reply, not three
-    s.send("first message")
-    assert not [e for e in wait_turn(s) if isinstance(e, Notice)]
-    s.send("second one")
-    events = wait_turn(s)
-    assert not [e for e in events if isinstance(e, Notice)]
-    assert [e for e in events if isinstance(e, TurnDone)][0].kept_tokens >= one
-    s.send("third one")
-    events = wait_turn(s)
-    notes = [e.message for e in events if isinstance(e, Notice)]
+    one = len(model.tokenizer.encode_chat([{"role": "user", "content": "message 0"}]))
+    s.settings.context = 3 * one + 4 * 4 + 4   # room for about three short turns and a reply
+
+    def turn(k):
+        s.send(f"message {k}")
+        events = wait_turn(s)
+        return ([e.message for e in events if isinstance(e, Notice)],
+                [e for e in events if isinstance(e, TurnDone)][0])
+
+    budget = s.settings.context - s.settings.max_new_tokens
+    notes, done = turn(0)
+    k = 1
+    while not notes:
+        before = done
+        notes, done = turn(k)
+        k += 1
+        assert k < 20, "the context never filled"
     assert len(notes) == 1 and f"past the {s.settings.context}-token context" in notes[0]
-    assert "2 oldest messages are left out" in notes[0]
-    done = [e for e in events if isinstance(e, TurnDone)][0]
-    ids, dropped = s._prompt_ids()
-    assert dropped >= 2 and done.prompt_tokens <= s.settings.context - s.settings.max_new_tokens
-    # what was kept began with the first message, which the prompt no longer has
-    assert done.kept_tokens < one
+    assert done.prompt_tokens <= budget // 2 < before.prompt_tokens + 8   # half of it, whole turns left out
+    assert done.kept_tokens < one                  # what was kept began with a message no longer sent
+    # the next turn begins as this one did: no notice, and this turn's prompt is kept
+    notes2, after = turn(k)
+    assert not notes2 and after.kept_tokens >= done.prompt_tokens
+    assert s.telemetry()["kv"]["context"] == s.settings.context    # the KV gauge shows the chat's context
     # the model's trained context bounds what is asked for
     s.settings.context = 10 * model.spec.max_position_embeddings
     assert s._context_limit() == model.spec.max_position_embeddings
+    # a new chat sends everything again
+    assert s.new_chat() and s._first_kept == 0
     s.close()
 
 

@@ -135,7 +135,7 @@ def test_tiers_show_where_decoding_waited_for_experts():
 def test_tiers_show_the_keys_and_values_held():
     snap = load_recording(FIXTURES / "telemetry_stream.json")[-1]
     assert "KV" not in "\n".join(lines(render_tiers(snap, 60), 60))   # a recording from before the field
-    kv = {"tokens": 1024, "bytes": 1024 * 131072, "dtype": "f16", "context": 4096}
+    kv = {"tokens": 1024, "bytes": 1024 * 131072, "format": "f16", "context": 4096}
     row = next(line for line in lines(render_tiers({**snap, "kv": kv}, 54), 54) if line.startswith("KV"))
     assert row.startswith("KV f16") and row.rstrip().endswith("1024/4096 tok, 128 MiB"), row
     assert row.count("█") == 5 and "▎" in row   # a quarter of a 21-cell gauge: 5 cells and two eighths
@@ -147,7 +147,7 @@ def test_the_engine_reports_the_keys_and_values_it_holds(model):
     kv = model.telemetry()["kv"]
     per_token = 2 * model.spec.num_layers * model.spec.num_kv_heads * model.spec.head_dim * ctx.cache.dtype.itemsize
     assert kv["tokens"] == len(ctx) == 8 and kv["bytes"] == 8 * per_token
-    assert kv["dtype"] == {2: "f16", 4: "f32"}[ctx.cache.dtype.itemsize]
+    assert kv["format"] == ctx.cache.fmt == {2: "f16", 4: "f32"}[ctx.cache.dtype.itemsize]
     assert kv["context"] == model.spec.max_position_embeddings
     ctx.clear()
     assert model.telemetry()["kv"]["tokens"] == 0

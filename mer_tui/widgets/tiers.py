@@ -79,7 +79,7 @@ def render_tiers(snap: dict | None, width: int, requested_budget: int | None = N
     kv = snap.get("kv")
     if kv is not None:
         tokens, context = kv.get("tokens") or 0, kv.get("context")
-        t.add_row(f"KV {kv.get('dtype', '')}", bar(tokens / context if context else None, gauge_w, styles["used"],
+        t.add_row(f"KV {kv.get('format', '')}", bar(tokens / context if context else None, gauge_w, styles["used"],
                                                    styles["track"]),
                   Text(f"{tokens}/{context or '?'} tok, {format_size(kv.get('bytes') or 0)}"))
 
