@@ -3117,7 +3117,8 @@ typedef struct {
     int kind; /* F16 or Q8_0: the rows' layout */
     int64_t group, cap, t0, T, d, rb;
     float scale;
-    float *out;
+    int64_t parts;         /* of each head's keys, one chunk each */
+    float *acc, *mx, *sm;  /* per chunk and query: sum exp(s - mx) V, the largest score, sum exp(s - mx) */
     int failed;
 } attend_ctx;
 
@@ -3231,14 +3232,18 @@ INLINE void axpy_q8(float *o, float p, const uint8_t *v, int64_t d) {
     }
 }
 
-static void attend_head(void *ctx, int64_t h) {
+/* Chunk c: KV head c / S, its keys' part c % S of S.  Leaves the part's softmax unnormalised: per query
+ * its largest score (mx), the sum of exp(score - mx) (sm) and sum exp(score - mx) V (acc, d floats),
+ * which mk_attend merges over the parts. */
+static void attend_part(void *ctx, int64_t c) {
     attend_ctx *x = ctx;
-    const int64_t n = x->T - x->t0, d = x->d, G = x->group, rb = x->rb;
+    const int64_t h = c / x->parts, part = c % x->parts, d = x->d, G = x->group, rb = x->rb;
+    const int64_t all = x->T - x->t0, a = all * part / x->parts, n = all * (part + 1) / x->parts - a;
     const int q8 = x->kind == Q8_0;
     const float *q = x->q + h * G * d;
-    const uint8_t *K = x->K + (h * x->cap + x->t0) * rb, *V = x->V + (h * x->cap + x->t0) * rb;
-    float *out = x->out + h * G * d;
-    float *p = malloc((size_t)(G * n) * sizeof(float));
+    const uint8_t *K = x->K + (h * x->cap + x->t0 + a) * rb, *V = x->V + (h * x->cap + x->t0 + a) * rb;
+    float *acc = x->acc + c * G * d, *mx = x->mx + c * G, *sm = x->sm + c * G;
+    float *p = malloc((size_t)(G * (n > 0 ? n : 1)) * sizeof(float));
     if (!p) {
         x->failed = 1;
         return;
@@ -3248,34 +3253,62 @@ static void attend_head(void *ctx, int64_t h) {
         for (int64_t g = 0; g < G; g++)
             p[g * n + t] = x->scale * (q8 ? dot_q8(q + g * d, K + t * rb, d)
                                           : dot_h(q + g * d, (const uint16_t *)(K + t * rb), d));
-    float inv[G];
     for (int64_t g = 0; g < G; g++) {
         float *pg = p + g * n, m = -INFINITY, sum = 0.0f;
         for (int64_t t = 0; t < n; t++) m = pg[t] > m ? pg[t] : m;
         for (int64_t t = 0; t < n; t++) sum += (pg[t] = expf(pg[t] - m));
-        inv[g] = 1.0f / sum;
-        memset(out + g * d, 0, (size_t)d * sizeof(float));
+        mx[g] = m;
+        sm[g] = sum;
+        memset(acc + g * d, 0, (size_t)d * sizeof(float));
     }
     for (int64_t t = 0; t < n; t++)
         for (int64_t g = 0; g < G; g++) {
             if (q8)
-                axpy_q8(out + g * d, p[g * n + t], V + t * rb, d);
+                axpy_q8(acc + g * d, p[g * n + t], V + t * rb, d);
             else
-                axpy_h(out + g * d, p[g * n + t], (const uint16_t *)(V + t * rb), d);
+                axpy_h(acc + g * d, p[g * n + t], (const uint16_t *)(V + t * rb), d);
         }
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t j = 0; j < d; j++) out[g * d + j] *= inv[g];
     free(p);
 }
 
-/* fmt: the FMT_CODE of K's and V's rows, f16 or q8_0 (d a multiple of 32). */
+/* Keys a part at least: below that a part's fixed costs (its own softmax, its d-float accumulator) and the
+ * merge outweigh reading its keys on another core. */
+#define ATTEND_PART_KEYS 256
+
+/* fmt: the FMT_CODE of K's and V's rows, f16 or q8_0 (d a multiple of 32).  A chunk of work is a KV head's
+ * keys, or a part of them where the heads are fewer than the threads can take: a model with 4 KV heads
+ * (Qwen3-MoE) would otherwise read its cache on 4 cores of 16.  The parts merge into one softmax. */
 MK_API int mk_attend(int fmt, const float *q, const uint8_t *K, const uint8_t *V, int64_t heads, int64_t group,
                      int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads) {
     if (heads < 1 || group < 1 || d < 1 || t0 < 0 || T <= t0 || T > cap) return 1;
     if (fmt != F16 && !(fmt == Q8_0 && d % 32 == 0)) return 3;
-    const int64_t rb = fmt == F16 ? 2 * d : d / 32 * 34;
-    attend_ctx x = {q, K, V, fmt, group, cap, t0, T, d, rb, scale, out, 0};
-    mk_parallel(attend_head, &x, heads, pick_threads(nthreads, heads * (T - t0) * rb * 2));
+    const int64_t rb = fmt == F16 ? 2 * d : d / 32 * 34, n = T - t0;
+    const int nt = pick_threads(nthreads, heads * n * rb * 2);
+    int64_t parts = heads >= 2 * (int64_t)nt ? 1 : (2 * (int64_t)nt + heads - 1) / heads; /* 2 chunks a thread */
+    if (parts > n / ATTEND_PART_KEYS) parts = n / ATTEND_PART_KEYS > 1 ? n / ATTEND_PART_KEYS : 1;
+    const int64_t chunks = heads * parts;
+    attend_ctx x = {q, K, V, fmt, group, cap, t0, T, d, rb, scale, parts,
+                    malloc((size_t)(chunks * group * d) * sizeof(float)),
+                    malloc((size_t)(chunks * group) * sizeof(float)), malloc((size_t)(chunks * group) * sizeof(float)), 0};
+    if (!x.acc || !x.mx || !x.sm) {
+        free(x.acc), free(x.mx), free(x.sm);
+        return 2;
+    }
+    mk_parallel(attend_part, &x, chunks, nt);
+    for (int64_t h = 0; h < heads && !x.failed; h++)
+        for (int64_t g = 0; g < group; g++) {
+            float M = -INFINITY, L = 0.0f, *o = out + (h * group + g) * d;
+            for (int64_t c = h * parts; c < (h + 1) * parts; c++) M = x.mx[c * group + g] > M ? x.mx[c * group + g] : M;
+            memset(o, 0, (size_t)d * sizeof(float));
+            for (int64_t c = h * parts; c < (h + 1) * parts; c++) {
+                const float w = expf(x.mx[c * group + g] - M);
+                const float *acc = x.acc + (c * group + g) * d;
+                L += w * x.sm[c * group + g];
+                for (int64_t j = 0; j < d; j++) o[j] += w * acc[j];
+            }
+            for (int64_t j = 0; j < d; j++) o[j] /= L;
+        }
+    free(x.acc), free(x.mx), free(x.sm);
     return x.failed ? 2 : 0;
 }
 

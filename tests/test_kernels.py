@@ -1013,3 +1013,21 @@ def test_widen_is_an_exact_cast(backend):
     rows, held = _stored(x, "q8_0")
     assert np.array_equal(kernels.widen(rows[:, :5]), held[:, :5].astype(np.float32))
     assert kernels.kv_format() == ("f16" if backend.startswith("c-") else "f32")
+
+
+@pytest.mark.parametrize("variant", [v for v in cpu_c.PREFERENCE if cpu_c.runs_here(v)])
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_attention_over_few_heads_splits_their_keys_among_threads(variant, kv):
+    # One KV head on eight threads: its 3000 keys go out in parts (at least 256 each) whose softmaxes merge
+    # into one; the result is the one-thread one's within float32's reordering, and float64's.
+    ck = cpu_c.load(variant)
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((1, 4, 64), dtype=np.float32)
+    K, Kheld = _stored(rng.standard_normal((1, 3100, 64)) * 3, kv)
+    V, Vheld = _stored(rng.standard_normal((1, 3100, 64)), kv)
+    ref = _attention_reference(q, Kheld, Vheld, 50, 3050, 0.125)
+    one = ck.attend(q, K, V, kv, 50, 3050, 0.125, 1)
+    many = ck.attend(q, K, V, kv, 50, 3050, 0.125, 8)
+    for got in (one, many):   # float32 sums of 3000 terms: a few 1e-6 of the largest from float64's
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert not np.array_equal(one, many)   # the parts did run: their sums come in another order
