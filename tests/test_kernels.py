@@ -974,6 +974,22 @@ def test_a_decoded_tokens_attention_over_the_cache(backend, kv, heads, group, d,
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_attention_over_scores_spread_far_apart(backend, kv):
+    # Scores hundreds apart: the C kernels' vector exp clamps below -87.3 (1e-38 where expf gives 0 or a
+    # subnormal), which a softmax's sum of at least 1 does not notice.  Float32 scores of a few hundred are
+    # off by ~1e-4 themselves (numpy's too), so the bound is that: a wrong clamp would be off by the whole.
+    rng = np.random.default_rng(12)
+    q = rng.standard_normal((2, 3, 64), dtype=np.float32)
+    K, Kheld = _stored(rng.standard_normal((2, 700, 64)) * 12, kv)
+    V, Vheld = _stored(rng.standard_normal((2, 700, 64)), kv)
+    got = kernels.attend_one(q, K, V, 0, 700, 1.0)
+    ref = _attention_reference(q, Kheld, Vheld, 0, 700, 1.0)
+    assert np.ptp(q.astype(np.float64) @ Kheld.transpose(0, 2, 1)) > 500
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-4 * np.abs(ref).max())
+
+
 def test_kv_rows_in_q8_0_are_ggmls_bytes(backend):
     # The C kernels quantize a KV cache's rows themselves (the numpy reference costs 7 ms a prompt chunk's layer):
     # ggml's q8_0, byte for byte, scales' float16 rounding (subnormal, overflowing, tie cases) included.
