@@ -3109,8 +3109,9 @@ static void sum_chunk(void *vctx, int64_t c) {
 /* The KV cache keeps keys and values in float16, as llama.cpp does: a decoded token reads all of
  * them (at 2048 tokens of OLMoE's shape 256 MiB, 512 in float32), and numpy has no float16 product.
  * Or in q8_0 (llama.cpp's --cache-type-k/v q8_0): 34 bytes a 32 of them, 53% of float16.
- * One chunk per KV head: its `group` query rows against keys and values [t0, T) of `cap`-row
- * buffers, out = softmax(scale * q K^T) V, computed in float32 (scores, then one pass over V). */
+ * A KV head's `group` query rows against its keys and values [t0, T) of `cap`-row buffers, out =
+ * softmax(scale * q K^T) V, computed in float32 (scores, then one pass over V); a chunk of work is a
+ * head, or a part of its keys where the heads are few (mk_attend). */
 typedef struct {
     const float *q;
     const uint8_t *K, *V;
