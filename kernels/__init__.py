@@ -442,13 +442,9 @@ def widen(a: np.ndarray, slot: int = 0) -> np.ndarray:
     if buf is None or buf.size < heads * T * d:
         buf = bufs[slot] = np.empty(heads * T * d, dtype=np.float32)
     out = buf[:heads * T * d].reshape(heads, T, d)
-    ck = _state()[1]
-    for h in range(heads):
-        rows = a[h].view(np.uint8)   # (T, row bytes), each row contiguous
-        if ck is not None:
-            ck.dequantize(rows, fmt, d, threads(), out=out[h])
-        else:
-            out[h] = dequantize(rows, fmt, d)
+    b, ck = _state()
+    for h in range(heads):   # a head's rows are (T, row bytes), each contiguous
+        _dequant_fast(a[h].view(np.uint8), fmt, d, b, ck, out[h])
     return out
 
 

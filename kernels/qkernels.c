@@ -3171,10 +3171,8 @@ INLINE float dot_h(const float *q, const uint16_t *k, int64_t d) {
 #if MK_SIMD
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; j + 16 <= d; j += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j))),
-                               _mm256_loadu_ps(q + j), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j + 8))),
-                               _mm256_loadu_ps(q + j + 8), acc1);
+        acc0 = _mm256_fmadd_ps(hf8((const uint8_t *)(k + j)), _mm256_loadu_ps(q + j), acc0);
+        acc1 = _mm256_fmadd_ps(hf8((const uint8_t *)(k + j + 8)), _mm256_loadu_ps(q + j + 8), acc1);
     }
     s = hsum(_mm256_add_ps(acc0, acc1));
 #endif
@@ -3187,8 +3185,7 @@ INLINE void axpy_h(float *o, float p, const uint16_t *v, int64_t d) {
 #if MK_SIMD
     const __m256 pv = _mm256_set1_ps(p);
     for (; j + 8 <= d; j += 8)
-        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j))), pv,
-                                                _mm256_loadu_ps(o + j)));
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(hf8((const uint8_t *)(v + j)), pv, _mm256_loadu_ps(o + j)));
 #endif
     for (; j < d; j++) o[j] += p * half_to_float_soft(v[j]);
 }
