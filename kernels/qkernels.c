@@ -3165,6 +3165,11 @@ MK_API void mk_quant_q8_0(const float *x, int64_t rows, int64_t cols, uint8_t *o
     }
 }
 
+#if MK_SIMD
+INLINE __m256 i8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+#endif
+
+/* One query a KV head: a key's dot product and a value's axpy, row by row, as the rows lie. */
 INLINE float dot_h(const float *q, const uint16_t *k, int64_t d) {
     int64_t j = 0;
     float s = 0.0f;
@@ -3189,10 +3194,6 @@ INLINE void axpy_h(float *o, float p, const uint16_t *v, int64_t d) {
 #endif
     for (; j < d; j++) o[j] += p * half_to_float_soft(v[j]);
 }
-
-#if MK_SIMD
-INLINE __m256 i8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
-#endif
 
 /* q . row for a q8_0 row of d values (d a multiple of 32). */
 INLINE float dot_q8(const float *q, const uint8_t *k, int64_t d) {
@@ -3227,6 +3228,141 @@ INLINE void axpy_q8(float *o, float p, const uint8_t *v, int64_t d) {
 #else
         for (int j = 0; j < 32; j++) o[j] += pd * (float)(int8_t)v[2 + j];
 #endif
+    }
+}
+
+/* Where a tile's rows come from: the cache's f16 or q8_0 rows. */
+enum { ATT_F16 = 1, ATT_Q8 = 2 };
+
+/* Value j of a row (j < d). */
+INLINE float att_ld1(const int src, const uint8_t *row, int64_t j) {
+    if (src == ATT_F16) return half_to_float_soft(((const uint16_t *)row)[j]);
+    const uint8_t *blk = row + j / 32 * 34;
+    return h2f(blk) * (float)(int8_t)blk[2 + j % 32];
+}
+
+#if MK_SIMD
+/* Values j .. j + 7 of a row (j a multiple of 8). */
+INLINE __m256 att_ld8(const int src, const uint8_t *row, int64_t j) {
+    if (src == ATT_F16) return hf8(row + 2 * j);
+    const uint8_t *blk = row + j / 32 * 34;
+    return _mm256_mul_ps(i8x8(blk + 2 + j % 32), _mm256_set1_ps(h2f(blk)));
+}
+
+/* The sums of a[0] .. a[7]'s lanes, in that order. */
+INLINE __m256 hsum8(const __m256 *a) {
+    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67); /* [0..3 low | 0..3 high] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#endif
+
+/* out[t] = scale * (q . rows[t]) for t < m (rows m x d float32).  Eight keys at once: eight sums in
+ * flight keep the FMA units busy where one dot product's chain waits on each FMA's latency. */
+INLINE void att_scores(const float *q, const float *rows, int64_t m, int64_t d, float scale, float *out) {
+    int64_t t = 0;
+#if MK_SIMD
+    if (d % 8 == 0)
+        for (; t + 8 <= m; t += 8) {
+            const float *r = rows + t * d;
+            __m256 a[8];
+            for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < d; j += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + j);
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(r + k * d + j), qv, a[k]);
+            }
+            _mm256_storeu_ps(out + t, _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale)));
+        }
+#endif
+    for (; t < m; t++) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < d; j++) s += q[j] * rows[t * d + j];
+        out[t] = scale * s;
+    }
+}
+
+#if MK_SIMD
+/* acc[g * d + j0 ..] += sum over t < m of p[g * ps + t] rows[t][j0 ..], for GB queries and JB 8-float
+ * chunks: GB * JB = 8 sums in registers, one FMA each a key. */
+INLINE void att_pv_block(const int GB, const int JB, const float *p, int64_t ps, const float *rows, int64_t m,
+                         int64_t d, float *acc, int64_t j0) {
+    __m256 a[4][8];
+#pragma GCC unroll 4
+    for (int g = 0; g < GB; g++)
+#pragma GCC unroll 8
+        for (int k = 0; k < JB; k++) a[g][k] = _mm256_loadu_ps(acc + g * d + j0 + 8 * k);
+    for (int64_t t = 0; t < m; t++) {
+        const float *r = rows + t * d + j0;
+        __m256 v[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < JB; k++) v[k] = _mm256_loadu_ps(r + 8 * k);
+#pragma GCC unroll 4
+        for (int g = 0; g < GB; g++) {
+            const __m256 w = _mm256_broadcast_ss(p + g * ps + t);
+#pragma GCC unroll 8
+            for (int k = 0; k < JB; k++) a[g][k] = _mm256_fmadd_ps(v[k], w, a[g][k]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GB; g++)
+#pragma GCC unroll 8
+        for (int k = 0; k < JB; k++) _mm256_storeu_ps(acc + g * d + j0 + 8 * k, a[g][k]);
+}
+
+/* att_pv_block over all of a row's chunks for GB queries: JB = 8 / GB chunks at a time, then one. */
+INLINE void att_pv_queries(const int GB, const float *p, int64_t ps, const float *rows, int64_t m, int64_t d,
+                           float *acc) {
+    const int JB = 8 / GB;
+    int64_t j0 = 0;
+    for (; j0 + 8 * JB <= d; j0 += 8 * JB) att_pv_block(GB, JB, p, ps, rows, m, d, acc, j0);
+    for (; j0 < d; j0 += 8) att_pv_block(GB, 1, p, ps, rows, m, d, acc, j0);
+}
+#endif
+
+/* acc[g] += sum over t < m of p[g * ps + t] rows[t] for the group's G queries (rows m x d float32). */
+INLINE void att_values(const float *p, int64_t ps, const float *rows, int64_t m, int64_t d, int64_t G, float *acc) {
+    int64_t g = 0;
+#if MK_SIMD
+    if (d % 8 == 0) {
+        for (; g + 4 <= G; g += 4) att_pv_queries(4, p + g * ps, ps, rows, m, d, acc + g * d);
+        for (; g + 2 <= G; g += 2) att_pv_queries(2, p + g * ps, ps, rows, m, d, acc + g * d);
+        for (; g < G; g++) att_pv_queries(1, p + g * ps, ps, rows, m, d, acc + g * d);
+    }
+#endif
+    for (; g < G; g++)
+        for (int64_t t = 0; t < m; t++)
+            for (int64_t j = 0; j < d; j++) acc[g * d + j] += p[g * ps + t] * rows[t * d + j];
+}
+
+/* With several queries a KV head (GQA: 4 in Mixtral, 8 in Qwen3-MoE) keys and values are converted to
+ * float32 ATT_TILE rows at a time, and every query of the group reads the tile from L1 (16 KB at head size
+ * 128): a row is converted once, not once a query, and the sums run eight at a time (att_scores,
+ * att_pv_block) where dot_h's one chain waits on each FMA.  With fewer queries the tile's extra pass costs
+ * more than it saves (1 to 3 a head: 5-30% slower, bench/attention), and rows are read as they lie. */
+#define ATT_TILED_FROM 4
+#define ATT_TILE 32
+
+/* Asks for the next tile's rows (up to `left` bytes) while the cores work on this one's: the tile's sums
+ * run from L1 with no load of their own for DRAM to answer. */
+INLINE void att_prefetch(const uint8_t *next, int64_t left, int64_t rb) {
+#if MK_SIMD
+    const int64_t n = left < ATT_TILE * rb ? left : ATT_TILE * rb;
+    if (n > 0) pf_run(next, n);
+#else
+    (void)next, (void)left, (void)rb;
+#endif
+}
+
+/* m rows of f16 or q8_0 (row bytes rb, d values) to float32, m x d row-major. */
+INLINE void att_rows_f32(const int src, const uint8_t *rows, int64_t rb, int64_t m, int64_t d, float *out) {
+    for (int64_t t = 0; t < m; t++, rows += rb, out += d) {
+        int64_t j = 0;
+#if MK_SIMD
+        for (; j + 8 <= d; j += 8) _mm256_storeu_ps(out + j, att_ld8(src, rows, j));
+#endif
+        for (; j < d; j++) out[j] = att_ld1(src, rows, j);
     }
 }
 
@@ -3279,35 +3415,51 @@ static void attend_part(void *ctx, int64_t c) {
     attend_ctx *x = ctx;
     const int64_t h = c / x->parts, part = c % x->parts, d = x->d, G = x->group, rb = x->rb;
     const int64_t all = x->T - x->t0, a = all * part / x->parts, n = all * (part + 1) / x->parts - a;
-    const int q8 = x->kind == Q8_0;
     const float *q = x->q + h * G * d;
     const uint8_t *K = x->K + (h * x->cap + x->t0 + a) * rb, *V = x->V + (h * x->cap + x->t0 + a) * rb;
     float *acc = x->acc + c * G * d, *mx = x->mx + c * G, *sm = x->sm + c * G;
-    float *p = malloc((size_t)(G * (n > 0 ? n : 1)) * sizeof(float));
+    const int q8 = x->kind == Q8_0, src = q8 ? ATT_Q8 : ATT_F16, tiled = G >= ATT_TILED_FROM;
+    /* the scores (G x n), then (tiled) a tile of rows in float32 */
+    float *p = malloc((size_t)(G * n + (tiled ? ATT_TILE * d : 0)) * sizeof(float));
     if (!p) {
         x->failed = 1;
         return;
     }
-    /* Key row t once for all the group's queries (GQA shares it). */
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t g = 0; g < G; g++)
-            p[g * n + t] = x->scale * (q8 ? dot_q8(q + g * d, K + t * rb, d)
-                                          : dot_h(q + g * d, (const uint16_t *)(K + t * rb), d));
-    for (int64_t g = 0; g < G; g++) {
-        float *pg = p + g * n, m = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < n; t++) m = pg[t] > m ? pg[t] : m;
-        sum = exp_sum(pg, n, m);
-        mx[g] = m;
-        sm[g] = sum;
-        memset(acc + g * d, 0, (size_t)d * sizeof(float));
-    }
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t g = 0; g < G; g++) {
-            if (q8)
-                axpy_q8(acc + g * d, p[g * n + t], V + t * rb, d);
-            else
-                axpy_h(acc + g * d, p[g * n + t], (const uint16_t *)(V + t * rb), d);
+    float *tile = p + G * n;
+    if (tiled)
+        for (int64_t t = 0; t < n; t += ATT_TILE) {
+            const int64_t m = n - t < ATT_TILE ? n - t : ATT_TILE;
+            att_rows_f32(src, K + t * rb, rb, m, d, tile);
+            att_prefetch(K + (t + m) * rb, (n - t - m) * rb, rb);
+            for (int64_t g = 0; g < G; g++) att_scores(q + g * d, tile, m, d, x->scale, p + g * n + t);
         }
+    else
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t g = 0; g < G; g++)
+                p[g * n + t] = x->scale * (q8 ? dot_q8(q + g * d, K + t * rb, d)
+                                              : dot_h(q + g * d, (const uint16_t *)(K + t * rb), d));
+    for (int64_t g = 0; g < G; g++) {
+        float *pg = p + g * n, m = -INFINITY;
+        for (int64_t t = 0; t < n; t++) m = pg[t] > m ? pg[t] : m;
+        mx[g] = m;
+        sm[g] = exp_sum(pg, n, m);
+    }
+    memset(acc, 0, (size_t)(G * d) * sizeof(float));
+    if (tiled)
+        for (int64_t t = 0; t < n; t += ATT_TILE) {
+            const int64_t m = n - t < ATT_TILE ? n - t : ATT_TILE;
+            att_rows_f32(src, V + t * rb, rb, m, d, tile);
+            att_prefetch(V + (t + m) * rb, (n - t - m) * rb, rb);
+            att_values(p + t, n, tile, m, d, G, acc);
+        }
+    else
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t g = 0; g < G; g++) {
+                if (q8)
+                    axpy_q8(acc + g * d, p[g * n + t], V + t * rb, d);
+                else
+                    axpy_h(acc + g * d, p[g * n + t], (const uint16_t *)(V + t * rb), d);
+            }
     free(p);
 }
 

@@ -954,7 +954,11 @@ def _stored(x: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     return rows, held.astype(np.float64)
 
 
-ATTENTION_SHAPES = [(4, 1, 128, 300, 512, 0), (2, 4, 64, 33, 33, 0), (3, 2, 72, 1000, 1024, 600), (1, 1, 32, 1, 4, 0)]
+ATTENTION_SHAPES = [(4, 1, 128, 300, 512, 0), (2, 4, 64, 33, 33, 0), (3, 2, 72, 1000, 1024, 600), (1, 1, 32, 1, 4, 0),
+                    # groups of four and more go through float32 tiles: eight queries with the row's 8-float chunks
+                    # not a whole number of blocks, six (a block of four and one of two), seven on a head size
+                    # that no vector path takes
+                    (2, 8, 40, 77, 80, 3), (3, 6, 96, 257, 300, 1), (1, 7, 20, 50, 50, 0)]
 
 
 @pytest.mark.parametrize("kv,heads,group,d,T,cap,t0", [(kv, *shape) for kv in ("f16", "f32", "q8_0")
