@@ -6,6 +6,8 @@ itself), never O(sequence^2) in copies.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 import kernels
@@ -79,6 +81,22 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"truncate: {length} is outside 0..{self.length}")
         self.length = length
+
+    def remove(self, start: int, count: int, rotate_keys: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Take tokens [start, start + count) out: the ones after move up by `count`, their values as they
+        are, their keys through `rotate_keys` (float32 (kv_heads, n, head_dim) -> the same rotated to their
+        new positions: RoPE's rotation by -count; the format's rounding comes again, as in llama.cpp's
+        context shift)."""
+        if not (0 <= start and 0 <= count and start + count <= self.length):
+            raise ValueError(f"remove: tokens {start}..{start + count} are outside 0..{self.length}")
+        if count == 0:
+            return
+        src, dst = slice(start + count, self.length), slice(start, self.length - count)
+        for keys, values in zip(self.k, self.v):
+            if src.start < src.stop:
+                keys[:, dst] = kernels.kv_rows(rotate_keys(kernels.widen(keys[:, src])), self.fmt)
+                values[:, dst] = values[:, src]   # numpy copies through a buffer where the two overlap
+        self.length -= count
 
     def _grow(self, need: int) -> None:
         cap = self.capacity

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -301,10 +301,17 @@ class Model:
         return self.kv_cache or kernels.kv_format()
 
     # ----------------------------------------------------------------- public
-    def new_context(self) -> Context:
+    def new_context(self, shift: bool = False) -> Context:
         """An empty sequence to pass to successive `generate` calls (a chat's turns): each computes only
-        the part of its prompt the one before had not."""
-        return Context(self, self._new_cache())
+        the part of its prompt the one before had not.  With `shift`, a prompt that leaves out a middle
+        part of the context (a chat's oldest turns) keeps what follows it too (engine.context)."""
+        return Context(self, self._new_cache(), shift)
+
+    def _rotation(self, by: int) -> Callable[[np.ndarray], np.ndarray]:
+        """Keys (kv_heads, n, head_dim) rotated `by` positions back: RoPE's angles are position times a fixed
+        frequency, so a key at p turns into the one at p - by."""
+        cos, sin = self.rope.tables(np.array([-by]))
+        return lambda keys: Rope.apply(keys, cos, sin)
 
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits (len(ids), vocab) for a fresh sequence."""
@@ -353,7 +360,7 @@ class Model:
             if context is None:
                 cache, kept = self._new_cache(len(arr) + max_new), 0
             else:
-                cache, kept = context.cache, context.keep(history)
+                cache, kept = context.cache, context.keep(history, self._rotation)
                 self._kv = weakref.ref(cache)
                 if kv_cache.ROOM_IS_FREE:
                     cache.reserve(len(arr) + max_new)
