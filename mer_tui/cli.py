@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, metavar="N",
                    help="tokens of conversation the chat keeps, the reply included (default: the model's "
                         "trained context, at most 4096; never more than it): older turns are left out")
+    p.add_argument("--context-shift", action="store_true",
+                   help="past the context, keep the later turns' keys and values, moved up to their new "
+                        "positions (llama.cpp's context shift), rather than compute them again: the next reply "
+                        "starts at once, computed with the left-out turns still in view")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy replies")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--repetition-penalty", type=float, default=1.1)

@@ -141,7 +141,7 @@ def run_launch(args: argparse.Namespace) -> int:
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                  context=args.ctx_size)
+                                  context=args.ctx_size, context_shift=args.context_shift)
     session = Session(loader, info=info, policy=args.policy, ram_budget=budget, settings=settings,
                       system_prompt=args.system)
     app = MerApp(session, export_dir=args.export_dir)

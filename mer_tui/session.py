@@ -88,6 +88,7 @@ class GenerationSettings:
     repetition_penalty: float | None = 1.1
     seed: int | None = None
     context: int | None = None   # tokens of conversation kept (None: the model's trained context, <= MAX_CONTEXT)
+    context_shift: bool = False  # past the context, keep the later turns' keys and values (engine.Context shift)
 
 
 @dataclass
@@ -278,11 +279,13 @@ class Session:
                 raise EngineError(f"{model.path}: no tokenizer.json, so the chat cannot encode text")
             ids, dropped = self._prompt_ids()
             if dropped:   # the kept keys and values cannot serve a prompt that lost its beginning
+                rest = ("the rest's keys and values are kept, moved up to their new positions" if s.context_shift
+                        else "the rest is computed again")
                 self._emit(Notice(f"The conversation is past the {self._context_limit()}-token context: "
                                   f"{dropped} more of its oldest messages are left out ({self._first_kept} in "
-                                  f"all), and the rest is computed again"))
+                                  f"all); {rest}"))
             if self._context is None:
-                self._context = model.new_context()
+                self._context = model.new_context(shift=s.context_shift)
             # A tokenizer's end-of-turn token may not be among config.json's eos ids; stop on it too.
             eos = tok.eos_id
             stream = tok.stream()

@@ -108,14 +108,17 @@ def test_later_turns_compute_only_what_is_new(model):
     s.close()
 
 
-def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so(model):
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so(model, shift):
     """Past the context, whole turns are left out until the rest fills half of it, with a notice; the turns
-    after that keep the same beginning, and so what was computed for it, until the context fills again."""
+    after that keep the same beginning, and so what was computed for it, until the context fills again.
+    With context shift the turns left in keep their keys and values too: only the new message is computed."""
     s = Session(model=model)
     s.settings.temperature, s.settings.repetition_penalty = 0.0, None
+    s.settings.context_shift = shift
     s.settings.max_new_tokens = 4
     one = len(model.tokenizer.encode_chat([{"role": "user", "content": "message 0"}]))
-    s.settings.context = 3 * one + 4 * 4 + 4   # room for about three short turns and a reply
+    s.settings.context = 7 * one + 4 * 4 + 4   # room for a few short turns and a reply; two fit in half of it
 
     def turn(k):
         s.send(f"message {k}")
@@ -133,7 +136,13 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_turns_and_says_so
         assert k < 20, "the context never filled"
     assert len(notes) == 1 and f"past the {s.settings.context}-token context" in notes[0]
     assert done.prompt_tokens <= budget // 2 < before.prompt_tokens + 8   # half of it, whole turns left out
-    assert done.kept_tokens < one                  # what was kept began with a message no longer sent
+    if shift:   # the turns left in were moved up, not computed again (the last reply's tail may be: its text
+        # encodes to other tokens than the ones generated where they were not whole characters)
+        assert "moved up" in notes[0] and s._context.shifted > 0
+        assert 2 * one < done.kept_tokens < done.prompt_tokens
+    else:
+        assert "computed again" in notes[0]
+        assert done.kept_tokens < one              # what was kept began with a message no longer sent
     # the next turn begins as this one did: no notice, and this turn's prompt is kept
     notes2, after = turn(k)
     assert not notes2 and after.kept_tokens >= done.prompt_tokens

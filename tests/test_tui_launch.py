@@ -77,3 +77,23 @@ def test_bad_input_is_one_line_and_exit_2_before_the_app_starts(argv, message, c
     assert main(["launch", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,shift", [([], False), (["--context-shift"], True)])
+def test_the_chat_options_reach_the_session(model_dir, monkeypatch, extra, shift):
+    import mer_tui.app
+
+    seen = {}
+
+    class ScreenlessApp:   # run_launch's app, without taking the terminal
+        def __init__(self, session, export_dir):
+            seen["settings"] = session.settings
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(mer_tui.app, "MerApp", ScreenlessApp)
+    argv = ["launch", "--model", str(model_dir), "--ctx-size", "300", "--temperature", "0", "--seed", "4", *extra]
+    assert main(argv) == 0
+    s = seen["settings"]
+    assert (s.context, s.context_shift, s.temperature, s.seed) == (300, shift, 0.0, 4)
