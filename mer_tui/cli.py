@@ -65,10 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text headlessly, streaming to stdout")
     p.add_argument("--model", metavar="PATH", required=True)
-    p.add_argument("--prompt", required=True)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt's text")
+    prompt.add_argument("-f", "--file", metavar="PATH",
+                        help="read the prompt from a UTF-8 text file ('-': standard input), as llama.cpp's -f")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ctx-size", type=int, metavar="N",
+                   help="tokens the prompt and the reply may fill (default and most: the model's trained "
+                        "context): a longer prompt is refused, a reply stops there")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import engine
 from engine import format_size
@@ -19,9 +20,44 @@ def load_from_args(args: argparse.Namespace) -> engine.Model:
                        threads=args.threads, kv_cache=args.kv_cache)
 
 
+def prompt_text(args: argparse.Namespace) -> str:
+    """--prompt's text, or --file's (standard input for '-'), read before the model is loaded.  A file's
+    last newline ends its last line and is not part of the prompt (llama.cpp's -f drops it too)."""
+    if args.file is None:
+        return args.prompt
+    if args.file == "-":
+        return _without_last_newline(sys.stdin.read())
+    path = Path(args.file)
+    try:
+        return _without_last_newline(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CliError(f"--file: no such file: {path}") from None
+    except IsADirectoryError:
+        raise CliError(f"--file: {path} is a folder, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise CliError(f"--file: {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise CliError(f"--file: cannot read {path}: {e.strerror}") from None
+
+
+def context_size(asked: int | None, trained: int | None) -> int | None:
+    """The tokens a generation may fill: --ctx-size up to the trained context (positions past it were never
+    trained: a model's text falls apart there), the trained one by default; None where neither is known."""
+    if asked is not None and asked < 2:
+        raise CliError(f"--ctx-size: must be at least 2, got {asked}")
+    if asked is None or trained is None:
+        return trained if asked is None else asked
+    return min(asked, trained)
+
+
+def _without_last_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    prompt = prompt_text(args)
     t_load = time.perf_counter()
     model = load_from_args(args)
     load_s = time.perf_counter() - t_load
@@ -30,19 +66,26 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CliError(f"{args.model}: no tokenizer.json, so text prompts cannot be encoded")
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
+        messages.append({"role": "user", "content": prompt})
         ids = tok.encode_chat(messages)
     else:
-        ids = tok.encode(args.prompt)
+        ids = tok.encode(prompt)
+    source = "--prompt" if args.file is None else "--file"
     if not ids:
-        raise CliError("--prompt: encodes to no tokens")
+        raise CliError(f"{source}: encodes to no tokens")
+    context = context_size(args.ctx_size, model.spec.max_position_embeddings)
+    if context is not None and len(ids) >= context:
+        trained = model.spec.max_position_embeddings
+        raise CliError(f"{source}: the prompt is {len(ids)} tokens, more than the {context}-token context holds with "
+                       f"a reply (--ctx-size; the model was trained for {trained or 'an unknown number of'} tokens)")
+    max_new = args.max_new_tokens if context is None else min(args.max_new_tokens, context - len(ids))
 
     stream = tok.stream(stop=args.stop)
     out: list[int] = []
     parts: list[str] = []
     t0 = time.perf_counter()
     t_first = None
-    gen = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    gen = model.generate(ids, max_new_tokens=max_new, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                          repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     for token in gen:
@@ -73,7 +116,10 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(tail + "\n")
         sys.stdout.flush()
-        print(summary(len(ids), len(out), timings, snap), file=sys.stderr)
+        line = summary(len(ids), len(out), timings, snap)
+        if max_new < args.max_new_tokens and len(out) == max_new:
+            line += f" · stopped at the end of the {context}-token context"
+        print(line, file=sys.stderr)
     model.close()
     return 0
 

@@ -78,3 +78,58 @@ def test_kv_cache_q8_0_needs_whole_blocks(chat_model_dir):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("q8_0 needs a head size that is a multiple of 32, and this "
                                                       "model's is 8")
+
+
+def test_the_prompt_can_come_from_a_file_or_standard_input(chat_model_dir, tmp_path):
+    # as llama.cpp's -f: the file's text, less the newline that ends its last line
+    model = engine.load(chat_model_dir)
+    text = "the cat sat\non the mat"
+    want = json.loads(_run("--model", str(chat_model_dir), "--prompt", text, "--json", "--max-new-tokens", "5").stdout)
+    assert want["prompt_ids"] == model.tokenizer.encode(text)
+    (tmp_path / "p.txt").write_text(text + "\n", encoding="utf-8")
+    r = _run("--model", str(chat_model_dir), "-f", str(tmp_path / "p.txt"), "--json", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_ids"] == want["prompt_ids"] and json.loads(r.stdout)["ids"] == want["ids"]
+    r = subprocess.run([sys.executable, "-m", "mer_tui", "generate", "--model", str(chat_model_dir), "--file", "-",
+                        "--json", "--max-new-tokens", "5"], input=text + "\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ids"] == want["ids"]
+
+
+def test_a_prompt_file_that_cannot_be_read_is_named_before_the_model_loads(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    missing_model = str(tmp_path / "no-model")   # never reached: the file is read first
+    for path, message in ((tmp_path / "none.txt", f"--file: no such file: {tmp_path / 'none.txt'}"),
+                          (tmp_path, f"--file: {tmp_path} is a folder, not a text file"),
+                          (tmp_path / "latin1.txt", f"--file: {tmp_path / 'latin1.txt'} is not UTF-8 text (byte 3)")):
+        r = _run("--model", missing_model, "-f", str(path))
+        assert r.returncode == 2 and r.stderr.strip() == f"mer-tui: error: {message}"
+    r = _run("--model", missing_model, "-f", str(tmp_path / "empty.txt"), "--prompt", "x")
+    assert r.returncode == 2 and "not allowed with" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_context_bounds_the_prompt_and_the_reply(chat_model_dir):
+    model = engine.load(chat_model_dir)
+    trained = model.spec.max_position_embeddings
+    ids = model.tokenizer.encode("the cat")
+    # a reply stops where the context ends, and says so
+    r = _run("--model", str(chat_model_dir), "--prompt", "the cat", "--ctx-size", str(len(ids) + 3),
+             "--max-new-tokens", "20", "--temperature", "0", "--repetition-penalty", "1.0")
+    want = list(model.generate(ids, max_new_tokens=3, repetition_penalty=1.0))
+    assert r.returncode == 0 and len(want) == 3, r.stderr
+    assert r.stdout == model.tokenizer.decode(want) + "\n"
+    assert r.stderr.strip().endswith(f"stopped at the end of the {len(ids) + 3}-token context")
+    # a prompt the context cannot hold with a reply is refused before anything runs; past the trained
+    # context --ctx-size does not reach
+    long = "the cat " * trained
+    n = len(model.tokenizer.encode(long))
+    for extra in ([], ["--ctx-size", str(10 * trained)]):
+        r = _run("--model", str(chat_model_dir), "--prompt", long, *extra)
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.strip() == (f"mer-tui: error: --prompt: the prompt is {n} tokens, more than the "
+                                    f"{trained}-token context holds with a reply (--ctx-size; the model was "
+                                    f"trained for {trained} tokens)")
+    r = _run("--model", str(chat_model_dir), "--prompt", "x", "--ctx-size", "1")
+    assert r.returncode == 2 and r.stderr.strip() == "mer-tui: error: --ctx-size: must be at least 2, got 1"
