@@ -150,11 +150,15 @@ class MerApp(App):
         info = self.session.info
         if info.note:
             chat.add_note(info.note, "note demo")
-        for m in self.session.messages:      # a recorded conversation (replay)
+        for m in self.session.messages:      # a resumed conversation, or a recorded one (replay)
             if m["role"] == "user":
                 chat.add_user(m["content"])
             elif m["role"] == "assistant":
                 chat.add_assistant(m["content"])
+        draft = getattr(self.session, "draft", None)
+        if draft:
+            chat.input.value = draft
+            chat.add_note("The conversation's last message had no reply: it is in the box below, Enter sends it.")
         history = getattr(self.session, "history", None)
         if history is not None:
             for snap in history():

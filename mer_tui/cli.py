@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded model when --model is not given: the trained chat demo, or a large "
                         "random MoE for I/O-heavy runs")
     p.add_argument("--export-dir", metavar="DIR", default=".", help="where ctrl+s writes screenshots and telemetry")
-    p.add_argument("--system", help="system message for the chat")
+    p.add_argument("--system", help="system message for the chat (in place of a resumed conversation's)")
+    p.add_argument("--resume", metavar="FILE",
+                   help="go on with a saved conversation: the JSON ctrl+s exports, or a list of "
+                        "{role, content} messages")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
     p.add_argument("--ctx-size", type=int, metavar="N",
                    help="tokens of conversation the chat keeps, the reply included (default: the model's "

@@ -17,6 +17,7 @@ from engine.gguf_import import GgufCheckpoint, is_gguf
 from engine.loader import POLICIES, QUANTS
 
 from .cli import CliError
+from .conversation import Conversation, ConversationError, read_conversation
 from .session import GenerationSettings, Loader, ModelInfo, Progress, Session
 
 REAL_MODEL_HINT = ("To run a real model: `mer-tui launch --model PATH` (a Hugging Face MoE folder, an expert store "
@@ -135,7 +136,18 @@ def plan(args: argparse.Namespace) -> tuple[Loader, ModelInfo, int | None]:
     return load_demo, info, budget
 
 
+def _resumed(path: str | None) -> Conversation:
+    """--resume's conversation (read before anything loads, so a bad file ends at once), or an empty one."""
+    if path is None:
+        return Conversation()
+    try:
+        return read_conversation(path)
+    except ConversationError as e:
+        raise CliError(f"--resume: {e}") from None
+
+
 def run_launch(args: argparse.Namespace) -> int:
+    resumed = _resumed(args.resume)
     loader, info, budget = plan(args)
     from .app import MerApp  # textual only once the options are known to be good
 
@@ -143,7 +155,9 @@ def run_launch(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                                   context=args.ctx_size, context_shift=args.context_shift)
     session = Session(loader, info=info, policy=args.policy, ram_budget=budget, settings=settings,
-                      system_prompt=args.system)
+                      system_prompt=args.system if args.system is not None else resumed.system)
+    session.messages = resumed.messages
+    session.draft = resumed.unanswered
     app = MerApp(session, export_dir=args.export_dir)
     try:
         app.run()

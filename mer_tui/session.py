@@ -136,6 +136,7 @@ class Session:
         self.settings = settings or GenerationSettings()
         self.system_prompt = system_prompt
         self.messages: list[dict[str, str]] = []
+        self.draft: str | None = None   # text for the input box at the start (a resumed chat's unanswered message)
         self._context = None     # the conversation's keys and values, kept from turn to turn (engine.Context)
         self._first_kept = 0     # messages before this one no longer fit the context (_prompt_ids)
         self.status = "ready" if model is not None else "new"     # new → loading → ready | failed

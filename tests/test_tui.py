@@ -275,6 +275,30 @@ async def test_ctrl_s_exports_svg_json_csv(model, tmp_path):
 
 
 @aio
+async def test_a_resumed_conversation_is_shown_and_goes_on(model):
+    # launch --resume: the saved turns in the chat, an unanswered last message in the input box; sending it
+    # answers it with the saved turns in the prompt
+    app = make_app(model)
+    app.session.settings.max_new_tokens = 3
+    app.session.messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "an answer"}]
+    app.session.draft = "and then?"
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app._loaded, what="the chat")
+        chat = app.main.query_one(ChatPane)
+        assert chat.input.value == "and then?"
+        shown = [str(w.render()) for w in chat.query(".msg.user")]
+        assert shown == ["first question"]
+        assert any("no reply" in str(w.source) for w in chat.query(".msg.note") if isinstance(w, Markdown))
+        chat.input.focus()
+        await until(pilot, lambda: chat.input.has_focus, timeout=5, what="input focus")
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.session.messages) == 4, what="the reply")
+        assert [m["content"] for m in app.session.messages[:3]] == ["first question", "an answer", "and then?"]
+        prompt = model.tokenizer.decode(app.session._prompt_ids()[0], skip_special_tokens=False)
+        assert "first question" in prompt and "an answer" in prompt
+
+
+@aio
 async def test_loading_screen_shows_progress_then_the_chat(model_dir):
     gate = threading.Event()
 

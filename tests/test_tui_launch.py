@@ -70,6 +70,7 @@ def test_chat_demo_is_found_or_named_missing(model_dir, monkeypatch):
     (["--quant", "q3_x"], "--quant: unknown format"),
     (["--threads", "0"], "--threads: must be >= 1"),
     (["--ctx-size", "64", "--max-new-tokens", "64"], "--ctx-size: must be more than --max-new-tokens (64), got 64"),
+    (["--resume", "/no/such/chat.json"], "--resume: no such file: /no/such/chat.json"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_the_app_starts(argv, message, capsys, model_dir):
     if argv[0] != "--model":
@@ -97,3 +98,29 @@ def test_the_chat_options_reach_the_session(model_dir, monkeypatch, extra, shift
     assert main(argv) == 0
     s = seen["settings"]
     assert (s.context, s.context_shift, s.temperature, s.seed) == (300, shift, 0.0, 4)
+
+
+def test_a_resumed_conversation_reaches_the_session(model_dir, monkeypatch, tmp_path):
+    import json
+
+    import mer_tui.app
+
+    seen = {}
+
+    class ScreenlessApp:
+        def __init__(self, session, export_dir):
+            seen["session"] = session
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(mer_tui.app, "MerApp", ScreenlessApp)
+    talk = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more?"}]
+    (tmp_path / "chat.json").write_text(json.dumps({"conversation": talk}))
+    assert main(["launch", "--model", str(model_dir), "--resume", str(tmp_path / "chat.json")]) == 0
+    s = seen["session"]
+    assert s.system_prompt == "be kind" and s.messages == talk[1:3] and s.draft == "more?"
+    # --system replaces the file's
+    assert main(["launch", "--model", str(model_dir), "--resume", str(tmp_path / "chat.json"), "--system", "terse"]) == 0
+    assert seen["session"].system_prompt == "terse" and seen["session"].messages == talk[1:3]
