@@ -14,7 +14,8 @@ TALK = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel
 
 
 def test_what_ctrl_s_exports_reads_back(tmp_path):
-    paths = export_bundle(tmp_path, None, {}, TimeSeries(), conversation=[{"role": "system", "content": "be kind"}, *TALK])
+    system = {"role": "system", "content": "be kind"}
+    paths = export_bundle(tmp_path, None, {}, TimeSeries(), conversation=[system, *TALK])
     conv = read_conversation(next(p for p in paths if p.suffix == ".json"))
     assert conv.system == "be kind" and conv.messages == TALK and conv.unanswered is None
 

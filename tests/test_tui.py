@@ -280,7 +280,8 @@ async def test_a_resumed_conversation_is_shown_and_goes_on(model):
     # answers it with the saved turns in the prompt
     app = make_app(model)
     app.session.settings.max_new_tokens = 3
-    app.session.messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "an answer"}]
+    app.session.messages = [{"role": "user", "content": "first question"},
+                            {"role": "assistant", "content": "an answer"}]
     app.session.draft = "and then?"
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app._loaded, what="the chat")

@@ -122,5 +122,6 @@ def test_a_resumed_conversation_reaches_the_session(model_dir, monkeypatch, tmp_
     s = seen["session"]
     assert s.system_prompt == "be kind" and s.messages == talk[1:3] and s.draft == "more?"
     # --system replaces the file's
-    assert main(["launch", "--model", str(model_dir), "--resume", str(tmp_path / "chat.json"), "--system", "terse"]) == 0
+    argv = ["launch", "--model", str(model_dir), "--resume", str(tmp_path / "chat.json")]
+    assert main([*argv, "--system", "terse"]) == 0
     assert seen["session"].system_prompt == "terse" and seen["session"].messages == talk[1:3]
