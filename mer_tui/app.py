@@ -324,6 +324,9 @@ class MerApp(App):
     def action_toggle_prefetch(self) -> None:
         self._request("toggle_prefetch")
 
+    def action_toggle_context_shift(self) -> None:
+        self._request("toggle_context_shift")
+
     def action_pin_hottest(self) -> None:
         self._request("pin_hottest")
 
@@ -342,6 +345,9 @@ class MerApp(App):
         yield SystemCommand("Stop reply", "Stop generating at the next token (esc)", self.action_stop)
         yield SystemCommand("Retry", "Generate the last reply again (ctrl+r)", self.action_regenerate)
         yield SystemCommand("New chat", "Forget the conversation and start another (ctrl+n)", self.action_new_chat)
+        yield SystemCommand("Toggle context shift",
+                            "Past the context, keep the later turns' keys and values (moved up), or compute them "
+                            "again", self.action_toggle_context_shift)
         yield SystemCommand("Export telemetry",
                             "SVG screenshot + JSON (telemetry, conversation) + CSV into the export folder (ctrl+s)",
                             self.action_export)

@@ -382,6 +382,14 @@ class Session:
             return f"Eviction policy → {new} requested; the {self._backend()} source never evicts"
         return f"Eviction policy → {new}"
 
+    def toggle_context_shift(self) -> str:
+        on = not self.settings.context_shift
+        self.settings.context_shift = on
+        if self._context is not None:   # read at the start of each generation (engine.Context.keep)
+            self._context.shift = on
+        return ("Context shift on: past the context, the later turns' keys and values are kept, moved up" if on
+                else "Context shift off: past the context, the later turns are computed again")
+
     def toggle_prefetch(self) -> str:
         on = not self.model.prefetch_enabled
         self.model.set_prefetch(on)

@@ -186,6 +186,22 @@ async def test_command_palette_runs_the_tuning_actions(model):
         await pilot.pause(0.5)
         await pilot.press("enter")
         await until(pilot, lambda: model.prefetch_enabled is False, what="prefetch off from the palette")
+        # context shift: the setting, and the chat's context once it has one
+        assert "Toggle context shift" in names and app.session.settings.context_shift is False
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"context shift")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await until(pilot, lambda: app.session.settings.context_shift, what="context shift on from the palette")
+        await until(pilot, lambda: any("Context shift on" in n for n in notes(app)), what="its notice")
+        app.session.settings.max_new_tokens = 2
+        await send(pilot, "hi")
+        await until(pilot, lambda: len(app.session.messages) == 2, what="a reply")
+        assert app.session._context.shift is True
+        app.session.request("toggle_context_shift")
+        await until(pilot, lambda: not app.session._context.shift, what="context shift off")
+        assert app.session.settings.context_shift is False
 
 
 @aio
