@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .textfile import TextFileError, read_text
+
 
 class ConversationError(ValueError):
     """What is wrong with a conversation file, in one line."""
@@ -21,17 +23,11 @@ class Conversation:
 def read_conversation(path: str | Path) -> Conversation:
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversationError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConversationError(f"{path} is a folder, not a conversation file") from None
-    except UnicodeDecodeError as e:
-        raise ConversationError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        doc = json.loads(read_text(path, "conversation file"))
+    except TextFileError as e:
+        raise ConversationError(str(e)) from None
     except json.JSONDecodeError as e:
         raise ConversationError(f"{path} is not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except OSError as e:
-        raise ConversationError(f"cannot read {path}: {e.strerror}") from None
     items = doc.get("conversation") if isinstance(doc, dict) else doc
     if not isinstance(items, list):
         raise ConversationError(f"{path}: expected a list of messages, or an export's \"conversation\"")

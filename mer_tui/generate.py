@@ -5,12 +5,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import engine
 from engine import format_size
 
 from .cli import CliError
+from .textfile import TextFileError, read_text
 
 
 def load_from_args(args: argparse.Namespace) -> engine.Model:
@@ -27,17 +27,10 @@ def prompt_text(args: argparse.Namespace) -> str:
         return args.prompt
     if args.file == "-":
         return _without_last_newline(sys.stdin.read())
-    path = Path(args.file)
     try:
-        return _without_last_newline(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CliError(f"--file: no such file: {path}") from None
-    except IsADirectoryError:
-        raise CliError(f"--file: {path} is a folder, not a text file") from None
-    except UnicodeDecodeError as e:
-        raise CliError(f"--file: {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise CliError(f"--file: cannot read {path}: {e.strerror}") from None
+        return _without_last_newline(read_text(args.file))
+    except TextFileError as e:
+        raise CliError(f"--file: {e}") from None
 
 
 def context_size(asked: int | None, trained: int | None) -> int | None:
