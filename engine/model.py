@@ -37,12 +37,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
 # Prompts run in chunks so attention scores stay (heads x CHUNK x T), not (heads x T x T) (Model._step).
 PREFILL_CHUNK = 256
 
-# A prompt's attention over at least this many (query, key) pairs a head has its KV heads shared out among the
-# kernel threads (kernels.map_threads): numpy's loops run on one core, and BLAS is kept to one beside the C
-# kernels.  The figure puts a full prompt chunk (256 queries over 256 keys) on the threads and a 32-token
-# prompt not; the crossover was not measured.  (A decoded token's attention is kernels.attend_one's.)
-PARALLEL_ATTENTION_PAIRS = 1 << 16
-
 # Decoding guesses this many MoE layers ahead (Model._prefetch).  Two against one, over the 2 GiB limit on
 # the OLMoE-sized model: see docs/BENCHMARKS.md.
 PREFETCH_AHEAD = 2
@@ -92,8 +86,7 @@ class Model:
         if s.qk_norm == "head":
             q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
-        K, V = cache.append(i, k, v, start)                # (kv, T, d)
-        T = K.shape[1]
+        T = cache.append(i, k, v, start)[0].shape[1]       # keys held: start + n
         group = s.num_heads // s.num_kv_heads
         window = s.sliding_window[i]
         if n == 1:   # a decoded token: every key up to its own, within the window; float16 ones read as they are
@@ -102,28 +95,9 @@ class Model:
                                      t0, T, self.scale)
             y = lw.o.matmul(out.reshape(1, s.q_size))
             return y + lw.o_bias if lw.o_bias is not None else y
-        K, V = kernels.widen(K, 0), kernels.widen(V, 1)    # a prompt's products run in float32 (BLAS)
-        qg = q.transpose(1, 0, 2).reshape(s.num_kv_heads, group, n, s.head_dim)
-        qpos = np.arange(start, start + n)[:, None]
-        kpos = np.arange(T)[None, :]
-        allowed = kpos <= qpos
-        if window:
-            allowed &= kpos > qpos - window
-        mask = None if allowed.all() else allowed
-
-        def attend(h: slice) -> np.ndarray:   # KV heads h and their query groups: (heads, group, n, d)
-            scores = (qg[h] @ K[h, None].transpose(0, 1, 3, 2)) * self.scale   # (heads, group, n, T)
-            if mask is not None:
-                scores = np.where(mask, scores, -np.inf)
-            return softmax(scores) @ V[h, None]
-
-        if n * T >= PARALLEL_ATTENTION_PAIRS and s.num_kv_heads > 1:
-            nt = min(kernels.threads(), s.num_kv_heads)
-            cuts = [s.num_kv_heads * k // nt for k in range(nt + 1)]
-            out = np.concatenate(kernels.map_threads(attend, [slice(a, b) for a, b in zip(cuts, cuts[1:])]))
-        else:
-            out = attend(slice(None))
-        out = out.reshape(s.num_heads, n, s.head_dim).transpose(1, 0, 2).reshape(n, s.q_size)
+        out = kernels.attend_prompt(q.reshape(n, s.num_kv_heads, group, s.head_dim), cache.k[i], cache.v[i], start,
+                                    window, self.scale)
+        out = out.reshape(n, s.q_size)
         y = lw.o.matmul(out)
         return y + lw.o_bias if lw.o_bias is not None else y
 

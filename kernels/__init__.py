@@ -424,6 +424,50 @@ def attend_one(q: np.ndarray, K: np.ndarray, V: np.ndarray, t0: int, T: int, sca
     return (e / e.sum(axis=-1, keepdims=True)) @ Vf
 
 
+# Without the C kernels a prompt chunk's attention over at least this many (query, key) pairs has its KV heads
+# shared out among the kernel threads (map_threads): numpy's loops run on one core, and BLAS is kept to one
+# beside the kernels.  The figure puts a full prompt chunk (256 queries over 256 keys) on the threads and a
+# 32-token prompt not; the crossover was not measured.
+PARALLEL_ATTENTION_PAIRS = 1 << 16
+
+
+def attend_prompt(q: np.ndarray, K: np.ndarray, V: np.ndarray, start: int, window: int | None,
+                  scale: float) -> np.ndarray:
+    """A prompt chunk's attention.  q: (n, kv_heads, group, d) float32, the queries of positions start ..
+    start + n - 1; K, V: (kv_heads, cap, row) buffers of a KV cache (KV_FORMATS) holding the keys and values
+    of positions 0 .. start + n - 1.  Each position attends to the keys up to its own, and within `window`
+    of it where the model has one.  Returns (n, kv_heads, group, d) float32."""
+    n, heads, group, d = q.shape
+    T = start + n
+    fmt = KV_FORMATS[K.dtype]
+    ck = _state()[1]
+    if ck is not None and ck.variant != "generic":   # the portable build's scalar loops would trail BLAS
+        return ck.attend_prompt(q, K, V, fmt, start, window or 0, scale, threads())
+    Kf, Vf = widen(K[:, :T], 0), widen(V[:, :T], 1)     # BLAS products run in float32
+    qg = q.transpose(1, 2, 0, 3)                          # (heads, group, n, d)
+    qpos = np.arange(start, T)[:, None]
+    kpos = np.arange(T)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed &= kpos > qpos - window
+    mask = None if allowed.all() else allowed
+
+    def attend(h: slice) -> np.ndarray:   # KV heads h and their query groups: (heads, group, n, d)
+        s = (qg[h] @ Kf[h, None].transpose(0, 1, 3, 2)) * np.float32(scale)   # (heads, group, n, T)
+        if mask is not None:
+            s = np.where(mask, s, -np.inf)
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)) @ Vf[h, None]
+
+    if n * T >= PARALLEL_ATTENTION_PAIRS and heads > 1:
+        nt = min(threads(), heads)
+        cuts = [heads * k // nt for k in range(nt + 1)]
+        out = np.concatenate(map_threads(attend, [slice(a, b) for a, b in zip(cuts, cuts[1:])]))
+    else:
+        out = attend(slice(None))
+    return out.transpose(2, 0, 1, 3)
+
+
 def widen(a: np.ndarray, slot: int = 0) -> np.ndarray:
     """float32 (heads, T, d) of a KV cache's first T rows (float16, or q8_0 bytes), in this thread's scratch
     buffer `slot`: valid until the next widen of that slot on this thread (a prompt chunk's attention widens

@@ -31,7 +31,7 @@ FMT_CODE = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4, "q4_k": 5, "q6_
             "q4_0x8": 7, "q4_kx8": 8, "q8_0x8": 9, "q5_k": 10, "q3_k": 11, "q2_k": 12,
             "iq4_nl": 13, "iq4_xs": 14, "q4_1": 15, "q5_0": 16, "q5_1": 17, "iq4_xsx8": 18,
             "q5_kx8": 19}
-ABI_VERSION = 15
+ABI_VERSION = 16
 
 CDEF = """
 int mk_version(void);
@@ -46,6 +46,9 @@ int mk_moe(int fmt_gu, int fmt_d, int64_t hidden, int64_t inter, int64_t E, cons
            const float *const *X, const int64_t *n, float *const *Y, int nthreads);
 int mk_attend(int fmt, const float *q, const uint8_t *K, const uint8_t *V, int64_t heads, int64_t group,
               int64_t cap, int64_t t0, int64_t T, int64_t d, float scale, float *out, int nthreads);
+int mk_attend_prompt(int fmt, const float *q, const uint8_t *K, const uint8_t *V, int64_t heads, int64_t group,
+                     int64_t cap, int64_t start, int64_t n, int64_t window, int64_t d, float scale, float *out,
+                     int nthreads);
 void mk_quant_q8_0(const float *x, int64_t rows, int64_t cols, uint8_t *out);
 double mk_read_sum(const float *buf, int64_t n, int nthreads);
 int mk_crc32_fast(void);
@@ -258,6 +261,22 @@ class CKernels:
                                 self._p(out, "float"), threads)
         if rc:
             raise RuntimeError(f"mk_attend({fmt}) failed with {rc}")
+        return out
+
+    def attend_prompt(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, fmt: str, start: int, window: int,
+                      scale: float, threads: int) -> np.ndarray:
+        """A prompt chunk's attention: q (n, kv_heads, group, d) float32 for positions start.., against keys and
+        values 0 .. start + n - 1 of K, V (kv_heads, cap, row bytes) buffers of `fmt` rows, each row seeing the
+        keys up to its own (and within `window` of it, 0 for no window); returns q's shape, float32."""
+        n, heads, group, d = q.shape
+        assert K.shape == V.shape and K.shape[0] == heads and K.flags.c_contiguous and V.flags.c_contiguous
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty_like(q)
+        rc = self.lib.mk_attend_prompt(FMT_CODE[fmt], self._p(q, "float"), self._p(K.view(np.uint8), "uint8_t"),
+                                       self._p(V.view(np.uint8), "uint8_t"), heads, group, K.shape[1], start, n,
+                                       window, d, scale, self._p(out, "float"), threads)
+        if rc:
+            raise RuntimeError(f"mk_attend_prompt({fmt}) failed with {rc}")
         return out
 
     def quant_q8_0(self, x: np.ndarray) -> np.ndarray:

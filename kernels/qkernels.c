@@ -98,7 +98,7 @@ INLINE int x8_misfit(int fmt, int64_t rb, int64_t rows, int64_t cols) {
  * at ~9 GB/s a core), q4_k lost, and rows of 4 KiB and more were slower one at a time. */
 #define SEQ_ROW_BYTES 2304
 
-MK_API int mk_version(void) { return 15; }
+MK_API int mk_version(void) { return 16; }
 /* 0: portable, 1: AVX2, 2: AVX2 and AVX-512 VNNI, 3: AVX2 and AVX-VNNI */
 MK_API int mk_simd(void) { return MK_SIMD + MK_AVX512 + 2 * MK_VNNI256; }
 
@@ -3259,9 +3259,32 @@ INLINE __m256 hsum8(const __m256 *a) {
 #endif
 
 /* out[t] = scale * (q . rows[t]) for t < m (rows m x d float32).  Eight keys at once: eight sums in
- * flight keep the FMA units busy where one dot product's chain waits on each FMA's latency. */
-INLINE void att_scores(const float *q, const float *rows, int64_t m, int64_t d, float scale, float *out) {
+ * flight keep the FMA units busy where one dot product's chain waits on each FMA's latency.  `wide`: in
+ * 512-bit registers where the build has them (a prompt's blocks of rows, compute-bound: 1.2-1.3x at 4096
+ * tokens; a decoded token's few queries ran slower so, see BENCHMARKS.md). */
+INLINE void att_scores(const float *q, const float *rows, int64_t m, int64_t d, float scale, float *out,
+                       const int wide) {
     int64_t t = 0;
+#if MK_AVX512
+    if (wide && d % 16 == 0)
+        for (; t + 8 <= m; t += 8) {
+            const float *r = rows + t * d;
+            __m512 a[8];
+            for (int k = 0; k < 8; k++) a[k] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < d; j += 16) {
+                const __m512 qv = _mm512_loadu_ps(q + j);
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) a[k] = _mm512_fmadd_ps(_mm512_loadu_ps(r + k * d + j), qv, a[k]);
+            }
+            __m256 h[8];   /* each register's two halves added: then as the 256-bit sums */
+            for (int k = 0; k < 8; k++)
+                h[k] = _mm256_add_ps(_mm512_castps512_ps256(a[k]),
+                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[k]), 1)));
+            _mm256_storeu_ps(out + t, _mm256_mul_ps(hsum8(h), _mm256_set1_ps(scale)));
+        }
+#else
+    (void)wide;
+#endif
 #if MK_SIMD
     if (d % 8 == 0)
         for (; t + 8 <= m; t += 8) {
@@ -3321,9 +3344,56 @@ INLINE void att_pv_queries(const int GB, const float *p, int64_t ps, const float
 }
 #endif
 
-/* acc[g] += sum over t < m of p[g * ps + t] rows[t] for the group's G queries (rows m x d float32). */
-INLINE void att_values(const float *p, int64_t ps, const float *rows, int64_t m, int64_t d, int64_t G, float *acc) {
+#if MK_AVX512
+/* att_pv_block in 512-bit registers: 16-float chunks. */
+INLINE void att_pv_block16(const int GB, const int JB, const float *p, int64_t ps, const float *rows, int64_t m,
+                           int64_t d, float *acc, int64_t j0) {
+    __m512 a[4][8];
+#pragma GCC unroll 4
+    for (int g = 0; g < GB; g++)
+#pragma GCC unroll 8
+        for (int k = 0; k < JB; k++) a[g][k] = _mm512_loadu_ps(acc + g * d + j0 + 16 * k);
+    for (int64_t t = 0; t < m; t++) {
+        const float *r = rows + t * d + j0;
+        __m512 v[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < JB; k++) v[k] = _mm512_loadu_ps(r + 16 * k);
+#pragma GCC unroll 4
+        for (int g = 0; g < GB; g++) {
+            const __m512 w = _mm512_set1_ps(p[g * ps + t]);
+#pragma GCC unroll 8
+            for (int k = 0; k < JB; k++) a[g][k] = _mm512_fmadd_ps(v[k], w, a[g][k]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < GB; g++)
+#pragma GCC unroll 8
+        for (int k = 0; k < JB; k++) _mm512_storeu_ps(acc + g * d + j0 + 16 * k, a[g][k]);
+}
+
+INLINE void att_pv_queries16(const int GB, const float *p, int64_t ps, const float *rows, int64_t m, int64_t d,
+                             float *acc) {
+    const int JB = 8 / GB;
+    int64_t j0 = 0;
+    for (; j0 + 16 * JB <= d; j0 += 16 * JB) att_pv_block16(GB, JB, p, ps, rows, m, d, acc, j0);
+    for (; j0 < d; j0 += 16) att_pv_block16(GB, 1, p, ps, rows, m, d, acc, j0);
+}
+#endif
+
+/* acc[g] += sum over t < m of p[g * ps + t] rows[t] for the group's G queries (rows m x d float32); `wide` as
+ * att_scores'. */
+INLINE void att_values(const float *p, int64_t ps, const float *rows, int64_t m, int64_t d, int64_t G, float *acc,
+                       const int wide) {
     int64_t g = 0;
+#if MK_AVX512
+    if (wide && d % 16 == 0) {
+        for (; g + 4 <= G; g += 4) att_pv_queries16(4, p + g * ps, ps, rows, m, d, acc + g * d);
+        for (; g + 2 <= G; g += 2) att_pv_queries16(2, p + g * ps, ps, rows, m, d, acc + g * d);
+        for (; g < G; g++) att_pv_queries16(1, p + g * ps, ps, rows, m, d, acc + g * d);
+    }
+#else
+    (void)wide;
+#endif
 #if MK_SIMD
     if (d % 8 == 0) {
         for (; g + 4 <= G; g += 4) att_pv_queries(4, p + g * ps, ps, rows, m, d, acc + g * d);
@@ -3431,7 +3501,7 @@ static void attend_part(void *ctx, int64_t c) {
             const int64_t m = n - t < ATT_TILE ? n - t : ATT_TILE;
             att_rows_f32(src, K + t * rb, rb, m, d, tile);
             att_prefetch(K + (t + m) * rb, (n - t - m) * rb, rb);
-            for (int64_t g = 0; g < G; g++) att_scores(q + g * d, tile, m, d, x->scale, p + g * n + t);
+            for (int64_t g = 0; g < G; g++) att_scores(q + g * d, tile, m, d, x->scale, p + g * n + t, 0);
         }
     else
         for (int64_t t = 0; t < n; t++)
@@ -3450,7 +3520,7 @@ static void attend_part(void *ctx, int64_t c) {
             const int64_t m = n - t < ATT_TILE ? n - t : ATT_TILE;
             att_rows_f32(src, V + t * rb, rb, m, d, tile);
             att_prefetch(V + (t + m) * rb, (n - t - m) * rb, rb);
-            att_values(p + t, n, tile, m, d, G, acc);
+            att_values(p + t, n, tile, m, d, G, acc, 0);
         }
     else
         for (int64_t t = 0; t < n; t++)
@@ -3501,6 +3571,110 @@ MK_API int mk_attend(int fmt, const float *q, const uint8_t *K, const uint8_t *V
             for (int64_t j = 0; j < d; j++) o[j] /= L;
         }
     free(x.acc), free(x.mx), free(x.sm);
+    return x.failed ? 2 : 0;
+}
+
+/* ---------- a prompt's attention: many query rows over the keys before them ---------- */
+
+/* The scores a prompt chunk's query rows have for all the keys they see were numpy's batched products, then a
+ * mask, a max, an exp, a sum and a division, each a pass over a (heads, rows, keys) array far larger than the
+ * caches (128 MiB a layer for 256 rows of 32 heads over 4096 keys): at 4096 tokens of a Qwen3-MoE-shaped
+ * model three quarters of the prompt's time.  Here a work item is one KV head and a block of query rows (its
+ * `group` heads each): their scores against a tile of keys at a time (the tile converted to float32 once, in
+ * L1, for all of them), a softmax over each query's own keys with the vector exp, then the values tile by
+ * tile into accumulators in L1.  The keys a query may see: from max(0, p - window + 1) (window 0: all) up to
+ * its own position p = start + row. */
+typedef struct {
+    const float *q;            /* (n, heads * group, d): row i's queries, KV head h's group at h * group */
+    const uint8_t *K, *V;      /* (heads, cap, rb) rows of fmt */
+    int kind;                  /* F32, F16 or Q8_0 */
+    int64_t heads, group, cap, rb, n, start, window, d, rows; /* rows: query rows an item */
+    float scale;
+    float *out;                /* like q */
+    int failed;
+} prompt_ctx;
+
+INLINE int64_t prompt_first_key(const prompt_ctx *x, int64_t pos) {
+    return x->window && pos - x->window + 1 > 0 ? pos - x->window + 1 : 0;
+}
+
+/* Rows [t, t + m) of a KV head's buffer as float32: the rows themselves where they are float32, else
+ * converted into `tile`. */
+INLINE const float *prompt_rows(const prompt_ctx *x, const uint8_t *buf, int64_t h, int64_t t, int64_t m,
+                                float *tile) {
+    const uint8_t *rows = buf + (h * x->cap + t) * x->rb;
+    if (x->kind == F32) return (const float *)rows;
+    att_rows_f32(x->kind == Q8_0 ? ATT_Q8 : ATT_F16, rows, x->rb, m, x->d, tile);
+    return tile;
+}
+
+static void prompt_item(void *ctx, int64_t c) {
+    prompt_ctx *x = ctx;
+    const int64_t blocks = (x->n + x->rows - 1) / x->rows, h = c / blocks, r0 = c % blocks * x->rows;
+    const int64_t r1 = r0 + x->rows < x->n ? r0 + x->rows : x->n, G = x->group, d = x->d, H = x->heads * G;
+    const int64_t Q = (r1 - r0) * G;                       /* queries: row-major, then the group's heads */
+    const int64_t lo = prompt_first_key(x, x->start + r0), hi = x->start + r1, L = hi - lo;
+    float *p = malloc((size_t)(Q * L + Q * d + Q + ATT_TILE * d) * sizeof(float));
+    if (!p) {
+        x->failed = 1;
+        return;
+    }
+    float *acc = p + Q * L, *sum = acc + Q * d, *tile = sum + Q;
+    for (int64_t t = lo; t < hi; t += ATT_TILE) {
+        const int64_t m = hi - t < ATT_TILE ? hi - t : ATT_TILE;
+        const float *rows = prompt_rows(x, x->K, h, t, m, tile);
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t last = x->start + r;           /* the row's own key: the last it sees */
+            if (t > last) continue;                       /* a tile wholly after it (set to 0 below) */
+            const int64_t k = last + 1 - t < m ? last + 1 - t : m;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t qi = (r - r0) * G + g;
+                att_scores(x->q + (r * H + h * G + g) * d, rows, k, d, x->scale, p + qi * L + (t - lo), 1);
+            }
+        }
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t a = prompt_first_key(x, x->start + r) - lo, e = x->start + r + 1 - lo;
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t qi = (r - r0) * G + g;
+            float *row = p + qi * L, mx = -INFINITY;
+            for (int64_t t = a; t < e; t++) mx = row[t] > mx ? row[t] : mx;
+            sum[qi] = exp_sum(row + a, e - a, mx);
+            memset(row, 0, (size_t)a * sizeof(float));   /* keys it does not see weigh nothing */
+            memset(row + e, 0, (size_t)(L - e) * sizeof(float));
+        }
+    }
+    memset(acc, 0, (size_t)(Q * d) * sizeof(float));
+    for (int64_t t = lo; t < hi; t += ATT_TILE) {
+        const int64_t m = hi - t < ATT_TILE ? hi - t : ATT_TILE;
+        att_values(p + (t - lo), L, prompt_rows(x, x->V, h, t, m, tile), m, d, Q, acc, 1);
+    }
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t qi = (r - r0) * G + g;
+            const float inv = 1.0f / sum[qi];
+            float *o = x->out + (r * H + h * G + g) * d;
+            for (int64_t j = 0; j < d; j++) o[j] = acc[qi * d + j] * inv;
+        }
+    free(p);
+}
+
+/* Queries an item at most: its scores (queries x keys) stay in L2 (32 x 4096 keys: 512 KiB). */
+#define PROMPT_QUERIES 32
+
+/* A prompt chunk's attention.  q: (n, heads * group, d) float32 rows for positions start .. start + n - 1;
+ * K, V: (heads, cap, rb) rows of fmt (f32, f16 or q8_0 with d a multiple of 32) holding keys 0 .. start + n - 1;
+ * window: a sliding window's length, 0 for none.  out: like q. */
+MK_API int mk_attend_prompt(int fmt, const float *q, const uint8_t *K, const uint8_t *V, int64_t heads,
+                            int64_t group, int64_t cap, int64_t start, int64_t n, int64_t window, int64_t d,
+                            float scale, float *out, int nthreads) {
+    if (heads < 1 || group < 1 || d < 1 || n < 1 || start < 0 || start + n > cap || window < 0) return 1;
+    if (fmt != F32 && fmt != F16 && !(fmt == Q8_0 && d % 32 == 0)) return 3;
+    const int64_t rb = fmt == F32 ? 4 * d : fmt == F16 ? 2 * d : d / 32 * 34;
+    const int64_t rows = PROMPT_QUERIES / group > 1 ? PROMPT_QUERIES / group : 1;
+    prompt_ctx x = {q, K, V, fmt, heads, group, cap, rb, n, start, window, d, rows, scale, out, 0};
+    const int64_t items = heads * ((n + rows - 1) / rows);
+    mk_parallel(prompt_item, &x, items, pick_threads(nthreads, items * rows * group * (start + n) * d * 4));
     return x.failed ? 2 : 0;
 }
 

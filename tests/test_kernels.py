@@ -978,6 +978,45 @@ def test_a_decoded_tokens_attention_over_the_cache(backend, kv, heads, group, d,
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
 
 
+def _prompt_reference(q, K, V, start, window, scale):
+    """float64 attention of q (n, heads, group, d) at positions start.. over K, V (heads, T, d) held values."""
+    T = start + q.shape[0]
+    s = np.einsum("nhgd,htd->nhgt", q.astype(np.float64), K[:, :T]) * scale
+    pos, key = np.arange(start, T)[:, None], np.arange(T)[None, :]
+    allowed = (key <= pos) & ((key > pos - window) if window else True)
+    s = np.where(allowed[:, None, None, :], s, -np.inf)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return np.einsum("nhgt,htd->nhgd", e / e.sum(axis=-1, keepdims=True), V[:, :T])
+
+
+PROMPT_SHAPES = [  # heads, group, d, n, start, cap, window
+    (2, 1, 64, 70, 0, 80, 0),        # one query a head: items of 32 rows, a ragged last one
+    (2, 8, 128, 9, 300, 320, 0),     # a later chunk: keys before the rows, eight queries a head
+    (1, 4, 40, 37, 5, 50, 7),        # a sliding window shorter than the chunk; head size in 8-float chunks
+    (3, 3, 20, 12, 0, 12, 0),        # three queries a head, a head size no vector path takes
+    (1, 16, 32, 5, 1, 6, 0),         # sixteen queries: two rows an item
+]
+
+
+@pytest.mark.parametrize("kv,heads,group,d,n,start,cap,window", [
+    (kv, *shape) for kv in ("f32", "f16", "q8_0") for shape in PROMPT_SHAPES if kv != "q8_0" or shape[2] % 32 == 0])
+def test_a_prompts_attention_over_the_cache(backend, kv, heads, group, d, n, start, cap, window):
+    # A prompt chunk's rows each see the keys up to their own position (and within the window): the C kernel
+    # reads the cache's rows as they are (tiles converted once for a block of rows), numpy widens them.
+    rng = np.random.default_rng(heads * 1000 + d + n)
+    q = rng.standard_normal((n, heads, group, d), dtype=np.float32)
+    K, Kheld = _stored(rng.standard_normal((heads, cap, d)) * 3, kv)
+    V, Vheld = _stored(rng.standard_normal((heads, cap, d)), kv)
+    got = kernels.attend_prompt(q, K, V, start, window, d ** -0.5)
+    ref = _prompt_reference(q, Kheld, Vheld, start, window, d ** -0.5)
+    assert got.dtype == np.float32 and got.shape == q.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
+    if backend == "c-generic":   # kernels.attend_prompt keeps BLAS there; the portable C must be right all the same
+        ck = cpu_c.load("generic")
+        np.testing.assert_allclose(ck.attend_prompt(q, K, V, kv, start, window, d ** -0.5, 2), ref, rtol=0,
+                                   atol=2e-6 * max(1.0, np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("kv", ["f16", "q8_0"])
 def test_attention_over_scores_spread_far_apart(backend, kv):
     # Scores hundreds apart: the C kernels' vector exp clamps below -87.3 (1e-38 where expf gives 0 or a

@@ -166,24 +166,29 @@ def test_reserved_kv_room_is_not_resident():
 
 
 def test_attention_shared_out_among_threads_equals_one_thread(checkpoint_dir, monkeypatch):
-    """A prompt's attention over many (query, key) pairs runs its KV heads on the kernel threads
-    (model.PARALLEL_ATTENTION_PAIRS): each head's products are the same, so the logits are identical."""
+    """Without the C kernels a prompt's attention over many (query, key) pairs runs its KV heads on the kernel
+    threads (kernels.PARALLEL_ATTENTION_PAIRS): each head's products are the same, so the logits are identical."""
     import kernels
-    from engine import model as model_module
 
-    model = engine.load(checkpoint_dir("mixtral"))
-    ids = IDS * 3
-    monkeypatch.setattr(model_module, "PARALLEL_ATTENTION_PAIRS", 1 << 40)
-    serial = model.forward(ids)
-    calls = []
-    real_map = kernels.map_threads
-    monkeypatch.setattr(kernels, "map_threads", lambda fn, items: (calls.append(len(items)), real_map(fn, items))[1])
-    monkeypatch.setattr(model_module, "PARALLEL_ATTENTION_PAIRS", 0)
-    kernels.set_threads(2)
+    before = kernels.backend()
+    kernels.set_backend("numpy")
     try:
-        parallel = model.forward(ids)
+        model = engine.load(checkpoint_dir("mixtral"))
+        ids = IDS * 3
+        monkeypatch.setattr(kernels, "PARALLEL_ATTENTION_PAIRS", 1 << 40)
+        serial = model.forward(ids)
+        calls = []
+        real_map = kernels.map_threads
+        monkeypatch.setattr(kernels, "map_threads",
+                            lambda fn, items: (calls.append(len(items)), real_map(fn, items))[1])
+        monkeypatch.setattr(kernels, "PARALLEL_ATTENTION_PAIRS", 0)
+        kernels.set_threads(2)
+        try:
+            parallel = model.forward(ids)
+        finally:
+            kernels.set_threads(None)
     finally:
-        kernels.set_threads(None)
+        kernels.set_backend(before)
     assert calls and all(c == 2 for c in calls)
     assert np.array_equal(parallel, serial)
 
