@@ -89,11 +89,9 @@ class KVCache:
         context shift)."""
         if not (0 <= start and 0 <= count and start + count <= self.length):
             raise ValueError(f"remove: tokens {start}..{start + count} are outside 0..{self.length}")
-        if count == 0:
-            return
         src, dst = slice(start + count, self.length), slice(start, self.length - count)
-        for keys, values in zip(self.k, self.v):
-            if src.start < src.stop:
+        if count and src.start < src.stop:   # else nothing moves
+            for keys, values in zip(self.k, self.v):
                 keys[:, dst] = kernels.kv_rows(rotate_keys(kernels.widen(keys[:, src])), self.fmt)
                 values[:, dst] = values[:, src]   # numpy copies through a buffer where the two overlap
         self.length -= count

@@ -3334,14 +3334,6 @@ INLINE void att_pv_block(const int GB, const int JB, const float *p, int64_t ps,
         for (int k = 0; k < JB; k++) _mm256_storeu_ps(acc + g * d + j0 + 8 * k, a[g][k]);
 }
 
-/* att_pv_block over all of a row's chunks for GB queries: JB = 8 / GB chunks at a time, then one. */
-INLINE void att_pv_queries(const int GB, const float *p, int64_t ps, const float *rows, int64_t m, int64_t d,
-                           float *acc) {
-    const int JB = 8 / GB;
-    int64_t j0 = 0;
-    for (; j0 + 8 * JB <= d; j0 += 8 * JB) att_pv_block(GB, JB, p, ps, rows, m, d, acc, j0);
-    for (; j0 < d; j0 += 8) att_pv_block(GB, 1, p, ps, rows, m, d, acc, j0);
-}
 #endif
 
 #if MK_AVX512
@@ -3371,12 +3363,29 @@ INLINE void att_pv_block16(const int GB, const int JB, const float *p, int64_t p
         for (int k = 0; k < JB; k++) _mm512_storeu_ps(acc + g * d + j0 + 16 * k, a[g][k]);
 }
 
-INLINE void att_pv_queries16(const int GB, const float *p, int64_t ps, const float *rows, int64_t m, int64_t d,
-                             float *acc) {
-    const int JB = 8 / GB;
+#endif
+
+#if MK_SIMD
+/* One block of GB queries x JB chunks (8 floats, or 16 `wide`) from column j0. */
+INLINE void att_pv_run(const int GB, const int JB, const float *p, int64_t ps, const float *rows, int64_t m,
+                       int64_t d, float *acc, int64_t j0, const int wide) {
+#if MK_AVX512
+    if (wide) {
+        att_pv_block16(GB, JB, p, ps, rows, m, d, acc, j0);
+        return;
+    }
+#endif
+    (void)wide;
+    att_pv_block(GB, JB, p, ps, rows, m, d, acc, j0);
+}
+
+/* All of a row's chunks for GB queries: JB = 8 / GB chunks at a time, then one. */
+INLINE void att_pv_queries(const int GB, const float *p, int64_t ps, const float *rows, int64_t m, int64_t d,
+                           float *acc, const int wide) {
+    const int JB = 8 / GB, W = wide ? 16 : 8;
     int64_t j0 = 0;
-    for (; j0 + 16 * JB <= d; j0 += 16 * JB) att_pv_block16(GB, JB, p, ps, rows, m, d, acc, j0);
-    for (; j0 < d; j0 += 16) att_pv_block16(GB, 1, p, ps, rows, m, d, acc, j0);
+    for (; j0 + W * JB <= d; j0 += W * JB) att_pv_run(GB, JB, p, ps, rows, m, d, acc, j0, wide);
+    for (; j0 < d; j0 += W) att_pv_run(GB, 1, p, ps, rows, m, d, acc, j0, wide);
 }
 #endif
 
@@ -3385,21 +3394,15 @@ INLINE void att_pv_queries16(const int GB, const float *p, int64_t ps, const flo
 INLINE void att_values(const float *p, int64_t ps, const float *rows, int64_t m, int64_t d, int64_t G, float *acc,
                        const int wide) {
     int64_t g = 0;
-#if MK_AVX512
-    if (wide && d % 16 == 0) {
-        for (; g + 4 <= G; g += 4) att_pv_queries16(4, p + g * ps, ps, rows, m, d, acc + g * d);
-        for (; g + 2 <= G; g += 2) att_pv_queries16(2, p + g * ps, ps, rows, m, d, acc + g * d);
-        for (; g < G; g++) att_pv_queries16(1, p + g * ps, ps, rows, m, d, acc + g * d);
+#if MK_SIMD
+    if (d % 8 == 0) {
+        const int w = MK_AVX512 && wide && d % 16 == 0;
+        for (; g + 4 <= G; g += 4) att_pv_queries(4, p + g * ps, ps, rows, m, d, acc + g * d, w);
+        for (; g + 2 <= G; g += 2) att_pv_queries(2, p + g * ps, ps, rows, m, d, acc + g * d, w);
+        for (; g < G; g++) att_pv_queries(1, p + g * ps, ps, rows, m, d, acc + g * d, w);
     }
 #else
     (void)wide;
-#endif
-#if MK_SIMD
-    if (d % 8 == 0) {
-        for (; g + 4 <= G; g += 4) att_pv_queries(4, p + g * ps, ps, rows, m, d, acc + g * d);
-        for (; g + 2 <= G; g += 2) att_pv_queries(2, p + g * ps, ps, rows, m, d, acc + g * d);
-        for (; g < G; g++) att_pv_queries(1, p + g * ps, ps, rows, m, d, acc + g * d);
-    }
 #endif
     for (; g < G; g++)
         for (int64_t t = 0; t < m; t++)
