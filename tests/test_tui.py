@@ -303,9 +303,11 @@ async def test_a_resumed_conversation_is_shown_and_goes_on(model):
         await until(pilot, lambda: app._loaded, what="the chat")
         chat = app.main.query_one(ChatPane)
         assert chat.input.value == "and then?"
-        shown = [str(w.render()) for w in chat.query(".msg.user")]
-        assert shown == ["first question"]
-        assert any("no reply" in str(w.source) for w in chat.query(".msg.note") if isinstance(w, Markdown))
+        # the saved turns and the note are mounted after the chat is ready: wait for them
+        await until(pilot, lambda: [str(w.render()) for w in chat.query(".msg.user")] == ["first question"],
+                    what="the saved user message")
+        await until(pilot, lambda: any("no reply" in str(w.source) for w in chat.query(".msg.note")
+                                       if isinstance(w, Markdown)), what="the note on the unanswered message")
         chat.input.focus()
         await until(pilot, lambda: chat.input.has_focus, timeout=5, what="input focus")
         await pilot.press("enter")
